@@ -1,0 +1,67 @@
+"""Attention kernels behind one signature, looked up by name.
+
+Every kernel is a function::
+
+    kernel(q, k, v, *, mask, bias, causal, scale, dropout_p, need_weights, state)
+        -> (out, weights | None)
+
+Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
+
+- ``q`` (B, H, Nq, D); ``k``, ``v`` (B, H, Nk, D).
+- ``mask``: bool, broadcastable to (B, H, Nq, Nk), True = may attend; or None.
+- ``bias``: a callable ``bias(q_pos, k_pos) -> (H, len(q_pos), len(k_pos))`` float additive
+  score bias (relative / ALiBi positions), evaluated lazily so a sparse kernel can ask for
+  just the blocks it computes; or None.
+- ``causal``: query i may see key j only if j <= i + (Nk - Nq) (bottom-right aligned, so a
+  query decoded against a KV cache sees the whole past).
+- Query i sits at key position ``Nk - Nq + i`` for the bias too.
+- A query row with no visible key yields a zero output row and finite gradients (never NaN).
+- ``state``: the kernel's own ``nn.Module`` (Linformer's projections, a block layout cache),
+  built once per attention layer by the spec's ``make_state``; None for stateless kernels.
+- ``weights`` (B, H, Nq, Nk) only when ``need_weights`` and the kernel forms them, else None.
+
+``eager`` is the reference every other kernel is tested against (tests/test_kernels.py
+enrols every registered kernel automatically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["KernelSpec", "KERNELS", "register_kernel", "get_kernel"]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: Callable
+    make_state: Callable | None = None  # (model_config, layer_idx, cross) -> nn.Module | None
+    supports_causal: bool = True
+    supports_bias: bool = True
+    exact: bool = True  # equals eager on the same inputs (Linformer, a low-rank approximation, does not)
+
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True):
+    """Decorator: ``@register_kernel("mine")`` makes ``AttentionConfig(kernel="mine")`` valid."""
+
+    def wrap(fn):
+        if name in KERNELS:
+            raise ValueError(f"attention kernel {name!r} is already registered")
+        KERNELS[name] = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact)
+        return fn
+
+    return wrap
+
+
+def get_kernel(name: str) -> KernelSpec:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"attention kernel {name!r} is not registered; choose one of {', '.join(sorted(KERNELS))}") from None
+
+
+from omninet.attention import dense as _dense  # noqa: E402,F401  (registers eager, sdpa)

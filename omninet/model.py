@@ -1,0 +1,510 @@
+"""The OmniNet transformer: encoder, decoder (causal LM) and encoder-decoder.
+
+Dimensions: B batch, N tokens, C hidden, H heads, D head dim (C = H * D before pruning),
+V vocabulary. Pre-norm blocks: x + Attn(LN(x)) [+ CrossAttn(LN(x), enc)] + FFN(LN(x)).
+
+Attention modules own projections, positions and the KV cache, and call a kernel looked up
+by name (``omninet.attention``); the model is plain single-device PyTorch. Precision,
+quantization and placement are passes applied afterwards (``omninet.hardware``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from omninet.attention import get_kernel
+from omninet.config import ModelConfig
+from omninet.positions import Alibi, HeadBias, LearnedPositions, RelativeBias, Rotary
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+
+class KVCache:
+    """Per-layer keys and values of decoder self-attention, plus the encoder's projected
+    keys/values for cross-attention (computed once). Keyed by layer index, never by shape."""
+
+    def __init__(self):
+        self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def length(self, layer: int = 0) -> int:
+        kv = self.self_kv.get(layer)
+        return 0 if kv is None else kv[0].shape[-2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer in self.self_kv:
+            pk, pv = self.self_kv[layer]
+            k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)  # (B, H, N_past + N, D)
+        self.self_kv[layer] = (k, v)
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps only batch rows ``index`` (e.g. after dropping finished sequences)."""
+        for store in (self.self_kv, self.cross_kv):
+            for layer, (k, v) in store.items():
+                store[layer] = (k.index_select(0, index), v.index_select(0, index))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with output projection. ``head_ids`` holds the original ids of
+    the heads this layer still has (physical pruning removes rows of qkv / columns of o)."""
+
+    def __init__(self, config: ModelConfig, *, layer_idx: int, cross: bool = False, causal: bool = False):
+        super().__init__()
+        C, H, D = config.hidden_size, config.num_heads, config.head_dim
+        self.layer_idx, self.cross, self.causal = layer_idx, cross, causal
+        self.total_heads, self.head_dim = H, D
+        self.scale = 1.0 / math.sqrt(D)
+        self.dropout = config.attention.dropout
+        kernel = config.attention.kernel
+        spec = get_kernel(kernel)
+        if cross and not spec.exact and kernel == "linformer":
+            spec = get_kernel("sdpa")  # set by the Linformer design: cross-attention keys are not projected
+        self.spec = spec
+        self.kernel_state = spec.make_state(config, layer_idx, cross) if spec.make_state else None
+        self.register_buffer("head_ids", torch.arange(H), persistent=False)
+        if cross:
+            self.q_proj = nn.Linear(C, H * D)
+            self.kv_proj = nn.Linear(C, 2 * H * D)
+        else:
+            self.qkv = nn.Linear(C, 3 * H * D)
+        self.o_proj = nn.Linear(H * D, C)
+        pruned = config.heads.pruned_heads.get(layer_idx, []) if not cross else []
+        if pruned:
+            self.prune(pruned)
+
+    @property
+    def num_heads(self) -> int:
+        return self.head_ids.numel()
+
+    def forward(self, x, *, mask=None, memory=None, bias=None, rotary=None, cache=None, head_mask=None, need_weights=False):
+        """x (B, N, C); memory (B, M, C) the encoder output for cross-attention."""
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if self.cross:
+            q = self.q_proj(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+            if cache is not None and self.layer_idx in cache.cross_kv:
+                k, v = cache.cross_kv[self.layer_idx]
+            else:
+                M = memory.shape[1]
+                k, v = self.kv_proj(memory).view(B, M, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, M, D) each
+                if cache is not None:
+                    cache.cross_kv[self.layer_idx] = (k, v)
+        else:
+            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+            if rotary is not None:
+                offset = cache.length(self.layer_idx) if cache is not None else 0
+                q, k = rotary(q, offset), rotary(k, offset)
+            if cache is not None:
+                k, v = cache.append(self.layer_idx, k, v)
+        kernel = get_kernel("eager") if need_weights else self.spec
+        out, weights = kernel.fn(
+            q, k, v, mask=mask, bias=None if bias is None else HeadBias(bias, self._pruned_index()),
+            causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights, state=self.kernel_state,
+        )
+        if head_mask is not None:
+            out = out * head_mask.index_select(0, self.head_ids).view(1, H, 1, 1).to(out.dtype)
+        out = out.transpose(1, 2).reshape(B, N, H * D)  # (B, N, H*D)
+        return self.o_proj(out), weights
+
+    def _pruned_index(self):
+        return None if self.num_heads == self.total_heads else self.head_ids
+
+    @torch.no_grad()
+    def prune(self, heads: list[int]) -> None:
+        """Physically removes the heads with original ids ``heads``: their q/k/v rows and
+        output-projection columns are dropped, so parameters and FLOPs shrink."""
+        present = self.head_ids.tolist()
+        missing = [h for h in heads if h not in present]
+        if missing:
+            raise ValueError(f"layer {self.layer_idx}: heads {missing} are not present (present: {present})")
+        keep = [i for i, h in enumerate(present) if h not in set(heads)]
+        if not keep:
+            raise ValueError(f"layer {self.layer_idx}: pruning {sorted(heads)} would remove every head; keep at least one")
+        H, D = len(present), self.head_dim
+        idx = torch.tensor(keep, device=self.head_ids.device)
+        cols = (idx[:, None] * D + torch.arange(D, device=idx.device)).reshape(-1)  # kept rows of one (H*D) slab
+        if self.cross:
+            self.q_proj = _select_rows(self.q_proj, cols)
+            self.kv_proj = _select_rows(self.kv_proj, torch.cat([cols + t * H * D for t in range(2)]))
+        else:
+            self.qkv = _select_rows(self.qkv, torch.cat([cols + t * H * D for t in range(3)]))
+        self.o_proj = _select_cols(self.o_proj, cols)
+        self.head_ids = self.head_ids.index_select(0, idx)
+
+
+def _select_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, rows.numel(), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    new.weight.copy_(lin.weight.index_select(0, rows))
+    if lin.bias is not None:
+        new.bias.copy_(lin.bias.index_select(0, rows))
+    return new
+
+
+def _select_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(cols.numel(), lin.out_features, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    new.weight.copy_(lin.weight.index_select(1, cols))
+    if lin.bias is not None:
+        new.bias.copy_(lin.bias)
+    return new
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.ff_dim)
+        self.act = ACTIVATIONS[config.activation]()
+        self.down = nn.Linear(config.ff_dim, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.down(self.act(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, *, layer_idx: int, causal: bool, cross: bool):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attn = Attention(config, layer_idx=layer_idx, causal=causal)
+        self.ln_cross = nn.LayerNorm(config.hidden_size, eps=eps) if cross else None
+        self.cross_attn = Attention(config, layer_idx=layer_idx, cross=True) if cross else None
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ffn = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, *, mask=None, memory=None, memory_mask=None, bias=None, rotary=None, cache=None,
+                head_mask=None, need_weights=False):
+        a, w = self.attn(self.ln1(x), mask=mask, bias=bias, rotary=rotary, cache=cache, head_mask=head_mask,
+                         need_weights=need_weights)
+        x = x + self.drop(a)
+        if self.cross_attn is not None:
+            c, _ = self.cross_attn(self.ln_cross(x), mask=memory_mask, memory=memory, cache=cache)
+            x = x + self.drop(c)
+        return x + self.ffn(self.ln2(x)), w
+
+
+class Stack(nn.Module):
+    """A list of blocks sharing one position scheme, with a final norm. ``layer_offset``
+    numbers decoder layers after encoder layers (for head masks and pruning)."""
+
+    def __init__(self, config: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, layer_offset: int = 0):
+        super().__init__()
+        self.config = config
+        kind = config.position.kind
+        self.rotary = Rotary(config) if kind == "rotary" else None
+        self.bias = {"relative": lambda: RelativeBias(config, causal=causal), "alibi": lambda: Alibi(config)}.get(kind, lambda: None)()
+        self.blocks = nn.ModuleList(
+            Block(config, layer_idx=layer_offset + i, causal=causal, cross=cross) for i in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, x, *, mask=None, memory=None, memory_mask=None, cache=None, head_mask=None, need_weights=False):
+        """x (B, N, C); head_mask (num_layers_of_this_stack, H) or None. Returns (B, N, C), weights."""
+        all_weights = []
+        for i, block in enumerate(self.blocks):
+            kwargs = dict(mask=mask, memory=memory, memory_mask=memory_mask, bias=self.bias, rotary=self.rotary,
+                          cache=cache, head_mask=None if head_mask is None else head_mask[i], need_weights=need_weights)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, w = checkpoint(block, x, use_reentrant=False, **kwargs)
+            else:
+                x, w = block(x, **kwargs)
+            all_weights.append(w)
+        return self.norm(x), (all_weights if need_weights else None)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # final-norm output (B, N, C) of the last stack
+    encoder_hidden_states: torch.Tensor | None = None
+    attentions: list[torch.Tensor] | None = None  # per self-attention layer (B, H, N, N), when asked for
+    cache: KVCache | None = None
+    aux_loss: torch.Tensor | None = None  # e.g. the head router's load-balancing term
+
+
+class OmniNetModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, C, padding_idx=None)
+        self.pos = LearnedPositions(config) if config.position.kind == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        if config.arch == "encoder_decoder":
+            self.encoder = Stack(config, num_layers=config.num_layers, causal=False)
+            self.decoder = Stack(config, num_layers=config.num_decoder_layers or config.num_layers, causal=True,
+                                 cross=True, layer_offset=config.num_layers)
+        elif config.arch == "encoder":
+            self.encoder, self.decoder = Stack(config, num_layers=config.num_layers, causal=False), None
+        else:
+            self.encoder, self.decoder = None, Stack(config, num_layers=config.num_layers, causal=True)
+        if config.num_classes is not None:
+            self.classifier = nn.Linear(C, config.num_classes)
+            self.lm_head = None
+        else:
+            self.classifier = None
+            self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if self.lm_head is not None and config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    # ---- inputs -------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        _check_ids(input_ids, self.config.vocab_size, "input_ids")
+        x = self.embed(input_ids)  # (B, N, C)
+        if self.pos is not None:
+            x = x + self.pos(input_ids.shape[1], offset)
+        return self.drop(x)
+
+    def _head_mask(self, head_mask):
+        """Normalizes head_mask to (total_layers, H) or None."""
+        if head_mask is None:
+            return None
+        L, H = self.config.total_layers, self.config.num_heads
+        if head_mask.dim() == 1 and head_mask.shape[0] == H:
+            return head_mask.expand(L, H)
+        if head_mask.shape == (L, H):
+            return head_mask
+        raise ValueError(f"head_mask must have shape [num_heads={H}] or [num_layers={L}, num_heads={H}], got {list(head_mask.shape)}")
+
+    # ---- forward ------------------------------------------------------------------------
+    def encode(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, head_mask=None, need_weights=False):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else self.drop(inputs_embeds)
+        mask = attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads)
+        hm = self._head_mask(head_mask)
+        return self.encoder(x, mask=mask, head_mask=None if hm is None else hm[: len(self.encoder.blocks)],
+                            need_weights=need_weights)
+
+    def forward(self, input_ids=None, *, attention_mask=None, labels=None, decoder_input_ids=None,
+                decoder_attention_mask=None, inputs_embeds=None, head_mask=None, cache: KVCache | None = None,
+                use_cache: bool = False, output_attentions: bool = False, encoder_hidden_states=None) -> ModelOutput:
+        """input_ids (B, N) long; attention_mask (B, N) bool, True = real token (or a bool mask
+        broadcastable to (B, H, N, N)); labels: (B,) class ids with a classifier, else (B, N)
+        target ids aligned with the logits (already shifted; -100 = ignore)."""
+        cfg = self.config
+        if input_ids is None and inputs_embeds is None and encoder_hidden_states is None:
+            raise ValueError("pass input_ids (B, N) or inputs_embeds (B, N, C)")
+        if use_cache and cache is None:
+            cache = KVCache()
+        hm = self._head_mask(head_mask)
+        enc_out = encoder_hidden_states
+        attentions = None
+        if cfg.arch == "decoder":
+            x, mask = self._decoder_inputs(input_ids, inputs_embeds, attention_mask, cache)
+            h, attentions = self.decoder(x, mask=mask, cache=cache, head_mask=hm, need_weights=output_attentions)
+        elif cfg.arch == "encoder":
+            h, attentions = self.encode(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        head_mask=hm, need_weights=output_attentions)
+            enc_out = h
+        else:
+            if enc_out is None:
+                enc_out, attentions = self.encode(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                                  head_mask=hm, need_weights=output_attentions)
+            if decoder_input_ids is None:
+                raise ValueError("encoder_decoder models need decoder_input_ids (B, T)")
+            x, mask = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask, cache)
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError("encoder_decoder models take a [B, N] padding attention_mask for the encoder")
+            memory_mask = attention_mask_4d(attention_mask, enc_out, "attention_mask") if attention_mask is not None else None
+            h, dec_w = self.decoder(x, mask=mask, memory=enc_out, memory_mask=memory_mask, cache=cache,
+                                    head_mask=None if hm is None else hm[cfg.num_layers :], need_weights=output_attentions)
+            attentions = attentions + dec_w if output_attentions else None
+        logits = self._head(h, attention_mask if cfg.arch == "encoder" else None)
+        loss = self._loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, hidden_states=h, encoder_hidden_states=enc_out,
+                           attentions=attentions, cache=cache)
+
+    def _decoder_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
+        offset = cache.length(self.decoder.blocks[0].attn.layer_idx) if cache is not None else 0
+        x = self.embed_tokens(input_ids, offset) if inputs_embeds is None else self.drop(inputs_embeds)
+        mask = attention_mask_4d(attention_mask, x, "attention_mask", total_keys=offset + x.shape[1],
+                                  num_heads=self.config.num_heads)
+        return x, mask
+
+    def _head(self, h, attention_mask):
+        if self.classifier is None:
+            return self.lm_head(h)  # (B, N, V)
+        pooled = pool(h, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+                      self.config.pooling)
+        return self.classifier(pooled)  # (B, num_classes)
+
+    def _loss(self, logits, labels):
+        if self.classifier is not None:
+            if labels.shape != logits.shape[:1]:
+                raise ValueError(f"labels must have shape [B={logits.shape[0]}] class ids, got {list(labels.shape)}")
+            return F.cross_entropy(logits.float(), labels)
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels must have shape [B, N]={list(logits.shape[:2])} (targets aligned with logits), got {list(labels.shape)}")
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # ---- generation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, eos_token_id: int | None = None, attention_mask=None,
+                 decoder_start_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Autoregressive decoding with the KV cache. ``temperature=0`` is greedy. Decoder
+        models continue ``input_ids`` (B, N; unpadded); encoder-decoder models encode
+        ``input_ids`` and decode from ``decoder_start_token_id``. Returns the generated ids
+        (B, N + new) for decoders, (B, 1 + new) for encoder-decoders; finished rows are
+        padded with ``pad_token_id``."""
+        cfg = self.config
+        if cfg.arch == "encoder":
+            raise ValueError("generate() needs arch='decoder' or 'encoder_decoder'; this model is an encoder")
+        if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError("generate(): max_new_tokens >= 1, temperature >= 0 and top_k >= 1 (or None) are required")
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        cache = KVCache()
+        if cfg.arch == "encoder_decoder":
+            start = decoder_start_token_id if decoder_start_token_id is not None else (cfg.bos_token_id or cfg.pad_token_id)
+            enc, _ = self.encode(input_ids, attention_mask=attention_mask)
+            seq = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+            step = lambda ids: self(decoder_input_ids=ids, attention_mask=attention_mask, encoder_hidden_states=enc, cache=cache)
+        else:
+            seq = input_ids
+            step = lambda ids: self(ids, cache=cache)
+        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        logits = step(seq).logits[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if eos is not None:
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+            if i < max_new_tokens - 1:
+                logits = step(nxt[:, None]).logits[:, -1]
+        return seq
+
+    # ---- pruning ------------------------------------------------------------------------
+    def attention_layers(self) -> list[Attention]:
+        """Self-attention modules in global layer order (encoder first)."""
+        stacks = [s for s in (self.encoder, self.decoder) if s is not None]
+        return [b.attn for s in stacks for b in s.blocks]
+
+    def prune_heads(self, heads: dict[int, list[int]]) -> None:
+        """Physically removes heads (original ids) per layer and records them in the config."""
+        layers = self.attention_layers()
+        for layer, ids in heads.items():
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"prune_heads: layer {layer} out of range [0, {len(layers)})")
+            bad = [h for h in ids if not 0 <= h < self.config.num_heads]
+            if bad:
+                raise ValueError(f"prune_heads: head ids {bad} out of range [0, {self.config.num_heads}) in layer {layer}")
+        merged = {k: sorted(set(v)) for k, v in self.config.heads.pruned_heads.items()}
+        for layer, ids in heads.items():
+            new = [h for h in ids if h not in merged.get(layer, [])]
+            if new:
+                layers[layer].prune(new)
+            merged[layer] = sorted(set(merged.get(layer, [])) | set(ids))
+        self.config = self.config.replace(heads=self.config.heads.replace(pruned_heads=merged))
+
+    # ---- persistence --------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(self.config.to_json(indent=2))
+        save_model(self, str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device="cpu") -> "OmniNetModel":
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise ValueError(f"{d} is not a saved OmniNet model: expected config.json and model.safetensors")
+        model = cls(ModelConfig.from_dict(json.loads((d / "config.json").read_text())))
+        load_model(model, str(d / "model.safetensors"), device=str(device))
+        return model.to(device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def sample(logits: torch.Tensor, *, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """h (B, N, C), mask (B, N) True = real -> (B, C)."""
+    if how == "cls":
+        return h[:, 0]
+    if mask is None:
+        return h.mean(1) if how == "mean" else h[:, -1]
+    if how == "mean":
+        m = mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+    last = mask.long().cumsum(1).argmax(1)  # index of the last real token
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def attention_mask_4d(mask, x, name: str, *, total_keys: int | None = None, num_heads: int = 1):
+    """Validates a user mask and returns a bool mask broadcastable to (B, H, N, Nk), or None.
+    (B, Nk) padding masks become (B, 1, 1, Nk)."""
+    if mask is None:
+        return None
+    B, N = x.shape[:2]
+    Nk = total_keys or N
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of bools (True = attend), got {type(mask).__name__}")
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {x.device}; move it with .to({str(x.device)!r})")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point:
+            raise ValueError(f"{name} must be bool (True = attend) or 0/1 integers; got {mask.dtype}. Use mask.bool()")
+        mask = mask.bool()
+    if mask.dim() == 2:
+        if mask.shape != (B, Nk):
+            raise ValueError(f"{name} of shape {list(mask.shape)} must be [B={B}, N={Nk}] (True = real token)")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError(f"{name}: some sequence has no real token (an all-False row); drop it from the batch")
+        return mask[:, None, None, :]
+    m = mask if mask.dim() == 4 else mask[:, None] if mask.dim() == 3 else None
+    ok = m is not None and m.shape[0] in (1, B) and m.shape[1] in (1, num_heads) and m.shape[2] in (1, N) and m.shape[3] == Nk
+    if not ok:
+        raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to [B, H, N, Nk]={[B, num_heads, N, Nk]}; "
+                         "pass a [B, N] padding mask or a [B|1, H|1, N|1, Nk] bool mask")
+    return m
+
+
+def _check_ids(ids, vocab: int, name: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an integer tensor [B, N] of token ids, got "
+                         f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, N], got {list(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab}); raise vocab_size or fix the tokenizer")

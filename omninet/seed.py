@@ -1,0 +1,87 @@
+"""The model card's API: ``AdvancedTransformer`` over embeddings.
+
+    model = AdvancedTransformer(num_layers=6, hidden_size=512, num_heads=8, ff_dim=2048,
+                                max_seq_length=1024, use_sparse_attention=False,
+                                use_linformer=False, device_config={'device': 'cpu'})
+    output, attention_weights = model(hidden_states=x, attention_mask=mask, head_mask=None)
+
+``hidden_states`` (B, N, hidden) -> ``output`` (B, N, hidden), the final-norm encoder states.
+``attention_weights`` is None unless ``output_attentions=True`` is passed: the fused kernels
+(SDPA, block-sparse) never form the (N x N) weights, which is why they are fast. With
+``output_attentions=True`` every layer runs the eager reference kernel and the list holds one
+(B, H, N, N) tensor per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omninet.config import AttentionConfig, ModelConfig, PositionConfig
+from omninet.model import Stack, attention_mask_4d
+
+DEVICE_CONFIG_KEYS = {"device", "precision", "memory_threshold"}
+
+
+def seed_attention(use_sparse_attention: bool, use_linformer: bool) -> AttentionConfig:
+    """Maps the card's two flags to a kernel (see README, "The seed's flags")."""
+    from omninet.attention import KERNELS
+
+    wanted = {(False, False): "sdpa", (True, False): "block_sparse", (False, True): "linformer", (True, True): "hybrid"}
+    kernel = wanted[(bool(use_sparse_attention), bool(use_linformer))]
+    if kernel not in KERNELS:
+        raise ValueError(f"use_sparse_attention={use_sparse_attention}, use_linformer={use_linformer} needs the "
+                         f"{kernel!r} kernel, which this build does not register; pass both flags as False for dense attention")
+    return AttentionConfig(kernel=kernel)
+
+
+class AdvancedTransformer(nn.Module):
+    def __init__(self, *, num_layers: int = 12, hidden_size: int = 1024, num_heads: int = 16, ff_dim: int = 4096,
+                 max_seq_length: int = 1024, use_sparse_attention: bool = True, use_linformer: bool = True,
+                 device_config: dict | None = None, dropout: float = 0.1, position: str = "learned",
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        device_config = dict(device_config or {})
+        unknown = sorted(set(device_config) - DEVICE_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"device_config: unknown key(s) {unknown}; valid keys are {sorted(DEVICE_CONFIG_KEYS)}")
+        if not isinstance(ff_dim, int) or ff_dim < 1:
+            raise ValueError(f"ff_dim must be a positive integer, got {ff_dim!r}")
+        self.config = ModelConfig(
+            arch="encoder", vocab_size=1, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+            ff_ratio=ff_dim / hidden_size, max_seq_length=max_seq_length, dropout=dropout,
+            position=PositionConfig(kind=position), gradient_checkpointing=gradient_checkpointing,
+            attention=seed_attention(use_sparse_attention, use_linformer),
+        )
+        from omninet.hardware import resolve_device_config
+
+        self.placement = resolve_device_config(device_config)
+        self.pos = nn.Embedding(max_seq_length, hidden_size) if position == "learned" else None
+        self.encoder = Stack(self.config, num_layers=num_layers, causal=False)
+        self.drop = nn.Dropout(dropout)
+        self.placement.apply(self)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                head_mask: torch.Tensor | None = None, output_attentions: bool = False):
+        x = hidden_states
+        C, H, L = self.config.hidden_size, self.config.num_heads, self.config.num_layers
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != C:
+            raise ValueError(f"hidden_states must be a float tensor [B, N, hidden_size={C}], got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"hidden_states must be floating point (embeddings), got {x.dtype}; embed token ids first")
+        param = next(self.parameters())
+        if x.device != param.device:
+            raise ValueError(f"hidden_states is on {x.device} but the model is on {param.device}; use hidden_states.to({str(param.device)!r})")
+        if self.pos is not None:
+            if x.shape[1] > self.config.max_seq_length:
+                raise ValueError(f"sequence of {x.shape[1]} tokens exceeds max_seq_length={self.config.max_seq_length}; "
+                                 "raise max_seq_length or use position='rotary' or 'alibi', which extrapolate")
+            x = x + self.pos.weight[: x.shape[1]].to(x.dtype)
+        mask = attention_mask_4d(attention_mask, x, "attention_mask", num_heads=H)
+        if head_mask is not None:
+            if head_mask.shape not in ((H,), (L, H)):
+                raise ValueError(f"head_mask must have shape [num_heads={H}] or [num_layers={L}, num_heads={H}], got {list(head_mask.shape)}")
+            head_mask = head_mask.expand(L, H)
+        out, weights = self.encoder(self.drop(x), mask=mask, head_mask=head_mask, need_weights=output_attentions)
+        return out, weights
