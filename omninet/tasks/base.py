@@ -1,0 +1,381 @@
+"""The task interface: a validated config, deterministic splits, padded batches, metrics.
+
+A task is built from a plain dict (``build_task({"name": "listops", "preset": "quickstart"})``)
+so that trial and sweep configs can carry it through YAML. Every task exposes
+
+* ``name``, ``kind`` (``'classification'`` or ``'lm'``), ``vocab_size``, ``pad_id``,
+  ``num_classes`` (``None`` for lm) and ``max_length`` (longest ``input_ids`` row it yields);
+* ``split('train' | 'eval')``: a ``torch.utils.data.Dataset`` of examples
+  ``{'input_ids': LongTensor[N], 'labels': LongTensor[] or LongTensor[N]}``; the two splits
+  come from disjoint generation seeds (or a deterministic hash split of the data) and share
+  no example;
+* ``batches(split, batch_size, *, seed, shuffle, drop_last, pad_to)``: one pass over a split
+  as dict batches, see ``Task.collate`` for the exact tensors;
+* ``metrics(logits, batch)`` for one batch, or ``new_meter()`` to accumulate over many;
+* ``majority_baseline`` (classification): accuracy on ``eval`` of always predicting the most
+  common label of ``train``.
+
+Labels for ``lm`` tasks are already shifted: ``labels[b, i]`` is the target for the model's
+output at position ``i`` (the token after ``input_ids[b, i]``), ``-100`` where nothing is scored.
+The model must not shift them again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from omninet.config import ConfigBase
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SPLITS",
+    "TaskConfig",
+    "Task",
+    "TaskSplit",
+    "GeneratedTask",
+    "ClassificationMeter",
+    "LMMeter",
+    "TASKS",
+    "register_task",
+    "build_task",
+]
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "eval")
+# The majority label is the mode of at most this many train examples (enough to pin the mode of
+# any of our label distributions; the accuracy of that label is then measured on all of eval).
+BASELINE_TRAIN_EXAMPLES = 5000
+
+
+@dataclass(kw_only=True)
+class TaskConfig(ConfigBase):
+    """Fields every task shares. ``padding='longest'`` pads each batch to its longest row;
+    ``'max_length'`` pads every batch to the task's ``max_length`` so that shapes (and so
+    latency and memory) do not depend on which examples were drawn."""
+
+    task_name: ClassVar[str] = ""
+    padding: Literal["longest", "max_length"] = "longest"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, _where: str | None = None):
+        where = _where or cls.__name__
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        name = data.pop("name", cls.task_name)
+        if name != cls.task_name:
+            raise ValueError(f"{where}: name is {name!r} but this config is for task {cls.task_name!r}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {', '.join(map(repr, missing))}")
+        return super().from_dict(data, _where=where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.task_name, **super().to_dict()}
+
+
+def _compact_dtype(vocab_size: int, signed: bool) -> torch.dtype:
+    """Smallest integer dtype that holds ids below ``vocab_size`` (and -100 when ``signed``)."""
+    if vocab_size <= 256 and not signed:
+        return torch.uint8
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
+
+
+class TaskSplit(torch.utils.data.Dataset):
+    """One split: ``length`` examples made on demand by ``make(i) -> (ids, label)`` and cached
+    in the smallest integer dtype for ``vocab_size`` (LRA ListOps' 96k x ~1000 tokens is ~0.1 GB
+    as uint8, ~0.8 GB as Python lists), so a lazily generated split costs only what is read.
+    ``label`` is an ``int`` (classification) or a sequence as long as ``ids`` (lm, shifted)."""
+
+    def __init__(self, name: str, length: int, make: Callable[[int], tuple[Sequence[int], Any]], *, vocab_size: int):
+        self.name = name
+        self._length = length
+        self._make = make
+        self._ids_dtype = _compact_dtype(vocab_size, signed=False)
+        self._labels_dtype = _compact_dtype(vocab_size, signed=True)
+        self._cache: dict[int, tuple[torch.Tensor, int | torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _get(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        if not -self._length <= index < self._length:
+            raise IndexError(f"{self.name} split has {self._length} examples; index {index} is out of range")
+        index %= self._length
+        if index not in self._cache:
+            ids, label = self._make(index)
+            ids = torch.as_tensor(ids, dtype=self._ids_dtype)  # [N]; a view when already compact
+            label = int(label) if isinstance(label, int) else torch.as_tensor(label, dtype=self._labels_dtype)
+            self._cache[index] = (ids, label)
+        return self._cache[index]
+
+    def raw(self, index: int) -> tuple[list[int], int | list[int]]:
+        """``(ids, label)`` of example ``index`` as Python ints."""
+        ids, label = self._get(index)
+        return ids.tolist(), label if isinstance(label, int) else label.tolist()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, label = self._get(index)
+        return {"input_ids": ids.long(), "labels": torch.as_tensor(label).long()}
+
+
+class ClassificationMeter:
+    """Accumulates accuracy and mean cross-entropy over batches; logits ``[B, C]``, labels ``[B]``."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.count = 0
+        self.loss_sum = 0.0
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"]
+        if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"classification metrics need logits [B, num_classes] with B = {labels.shape[0]}; "
+                             f"got {tuple(logits.shape)}")
+        logits = logits.detach().float()
+        self.correct += int((logits.argmax(-1) == labels).sum())
+        self.count += int(labels.numel())
+        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"accuracy": self.correct / n, "loss": self.loss_sum / n, "count": float(self.count)}
+
+
+class LMMeter:
+    """Accumulates next-token metrics over the positions whose label is not ``-100``.
+
+    ``loss`` is the mean cross-entropy in nats per scored token; ``bits_per_byte`` is that
+    divided by ln 2 (every lm task here scores byte tokens, so bits per token are bits per
+    byte); ``next_byte_accuracy`` (alias ``accuracy``) is the argmax hit rate;
+    ``sequence_accuracy`` is the fraction of rows with every scored token right.
+    """
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.tokens = 0
+        self.loss_sum = 0.0
+        self.rows_right = 0
+        self.rows = 0
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"]  # [B, N]
+        if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+            raise ValueError(f"lm metrics need logits [B, N, vocab] with [B, N] = {list(labels.shape)}; "
+                             f"got {tuple(logits.shape)}")
+        logits = logits.detach().float()
+        scored = labels != IGNORE_INDEX  # [B, N]
+        hit = (logits.argmax(-1) == labels) & scored  # [B, N]
+        self.correct += int(hit.sum())
+        self.tokens += int(scored.sum())
+        self.loss_sum += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="sum"))
+        rows = scored.any(-1)  # [B] rows with something to score
+        self.rows_right += int(((hit == scored).all(-1) & rows).sum())
+        self.rows += int(rows.sum())
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        loss = self.loss_sum / n
+        acc = self.correct / n
+        return {"loss": loss, "bits_per_byte": loss / math.log(2), "next_byte_accuracy": acc,
+                "accuracy": acc, "sequence_accuracy": self.rows_right / max(self.rows, 1),
+                "tokens": float(self.tokens)}
+
+
+class Task(ABC):
+    """Base class; subclasses set the class attributes and implement ``_make_split``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["classification", "lm"]]
+    config_class: ClassVar[type[TaskConfig]]
+
+    vocab_size: int
+    pad_id: int
+    num_classes: int | None
+    max_length: int
+
+    def __init__(self, config: TaskConfig):
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self._splits: dict[str, TaskSplit] = {}
+        self._baseline: float | None = None
+
+    @abstractmethod
+    def _make_split(self, name: str) -> TaskSplit:
+        """Builds split ``name`` (one of ``SPLITS``)."""
+
+    def split(self, name: str) -> TaskSplit:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {name!r}")
+        if name not in self._splits:
+            self._splits[name] = self._make_split(name)
+        return self._splits[name]
+
+    @property
+    def majority_baseline(self) -> float | None:
+        """Classification: eval accuracy of always predicting the most common train label (the
+        mode of the first ``BASELINE_TRAIN_EXAMPLES`` train examples). ``None`` for lm."""
+        if self.kind != "classification":
+            return None
+        if self._baseline is None:
+            train, evals = self.split("train"), self.split("eval")
+            counts = collections.Counter(train.raw(i)[1] for i in range(min(len(train), BASELINE_TRAIN_EXAMPLES)))
+            mode = min(counts, key=lambda label: (-counts[label], label))  # ties -> smallest label
+            self._baseline = sum(evals.raw(i)[1] == mode for i in range(len(evals))) / len(evals)
+        return self._baseline
+
+    def collate(self, examples: Sequence[dict[str, torch.Tensor]], *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Pads examples into one batch (B batch, N padded length):
+
+        * ``input_ids`` LongTensor [B, N], ``pad_id`` after each row's end;
+        * ``attention_mask`` BoolTensor [B, N], True on real tokens;
+        * ``labels`` LongTensor [B] (classification) or [B, N] (lm, -100 on padding).
+
+        N is ``pad_to`` if given, else ``max_length`` when the config says
+        ``padding='max_length'``, else the longest row in the batch.
+        """
+        if not examples:
+            raise ValueError("collate needs at least one example")
+        lengths = [int(ex["input_ids"].shape[0]) for ex in examples]
+        if pad_to is None and self.config.padding == "max_length":
+            pad_to = self.max_length
+        n = max(lengths) if pad_to is None else pad_to
+        if n < max(lengths):
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({max(lengths)} tokens); "
+                             f"use pad_to >= {max(lengths)} or leave it unset")
+        b = len(examples)
+        input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)  # [B, N]
+        attention_mask = torch.zeros((b, n), dtype=torch.bool)  # [B, N]
+        if self.kind == "lm":
+            labels = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)  # [B, N]
+        else:
+            labels = torch.empty(b, dtype=torch.long)  # [B]
+        for row, (ex, length) in enumerate(zip(examples, lengths)):
+            input_ids[row, :length] = ex["input_ids"]
+            attention_mask[row, :length] = True
+            if self.kind == "lm":
+                labels[row, :length] = ex["labels"]
+            else:
+                labels[row] = ex["labels"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def batches(self, split: str, batch_size: int, *, seed: int = 0, shuffle: bool | None = None,
+                drop_last: bool = False, pad_to: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over ``split`` in batches of ``batch_size`` (see ``collate``). ``shuffle``
+        defaults to True for train and False for eval; the order depends only on ``seed``.
+        Call again with another seed (e.g. ``seed + epoch``) for the next epoch."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
+            raise ValueError(f"pad_to must be a positive integer or None, got {pad_to!r}")
+        data = self.split(split)
+        if shuffle is None:
+            shuffle = split == "train"
+        if shuffle:
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            order = list(range(len(data)))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            yield self.collate([data[i] for i in order[start:start + batch_size]], pad_to=pad_to)
+
+    def new_meter(self) -> ClassificationMeter | LMMeter:
+        return ClassificationMeter() if self.kind == "classification" else LMMeter()
+
+    def metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics of one batch. classification: ``accuracy``, ``loss``, ``count``; lm: ``loss``,
+        ``bits_per_byte``, ``next_byte_accuracy``, ``accuracy``, ``sequence_accuracy``, ``tokens``.
+        ``accuracy`` is always the task metric (higher is better)."""
+        meter = self.new_meter()
+        meter.update(logits, batch)
+        return meter.compute()
+
+    def describe(self) -> dict[str, Any]:
+        """Flat facts for logging next to a trial's results."""
+        return {"task": self.name, "kind": self.kind, "vocab_size": self.vocab_size, "pad_id": self.pad_id,
+                "num_classes": self.num_classes, "max_length": self.max_length}
+
+
+class GeneratedTask(Task):
+    """A task whose examples are drawn by ``draw(rng) -> (ids, label)`` from ``random.Random``.
+
+    ``eval`` has ``config.num_eval`` distinct examples drawn from the stream seeded by
+    ``'<name>/<seed>/eval'``. Train example ``i`` is drawn, on first use, from a stream of its
+    own (``'<name>/<seed>/train/<i>'``) and redrawn while it equals an eval example, so the
+    splits are disjoint, deterministic and a train split costs only what is read.
+    ``config`` must have ``seed``, ``num_train`` and ``num_eval``.
+    """
+
+    @abstractmethod
+    def draw(self, rng: random.Random) -> tuple[list[int], Any]:
+        """One example ``(ids, label)``."""
+
+    def _make_split(self, name: str) -> TaskSplit:
+        cfg = self.config
+        if name == "eval":
+            rng = random.Random(f"{self.name}/{cfg.seed}/eval")
+            seen: set[tuple[int, ...]] = set()
+            examples = []
+            for _ in range(100 * cfg.num_eval + 1000):
+                ids, label = self.draw(rng)
+                if tuple(ids) not in seen:
+                    seen.add(tuple(ids))
+                    examples.append((ids, label))
+                    if len(examples) == cfg.num_eval:
+                        break
+            else:
+                raise ValueError(f"{type(cfg).__name__}: could not draw num_eval={cfg.num_eval} distinct eval examples; "
+                                 f"the task's example space is too small: lower num_eval or make sequences longer")
+            self._eval_keys = seen
+            return TaskSplit("eval", len(examples), examples.__getitem__, vocab_size=self.vocab_size)
+        self.split("eval")  # draws eval first: train must avoid its examples
+        eval_keys = self._eval_keys
+
+        def make(i: int) -> tuple[list[int], Any]:
+            rng = random.Random(f"{self.name}/{cfg.seed}/train/{i}")
+            for _ in range(1000):
+                ids, label = self.draw(rng)
+                if tuple(ids) not in eval_keys:
+                    return ids, label
+            raise ValueError(f"{type(cfg).__name__}: eval covers nearly every possible example, so train cannot be "
+                             f"disjoint from it; lower num_eval or make sequences longer")
+
+        return TaskSplit("train", cfg.num_train, make, vocab_size=self.vocab_size)
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: makes ``cls`` buildable by ``build_task({'name': cls.name, ...})``."""
+    if cls.config_class.task_name != cls.name:
+        raise TypeError(f"{cls.__name__}.config_class.task_name must equal {cls.name!r}")  # a bug here, not user input
+    TASKS[cls.name] = cls
+    return cls
+
+
+def build_task(config: dict[str, Any] | TaskConfig) -> Task:
+    """``{'name': <task>, **fields}`` (or a ``TaskConfig``) -> a ready ``Task``."""
+    if isinstance(config, TaskConfig):
+        return TASKS[config.task_name](config)
+    if not isinstance(config, dict):
+        raise ValueError(f"task config must be a mapping with a 'name' key, got {type(config).__name__}")
+    name = config.get("name")
+    if name not in TASKS:
+        raise ValueError(f"task name must be one of {', '.join(map(repr, sorted(TASKS)))}; got {name!r}")
+    cls = TASKS[name]
+    return cls(cls.config_class.from_dict(config, _where=f"task config ({name})"))
