@@ -1,0 +1,116 @@
+"""Host CPU backend. Memory is the process's resident set against the host (or cgroup) limit;
+the peak is Linux's ``VmHWM`` high-water mark, which ``reset_peak_memory`` resets by writing
+``5`` to ``/proc/self/clear_refs`` (where that is not permitted, the peak is the largest value
+seen by ``memory_stats`` since the reset)."""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import psutil
+import torch
+
+from omninet.hardware.base import Backend, MemoryStats, register_backend
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The ISA features PyTorch's CPU kernels dispatch on (torch.cpu._is_*_supported)."""
+    probes = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
+              "amx_fp16": "_is_amx_fp16_supported"}
+    out = {}
+    for flag, fn in probes.items():
+        probe = getattr(torch.cpu, fn, None)
+        out[flag] = bool(probe()) if probe is not None else False
+    return out
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def host_capacity() -> int:
+    """Physical memory, or the cgroup v2 / v1 limit when a container sets a lower one."""
+    total = psutil.virtual_memory().total
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+@register_backend
+class CPUBackend(Backend):
+    name = "cpu"
+    device_type = "cpu"
+    ray_resource = "CPU"
+    priority = 0
+    _sampled_peak = 0
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def device_name(self, index: int = 0) -> str:
+        try:
+            m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+            if m:
+                return m.group(1).strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+
+    def torch_device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def native_bf16(self) -> bool:
+        f = cpu_flags()
+        return f["avx512_bf16"] or f["amx_tile"]
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        f = cpu_flags()
+        dtypes = [torch.float32]
+        if f["avx512_bf16"] or f["amx_tile"] or f["avx512"]:  # AVX512-F: oneDNN converts bf16 at vector speed
+            dtypes.append(torch.bfloat16)
+        if f["amx_fp16"]:
+            dtypes.append(torch.float16)
+        return tuple(dtypes)
+
+    def refuse_precision(self, precision: str) -> str | None:
+        if precision == "fp16" and torch.float16 not in self.supported_dtypes():
+            return ("fp16 on this CPU has no AMX-FP16 support: PyTorch falls back to scalar kernels (~100x slower); "
+                    "use precision='bf16' (if the CPU has AVX512-BF16/AMX), 'int8' for inference, or 'fp32'")
+        return super().refuse_precision(precision)
+
+    def synchronize(self, index: int = 0) -> None:
+        return None  # CPU ops are synchronous
+
+    def memory_stats(self, index: int = 0) -> MemoryStats:
+        rss = psutil.Process().memory_info().rss
+        CPUBackend._sampled_peak = max(CPUBackend._sampled_peak, rss)
+        hwm = _status_kb("VmHWM")
+        peak = hwm if hwm is not None and CPUBackend._hwm_reset_works else CPUBackend._sampled_peak
+        return MemoryStats(in_use=rss, peak=max(peak, rss), capacity=host_capacity())
+
+    _hwm_reset_works = True
+
+    def reset_peak_memory(self, index: int = 0) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            CPUBackend._hwm_reset_works = False
+        CPUBackend._sampled_peak = psutil.Process().memory_info().rss
+
+    def default_precision(self) -> str:
+        return "bf16" if self.native_bf16() else "fp32"
