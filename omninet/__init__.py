@@ -26,3 +26,20 @@ __all__ = [
     "OmniNetModel",
     "PositionConfig",
 ]
+
+_LAZY = {
+    "run_trial": "omninet.trial",
+    "TrialConfig": "omninet.trial",
+    "TrialResult": "omninet.trial",
+    "tune": "omninet.sweep.api",
+    "SweepResult": "omninet.sweep.results",
+}
+
+
+def __getattr__(name):
+    """The trial runner and the sweep API pull in ray/optuna/mlflow: import them on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'omninet' has no attribute {name!r}")

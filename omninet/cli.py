@@ -1,4 +1,4 @@
-"""``omninet``: one command, several subcommands.
+"""omninet: one command, several subcommands.
 
     omninet info                         devices, precisions and kernels available here
     omninet trial --config X.yaml        train, evaluate and measure one configuration
@@ -56,20 +56,20 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omninet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, add_help=name == "info")
-        if name != "info":
-            p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the subcommand (see omninet NAME --help)")
-    args = parser.parse_args(argv)
-    if args.command is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="omninet", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(f"  {n:<10} {h}" for n, (_, h) in SUBCOMMANDS.items()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=sorted(SUBCOMMANDS), metavar="COMMAND")
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv[:1])  # --help, or an unknown command: argparse says so and exits 2
         parser.print_help()
         return 2
+    command, rest = argv[0], argv[1:]
     try:
-        return SUBCOMMANDS[args.command][0](args)
+        return SUBCOMMANDS[command][0](argparse.Namespace(command=command, rest=rest))
     except (UsageError, ValueError) as exc:
-        print(f"omninet {args.command}: error: {exc}", file=sys.stderr)
+        print(f"omninet {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

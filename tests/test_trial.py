@@ -1,0 +1,301 @@
+"""The trial runner: config validation, determinism, every status from a real cause, the flat
+record, the command line, and (slow) the quickstart quality bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from omninet.config import ModelConfig
+from omninet.model import OmniNetModel
+from omninet.trial import (TrialConfig, TrialResult, count_parameters, estimate_memory_mb, run_trial, set_dotted,
+                           trial_main)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = {
+    "status", "error", "accuracy", "eval_loss", "peak_memory_train_mb", "peak_memory_infer_mb", "latency_p50_ms",
+    "latency_p95_ms", "throughput_tokens_s", "num_params", "train_seconds", "wall_seconds", "steps", "device",
+    "device_name", "estimated_memory_mb", "loss_curve",
+}
+# Small ListOps and a tiny model: a whole trial takes a second or two.
+TINY_TASK = {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 256, "num_eval": 64}
+
+
+def tiny(**sections) -> dict:
+    cfg = {
+        "task": dict(TINY_TASK),
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        "train": {"steps": 8, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2},
+        "hardware": {"device": "cpu", "num_threads": 1},
+        "measure": {"memory": False},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ok_result() -> TrialResult:
+    return run_trial(tiny(measure={"memory": True}))
+
+
+# ---- configuration ----------------------------------------------------------------------
+def test_config_builds_model_from_task_facts():
+    cfg = TrialConfig.from_dict(tiny())
+    mc = cfg.model_config
+    assert (mc.arch, mc.vocab_size, mc.num_classes, mc.pad_token_id) == ("encoder", 18, 10, 0)
+    assert mc.max_seq_length == 40 and mc.hidden_size == 32 and cfg.seq_length == 40
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"train": {"steps": None}}, "budget"),
+    ({"train": {"lr": -1.0}}, "train.lr"),
+    ({"train": {"stpes": 3}}, "unknown key"),
+    ({"model": {"vocab_size": 99}}, "the task sets it"),
+    ({"model": {"hidden_sise": 64}}, "unknown key"),
+    ({"model": {"hidden_size": 30, "num_heads": 4}}, "divisible"),
+    ({"task": {"name": "listopz"}}, "task name"),
+    ({"measure": {"latency_reps": 5}}, "latency_reps"),
+    ({"hardware": {"precision": "fp8"}}, "precision"),
+])
+def test_bad_config_is_invalid_with_one_line(change, words):
+    cfg = tiny()
+    for section, values in change.items():
+        cfg[section] = {**cfg[section], **values} if section != "task" else values
+    with pytest.raises(ValueError, match=words):
+        TrialConfig.from_dict(cfg)
+    res = run_trial(cfg)
+    assert res.status == "invalid" and words.split()[0].lower() in res.error.lower()
+    assert "\n" not in res.error and res.steps == 0 and res.num_params is None
+
+
+def test_unavailable_device_is_invalid():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    res = run_trial(tiny(hardware={"device": "cuda"}))
+    assert res.status == "invalid" and "cuda" in res.error
+
+
+def test_lm_task_refuses_encoder():
+    cfg = tiny()
+    cfg["task"] = {"name": "copy", "length": 16}
+    cfg["model"]["arch"] = "encoder"
+    with pytest.raises(ValueError, match="decoder"):
+        TrialConfig.from_dict(cfg)
+
+
+def test_set_dotted_creates_sections_and_copies():
+    base = {"model": {"hidden_size": 32}}
+    out = set_dotted(base, "model.attention.linformer.k", 16)
+    assert out["model"]["attention"]["linformer"]["k"] == 16 and "attention" not in base["model"]
+    with pytest.raises(ValueError, match="not a section"):
+        set_dotted(out, "model.hidden_size.x", 1)
+
+
+@pytest.mark.parametrize("model", [
+    dict(arch="encoder", num_classes=10, vocab_size=18),
+    dict(arch="decoder", vocab_size=260, tie_embeddings=False, position={"kind": "relative"}),
+    dict(arch="encoder_decoder", vocab_size=300, num_decoder_layers=3, position={"kind": "rotary"}),
+    dict(arch="encoder", vocab_size=18, num_classes=10, attention={"kernel": "linformer", "linformer": {"k": 8}}),
+])
+def test_count_parameters_matches_the_model(model):
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, max_seq_length=40, **model)
+    assert count_parameters(mc) == OmniNetModel(mc).num_parameters()
+
+
+def test_estimate_grows_with_batch_and_length():
+    small = estimate_memory_mb(tiny())
+    assert small > 0
+    assert estimate_memory_mb(tiny(measure={"batch_size": 64})) > small
+    assert estimate_memory_mb(tiny(measure={"seq_length": 400})) > small
+    with pytest.raises(ValueError):
+        estimate_memory_mb({"task": TINY_TASK})
+
+
+# ---- a successful trial -----------------------------------------------------------------
+def test_ok_result_is_flat_json_with_the_contract_keys(ok_result):
+    res = ok_result
+    assert res.status == "ok", res.error
+    d = res.to_dict()
+    assert CONTRACT_KEYS <= set(d)
+    for key, value in d.items():
+        if key == "loss_curve":
+            assert all(isinstance(x, float) and math.isfinite(x) for x in value)
+        else:
+            assert value is None or isinstance(value, (bool, int, float, str)), key
+    json.loads(json.dumps(d, allow_nan=False))
+    assert len(d["loss_curve"]) == d["steps"] == 8
+
+
+def test_ok_result_figures_are_consistent(ok_result):
+    d = ok_result.to_dict()
+    cfg = TrialConfig.from_dict(tiny())
+    assert d["num_params"] == OmniNetModel(cfg.model_config).num_parameters()
+    assert 0.0 <= d["accuracy"] <= 1.0 and d["eval_loss"] > 0 and d["majority_baseline"] > 0
+    assert 0 < d["latency_p50_ms"] <= d["latency_p95_ms"]
+    assert d["throughput_tokens_s"] > 0 and d["train_tokens_s"] > 0
+    # Training holds weights, gradients and AdamW state: at least 4x the fp32 weights.
+    assert d["peak_memory_train_mb"] >= 4 * d["num_params"] * 4 / 2**20
+    assert d["peak_memory_train_mb"] > d["peak_memory_infer_mb"] > d["num_params"] * 4 / 2**20
+    assert d["wall_seconds"] >= d["train_seconds"] > 0
+    assert d["device"] == "cpu" and d["device_name"] and d["precision"] == "fp32"
+
+
+def test_determinism_same_seed_same_result():
+    a, b = run_trial(tiny()), run_trial(tiny())
+    assert a.status == b.status == "ok"
+    assert a.loss_curve == b.loss_curve and len(a.loss_curve) == 8
+    assert (a.accuracy, a.eval_loss) == (b.accuracy, b.eval_loss)
+    c = run_trial(tiny(train={"seed": 1}))
+    assert c.loss_curve != a.loss_curve
+
+
+def test_seconds_budget_stops_training():
+    res = run_trial(tiny(train={"steps": None, "max_seconds": 0.5}))
+    assert res.status == "ok" and res.steps >= 1 and res.train_seconds < 5.0
+
+
+def test_language_model_task_runs():
+    cfg = tiny(model={"arch": "decoder"})
+    cfg["task"] = {"name": "copy", "length": 16, "num_train": 256, "num_eval": 64}
+    res = run_trial(cfg)
+    assert res.status == "ok", res.error
+    assert res.majority_baseline is None and 0.0 <= res.accuracy <= 1.0 and res.loss_curve[-1] < res.loss_curve[0]
+
+
+def test_head_pruning_removes_heads():
+    full = run_trial(tiny(model={"num_heads": 4}))
+    pruned = run_trial(tiny(model={"num_heads": 4, "heads": {"prune_ratio": 0.5}}))
+    assert pruned.status == "ok", pruned.error
+    assert (pruned.heads_pruned, pruned.heads_remaining) == (2, 2)
+    assert pruned.num_params < full.num_params
+    assert pruned.loss_curve == full.loss_curve  # pruning happens after training
+
+
+def test_int8_trains_fp32_and_quantizes_for_inference(ok_result):
+    res = run_trial(tiny(hardware={"precision": "int8"}, measure={"memory": True}))
+    assert res.status == "ok", res.error
+    assert res.precision == "int8" and res.accuracy is not None
+    fp32 = ok_result
+    assert res.loss_curve == fp32.loss_curve  # identical fp32 training
+    assert res.peak_memory_infer_mb < fp32.peak_memory_infer_mb  # int8 weights
+
+
+@pytest.mark.parametrize("precision", ["bf16", "mixed"])
+def test_low_precision_trial(precision):
+    from omninet.hardware import resolve_device_config
+
+    try:
+        resolve_device_config({"device": "cpu", "precision": precision}, training=True)
+    except ValueError as exc:
+        res = run_trial(tiny(hardware={"precision": precision}))
+        assert res.status == "invalid" and precision in res.error  # refused with the hardware layer's reason
+        pytest.skip(str(exc))
+    res = run_trial(tiny(hardware={"precision": precision}, measure={"memory": True}))
+    assert res.status == "ok", res.error
+    assert res.precision == precision and len(res.loss_curve) == 8 and res.peak_memory_train_mb > 0
+
+
+# ---- failures are results, each from a real cause ---------------------------------------
+def test_absurd_learning_rate_diverges():
+    res = run_trial(tiny(train={"lr": 1e4, "steps": 50, "warmup_steps": 0}))
+    assert res.status == "diverged"
+    assert "nan" in res.error or "inf" in res.error
+    assert res.steps < 50 and len(res.loss_curve) == res.steps - 1
+    assert res.accuracy is None
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+BIG = {"model": {"hidden_size": 256, "num_layers": 2, "num_heads": 4}, "train": {"batch_size": 64, "steps": 3}}
+
+
+def test_estimate_over_budget_is_infeasible_and_runs_nothing():
+    cfg = tiny(**BIG)
+    res = run_trial(cfg, memory_budget_mb=20)
+    assert res.status == "infeasible" and "exceeds the budget" in res.error
+    assert res.estimated_memory_mb > 20 and res.steps == 0 and res.num_params is None
+
+
+def test_run_time_memory_limit_gives_a_real_oom():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU run-time limit uses Linux RLIMIT_DATA")
+    res = run_trial(tiny(**BIG), memory_budget_mb=20, preflight=False)
+    assert res.status == "oom", res.error
+    assert "allocate" in res.error.lower() or "memory" in res.error.lower()
+    big = torch.empty(64 * 2**20, dtype=torch.uint8)  # the limit is lifted afterwards
+    assert big.numel() == 64 * 2**20
+    assert run_trial(tiny(), memory_budget_mb=2000).status == "ok"
+
+
+def test_runtime_failure_is_an_error_result(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"f{i}.py").write_text("print('hello world')\n" * 50)
+    cfg = tiny(model={"arch": "decoder"})
+    cfg["task"] = {"name": "byte_lm", "root": str(corpus), "max_length": 32, "eval_fraction": 0.5}
+    trial = TrialConfig.from_dict(cfg)  # valid: the files are there
+    for f in corpus.iterdir():
+        f.unlink()  # ... and gone by the time the trial reads them
+    corpus.rmdir()
+    res = run_trial(trial)
+    assert res.status == "error" and res.error
+    assert res.accuracy is None
+
+
+# ---- command line -----------------------------------------------------------------------
+def test_cli_prints_the_result(tmp_path, capsys):
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(tiny()))
+    assert trial_main(["--config", str(path), "--set", "train.steps=3", "--out", str(tmp_path / "r.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "ok" and printed["steps"] == 3
+    assert json.loads((tmp_path / "r.json").read_text()) == printed
+
+
+@pytest.mark.parametrize("text", ["task: {name: listops}\n", "task: [1\n", "- a list\n"])
+def test_cli_invalid_config_exits_2_with_one_line(tmp_path, capsys, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert trial_main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invalid trial config:") and "\n" not in err
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~10-30 s on a busy 2-core machine
+def test_cli_oom_in_a_fresh_process(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU run-time limit uses Linux RLIMIT_DATA")
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(tiny(**BIG)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "omninet.trial", "--config", str(path), "--memory-budget-mb", "20",
+                           "--no-preflight"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "oom"
+
+
+def test_example_configs_are_valid():
+    paths = sorted((ROOT / "examples").glob("trial_*.yaml"))
+    assert paths, "examples/trial_*.yaml are missing"
+    for path in paths:
+        TrialConfig.from_dict(yaml.safe_load(path.read_text()))
+
+
+# ---- quality bar ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quickstart_listops_is_learnable_in_60_seconds():
+    cfg = yaml.safe_load((ROOT / "examples" / "trial_quickstart.yaml").read_text())
+    assert cfg["train"]["max_seconds"] <= 60
+    res = run_trial(cfg)
+    assert res.status == "ok", res.error
+    assert res.train_seconds <= 61
+    assert res.accuracy >= res.majority_baseline + 0.15, (res.accuracy, res.majority_baseline, res.steps)
