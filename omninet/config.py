@@ -171,10 +171,14 @@ class PositionConfig(ConfigBase):
 
 @dataclass(kw_only=True)
 class BlockSparseConfig(ConfigBase):
-    """Block-sparse layout: each query block attends to ``local_blocks`` neighbours on each
-    side, ``global_blocks`` leading blocks (which also attend everywhere) and
-    ``random_blocks`` fixed random blocks, trimmed or extended so that a fraction
-    ``sparsity_factor`` of key blocks is skipped. The layout is fixed per layer and seed."""
+    """Block-sparse layout (``omninet.attention.block_sparse``): each query block attends to
+    itself, ``global_blocks`` leading blocks (which also attend everywhere),
+    ``local_blocks`` neighbours on each side and ``random_blocks`` fixed random blocks,
+    trimmed or widened so that a fraction ``sparsity_factor`` of key blocks is skipped
+    (causal rows: of the blocks at or before them). The layout is fixed per layer and seed.
+    ``backend``: 'auto' (compiled FlexAttention on CUDA when there is no mask, bias or
+    dropout; gathered blocks + fused SDPA otherwise), 'gather' (always the gathered path),
+    'flex' (also FlexAttention for CPU inference; needs a C++ compiler for torch.compile)."""
 
     block_size: int = 128
     sparsity_factor: float = 0.875
@@ -182,35 +186,42 @@ class BlockSparseConfig(ConfigBase):
     global_blocks: int = 1
     random_blocks: int = 0
     seed: int = 0
-    min_seq_length: int = 1024  # below this the dense SDPA kernel is used (it wins on short inputs)
+    min_seq_length: int = 1024  # sequences of at most this many tokens use dense SDPA (it wins on short inputs)
+    backend: Literal["auto", "gather", "flex"] = "auto"
 
     def validate(self) -> None:
         _check(self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
                f"BlockSparseConfig.block_size must be a power of two >= 16, got {self.block_size}")
         _check(0.0 <= self.sparsity_factor < 1.0,
                f"BlockSparseConfig.sparsity_factor is the fraction of key blocks skipped and must be in [0, 1), got {self.sparsity_factor}")
-        for name in ("local_blocks", "global_blocks", "random_blocks", "min_seq_length"):
+        for name in ("local_blocks", "global_blocks", "random_blocks", "min_seq_length", "seed"):
             _check(getattr(self, name) >= 0, f"BlockSparseConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
 class LinformerConfig(ConfigBase):
-    """Linformer low-rank attention: keys and values are projected along the sequence to
-    ``k`` rows. ``k = min(k, ceil(n / compression))`` when ``adaptive``. ``sharing``:
-    'headwise' (E, F per layer shared over heads), 'kv' (one matrix for keys and values),
-    'layerwise' (one matrix for every layer)."""
+    """Linformer low-rank attention (``omninet.attention.linformer``): keys and values are
+    projected along the sequence by learned E, F (k x max_seq_length) to ``k`` rows;
+    ``k = min(k, ceil(n / compression))`` when ``adaptive`` (and never more than n).
+    ``sharing``: 'headwise' (E, F per layer, shared over heads), 'kv' (one matrix per layer
+    for keys and values), 'layerwise' (one matrix for keys and values of every layer).
+    ``layers``: which encoder layers use Linformer; None means every layer for the
+    'linformer' kernel and the odd layers (1, 3, ...) for the 'hybrid' kernel. Other
+    layers use dense SDPA ('linformer') or block-sparse attention ('hybrid')."""
 
     k: int = 256
     adaptive: bool = False
     compression: int = 4
     sharing: Literal["headwise", "kv", "layerwise"] = "headwise"
-    layers: list[int] | None = None  # which encoder layers use Linformer (None: all)
-    min_seq_length: int = 1024  # below this the dense SDPA kernel is used
+    layers: list[int] | None = None
+    min_seq_length: int = 1024  # sequences of at most this many tokens use dense SDPA
 
     def validate(self) -> None:
         _check(self.k >= 1, f"LinformerConfig.k must be >= 1, got {self.k}")
         _check(self.compression >= 1, f"LinformerConfig.compression must be >= 1, got {self.compression}")
         _check(self.min_seq_length >= 0, f"LinformerConfig.min_seq_length must be >= 0, got {self.min_seq_length}")
+        _check(self.layers is None or (all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers)),
+               f"LinformerConfig.layers must hold distinct layer indices >= 0 (or null), got {self.layers}")
 
 
 @dataclass(kw_only=True)
@@ -301,6 +312,9 @@ class ModelConfig(ConfigBase):
         active = self.heads.active_heads
         _check(active is None or active <= self.num_heads,
                f"HeadsConfig.active_heads ({active}) must be <= num_heads ({self.num_heads})")
+        _check(active is None or self.heads.gating == "token" or self.arch == "encoder",
+               "HeadsConfig.gating='sequence' pools the whole sequence, which leaks future tokens into a causal "
+               f"{self.arch!r} model; use gating='token' (or arch='encoder')")
         for layer, ids in self.heads.pruned_heads.items():
             _check(0 <= layer < self.total_layers,
                    f"HeadsConfig.pruned_heads: layer {layer} out of range [0, {self.total_layers})")

@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omninet.attention import get_kernel
+from omninet import heads as head_lib
 from omninet.config import ModelConfig
-from omninet.positions import Alibi, HeadBias, LearnedPositions, RelativeBias, Rotary
+from omninet.positions import Alibi, LearnedPositions, RelativeBias, Rotary
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -82,6 +83,14 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(C, 3 * H * D)
         self.o_proj = nn.Linear(H * D, C)
+        hc = config.heads
+        self.router = None if cross or hc.active_heads is None else head_lib.HeadRouter(
+            C, H, active=hc.active_heads, gating=hc.gating, balance_weight=hc.balance_loss_weight, causal=causal)
+        self.aux_loss: torch.Tensor | None = None  # the router's balance term from the last forward
+        # Importance by original head id (omninet.heads): gradient-based, and the online EMA.
+        self.register_buffer("importance", torch.zeros(H), persistent=False)
+        self.register_buffer("online_importance", torch.zeros(H), persistent=False)
+        self.track_importance, self.importance_decay, self.online_updates = hc.online_importance, hc.importance_decay, 0
         pruned = config.heads.pruned_heads.get(layer_idx, []) if not cross else []
         if pruned:
             self.prune(pruned)
@@ -91,7 +100,35 @@ class Attention(nn.Module):
         return self.head_ids.numel()
 
     def forward(self, x, *, mask=None, memory=None, bias=None, rotary=None, cache=None, head_mask=None, need_weights=False):
-        """x (B, N, C); memory (B, M, C) the encoder output for cross-attention."""
+        """x (B, N, C); memory (B, M, C) the encoder output for cross-attention. With a
+        sequence-level router only the selected heads (index (B, k)) are computed."""
+        gate = self.router(x, mask) if self.router is not None else None
+        index = None if gate is None else gate.index
+        q, k, v = self._project(x, memory, rotary, cache, index)
+        kernel = get_kernel("eager") if need_weights else self.spec
+        out, weights = head_lib.attend(
+            kernel, q, k, v, index=index, head_ids=self.head_ids, total_heads=self.total_heads, mask=mask, bias=bias,
+            causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights, state=self.kernel_state,
+        )  # out (B, H|k, N, D)
+        scale = head_lib.head_scale(gate, head_mask, self.head_ids)
+        if scale is not None:
+            out = out * scale.to(out.dtype)
+        self.aux_loss = None if gate is None else gate.aux
+        if self.track_importance:
+            head_lib.update_online_importance(self, out, index)
+        return self._output(out, index), weights
+
+    def _output(self, out, index):
+        """out (B, H|k, N, D) -> (B, N, C) through the o_proj columns of the heads that ran."""
+        B, _, N, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*D | k*D)
+        if index is None:
+            return self.o_proj(out)
+        return head_lib.gather_out(self.o_proj, out, index, self.num_heads, self.head_dim)
+
+    def _project(self, x, memory, rotary, cache, index):
+        """q (B, H|k, N, D) and k, v (B, H|k, Nk, D); only the selected heads when ``index``."""
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         if self.cross:
@@ -104,25 +141,16 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.cross_kv[self.layer_idx] = (k, v)
         else:
-            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+            if index is None:
+                q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+            else:
+                q, k, v = head_lib.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each
             if rotary is not None:
                 offset = cache.length(self.layer_idx) if cache is not None else 0
                 q, k = rotary(q, offset), rotary(k, offset)
             if cache is not None:
                 k, v = cache.append(self.layer_idx, k, v)
-        kernel = get_kernel("eager") if need_weights else self.spec
-        out, weights = kernel.fn(
-            q, k, v, mask=mask, bias=None if bias is None else HeadBias(bias, self._pruned_index()),
-            causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights, state=self.kernel_state,
-        )
-        if head_mask is not None:
-            out = out * head_mask.index_select(0, self.head_ids).view(1, H, 1, 1).to(out.dtype)
-        out = out.transpose(1, 2).reshape(B, N, H * D)  # (B, N, H*D)
-        return self.o_proj(out), weights
-
-    def _pruned_index(self):
-        return None if self.num_heads == self.total_heads else self.head_ids
+        return q, k, v
 
     @torch.no_grad()
     def prune(self, heads: list[int]) -> None:
@@ -144,6 +172,8 @@ class Attention(nn.Module):
         else:
             self.qkv = _select_rows(self.qkv, torch.cat([cols + t * H * D for t in range(3)]))
         self.o_proj = _select_cols(self.o_proj, cols)
+        if self.router is not None:
+            self.router.prune(idx)
         self.head_ids = self.head_ids.index_select(0, idx)
 
 
@@ -236,7 +266,7 @@ class ModelOutput:
     encoder_hidden_states: torch.Tensor | None = None
     attentions: list[torch.Tensor] | None = None  # per self-attention layer (B, H, N, N), when asked for
     cache: KVCache | None = None
-    aux_loss: torch.Tensor | None = None  # e.g. the head router's load-balancing term
+    aux_loss: torch.Tensor | None = None  # head routers' weighted balance term (training); already in `loss`
 
 
 class OmniNetModel(nn.Module):
@@ -335,8 +365,11 @@ class OmniNetModel(nn.Module):
             attentions = attentions + dec_w if output_attentions else None
         logits = self._head(h, attention_mask if cfg.arch == "encoder" else None)
         loss = self._loss(logits, labels) if labels is not None else None
+        aux = head_lib.collect_aux_loss(self.attention_layers())  # head routers' balance term (training)
+        if aux is not None and loss is not None:
+            loss = loss + aux
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, encoder_hidden_states=enc_out,
-                           attentions=attentions, cache=cache)
+                           attentions=attentions, cache=cache, aux_loss=aux)
 
     def _decoder_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
         offset = cache.length(self.decoder.blocks[0].attn.layer_idx) if cache is not None else 0
@@ -415,6 +448,9 @@ class OmniNetModel(nn.Module):
             bad = [h for h in ids if not 0 <= h < self.config.num_heads]
             if bad:
                 raise ValueError(f"prune_heads: head ids {bad} out of range [0, {self.config.num_heads}) in layer {layer}")
+        for layer, ids in heads.items():  # check every layer before changing any
+            if not set(layers[layer].head_ids.tolist()) - set(ids):
+                raise ValueError(f"prune_heads: layer {layer} would remove every head; keep at least one")
         merged = {k: sorted(set(v)) for k, v in self.config.heads.pruned_heads.items()}
         for layer, ids in heads.items():
             new = [h for h in ids if h not in merged.get(layer, [])]
