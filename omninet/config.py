@@ -326,6 +326,9 @@ class ModelConfig(ConfigBase):
 
     def _validate_kernel(self) -> None:
         kernel = self.attention.kernel
+        layers = self.attention.linformer.layers
+        _check(layers is None or kernel not in ("linformer", "hybrid") or max(layers, default=0) < self.num_layers,
+               f"LinformerConfig.layers {layers} names layers out of range for num_layers={self.num_layers}")
         if kernel == "linformer":
             _check(self.arch == "encoder",
                    "Linformer cannot be causal (projecting keys along the sequence mixes future tokens into the past); "

@@ -105,7 +105,7 @@ class Attention(nn.Module):
         gate = self.router(x, mask) if self.router is not None else None
         index = None if gate is None else gate.index
         q, k, v = self._project(x, memory, rotary, cache, index)
-        kernel = get_kernel("eager") if need_weights else self.spec
+        kernel = get_kernel("eager") if need_weights and not self.spec.forms_weights else self.spec
         out, weights = head_lib.attend(
             kernel, q, k, v, index=index, head_ids=self.head_ids, total_heads=self.total_heads, mask=mask, bias=bias,
             causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,

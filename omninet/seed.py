@@ -6,10 +6,17 @@
     output, attention_weights = model(hidden_states=x, attention_mask=mask, head_mask=None)
 
 ``hidden_states`` (B, N, hidden) -> ``output`` (B, N, hidden), the final-norm encoder states.
-``attention_weights`` is None unless ``output_attentions=True`` is passed: the fused kernels
-(SDPA, block-sparse) never form the (N x N) weights, which is why they are fast. With
-``output_attentions=True`` every layer runs the eager reference kernel and the list holds one
-(B, H, N, N) tensor per layer.
+``attention_weights`` is None unless ``output_attentions=True`` is passed: the fused dense
+kernel (SDPA) never forms the (N x N) weights, which is why it is fast. With
+``output_attentions=True`` the list holds one (B, H, N, N) tensor per layer: the weights each
+layer actually used (dense layers switch to the eager reference for that call; block-sparse
+layers give their layout's weights, zero off the layout; Linformer layers give the effective
+weights P·F over the real tokens).
+
+The two flags (see README, "The seed's flags"): both False -> dense SDPA; sparse only ->
+block-sparse; Linformer only -> Linformer; both True (the card's default) -> ``hybrid``:
+dense up to 1024 tokens, above that Linformer in the odd encoder layers and block-sparse in
+the others.
 """
 
 from __future__ import annotations

@@ -296,3 +296,15 @@ def test_seed_api_bad_inputs():
         model(hidden_states=torch.ones(2, 8, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds max_seq_length=32"):
         model(hidden_states=torch.randn(1, 33, 32))
+
+
+@pytest.mark.parametrize("sparse, linformer, kernel", [(True, True, "hybrid"), (True, False, "block_sparse"),
+                                                        (False, True, "linformer")])
+def test_seed_flags_select_real_kernels_and_weights_are_theirs(sparse, linformer, kernel):
+    model = AdvancedTransformer(num_layers=2, hidden_size=32, num_heads=4, ff_dim=64, max_seq_length=64,
+                                use_sparse_attention=sparse, use_linformer=linformer).eval()
+    assert model.config.attention.kernel == kernel
+    out, weights = model(hidden_states=torch.randn(1, 48, 32), output_attentions=True)
+    assert out.shape == (1, 48, 32) and len(weights) == 2
+    for w in weights:
+        assert w.shape[:2] == (1, 4) and torch.isfinite(w).all()

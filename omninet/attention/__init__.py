@@ -19,6 +19,9 @@ Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
 - ``state``: the kernel's own ``nn.Module`` (Linformer's projections, a block layout cache),
   built once per attention layer by the spec's ``make_state``; None for stateless kernels.
 - ``weights`` (B, H, Nq, Nk) only when ``need_weights`` and the kernel forms them, else None.
+  Kernels registered with ``forms_weights=False`` (sdpa) are swapped for eager when weights
+  are asked for; the others return the weights they actually used (a sparse layout's, the
+  Linformer's effective P·F).
 
 ``eager`` is the reference every other kernel is tested against (tests/test_kernels.py
 enrols every registered kernel automatically).
@@ -40,18 +43,20 @@ class KernelSpec:
     supports_causal: bool = True
     supports_bias: bool = True
     exact: bool = True  # equals eager on the same inputs (Linformer, a low-rank approximation, does not)
+    forms_weights: bool = True  # can return its own attention weights (fused SDPA never forms them)
 
 
 KERNELS: dict[str, KernelSpec] = {}
 
 
-def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True):
+def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True,
+                    forms_weights=True):
     """Decorator: ``@register_kernel("mine")`` makes ``AttentionConfig(kernel="mine")`` valid."""
 
     def wrap(fn):
         if name in KERNELS:
             raise ValueError(f"attention kernel {name!r} is already registered")
-        KERNELS[name] = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact)
+        KERNELS[name] = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact, forms_weights)
         return fn
 
     return wrap
@@ -65,3 +70,6 @@ def get_kernel(name: str) -> KernelSpec:
 
 
 from omninet.attention import dense as _dense  # noqa: E402,F401  (registers eager, sdpa)
+from omninet.attention import block_sparse as _block_sparse  # noqa: E402,F401  (registers block_sparse)
+from omninet.attention import linformer as _linformer  # noqa: E402,F401  (registers linformer)
+from omninet.attention import hybrid as _hybrid  # noqa: E402,F401  (registers hybrid: the seed's two flags)

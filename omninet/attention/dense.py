@@ -50,7 +50,7 @@ def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropo
     return out, (weights if need_weights else None)
 
 
-@register_kernel("sdpa")
+@register_kernel("sdpa", forms_weights=False)
 def sdpa_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
     nq, nk = q.shape[-2], k.shape[-2]
     if bias is None and mask is None and (not causal or nq == nk):

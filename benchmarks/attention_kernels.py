@@ -1,0 +1,271 @@
+"""Attention kernels side by side: latency and measured peak memory.
+
+    .venv/bin/python benchmarks/attention_kernels.py [--quick] [--out results.json]
+
+Kernels: naive "standard attention" (materialized scores, the model card's baseline),
+dense SDPA, compiled FlexAttention on the 12.5% block-sparse mask (forward only: CPU
+FlexAttention has no backward; compile time reported separately), our block-sparse kernel
+at densities 50% / 25% / 12.5%, Linformer at k = 128 / 256. Shapes: fp32, B=1, H=16, D=64,
+block 128, N = 1024 .. 8192; forward (no grad) and forward+backward (grads of q, k, v and of
+Linformer's projections). Times: median of ``--reps`` timed runs after ``--warmup`` runs.
+
+Peak memory: one extra run under ``torch.profiler.profile(profile_memory=True)``; the
+trace's allocator events (every allocation and free, with byte counts) are replayed in
+time order and the peak of the running sum is reported: the most bytes the call held at
+once beyond what existed before it (inputs excluded; outputs, saved activations and
+gradients included). Measured, not estimated.
+
+The block-sparse state is built with ``min_seq_length=0`` so that the sparse path is
+measured at every N (the model switches to dense SDPA at <= 1024 tokens by default).
+Output: one JSON document (stdout, and ``--out``) with every row, the ratios against SDPA and
+naive attention, and the issue's targets evaluated at N=4096.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention  # noqa: E402
+from omninet.attention.linformer import LinformerProjection, linformer_core  # noqa: E402
+from omninet.config import BlockSparseConfig, LinformerConfig  # noqa: E402
+
+DENSITIES = (0.5, 0.25, 0.125)
+RANKS = (128, 256)
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the running sum of allocator events recorded while ``fn`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    mem = sorted((e["ts"], e["args"].get("Ev Idx", 0), e["args"]["Bytes"]) for e in events
+                 if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0)
+    running = peak = 0
+    for _, _, nbytes in mem:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def median_ms(fn, *, reps: int, warmup: int, cpu: list | None = None) -> tuple[float, list[float]]:
+    """Median wall-clock ms; ``cpu`` (if given) receives this process's CPU ms per run, which
+    is less sensitive than wall time to other processes competing for the cores."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        runs.append((time.perf_counter() - t0) * 1e3)
+        if cpu is not None:
+            cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(runs), runs
+
+
+def naive_attention(q, k, v, scale):
+    """The model card's baseline: materialized (N x N) scores and weights."""
+    weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, N, N)
+    return torch.matmul(weights, v)
+
+
+def make_kernels(args, n: int):
+    """name -> (variant, forward fn(q, k, v) -> out, params needing grads, supports backward)."""
+    scale = 1.0 / math.sqrt(args.head_dim)
+    out = {
+        "naive": ("dense", lambda q, k, v: naive_attention(q, k, v, scale), [], True),
+        "sdpa": ("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), [], True),
+    }
+    for d in DENSITIES:
+        state = BlockSparseLayout(BlockSparseConfig(block_size=args.block_size, sparsity_factor=1.0 - d,
+                                                    min_seq_length=0, backend="gather"))
+        out[f"block_sparse_{d:g}"] = (f"density={d:g}", lambda q, k, v, s=state: block_sparse_attention(
+            q, k, v, scale=scale, state=s)[0], [], True)
+    for r in RANKS:
+        proj = LinformerProjection(LinformerConfig(k=r, min_seq_length=0), max_seq_length=n)
+        out[f"linformer_{r}"] = (f"k={r}", lambda q, k, v, p=proj: linformer_core(
+            q, k, v, mask=None, scale=scale, dropout_p=0.0, need_weights=False, state=p)[0], list(proj.parameters()), True)
+    return out
+
+
+def flex_kernel(args, n: int):
+    """Compiled FlexAttention on the 12.5% layout; returns (fn, compile seconds) or (None, reason)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        state = BlockSparseLayout(BlockSparseConfig(block_size=args.block_size, sparsity_factor=0.875, min_seq_length=0))
+        block_mask = state.block_mask(n, n, False, "cpu")
+        compiled = torch.compile(flex_attention, dynamic=False)
+        scale = 1.0 / math.sqrt(args.head_dim)
+        fn = lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=scale)  # noqa: E731
+        q = torch.randn(1, args.heads, n, args.head_dim)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(q, q, q)
+        return fn, time.perf_counter() - t0
+    except Exception as exc:  # a missing C++ toolchain or an unsupported build: report, do not fail
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def bench_one(fn, params, q, k, v, mode: str, args):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(q, k, v)
+    else:
+        leaves = [q, k, v, *params]
+        grad_out = torch.randn_like(q)
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            fn(q, k, v).backward(grad_out)
+    cpu: list[float] = []
+    ms, runs = median_ms(run, reps=args.reps, warmup=args.warmup, cpu=cpu)
+    peak = peak_bytes(run)
+    return {"median_ms": round(ms, 3), "runs_ms": [round(r, 3) for r in runs],
+            "median_cpu_ms": round(statistics.median(cpu), 3), "peak_mb": round(peak / 2**20, 2)}
+
+
+def run_benchmark(args) -> dict:
+    torch.manual_seed(0)
+    rows, compile_s = [], {}
+    for n in args.sizes:
+        kernels = make_kernels(args, n)
+        if args.flex and n in args.flex_sizes:
+            fn, info = flex_kernel(args, n)
+            if fn is None:
+                rows.append({"kernel": "flex_compiled_0.125", "n": n, "mode": "fwd", "status": f"skipped: {info}"})
+            else:
+                compile_s[n] = round(info, 2)
+                kernels["flex_compiled_0.125"] = ("density=0.125", fn, [], False)
+        for mode in ("fwd", "fwd_bwd"):
+            for name, (variant, fn, params, has_bwd) in kernels.items():
+                if args.kernels and name not in args.kernels:
+                    continue
+                row = {"kernel": name, "variant": variant, "n": n, "mode": mode}
+                if mode == "fwd_bwd" and not has_bwd:
+                    rows.append({**row, "status": "skipped: no backward on CPU"})
+                    continue
+                if name == "naive" and n > args.naive_max_n:
+                    rows.append({**row, "status": f"skipped: N > --naive-max-n={args.naive_max_n} (memory)"})
+                    continue
+                shape = (args.batch, args.heads, n, args.head_dim)
+                q, k, v = (torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3))
+                row.update(bench_one(fn, params, q, k, v, mode, args), status="ok")
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"rows": rows, "flex_compile_seconds": compile_s}
+
+
+def summarize(rows: list[dict], target_n: int) -> tuple[dict, dict]:
+    ok = {(r["kernel"], r["n"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    ratios = {}
+    for (name, n, mode), r in ok.items():
+        sdpa, naive = ok.get(("sdpa", n, mode)), ok.get(("naive", n, mode))
+        ratios[f"{name}/n={n}/{mode}"] = {
+            "speedup_vs_sdpa": round(sdpa["median_ms"] / r["median_ms"], 3) if sdpa else None,
+            "speedup_vs_naive": round(naive["median_ms"] / r["median_ms"], 3) if naive else None,
+            "cpu_time_speedup_vs_sdpa": round(sdpa["median_cpu_ms"] / r["median_cpu_ms"], 3) if sdpa else None,
+            "memory_vs_naive": round(r["peak_mb"] / naive["peak_mb"], 4) if naive and naive["peak_mb"] else None,
+        }
+
+    def get(name, n, mode, key):
+        return ok.get((name, n, mode), {}).get(key)
+
+    def ratio(a, b):
+        return None if a is None or b is None else round(a / b, 3)
+
+    n = target_n
+    bs_fwd, bs_fb = get("block_sparse_0.125", n, "fwd", "median_ms"), get("block_sparse_0.125", n, "fwd_bwd", "median_ms")
+    lin_small, lin_large = get("linformer_256", n // 2, "fwd", "peak_mb"), get("linformer_256", 2 * n, "fwd", "peak_mb")
+    targets = {
+        "block_sparse_0.125_fwd_speedup_vs_sdpa": (ratio(get("sdpa", n, "fwd", "median_ms"), bs_fwd), ">=", 3.0),
+        "block_sparse_0.125_fwd_bwd_speedup_vs_sdpa": (ratio(get("sdpa", n, "fwd_bwd", "median_ms"), bs_fb), ">=", 2.5),
+        "block_sparse_0.125_fwd_speedup_vs_flex_compiled": (
+            ratio(get("flex_compiled_0.125", n, "fwd", "median_ms"), bs_fwd), ">=", 1.0),
+        "block_sparse_0.125_fwd_memory_vs_naive": (
+            ratio(get("block_sparse_0.125", n, "fwd", "peak_mb"), get("naive", n, "fwd", "peak_mb")), "<=", 0.2),
+        "block_sparse_0.125_fwd_bwd_memory_vs_naive": (
+            ratio(get("block_sparse_0.125", n, "fwd_bwd", "peak_mb"), get("naive", n, "fwd_bwd", "peak_mb")), "<=", 0.2),
+        "linformer_256_fwd_speedup_vs_sdpa": (
+            ratio(get("sdpa", n, "fwd", "median_ms"), get("linformer_256", n, "fwd", "median_ms")), ">=", 5.0),
+        f"linformer_256_fwd_memory_growth_n{n // 2}_to_n{2 * n}": (ratio(lin_large, lin_small), "<=", 4.5),
+    }
+    out = {}
+    for key, (value, op, bound) in targets.items():
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out[key] = {"value": value, "target": f"{op} {bound}", "met": met, "at_n": n}
+    return ratios, out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 3 runs, no FlexAttention compile")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--naive-max-n", type=int, default=4096, help="skip naive attention above this N (O(N^2) memory)")
+    p.add_argument("--no-flex", dest="flex", action="store_false", help="skip compiled FlexAttention")
+    p.add_argument("--flex-sizes", type=int, nargs="+", default=[4096],
+                   help="N at which to compile FlexAttention (each compile takes minutes on a loaded 2-core CPU)")
+    p.add_argument("--target-n", type=int, default=4096)
+    p.add_argument("--kernels", nargs="+", default=None, help="only these rows, e.g. sdpa linformer_256")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.heads, args.head_dim, args.block_size = [64, 128, 256], 2, 16, 16
+        args.reps, args.warmup, args.flex, args.target_n = 3, 1, False, 128
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    result = run_benchmark(args)
+    ratios, targets = summarize(result["rows"], args.target_n)
+    doc = {
+        "benchmark": "attention_kernels",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+        },
+        "rows": result["rows"],
+        "flex_compile_seconds": result["flex_compile_seconds"],
+        "ratios": ratios,
+        "targets": targets,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

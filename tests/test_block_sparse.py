@@ -1,0 +1,322 @@
+"""Block-sparse attention: layout properties and equality with the eager reference given the
+equivalent dense mask (values and gradients), causality, padding, long inputs, the hybrid
+kernel, and the benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from omninet.attention import KERNELS
+from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention
+from omninet.attention.dense import eager_attention, sdpa_attention
+from omninet.config import AttentionConfig, BlockSparseConfig, ModelConfig, PositionConfig
+from omninet.positions import Alibi, RelativeBias
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def layout(**overrides) -> BlockSparseLayout:
+    cfg = dict(block_size=16, sparsity_factor=0.75, min_seq_length=0, random_blocks=1)
+    cfg.update(overrides)
+    return BlockSparseLayout(BlockSparseConfig(**cfg), layer_idx=0)
+
+
+def qkv(nq, nk, *, b=2, h=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64, requires_grad=True)
+    return q, k, v
+
+
+def compare_with_eager(state, nq, nk, *, causal=False, mask=None, bias=None):
+    """block_sparse(q, k, v, mask) == eager(q, k, v, mask & dense_mask), values and grads."""
+    q, k, v = qkv(nq, nk)
+    scale = 0.25
+    out, _ = block_sparse_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, state=state)
+    dm = state.dense_mask(nq, nk, causal=causal)
+    ref, _ = eager_attention(q.float(), k.float(), v.float(), mask=dm if mask is None else mask & dm,
+                             bias=None if bias is None else (lambda a, b: bias(a, b).float()), causal=causal, scale=scale)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    g_out = torch.autograd.grad(out, (q, k, v), grad)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref, _ = eager_attention(qf, kf, vf, mask=dm if mask is None else mask & dm,
+                             bias=None if bias is None else (lambda a, b: bias(a, b).float()), causal=causal, scale=scale)
+    g_ref = torch.autograd.grad(ref, (qf, kf, vf), grad.float())
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=1e-5)
+    return dm
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [128, 200])  # a whole number of blocks, and not
+def test_matches_eager_with_equivalent_mask(n, causal):
+    dm = compare_with_eager(layout(), n, n, causal=causal)
+    assert 0 < dm.float().mean() < (0.5 if causal else 0.9)  # really sparse
+
+
+def test_density_one_equals_dense():
+    state = layout(sparsity_factor=0.0)
+    q, k, v = qkv(100, 100)
+    for causal in (False, True):
+        out, _ = block_sparse_attention(q, k, v, causal=causal, scale=0.25, state=state)
+        ref, _ = sdpa_attention(q, k, v, causal=causal, scale=0.25)
+        torch.testing.assert_close(out, ref)
+        assert bool(state.dense_mask(100, 100, causal=causal).sum() == (5050 if causal else 10000))
+
+
+def test_full_rows_at_tiny_sparsity_equal_dense():
+    state = layout(sparsity_factor=0.01)  # ceil(0.99 * nb) == nb blocks per row
+    q, k, v = qkv(64, 64)
+    out, _ = block_sparse_attention(q, k, v, scale=0.25, state=state)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, scale=0.25)[0])
+
+
+def test_padding_mask_and_general_mask_are_gathered():
+    n = 150
+    pad = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    pad[0, ..., 100:] = False
+    pad[1, ..., :10] = False
+    compare_with_eager(layout(), n, n, mask=pad)
+    compare_with_eager(layout(), n, n, mask=pad, causal=True)
+    general = torch.rand(2, 4, n, n, generator=torch.Generator().manual_seed(1)) > 0.6  # per head, per query
+    compare_with_eager(layout(), n, n, mask=general)
+
+
+def test_rows_left_without_keys_are_zero_and_finite():
+    n = 64
+    mask = torch.ones(2, 1, n, n, dtype=torch.bool)
+    mask[:, :, 40:, :] = False  # these query rows see nothing
+    q, k, v = qkv(n, n)
+    out, _ = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=layout())
+    assert torch.all(out[:, :, 40:] == 0)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("kind", ["relative", "alibi"])
+def test_lazy_bias_per_gathered_block(kind):
+    cfg = ModelConfig(num_heads=4, hidden_size=64, position=PositionConfig(kind=kind))
+    source = (RelativeBias(cfg, causal=False) if kind == "relative" else Alibi(cfg)).double()
+    calls = []
+
+    def bias(q_pos, k_pos):
+        calls.append((len(q_pos), len(k_pos)))
+        return source(q_pos, k_pos)
+
+    n = 160
+    compare_with_eager(layout(), n, n, bias=source)
+    q, k, v = qkv(n, n)
+    block_sparse_attention(q, k, v, bias=bias, scale=0.25, state=layout())
+    # Per block of 16 queries against its gathered keys (plus one call for the global rows):
+    # never the full (N x N) bias.
+    assert [c for c in calls if c[1] == n] == [(16, n)]  # the global query block only
+    assert len(calls) == math.ceil(n / 16) and all(c[0] == 16 for c in calls)
+
+
+def test_kv_cache_queries_match_the_full_sequence():
+    """Nq < Nk (decoding against a cache): rows equal the last rows of the full computation."""
+    state, n = layout(min_seq_length=40), 170
+    q, k, v = qkv(n, n)
+    full, _ = block_sparse_attention(q, k, v, causal=True, scale=0.25, state=state)
+    for nq in (1, 7, 33):
+        part, _ = block_sparse_attention(q[:, :, -nq:], k, v, causal=True, scale=0.25, state=state)
+        torch.testing.assert_close(part, full[:, :, -nq:])
+    compare_with_eager(state, 29, n, causal=True)
+
+
+def test_causal_rows_do_not_depend_on_length():
+    """A causal row's blocks depend on its index only, so cached decoding equals recomputation."""
+    state = layout(random_blocks=2)
+    short, long = state.block_layout(6, causal=True), state.block_layout(20, causal=True)
+    assert torch.equal(long[:6, :6], short)
+
+
+def test_causality():
+    state, n = layout(), 180
+    q, k, v = qkv(n, n)
+    out, _ = block_sparse_attention(q, k, v, causal=True, scale=0.25, state=state)
+    t = 97
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, t + 1 :] += 5.0
+    v2[:, :, t + 1 :] -= 3.0
+    out2, _ = block_sparse_attention(q, k2, v2, causal=True, scale=0.25, state=state)
+    torch.testing.assert_close(out[:, :, : t + 1], out2[:, :, : t + 1])
+    assert not torch.allclose(out[:, :, t + 1 :], out2[:, :, t + 1 :])
+
+
+def test_layout_is_deterministic_and_seeded():
+    a, b = layout(seed=3), layout(seed=3)
+    for causal in (False, True):
+        assert torch.equal(a.block_layout(32, causal), b.block_layout(32, causal))
+    first = a.block_layout(32, False)
+    q, k, v = qkv(512, 512, b=1, h=1)
+    block_sparse_attention(q, k, v, scale=0.25, state=a)
+    assert torch.equal(a.block_layout(32, False), first)  # not redrawn by a call
+    other = BlockSparseLayout(BlockSparseConfig(block_size=16, sparsity_factor=0.75, min_seq_length=0, random_blocks=1,
+                                                seed=3), layer_idx=5)
+    assert not torch.equal(other.block_layout(32, False), first)  # another layer, another draw
+    assert not torch.equal(layout(seed=4).block_layout(32, False), first)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.875, 0.95])
+def test_density_and_coverage(sparsity):
+    state = layout(sparsity_factor=sparsity, random_blocks=2, local_blocks=2)
+    nb = 32
+    blocks = state.block_layout(nb, causal=False)
+    assert bool(blocks.diagonal().all()) and bool(blocks[:, 0].all())  # own block and the global block
+    sparse_rows = blocks[1:]  # row 0 is a global row: it sees everything
+    assert bool(blocks[0].all())
+    assert torch.all(sparse_rows.sum(1) == max(1, math.ceil((1 - sparsity) * nb - 1e-9)))
+    causal = state.block_layout(nb, causal=True)
+    assert not bool(causal.triu(1).any()) and bool(causal.diagonal().all())
+    for n in (33, 100, 300):  # every query row sees at least one key
+        assert bool(state.dense_mask(n, n, causal=False).any(1).all())
+        assert bool(state.dense_mask(n, n, causal=True).any(1).all())
+
+
+def test_short_inputs_use_dense_attention():
+    state = layout(min_seq_length=96)
+    assert bool(state.dense_mask(96, 96, causal=False).all())
+    assert not bool(state.dense_mask(97, 97, causal=False).all())
+    q, k, v = qkv(96, 96)
+    out, _ = block_sparse_attention(q, k, v, scale=0.25, state=state)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, scale=0.25)[0])
+    dm = state.dense_mask(96, 96, causal=True)
+    assert torch.equal(dm, torch.ones(96, 96, dtype=torch.bool).tril())
+
+
+def test_need_weights_are_the_layout_weights():
+    state, n = layout(), 96
+    q, k, v = qkv(n, n)
+    out, w = block_sparse_attention(q, k, v, scale=0.25, state=state, need_weights=True)
+    assert w.shape == (2, 4, n, n)
+    assert torch.all(w[..., ~state.dense_mask(n, n, causal=False)] == 0)
+    torch.testing.assert_close(out.float(), block_sparse_attention(q, k, v, scale=0.25, state=state)[0].float())
+
+
+def test_long_sequence_runs_forward():
+    state = BlockSparseLayout(BlockSparseConfig(block_size=128, sparsity_factor=0.875, min_seq_length=0))
+    n = 8192 + 77  # beyond 8192 and not a whole number of blocks
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    with torch.no_grad():
+        out, _ = block_sparse_attention(q, k, v, scale=0.25, state=state)
+        out_c, _ = block_sparse_attention(q, k, v, scale=0.25, state=state, causal=True)
+    assert out.shape == (1, 1, n, 16) and torch.isfinite(out).all() and torch.isfinite(out_c).all()
+    # spot-check one query row against the dense computation on its visible keys
+    i = 5000
+    visible = state.dense_mask(n, n, causal=False)[i]
+    ref = torch.softmax((q[0, 0, i] @ k[0, 0, visible].T) * 0.25, -1) @ v[0, 0, visible]
+    torch.testing.assert_close(out[0, 0, i], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_errors():
+    q, k, v = qkv(64, 64)
+    with pytest.raises(ValueError, match="BlockSparseLayout"):
+        block_sparse_attention(q, k, v, scale=0.25, state=None)
+    with pytest.raises(ValueError, match="Nq <= Nk"):
+        block_sparse_attention(q, k[:, :, :40], v[:, :, :40], scale=0.25, state=layout())
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparseConfig(block_size=24)
+    with pytest.raises(ValueError, match="sparsity_factor"):
+        BlockSparseConfig(sparsity_factor=1.0)
+
+
+def test_make_state_reads_the_model_config_and_cross_is_dense():
+    cfg = ModelConfig(arch="encoder_decoder", hidden_size=64, num_heads=4, num_layers=1, attention=AttentionConfig(
+        kernel="block_sparse", block_sparse=BlockSparseConfig(block_size=16, min_seq_length=0)))
+    spec = KERNELS["block_sparse"]
+    state = spec.make_state(cfg, 0, False)
+    assert state.block_size == 16 and not state.cross
+    cross = spec.make_state(cfg, 1, True)
+    q, k, v = qkv(40, 70)
+    out, _ = spec.fn(q, k, v, scale=0.25, state=cross)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, scale=0.25)[0])
+
+
+def test_model_trains_with_block_sparse_attention():
+    from omninet.model import OmniNetModel
+
+    cfg = ModelConfig(arch="decoder", vocab_size=50, hidden_size=32, num_heads=2, num_layers=2, max_seq_length=128,
+                      dropout=0.0, attention=AttentionConfig(kernel="block_sparse", block_sparse=BlockSparseConfig(
+                          block_size=16, min_seq_length=32)))
+    model = OmniNetModel(cfg)
+    ids = torch.randint(0, 50, (2, 100))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # KV-cached decoding equals recomputing the prefix (the causal layout is length-independent)
+    model.eval()
+    with torch.no_grad():
+        full = model(ids[:, :90]).logits
+        from omninet.model import KVCache
+
+        cache = KVCache()
+        model(ids[:, :60], cache=cache)
+        for t in range(60, 90):
+            step = model(ids[:, t : t + 1], cache=cache).logits
+        torch.testing.assert_close(step[:, -1], full[:, 89], rtol=1e-4, atol=1e-4)
+
+
+# ---- hybrid (the seed's default) --------------------------------------------------------------
+def test_hybrid_dispatch():
+    from omninet.attention.hybrid import HybridState
+
+    cfg = ModelConfig(arch="encoder", hidden_size=64, num_heads=4, num_layers=4, max_seq_length=256,
+                      attention=AttentionConfig(kernel="hybrid", block_sparse=BlockSparseConfig(
+                          block_size=16, min_seq_length=64)))
+    spec = KERNELS["hybrid"]
+    states = [spec.make_state(cfg, i, False) for i in range(4)]
+    assert all(isinstance(s, HybridState) for s in states)
+    assert [s.linformer is not None for s in states] == [False, True, False, True]  # odd layers
+    # sparse layer above the threshold: the block-sparse layout
+    assert not bool(states[0].dense_mask(200, 200, causal=False).all())
+    # Linformer layer: with identity projections and k >= N it equals dense attention
+    cfg_lin = cfg.replace(attention=cfg.attention.replace(linformer=cfg.attention.linformer.replace(min_seq_length=64)))
+    lin_state = spec.make_state(cfg_lin, 1, False).set_identity_()
+    q, k, v = (t.float() for t in qkv(200, 200))
+    out, _ = spec.fn(q, k, v, scale=0.25, state=lin_state)
+    torch.testing.assert_close(out, eager_attention(q, k, v, scale=0.25)[0], rtol=1e-5, atol=1e-5)
+    # short inputs: dense
+    assert bool(states[1].dense_mask(60, 60, causal=False).all())
+    # decoders never use Linformer; relative positions disable it too
+    assert spec.make_state(cfg.replace(arch="decoder"), 1, False).linformer is None
+    assert spec.make_state(cfg.replace(position=PositionConfig(kind="alibi")), 1, False).linformer is None
+
+
+def test_seed_flags_build_the_documented_kernels():
+    from omninet.seed import AdvancedTransformer
+
+    for sparse, lin, kernel in [(True, False, "block_sparse"), (False, True, "linformer"), (True, True, "hybrid")]:
+        model = AdvancedTransformer(num_layers=2, hidden_size=32, num_heads=2, ff_dim=64, max_seq_length=1200,
+                                    use_sparse_attention=sparse, use_linformer=lin, dropout=0.0,
+                                    device_config={"device": "cpu"})
+        assert model.config.attention.kernel == kernel
+        x = torch.randn(1, 1100, 32)
+        out, weights = model(hidden_states=x)
+        assert out.shape == x.shape and torch.isfinite(out).all() and weights is None
+
+
+# ---- the benchmark's smoke mode ---------------------------------------------------------------
+def test_benchmark_quick_mode_json(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300, cwd=ROOT)
+    doc = json.loads(out.read_text())
+    assert {"rows", "ratios", "targets", "environment", "config"} <= set(doc)
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    kernels = {r["kernel"] for r in ok}
+    assert {"naive", "sdpa", "block_sparse_0.125", "block_sparse_0.5", "linformer_128", "linformer_256"} <= kernels
+    assert {r["mode"] for r in ok} == {"fwd", "fwd_bwd"}
+    for r in ok:
+        assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
+    for t in doc["targets"].values():
+        assert set(t) == {"value", "target", "met", "at_n"}
