@@ -9,8 +9,10 @@ and activation savings change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -46,6 +48,20 @@ def summarize(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(s), "p95_s": p95, "min_s": s[0], "reps": len(s)}
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_mb(fn: Callable[[], object], *, device=torch.device("cpu")) -> float:
     """Peak tensor memory (MB) allocated by ``fn`` above the level when it starts."""
     device = torch.device(device)
@@ -59,8 +75,14 @@ def peak_memory_mb(fn: Callable[[], object], *, device=torch.device("cpu")) -> f
         return (mod.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    with _quiet_stderr():  # kineto prints "profiler_start/stop" lines straight to fd 2 on every call
+        prof.start()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:

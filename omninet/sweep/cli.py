@@ -1,0 +1,58 @@
+"""Command-line entry points of the platform (``sweeps/run.py``, ``omninet sweep``,
+``omninet recommend``). Bad input: one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+__all__ = ["sweep_main", "recommend_main"]
+
+
+def sweep_main(argv: list[str] | None = None, *, prog: str = "omninet sweep") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run or resume a multi-objective sweep. Without --address and $RAY_ADDRESS an "
+        "embedded local Ray is started; under `ray job submit` the driver joins the cluster. Rerunning the "
+        "same command resumes.")
+    parser.add_argument("--config", required=True, help="sweep YAML (see sweeps/quickstart.yaml)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
+    parser.add_argument("--results-dir", default=None, help="overrides the config's results_dir")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    args = parser.parse_args(argv)
+
+    from omninet.sweep import SweepConfigError, run_sweep
+
+    try:
+        result = run_sweep(args.config, results_dir=args.results_dir, address=args.address, num_cpus=args.num_cpus)
+    except SweepConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results: {result.results_dir}")
+    return 0
+
+
+def recommend_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="omninet recommend", description="The best trial config of a finished sweep for a pool, under the "
+        "sweep's constraints and these limits; printed as YAML (a trial config for `omninet trial --config`).")
+    parser.add_argument("results_dir", help="a sweep's results directory")
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--max-latency-ms", type=float, default=None, help="bound on latency_p50_ms")
+    parser.add_argument("--max-memory-mb", type=float, default=None, help="bound on peak_memory_infer_mb")
+    parser.add_argument("--min-accuracy", type=float, default=None)
+    parser.add_argument("--out", default=None, help="write the YAML here instead of stdout")
+    args = parser.parse_args(argv)
+
+    from omninet.sweep import SweepResult
+
+    config = SweepResult.load(args.results_dir).recommend(  # ValueError: one line, exit 2 (omninet.cli)
+        args.pool, max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    else:
+        print(text, end="")
+    return 0

@@ -1,0 +1,498 @@
+"""The sweep configuration: one YAML file, validated up front.
+
+Every section is a keyword-only dataclass built on :class:`omninet.config.ConfigBase`, so an
+unknown key, a wrong type or an impossible value raises ``SweepConfigError`` (a
+``ValueError``) with one line naming the field and the fix, before anything is written or
+started. Example (see ``sweeps/quickstart.yaml``)::
+
+    name: quickstart
+    trial:                       # base trial config (omninet.trial.TrialConfig dict, may be partial)
+      task: {name: listops}
+      train: {max_seconds: 8}
+    search_space:                # parameters addressed by dotted trial-config paths
+      model.attention.kernel: {choices: [sdpa, linformer]}
+      model.attention.linformer.k: {low: 8, high: 64, log: true, when: {model.attention.kernel: linformer}}
+    pools:
+      - {name: cpu, resources: {CPU: 1}, trials: 6}
+      - {name: gpu, resources: {GPU: 1}, trials: 6}
+    constraints: {gpu: {max_memory_mb: 2048}}
+    sampler: {kind: tpe, seed: 0}
+    simulate_accelerators: true
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from omninet.config import ConfigBase
+
+__all__ = [
+    "SweepConfigError",
+    "ParamSpec",
+    "ObjectiveSpec",
+    "PoolConstraints",
+    "PoolSpec",
+    "BudgetSpec",
+    "SamplerSpec",
+    "StorageSpec",
+    "SweepConfig",
+    "load_config",
+    "ACCELERATORS",
+]
+
+# Ray's accelerator resource names that a pool may request, and the torch device type each maps to.
+ACCELERATORS = {"GPU": "cuda", "TPU": "xla", "NPU": "npu"}
+DEFAULT_TRIAL_FN = "omninet.trial:run_trial"
+DEFAULT_ESTIMATE_FN = "omninet.trial:estimate_memory_mb"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+class SweepConfigError(ValueError):
+    """A sweep config that cannot run; the message is one actionable line."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise SweepConfigError(message)
+
+
+def import_object(path: str, *, where: str) -> Callable[..., Any]:
+    """Imports ``'package.module:attribute'``; a bad path is a config error."""
+    _check(isinstance(path, str) and path.count(":") == 1,
+           f"{where}: expected 'package.module:function', got {path!r}")
+    module_name, attr = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError or an error inside the module
+        raise SweepConfigError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+    obj = getattr(module, attr, None)
+    _check(callable(obj), f"{where}: {module_name!r} has no callable {attr!r}")
+    return obj
+
+
+@dataclass(kw_only=True)
+class ParamSpec(ConfigBase):
+    """One searched parameter. ``kind`` is inferred: ``choices`` -> categorical, integer
+    ``low``/``high`` as written in the YAML (``8``, not ``8.0``) -> int, otherwise float. ``when`` makes it conditional: it is sampled only
+    when every named (earlier) parameter or base-config path has one of the listed values."""
+
+    path: str
+    kind: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    when: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        where = f"search_space.{self.path}"
+        _check(bool(_PATH_RE.match(self.path)),
+               f"search_space: {self.path!r} is not a dotted trial-config path such as 'model.attention.kernel'")
+        if self.choices is not None:
+            _check(self.low is None and self.high is None and not self.log and self.step is None,
+                   f"{where}: give either choices or low/high, not both")
+            _check(len(self.choices) >= 1, f"{where}: choices must not be empty")
+            for c in self.choices:
+                _check(c is None or isinstance(c, (bool, int, float, str)),
+                       f"{where}: choices must be numbers, strings, booleans or null; got {c!r}")
+            _check(self.kind in (None, "categorical"), f"{where}: choices imply kind 'categorical', not {self.kind!r}")
+            self.kind = "categorical"
+        else:
+            _check(self.low is not None and self.high is not None,
+                   f"{where}: give low and high (a range) or choices (a list); numbers like 1e-4 must be written 1.0e-4 in YAML")
+            _check(self.low < self.high, f"{where}: low ({self.low}) must be < high ({self.high})")
+            _check(not self.log or self.low > 0, f"{where}: a log range needs low > 0, got {self.low}")
+            _check(not (self.log and self.step is not None), f"{where}: log and step cannot be combined")
+            _check(self.step is None or self.step > 0, f"{where}: step must be > 0, got {self.step}")
+            if self.kind is None:
+                self.kind = "float"
+            _check(self.kind != "categorical", f"{where}: kind 'categorical' needs choices")
+            if self.kind == "int":
+                for v in (self.low, self.high, self.step):
+                    _check(v is None or float(v).is_integer(), f"{where}: kind 'int' needs integer bounds and step, got {v}")
+        for key, allowed in self.when.items():
+            _check(isinstance(key, str) and bool(_PATH_RE.match(key)),
+                   f"{where}.when: {key!r} is not a dotted trial-config path")
+            values = allowed if isinstance(allowed, list) else [allowed]
+            _check(len(values) >= 1, f"{where}.when.{key}: list at least one value")
+            self.when[key] = values
+
+    def applies(self, values: dict[str, Any]) -> bool:
+        """Whether the ``when`` clause holds for already-resolved path values."""
+        return all(values.get(k) in allowed for k, allowed in self.when.items())
+
+    def suggest(self, trial: Any) -> Any:
+        """Samples this parameter through Optuna's define-by-run API."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.path, self.choices)
+        if self.kind == "int":
+            step = int(self.step) if self.step is not None else 1
+            return trial.suggest_int(self.path, int(self.low), int(self.high), step=step, log=self.log)
+        return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def arrow_type(self) -> str:
+        """Column type in the Parquet table: 'int64', 'float64', 'bool' or 'string'."""
+        if self.kind == "int":
+            return "int64"
+        if self.kind == "float":
+            return "float64"
+        kinds = {type(c) for c in self.choices if c is not None}
+        if kinds == {bool}:
+            return "bool"
+        if kinds == {int}:
+            return "int64"
+        if kinds and kinds <= {int, float}:
+            return "float64"
+        return "string"
+
+
+@dataclass(kw_only=True)
+class ObjectiveSpec(ConfigBase):
+    """An objective: a numeric key of the trial result and its direction."""
+
+    key: str
+    direction: Literal["maximize", "minimize"]
+
+
+DEFAULT_OBJECTIVES = [
+    {"key": "accuracy", "direction": "maximize"},
+    {"key": "peak_memory_infer_mb", "direction": "minimize"},
+    {"key": "latency_p50_ms", "direction": "minimize"},
+]
+
+
+@dataclass(kw_only=True)
+class PoolConstraints(ConfigBase):
+    """Per-pool feasibility limits. ``max_memory_mb`` bounds the trial's training peak
+    (``peak_memory_train_mb``) and, before running, the trial runner's memory estimate;
+    ``max_latency_ms`` bounds ``latency_p50_ms``. Infeasible trials never enter the Pareto front."""
+
+    max_memory_mb: float | None = None
+    max_latency_ms: float | None = None
+
+    def validate(self) -> None:
+        for name in ("max_memory_mb", "max_latency_ms"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"constraints.{name} must be > 0, got {v}")
+
+
+@dataclass(kw_only=True)
+class PoolSpec(ConfigBase):
+    """A hardware pool: the Ray resources one trial holds (``{CPU: 1}``, ``{GPU: 1}``,
+    ``{TPU: 1}``, ``{NPU: 1}`` or custom resources), how many trials run at once, the trial
+    budget and how often Ray retries a trial whose worker or node died."""
+
+    name: str
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    concurrency: int = 1
+    trials: int | None = None
+    max_retries: int = 2
+
+    def validate(self) -> None:
+        where = f"pools[{self.name}]"
+        _check(bool(_NAME_RE.match(self.name)),
+               f"pools: name {self.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        _check(len(self.resources) >= 1, f"{where}.resources: name at least one resource, e.g. {{CPU: 1}}")
+        for key, amount in self.resources.items():
+            _check(amount > 0, f"{where}.resources.{key} must be > 0, got {amount}")
+            _check(key not in ("memory", "object_store_memory"),
+                   f"{where}.resources: {key!r} is not a per-trial device; use constraints.{self.name}.max_memory_mb")
+        accels = [k for k in self.resources if k in ACCELERATORS]
+        _check(len(accels) <= 1, f"{where}.resources: one accelerator kind per pool, got {accels}")
+        _check(self.concurrency >= 1, f"{where}.concurrency must be >= 1, got {self.concurrency}")
+        _check(self.trials is None or self.trials >= 1, f"{where}.trials must be >= 1, got {self.trials}")
+        _check(0 <= self.max_retries <= 10, f"{where}.max_retries must be in [0, 10], got {self.max_retries}")
+
+    @property
+    def accelerator(self) -> str | None:
+        """'GPU', 'TPU', 'NPU' or None for a CPU pool."""
+        return next((k for k in self.resources if k in ACCELERATORS), None)
+
+    def ray_options(self) -> dict[str, Any]:
+        """``.options(...)`` for the trial task: Ray's own accelerator resources."""
+        opts: dict[str, Any] = {"num_cpus": self.resources.get("CPU", 1.0)}
+        custom = {k: v for k, v in self.resources.items() if k not in ("CPU", "GPU")}
+        if "GPU" in self.resources:
+            opts["num_gpus"] = self.resources["GPU"]
+        if custom:
+            opts["resources"] = custom
+        return opts
+
+
+@dataclass(kw_only=True)
+class BudgetSpec(ConfigBase):
+    """``trials_per_pool`` applies to pools that set no ``trials``. After ``wall_clock_s``
+    (per invocation) no new trial starts; running ones finish."""
+
+    trials_per_pool: int = 12
+    wall_clock_s: float | None = None
+
+    def validate(self) -> None:
+        _check(self.trials_per_pool >= 1, f"budget.trials_per_pool must be >= 1, got {self.trials_per_pool}")
+        _check(self.wall_clock_s is None or self.wall_clock_s > 0,
+               f"budget.wall_clock_s must be > 0 seconds, got {self.wall_clock_s}")
+
+
+@dataclass(kw_only=True)
+class SamplerSpec(ConfigBase):
+    """Optuna sampler. Every kind is multi-objective and constraint-aware except ``random``
+    (which ignores both, but the Pareto front still excludes infeasible trials)."""
+
+    kind: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int | None = None  # tpe, gp; Optuna's default (10) when null
+    population_size: int | None = None  # nsga2; min(50, max(4, trials)) when null
+
+    def validate(self) -> None:
+        _check(self.n_startup_trials is None or self.n_startup_trials >= 0,
+               f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
+        _check(self.n_startup_trials is None or self.kind in ("tpe", "gp"),
+               f"sampler.n_startup_trials applies to tpe and gp, not {self.kind!r}")
+        _check(self.population_size is None or self.population_size >= 2,
+               f"sampler.population_size must be >= 2, got {self.population_size}")
+        _check(self.population_size is None or self.kind == "nsga2",
+               f"sampler.population_size applies to nsga2, not {self.kind!r}")
+
+
+@dataclass(kw_only=True)
+class StorageSpec(ConfigBase):
+    """Optuna storage URL and MLflow tracking URI; null means a SQLite file in the results
+    directory. Any SQLAlchemy URL (e.g. postgresql://...) and MLflow URI work."""
+
+    optuna_url: str | None = None
+    mlflow_uri: str | None = None
+
+    def validate(self) -> None:
+        _check(self.optuna_url is None or "://" in self.optuna_url,
+               f"storage.optuna_url must be a database URL such as sqlite:////abs/optuna.db, got {self.optuna_url!r}")
+        _check(self.mlflow_uri is None or bool(self.mlflow_uri.strip()), "storage.mlflow_uri must not be empty")
+
+
+@dataclass(kw_only=True)
+class SweepConfig(ConfigBase):
+    """A whole sweep. Build with :func:`load_config` (YAML path or dict)."""
+
+    name: str
+    results_dir: str | None = None
+    trial: dict[str, Any] = field(default_factory=dict)
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec.from_dict(o) for o in DEFAULT_OBJECTIVES])
+    constraints: dict[str, PoolConstraints] = field(default_factory=dict)
+    pools: list[PoolSpec] = field(default_factory=list)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    simulate_accelerators: bool = False
+    trial_fn: str = DEFAULT_TRIAL_FN
+    estimate_fn: str | None = DEFAULT_ESTIMATE_FN
+    progress_interval_s: float = 10.0
+
+    def validate(self) -> None:
+        _check(bool(_NAME_RE.match(self.name)),
+               f"name: {self.name!r} must be 1-64 letters, digits, '_', '-' or '.' (it names the study and experiment)")
+        _check(len(self.pools) >= 1, "pools: list at least one pool, e.g. [{name: cpu, resources: {CPU: 1}}]")
+        names = [p.name for p in self.pools]
+        _check(len(set(names)) == len(names), f"pools: names must be unique, got {names}")
+        unknown = sorted(set(self.constraints) - set(names))
+        _check(not unknown, f"constraints: unknown pool(s) {unknown}; pools are {names}")
+        _check(len(self.objectives) >= 1, "objectives: list at least one {key, direction}")
+        keys = [o.key for o in self.objectives]
+        _check(len(set(keys)) == len(keys), f"objectives: keys must be unique, got {keys}")
+        _check(self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}")
+        _check(isinstance(self.trial.get("task", {}), dict), "trial.task must be a mapping such as {name: listops}")
+        # search space: typed specs in declared order; `when` may name earlier params or base paths
+        self._params: list[ParamSpec] = []
+        seen: set[str] = set()
+        for path, spec in self.search_space.items():
+            _check(isinstance(spec, dict), f"search_space.{path}: expected a mapping such as {{low: 0.1, high: 0.9}}")
+            spec = dict(spec)
+            if "kind" not in spec and "choices" not in spec:
+                bounds = [spec.get(k) for k in ("low", "high")]
+                integral = all(isinstance(v, int) and not isinstance(v, bool) for v in bounds)
+                spec["kind"] = "int" if integral and isinstance(spec.get("step", 1), int) else "float"
+            try:
+                param = ParamSpec.from_dict({"path": path, **spec}, _where=f"search_space.{path}")
+            except SweepConfigError:
+                raise
+            except ValueError as exc:
+                hint = ""
+                for key in ("low", "high", "step"):
+                    if isinstance(spec.get(key), str):
+                        hint = f" (YAML reads {spec[key]!r} as text: write it with a dot, e.g. 1.0e-4)"
+                raise SweepConfigError(f"search_space.{path}: {_one_line(str(exc).replace('ParamSpec.', ''))}{hint}") from None
+            for key in param.when:
+                _check(key in seen or _get_path(self.trial, key) is not _MISSING,
+                       f"search_space.{path}.when: {key!r} is neither an earlier search-space parameter nor set in trial")
+            seen.add(path)
+            self._params.append(param)
+        import_object(self.trial_fn, where="trial_fn")
+        if self.trial_fn == DEFAULT_TRIAL_FN:
+            self._validate_with_runner()
+        if self.estimate_fn is not None and self.estimate_fn != DEFAULT_ESTIMATE_FN:
+            import_object(self.estimate_fn, where="estimate_fn")
+
+    def _validate_with_runner(self) -> None:
+        """Builds ``omninet.trial.TrialConfig`` from the base config and from every searched
+        value at its range ends / choices, so a misspelt path or an impossible value is
+        reported now, not as N invalid trials later."""
+        from omninet.trial import TrialConfig
+
+        try:
+            TrialConfig.from_dict(self.trial_config({}))
+        except (ValueError, TypeError) as exc:
+            raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
+        for param in self._params:
+            when = {k: v[0] for k, v in param.when.items()}
+            candidates = param.choices if param.kind == "categorical" else [param.low, param.high]
+            for value in candidates:
+                if param.kind == "int":
+                    value = int(value)
+                try:
+                    TrialConfig.from_dict(self.trial_config({**when, param.path: value}))
+                except (ValueError, TypeError) as exc:
+                    raise SweepConfigError(
+                        f"search_space.{param.path}: value {value!r} makes an invalid trial config ({_one_line(str(exc))})"
+                    ) from None
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe dict that :func:`load_config` reads back."""
+        return _plain(self.to_dict())
+
+    @property
+    def params(self) -> list[ParamSpec]:
+        return self._params
+
+    def pool(self, name: str) -> PoolSpec:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pool {name!r}; pools are {[p.name for p in self.pools]}")
+
+    def trials_for(self, pool: PoolSpec) -> int:
+        return pool.trials if pool.trials is not None else self.budget.trials_per_pool
+
+    def constraints_for(self, pool: str) -> PoolConstraints:
+        return self.constraints.get(pool) or PoolConstraints()
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Samples the search space for an Optuna trial; returns {dotted path: value}."""
+        values: dict[str, Any] = {}
+        for param in self._params:
+            resolved = {k: values.get(k, _get_path(self.trial, k)) for k in param.when}
+            if param.applies(resolved):
+                values[param.path] = param.suggest(trial)
+        return values
+
+    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The base trial config with ``params`` set at their dotted paths (a new dict)."""
+        import copy
+
+        config = copy.deepcopy(self.trial)
+        for path, value in params.items():
+            _set_path(config, path, value)
+        return config
+
+    def study_name(self, pool: str) -> str:
+        return f"{self.name}.{pool}"
+
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ConfigBase):
+        return _plain(value.to_dict())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _get_path(tree: dict[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SweepConfigError(f"search_space.{path}: {part!r} is set to a non-mapping value in trial")
+    node[parts[-1]] = value
+
+
+def resolve_results_dir(config: SweepConfig, override: str | os.PathLike | None = None) -> Path:
+    """An absolute, stable results directory. Relative paths resolve against the directory
+    the user ran the command from: ``$OMNINET_CWD`` if set, else the current directory, except
+    inside a ``ray job submit`` driver (whose cwd is a temporary copy of the working dir), where
+    they resolve against the home directory. The default is ``~/omninet-results/<name>``."""
+    raw = override if override is not None else config.results_dir
+    if raw is None:
+        return (Path.home() / "omninet-results" / config.name).resolve()
+    path = Path(os.path.expanduser(str(raw)))
+    if path.is_absolute():
+        return path.resolve()
+    if os.environ.get("OMNINET_CWD"):
+        base = Path(os.environ["OMNINET_CWD"])
+    elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the driver
+        base = Path.home()
+    else:
+        base = Path.cwd()
+    return (base / path).resolve()
+
+
+def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig) -> SweepConfig:
+    """Reads and validates a sweep config from a YAML path, a dict or a ``SweepConfig``."""
+    if isinstance(source, SweepConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise SweepConfigError(f"config: no such file {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SweepConfigError(f"config: {path} is not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise SweepConfigError("config: expected a mapping with at least 'name' and 'pools'")
+    if "name" not in data:
+        raise SweepConfigError("name: missing; every sweep needs a name (it names the study, experiment and results)")
+    data = dict(data)
+    try:
+        if "objectives" in data:
+            _check(isinstance(data["objectives"], list), "objectives: expected a list of {key, direction}")
+        if "pools" in data:
+            _check(isinstance(data["pools"], list), "pools: expected a list of {name, resources, concurrency, trials}")
+        return SweepConfig.from_dict(data)
+    except SweepConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise SweepConfigError(_one_line(str(exc))) from None
+
+
+def _one_line(message: str) -> str:
+    message = " ".join(message.split())
+    for cls_name, section in (("SweepConfig.", ""), ("SweepConfig:", "config:"), ("SamplerSpec", "sampler"),
+                              ("BudgetSpec", "budget"), ("StorageSpec", "storage"), ("PoolSpec", "pools[]"),
+                              ("PoolConstraints", "constraints"), ("ObjectiveSpec", "objectives[]"),
+                              ("ParamSpec", "search_space")):
+        message = message.replace(cls_name, section)
+    return message

@@ -1,0 +1,546 @@
+"""The sweep controller: Optuna ask-and-tell, one study per hardware pool, trials as Ray tasks.
+
+Loop: keep every pool's ``concurrency`` trials in flight (``study.ask`` -> sample the search
+space -> memory estimate -> Ray task with the pool's resources), ``ray.wait`` for the next
+finished one, record it (Parquet -> Optuna ``tell`` -> MLflow), refill, log progress.
+
+Faults, and why the controller owns them (Optuna's heartbeat does not cover ask-and-tell):
+- worker or node death: Ray re-executes the task (``max_retries`` per pool) on any node with
+  the pool's resources; after that the trial is recorded as ``crashed`` with Ray's reason.
+- controller death: Optuna holds the dead controller's trials as RUNNING. On restart, a
+  RUNNING trial with a Parquet row is told from the row; one without is re-run under the same
+  trial number with the same parameters, so nothing is duplicated and the budget holds.
+- MLflow down: see :class:`omninet.sweep.records.MlflowRecorder` (backfilled from Parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from omninet.sweep.config import (
+    DEFAULT_ESTIMATE_FN, SweepConfig, SweepConfigError, import_object, load_config, resolve_results_dir,
+)
+from omninet.sweep.records import MlflowRecorder, ParquetStore
+
+__all__ = ["SweepController", "run_sweep"]
+
+log = logging.getLogger("omninet.sweep")
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+MANIFEST = "sweep.yaml"
+
+
+@dataclass
+class _Running:
+    pool: str
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    trial_config: dict[str, Any]
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class _PoolState:
+    spec: Any
+    study: optuna.Study
+    budget: int
+    created: int = 0
+    requeue: list[FrozenTrial] = field(default_factory=list)
+    inflight: dict[Any, _Running] = field(default_factory=dict)
+    done: int = 0
+    failed: int = 0
+    infeasible: int = 0
+    durations: list[float] = field(default_factory=list)
+    best: tuple[float, int] | None = None
+
+
+def _make_sampler(config: SweepConfig, budget: int) -> optuna.samplers.BaseSampler:
+    s = config.sampler
+    if s.kind == "tpe":
+        kw = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
+        return optuna.samplers.TPESampler(seed=s.seed, **kw)  # constant_liar on: parallel asks spread out
+    if s.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size or min(50, max(4, budget)))
+    if s.kind == "gp":
+        kw = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
+        return optuna.samplers.GPSampler(seed=s.seed, **kw)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+class SweepController:
+    """Runs (or resumes) one sweep. ``address``: a Ray cluster to join; None joins
+    ``$RAY_ADDRESS`` if set, else starts an embedded local Ray with ``num_cpus`` CPUs and, when
+    ``simulate_accelerators``, the pools' accelerator resources declared on it."""
+
+    def __init__(self, config: SweepConfig | str | os.PathLike | dict, *, results_dir: str | os.PathLike | None = None,
+                 address: str | None = None, num_cpus: int | None = None) -> None:
+        self.config = load_config(config)
+        self.results_dir = resolve_results_dir(self.config, results_dir)
+        if self.results_dir.exists() and not self.results_dir.is_dir():
+            raise SweepConfigError(f"results_dir: {self.results_dir} exists and is not a directory")
+        self._check_manifest()
+        self.address = address
+        self.num_cpus = num_cpus
+        self._owns_ray = False
+        self._remote = None
+        self._estimate = None
+        self._pools: dict[str, _PoolState] = {}
+        self._simulated: dict[str, bool] = {}
+        self._started = time.monotonic()
+        self._last_progress = 0.0
+
+    # -- paths and storage ------------------------------------------------------------------
+    @property
+    def optuna_url(self) -> str:
+        return self.config.storage.optuna_url or f"sqlite:///{self.results_dir / 'optuna.db'}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.config.storage.mlflow_uri or f"sqlite:///{self.results_dir / 'mlflow.db'}"
+
+    def _check_manifest(self) -> None:
+        """A results directory belongs to one sweep: resuming with another search space or
+        other objectives would mix incomparable trials."""
+        path = self.results_dir / MANIFEST
+        if not path.is_file():
+            return
+        old = yaml.safe_load(path.read_text()) or {}
+        new = self.config.to_plain()
+        for key in ("name", "search_space", "objectives", "trial"):
+            if old.get(key) != new.get(key):
+                raise SweepConfigError(
+                    f"results_dir: {self.results_dir} holds sweep results with a different {key!r}; "
+                    "use another results_dir (or sweep name) for a different sweep")
+
+    # -- Ray --------------------------------------------------------------------------------
+    def _start_ray(self) -> None:
+        import ray
+
+        from omninet.sweep.worker import execute_trial, probe
+
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=True)
+                log.info("connected to Ray cluster at %s", address)
+            else:
+                ray.init(**self._embedded_args())
+                log.info("started an embedded local Ray: %s", _fmt_resources(ray.cluster_resources()))
+            self._owns_ray = True
+        self._remote = ray.remote(execute_trial)
+        self._probe_pools(ray.remote(probe), embedded=not (self.address or os.environ.get("RAY_ADDRESS")))
+
+    def _embedded_args(self) -> dict[str, Any]:
+        cfg = self.config
+        cpus = sum(p.concurrency * p.resources.get("CPU", 1.0) for p in cfg.pools)
+        args: dict[str, Any] = {
+            "address": "local",  # a new embedded instance, never a cluster left in /tmp/ray
+            "num_cpus": self.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus)),
+            "include_dashboard": False, "log_to_driver": True, "_node_ip_address": "127.0.0.1",
+        }
+        if cfg.simulate_accelerators:  # declare the pools' accelerators so Ray can schedule them
+            need: dict[str, float] = {}
+            for p in cfg.pools:
+                for key, amount in p.resources.items():
+                    if key != "CPU":
+                        need[key] = need.get(key, 0.0) + amount * p.concurrency
+            if "GPU" in need:
+                args["num_gpus"] = math.ceil(need.pop("GPU"))
+            if need:
+                args["resources"] = need
+        return args
+
+    def _probe_pools(self, remote_probe, *, embedded: bool) -> None:
+        """Fails fast, before anything is written, when a pool cannot run: its resources are
+        missing from the cluster, or its accelerator is not physically present and the
+        config does not ask to simulate it."""
+        import ray
+
+        have = ray.cluster_resources()
+        refs = {}
+        for p in self.config.pools:
+            missing = {k: v for k, v in p.resources.items() if have.get(k, 0.0) < v}
+            if missing and embedded:
+                hint = ("set simulate_accelerators: true to simulate it on CPU" if p.accelerator
+                        else "start Ray with these custom resources or pass --address of a cluster that has them")
+                raise SweepConfigError(f"pools[{p.name}]: no node offers {missing} (cluster has "
+                                       f"{_fmt_resources(have)}); {hint}")
+            if missing:
+                log.warning("pool %s: no node offers %s yet; waiting for one (autoscaler?)", p.name, missing)
+            refs[p.name] = remote_probe.options(**p.ray_options(), max_retries=1).remote(p.accelerator)
+        for name, ref in refs.items():
+            pool = self.config.pool(name)
+            try:
+                info = ray.get(ref, timeout=600)
+            except ray.exceptions.GetTimeoutError:
+                raise SweepConfigError(f"pools[{name}]: no node with {pool.resources} appeared within 600 s") from None
+            self._simulated[name] = not info["present"]
+            if not info["present"] and not self.config.simulate_accelerators:
+                raise SweepConfigError(
+                    f"pools[{name}]: needs a {pool.accelerator} but node {info['node']} has none ({info['detail']}); "
+                    "run on a node with one, or set simulate_accelerators: true to run it on CPU (tagged simulated)")
+
+    # -- studies and resume -------------------------------------------------------------------
+    def _open(self) -> None:
+        cfg = self.config
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            # A `ray job submit` driver starts in a temporary copy of the working dir, which Ray's
+            # runtime-env agent may delete and re-extract while trial tasks start; later
+            # os.getcwd() calls (MLflow's store resolves paths with it) would then fail.
+            os.chdir(self.results_dir)
+        manifest = cfg.to_plain()
+        (self.results_dir / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+        self.store = ParquetStore(self.results_dir / "trials", cfg)
+        local_mlflow = self.mlflow_uri.startswith("sqlite:") or "://" not in self.mlflow_uri
+        artifacts = (self.results_dir / "mlartifacts").as_uri() if local_mlflow else None
+        self.mlflow = MlflowRecorder(self.mlflow_uri, cfg, artifacts)
+        rows = self.store.rows()
+        directions = [o.direction for o in cfg.objectives]
+        storage = optuna_storage(self.optuna_url)
+        for p in cfg.pools:
+            budget = cfg.trials_for(p)
+            study = optuna.create_study(storage=storage, study_name=cfg.study_name(p.name),
+                                        sampler=_make_sampler(cfg, budget), directions=directions,
+                                        load_if_exists=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([o.key for o in cfg.objectives])
+            study.set_user_attr("pool", p.name)
+            study.set_user_attr("resources", p.resources)
+            study.set_user_attr("simulate_accelerators", cfg.simulate_accelerators)
+            ps = _PoolState(spec=p, study=study, budget=budget)
+            self._pools[p.name] = ps
+            repaired = 0
+            for t in study.get_trials(deepcopy=False):
+                if t.state == TrialState.RUNNING:
+                    row = rows.get((p.name, t.number))
+                    if row is not None:  # finished and written, not yet told when the controller died
+                        self._tell(ps, t._trial_id, row)  # FrozenTrial._trial_id: Optuna's own handle
+                        repaired += 1
+                    else:
+                        ps.requeue.append(t)
+                elif t.state in FINISHED_STATES:
+                    self._count(ps, rows.get((p.name, t.number)), t)
+            ps.created = sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+            if ps.created:
+                log.info("pool %s: resuming study %r: %d finished, %d requeued from a previous controller%s",
+                         p.name, study.study_name, ps.done + ps.failed + ps.infeasible, len(ps.requeue),
+                         f", {repaired} repaired from Parquet" if repaired else "")
+        backfilled = self.mlflow.sync((pool, row) for (pool, _), row in sorted(rows.items()))
+        if backfilled:
+            log.info("MLflow: backfilled %d trial(s) recorded while it was unavailable", backfilled)
+
+    def _count(self, ps: _PoolState, row: dict[str, Any] | None, frozen: FrozenTrial | None = None) -> None:
+        status = (row or {}).get("status") or (frozen.user_attrs.get("status") if frozen else None) or "error"
+        if status == "ok":
+            ps.done += 1
+            if row and row.get("duration_s"):
+                ps.durations.append(float(row["duration_s"]))
+            obj = self.config.objectives[0]
+            value = row.get(obj.key) if row else None
+            if value is not None and row.get("feasible"):
+                score = value if obj.direction == "maximize" else -value
+                if ps.best is None or score > ps.best[0]:
+                    ps.best = (score, int(row["trial_number"]))
+        elif status == "infeasible":
+            ps.infeasible += 1
+        else:
+            ps.failed += 1
+            if row and row.get("duration_s"):
+                ps.durations.append(float(row["duration_s"]))
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _out_of_time(self) -> bool:
+        limit = self.config.budget.wall_clock_s
+        return limit is not None and time.monotonic() - self._started > limit
+
+    def _next(self, ps: _PoolState) -> _Running | None:
+        if ps.requeue:
+            t = ps.requeue.pop(0)
+            number, trial_id, params = t.number, t._trial_id, dict(t.params)
+        elif ps.created < ps.budget:
+            trial = ps.study.ask()
+            ps.created += 1
+            number, trial_id, params = trial.number, trial._trial_id, self.config.sample(trial)
+        else:
+            return None
+        return _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(params))
+
+    def _fill(self, ps: _PoolState) -> None:
+        import ray
+
+        limits = self.config.constraints_for(ps.spec.name)
+        while len(ps.inflight) < ps.spec.concurrency and not self._out_of_time():
+            run = self._next(ps)
+            if run is None:
+                return
+            estimate = self._estimate_mb(run.trial_config) if limits.max_memory_mb else None
+            if estimate is not None and estimate > limits.max_memory_mb:
+                result = {"status": "infeasible", "estimated_memory_mb": estimate,
+                          "error": f"estimated {estimate:.0f} MB > pool budget {limits.max_memory_mb:.0f} MB; not run"}
+                self._finish(ps, run, result)
+                continue
+            opts = {**ps.spec.ray_options(), "max_retries": ps.spec.max_retries, "retry_exceptions": False,
+                    "name": f"trial {ps.spec.name}#{run.number}"}
+            ref = self._remote.options(**opts).remote(
+                self.config.trial_fn, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
+                simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
+                num_threads=max(1, int(ps.spec.resources.get("CPU", 1.0))))
+            ps.inflight[ref] = run
+
+    def _estimate_mb(self, trial_config: dict[str, Any]) -> float | None:
+        if self.config.estimate_fn is None:
+            return None
+        if self._estimate is None:
+            try:
+                self._estimate = import_object(self.config.estimate_fn, where="estimate_fn")
+            except SweepConfigError as exc:
+                if self.config.estimate_fn != DEFAULT_ESTIMATE_FN:
+                    raise
+                log.warning("no memory estimate (%s); trials over budget are found by running them", exc)
+                self._estimate = lambda _config: None
+        try:
+            value = self._estimate(trial_config)
+        except Exception as exc:  # a config the estimator rejects is left to the trial runner to judge
+            log.debug("memory estimate failed: %s", exc)
+            return None
+        return None if value is None else float(value)
+
+    # -- results ----------------------------------------------------------------------------
+    def _row(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> dict[str, Any]:
+        limits = self.config.constraints_for(ps.spec.name)
+        status = str(result.get("status") or "error")
+        error = result.get("error")
+        values = {o.key: result.get(o.key) for o in self.config.objectives}
+        if status == "ok":
+            bad = [k for k, v in values.items() if not _finite(v)]
+            needed = [k for k, lim in (("peak_memory_train_mb", limits.max_memory_mb),
+                                       ("latency_p50_ms", limits.max_latency_ms)) if lim and not _finite(result.get(k))]
+            if bad or needed:
+                status, error = "error", f"trial result has no finite {', '.join(bad + needed)}"
+        c_mem = c_lat = None
+        if status == "ok":
+            if limits.max_memory_mb:
+                c_mem = float(result["peak_memory_train_mb"]) - limits.max_memory_mb
+            if limits.max_latency_ms:
+                c_lat = float(result["latency_p50_ms"]) - limits.max_latency_ms
+        elif status == "infeasible":
+            est = result.get("estimated_memory_mb")
+            c_mem = float(est) - limits.max_memory_mb if _finite(est) and limits.max_memory_mb else math.inf
+            c_mem = c_mem if c_mem > 0 else math.inf  # infeasible by the runner's own judgement
+        scalars = {k: v for k, v in result.items() if k != "loss_curve"}
+        row = {
+            "sweep": self.config.name, "trial_number": run.number, "status": status,
+            "error": None if error is None else str(error)[:2000],
+            "feasible": status == "ok" and all(c is None or c <= 0 for c in (c_mem, c_lat)),
+            "simulated": bool(result.get("simulated", self._simulated.get(ps.spec.name, False))),
+            "node": result.get("node"), "node_id": result.get("node_id"),
+            "device": result.get("device"), "device_name": result.get("device_name"),
+            "finished_at": time.time(), "duration_s": time.time() - run.started,
+            "constraint_memory": c_mem, "constraint_latency": c_lat,
+            "loss_curve": [float(x) for x in result.get("loss_curve") or []],
+            "config_json": json.dumps(run.trial_config, sort_keys=True),
+            "result_json": json.dumps(scalars, sort_keys=True, default=str),
+        }
+        for key in self.store.file_schema.names:
+            if key not in row and key in result and not key.startswith("param."):
+                row[key] = result[key] if _finite(result[key]) or not isinstance(result[key], float) else None
+        for key, value in run.params.items():
+            row[f"param.{key}"] = value
+        for key in ("num_params", "steps"):
+            if isinstance(row.get(key), float):
+                row[key] = int(row[key])
+        return row
+
+    def _tell(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
+        study = ps.study
+        trial = optuna.trial.Trial(study, trial_id)
+        trial.set_user_attr("status", row["status"])
+        trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name")})
+        if row.get("error"):
+            trial.set_user_attr("error", str(row["error"])[:1000])
+        status = row["status"]
+        if status in ("ok", "infeasible"):
+            for name in ("memory", "latency"):
+                c = row.get(f"constraint_{name}")
+                if c is not None:
+                    trial.set_constraint(name, c)
+            if status == "ok":
+                values = [float(row[o.key]) for o in self.config.objectives]
+            else:  # never ran: worst possible values; the constraint already ranks it below every feasible trial
+                values = [-math.inf if o.direction == "maximize" else math.inf for o in self.config.objectives]
+            study.tell(trial, values)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+
+    def _finish(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> None:
+        row = self._row(ps, run, result)
+        self.store.write(ps.spec.name, row)  # 1. the durable record
+        self._tell(ps, run.trial_id, row)  # 2. the search state
+        self.mlflow.log_trial(ps.spec.name, row)  # 3. best effort, backfilled later
+        self._count(ps, row)
+        shown = " ".join(f"{o.key}={row.get(o.key):.4g}" for o in self.config.objectives if _finite(row.get(o.key)))
+        log.info("trial %s#%d %s %s(%.1f s%s%s)", ps.spec.name, run.number, row["status"], f"{shown} " if shown else "",
+                 row["duration_s"], ", simulated" if row["simulated"] else "",
+                 f", infeasible" if row["status"] == "ok" and not row["feasible"] else "")
+        if row["error"] and row["status"] != "infeasible":
+            log.info("  reason: %s", row["error"].splitlines()[0][:300])
+
+    def _collect(self, ref: Any, ps: _PoolState) -> tuple[_Running, dict[str, Any]]:
+        import ray
+
+        run = ps.inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the trial function raised (the runner never should)
+            result = {"status": "error", "error": f"trial function raised: {exc.cause!r}"}
+        except ray.exceptions.RayError as exc:  # worker/node death after Ray's retries, lost objects
+            result = {"status": "crashed",
+                      "error": f"{type(exc).__name__} after {ps.spec.max_retries} retries: {' '.join(str(exc).split())[:800]}"}
+        return run, result
+
+    # -- progress ---------------------------------------------------------------------------
+    def _progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < self.config.progress_interval_s:
+            return
+        self._last_progress = now
+        obj = self.config.objectives[0]
+        parts, eta = [], 0.0
+        for name, ps in self._pools.items():
+            finished = ps.done + ps.failed + ps.infeasible
+            best = f", best {obj.key} {abs(ps.best[0]):.4g} (#{ps.best[1]})" if ps.best else ""
+            parts.append(f"{name}: {finished}/{ps.budget} done ({ps.done} ok, {len(ps.inflight)} running, "
+                         f"{ps.failed} failed, {ps.infeasible} infeasible){best}")
+            if ps.durations:
+                mean = sum(ps.durations) / len(ps.durations)
+                left = max(0, ps.budget - finished - len(ps.inflight)) + 0.5 * len(ps.inflight)
+                eta = max(eta, left * mean / ps.spec.concurrency)
+        elapsed = now - self._started
+        log.info("progress %s | elapsed %s, ETA %s", " | ".join(parts), _fmt_s(elapsed),
+                 _fmt_s(eta) if any(ps.durations for ps in self._pools.values()) else "?")
+
+    # -- main -------------------------------------------------------------------------------
+    def run(self):
+        """Runs the sweep to its budget and returns the :class:`SweepResult`."""
+        from omninet.sweep.results import SweepResult, write_artifacts
+
+        self._start_ray()  # may raise SweepConfigError before anything is written
+        try:
+            self._open()
+            log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
+                     self.optuna_url, self.mlflow_uri)
+            self._loop()
+            self._progress(force=True)
+            result = SweepResult.load(self.results_dir)
+            artifacts = write_artifacts(result, self.results_dir / "artifacts")
+            try:  # the dashboard is a view of records already safe on disk: never fail the sweep over it
+                from omninet.dashboard import build_dashboard
+
+                log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
+            self.mlflow.flush()
+            if self.mlflow.finish([(artifacts, None), (self.results_dir / "trials", "trials")]):
+                log.info("MLflow: experiment %r, parent run %s", self.config.name, self.mlflow.parent_run_id)
+            else:
+                log.warning("MLflow unavailable at the end; %d trial(s) will be backfilled on the next run",
+                            self.mlflow.pending)
+            log.info("sweep %r done: results in %s", self.config.name, self.results_dir)
+            return result
+        finally:
+            if self._owns_ray:
+                import ray
+
+                ray.shutdown()
+
+    def _loop(self) -> None:
+        import ray
+
+        if self._out_of_time():
+            return
+        for ps in self._pools.values():
+            self._fill(ps)
+        self._progress(force=True)
+        while True:
+            owner = {ref: ps for ps in self._pools.values() for ref in ps.inflight}
+            if not owner:
+                break
+            ready, _ = ray.wait(list(owner), num_returns=1, timeout=self.config.progress_interval_s)
+            for ref in ready:
+                ps = owner[ref]
+                run, result = self._collect(ref, ps)
+                self._fill(ps)  # the pool's worker gets its next trial before the records are written
+                self._finish(ps, run, result)
+            self.mlflow.flush()
+            self._progress()
+        if self._out_of_time():
+            log.info("wall-clock budget of %.0f s reached: no new trials started", self.config.budget.wall_clock_s)
+
+
+def optuna_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """Optuna's RDB storage; on SQLite in WAL mode with ``synchronous=NORMAL``: a commit costs
+    no fsync (several per trial), and readers (dashboards, ``SweepResult``) never block the
+    controller. Durability stays per transaction for a process crash; WAL may lose the last
+    commits only on a power loss, which resume tolerates (the trial is re-run)."""
+    if not url.startswith("sqlite:"):
+        return url
+    from sqlalchemy import event
+
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+    def pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # connections opened while creating the tables predate the listener
+    return storage
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _fmt_resources(res: dict[str, float]) -> str:
+    keep = {k: v for k, v in res.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items()))
+
+
+def setup_logging() -> None:
+    """Progress lines on stdout (what ``ray job logs`` shows)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s [omninet.sweep] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_sweep(config: SweepConfig | str | os.PathLike | dict, *, results_dir: str | os.PathLike | None = None,
+              address: str | None = None, num_cpus: int | None = None):
+    """Runs or resumes a sweep; returns its :class:`~omninet.sweep.results.SweepResult`."""
+    setup_logging()
+    return SweepController(config, results_dir=results_dir, address=address, num_cpus=num_cpus).run()

@@ -1,0 +1,335 @@
+"""Trial records: the Parquet table (the durable record of every finished trial) and MLflow.
+
+Write order per finished trial is Parquet -> Optuna ``tell`` -> MLflow. Parquet files are
+written atomically (temp file + rename) and named by pool and trial number, so a rewrite is
+idempotent; a controller that dies between the Parquet write and the ``tell`` is repaired on
+resume from the row, and MLflow is backfilled from Parquet whenever it is reachable again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from omninet.sweep.config import SweepConfig
+
+__all__ = ["RESULT_COLUMNS", "ParquetStore", "MlflowRecorder", "flatten", "run_name"]
+
+log = logging.getLogger("omninet.sweep")
+
+# Scalar keys of omninet.trial.TrialResult.to_dict() and their Arrow types.
+RESULT_COLUMNS: dict[str, pa.DataType] = {
+    "accuracy": pa.float64(),
+    "eval_loss": pa.float64(),
+    "peak_memory_train_mb": pa.float64(),
+    "peak_memory_infer_mb": pa.float64(),
+    "latency_p50_ms": pa.float64(),
+    "latency_p95_ms": pa.float64(),
+    "throughput_tokens_s": pa.float64(),
+    "num_params": pa.int64(),
+    "train_seconds": pa.float64(),
+    "wall_seconds": pa.float64(),
+    "steps": pa.int64(),
+    "estimated_memory_mb": pa.float64(),
+}
+_BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("sweep", pa.string()),
+    ("trial_number", pa.int64()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("feasible", pa.bool_()),
+    ("simulated", pa.bool_()),
+    ("node", pa.string()),
+    ("node_id", pa.string()),
+    ("device", pa.string()),
+    ("device_name", pa.string()),
+    ("finished_at", pa.float64()),
+    ("duration_s", pa.float64()),
+    ("constraint_memory", pa.float64()),
+    ("constraint_latency", pa.float64()),
+]
+_ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
+
+
+def table_schema(config: SweepConfig, *, with_pool: bool) -> pa.Schema:
+    """The trial table's schema: fixed columns, result metrics, objectives, ``param.<path>``
+    per searched parameter, ``loss_curve``, ``config_json`` and ``result_json``."""
+    fields = [pa.field(n, t) for n, t in _BASE_COLUMNS]
+    fields += [pa.field(n, t) for n, t in RESULT_COLUMNS.items()]
+    fields += [pa.field(o.key, pa.float64()) for o in config.objectives if o.key not in RESULT_COLUMNS]
+    fields += [pa.field(f"param.{p.path}", _ARROW[p.arrow_type()]) for p in config.params]
+    fields += [
+        pa.field("loss_curve", pa.list_(pa.float64())),
+        pa.field("config_json", pa.string()),
+        pa.field("result_json", pa.string()),
+    ]
+    if with_pool:
+        fields.append(pa.field("pool", pa.string()))
+    return pa.schema(fields)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class ParquetStore:
+    """``<results>/trials/pool=<pool>/trial-<number>.parquet``: a hive-partitioned pyarrow
+    dataset, one row per finished trial, readable by pandas, pyarrow and duckdb
+    (``read_parquet('<results>/trials/*/*.parquet', hive_partitioning=true)``)."""
+
+    def __init__(self, root: Path, config: SweepConfig) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.file_schema = table_schema(config, with_pool=False)
+        self.schema = table_schema(config, with_pool=True)
+
+    def path(self, pool: str, number: int) -> Path:
+        return self.root / f"pool={pool}" / f"trial-{number:06d}.parquet"
+
+    def write(self, pool: str, row: dict[str, Any]) -> Path:
+        values = {f.name: [_clean(row.get(f.name))] for f in self.file_schema}
+        table = pa.Table.from_pydict(values, schema=self.file_schema)
+        final = self.path(pool, int(row["trial_number"]))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # dot prefix: ignored by dataset readers
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        return final
+
+    def read(self) -> pa.Table:
+        if not self.root.is_dir():
+            return self.schema.empty_table()
+        dataset = ds.dataset(self.root, format="parquet", partitioning="hive", schema=self.schema)
+        return dataset.to_table().sort_by([("pool", "ascending"), ("trial_number", "ascending")])
+
+    def rows(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """{(pool, trial_number): row} of every recorded trial."""
+        return {(r["pool"], int(r["trial_number"])): r for r in self.read().to_pylist()}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted path: leaf}; lists stay leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def run_name(pool: str, number: int, params: dict[str, Any], trial_config: dict[str, Any]) -> str:
+    """A readable MLflow run name: pool, attention kind, key params, trial number."""
+    kernel = flatten(trial_config).get("model.attention.kernel", "default")
+    keys = [(p.rsplit(".", 1)[-1], v) for p, v in params.items() if p != "model.attention.kernel"]
+    detail = " ".join(f"{k}={_short(v)}" for k, v in keys[:4])
+    return f"{pool} {kernel} {detail} #{number}".replace("  ", " ").strip()
+
+
+class MlflowRecorder:
+    """One experiment per sweep, one parent run per sweep (found again by tag on resume), one
+    child run per trial with ``mlflow.parentRunId`` set explicitly. Writes go through
+    ``MlflowClient.log_batch``. When the store is unreachable, trials stay pending and are
+    backfilled from the Parquet rows on the next successful write or the next run."""
+
+    ROLE, SWEEP, KEY = "omninet.role", "omninet.sweep", "omninet.trial_key"
+
+    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 30.0) -> None:
+        # Fail fast instead of MLflow's default ~2 min of HTTP retries when a server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Sweeps run on clusters without internet access; MLflow's usage telemetry would only
+        # add latency to every logged trial. Users who want it set MLFLOW_DISABLE_TELEMETRY=false.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self.uri, self.config, self.artifact_location = uri, config, artifact_location
+        self.retry_s = retry_s
+        self._client = None
+        self._experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._logged: set[str] = set()
+        self._pending: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._next_try = 0.0
+        self.last_error: str | None = None
+
+    @staticmethod
+    def trial_key(pool: str, number: int) -> str:
+        return f"{pool}/{number}"
+
+    # -- connection -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import ViewType
+
+        client = MlflowClient(tracking_uri=self.uri)
+        exp = client.get_experiment_by_name(self.config.name)
+        if exp is None:
+            exp_id = client.create_experiment(
+                self.config.name, artifact_location=self.artifact_location, tags={self.SWEEP: self.config.name,
+                                                # MLflow 3's UI opens runs (not GenAI traces) for this kind
+                                                "mlflow.experimentKind": "custom_model_development"}
+            )
+        else:
+            exp_id = exp.experiment_id
+        runs = self._search(client, exp_id, f"tags.`{self.ROLE}` = 'parent'", ViewType.ACTIVE_ONLY)
+        if runs:
+            parent = runs[0].info.run_id
+            client.update_run(parent, status="RUNNING")
+        else:
+            parent = client.create_run(
+                exp_id, run_name=f"sweep {self.config.name}",
+                tags={self.ROLE: "parent", self.SWEEP: self.config.name},
+            ).info.run_id
+        logged = set()
+        for run in self._search(client, exp_id, f"tags.`{self.ROLE}` = 'trial'", ViewType.ACTIVE_ONLY):
+            key = run.data.tags.get(self.KEY)
+            if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("mlflow.parentRunId") == parent:
+                logged.add(key)
+            else:  # a half-written run from a controller that died mid-log: rewrite it whole
+                client.delete_run(run.info.run_id)
+        self._client, self._experiment_id, self.parent_run_id, self._logged = client, exp_id, parent, logged
+
+    @staticmethod
+    def _search(client, exp_id: str, filter_string: str, view) -> list:
+        out, token = [], None
+        while True:
+            page = client.search_runs([exp_id], filter_string=filter_string, run_view_type=view,
+                                      max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def _ready(self) -> bool:
+        if self._client is not None:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        try:
+            self._connect()
+            return True
+        except Exception as exc:  # any store error: keep the sweep going
+            self._unavailable(exc)
+            return False
+
+    def _unavailable(self, exc: BaseException) -> None:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        if self.last_error is None:
+            log.warning("MLflow at %s is unavailable (%s); trials go to Optuna and Parquet and will be "
+                        "backfilled into MLflow when it is reachable", self.uri, message)
+        log.debug("MLflow error", exc_info=exc)
+        self.last_error = message
+        self._client = None
+        self._next_try = time.monotonic() + self.retry_s
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self._client is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def sync(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        """Logs every (pool, row) not yet in MLflow; returns how many were written."""
+        for pool, row in rows:
+            key = self.trial_key(pool, int(row["trial_number"]))
+            if key not in self._logged:
+                self._pending[key] = (pool, row)
+        return self.flush()
+
+    def log_trial(self, pool: str, row: dict[str, Any]) -> int:
+        return self.sync([(pool, row)])
+
+    def flush(self) -> int:
+        if not self._pending or not self._ready():
+            return 0
+        written = 0
+        for key in sorted(self._pending, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
+            pool, row = self._pending[key]
+            if key in self._logged:  # found in the store when (re)connecting
+                del self._pending[key]
+                continue
+            try:
+                self._log_child(pool, row)
+            except Exception as exc:
+                self._unavailable(exc)
+                return written
+            self._logged.add(key)
+            del self._pending[key]
+            written += 1
+        if self.last_error is not None:
+            log.info("MLflow reachable again: backfilled %d trial(s)", written)
+            self.last_error = None
+        return written
+
+    def _log_child(self, pool: str, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param
+        from mlflow.utils.validation import (
+            MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
+        )
+
+        number = int(row["trial_number"])
+        trial_config = json.loads(row["config_json"])
+        params = {k[len("param."):]: v for k, v in row.items() if k.startswith("param.") and v is not None}
+        ok = row["status"] in ("ok", "infeasible")
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,  # explicit: trials finish in another process
+            self.ROLE: "trial", self.SWEEP: self.config.name, self.KEY: self.trial_key(pool, number),
+            "pool": pool, "optuna_trial_number": str(number), "status": row["status"],
+            "simulated": str(bool(row.get("simulated"))).lower(), "feasible": str(bool(row.get("feasible"))).lower(),
+            "node": row.get("node") or "", "device": row.get("device") or "", "device_name": row.get("device_name") or "",
+        }
+        if row.get("error"):
+            tags["error"] = str(row["error"])[:5000]
+        ms = int((row.get("finished_at") or time.time()) * 1000)
+        start_ms = ms - int(1000 * (row.get("duration_s") or 0))  # the trial's own span, not the logging time
+        run = self._client.create_run(self._experiment_id, run_name=run_name(pool, number, params, trial_config),
+                                      tags=tags, start_time=start_ms)
+        run_id = run.info.run_id
+        metrics = [Metric(k, float(v), ms, 0) for k, v in row.items()
+                   if k in RESULT_COLUMNS or k in ("duration_s", "constraint_memory", "constraint_latency")
+                   or k in {o.key for o in self.config.objectives}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])
+                    if v is not None and math.isfinite(v)]
+        flat = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in sorted(flatten(trial_config).items())]
+        # log_batch caps: 100 params, 100 tags, 1000 metrics, 1000 entities per call
+        while flat or metrics:
+            p, flat = flat[:MAX_PARAMS_TAGS_PER_BATCH], flat[MAX_PARAMS_TAGS_PER_BATCH:]
+            room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p))
+            m, metrics = metrics[:room], metrics[room:]
+            self._client.log_batch(run_id, metrics=m, params=p, tags=[])
+        self._client.set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=ms)
+
+    def finish(self, artifacts: list[tuple[Path, str | None]], *, status: str = "FINISHED") -> bool:
+        """Logs the end-of-sweep artifacts ((local dir, artifact path) pairs) to the parent run
+        and closes it; False when MLflow is unavailable or trials are still pending."""
+        if not self._ready() or self._pending:
+            return False
+        try:
+            for local_dir, artifact_path in artifacts:
+                self._client.log_artifacts(self.parent_run_id, str(local_dir), artifact_path)
+            self._client.set_terminated(self.parent_run_id, status=status)
+            return True
+        except Exception as exc:
+            self._unavailable(exc)
+            return False

@@ -1,0 +1,70 @@
+"""A tiny, fast trial function for testing and benchmarking the platform itself (in the
+spirit of ``optuna.testing``): a closed-form trade-off instead of training a model, plus
+switches that make a trial crash its worker, sleep or burn one CPU core.
+
+The trial reads the ``toy`` section of its trial config::
+
+    toy:
+      x: 0.3            # searched; accuracy rises with x and y ...
+      y: 2              # ... and so do memory and latency: a real trade-off
+      sleep_s: 0.0      # wall time to spend (I/O-like)
+      burn_s: 0.0       # CPU time to spend in one Python thread
+      crash_marker: /tmp/m   # os._exit the worker once: if this file does not exist, create it and die
+      crash_always: false    # os._exit the worker on every attempt
+      started_dir: /tmp/s    # touch <started_dir>/<pid> when the trial starts
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["toy_trial", "toy_estimate"]
+
+
+def _toy(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config.get("toy") or {})
+
+
+def toy_estimate(config: dict[str, Any]) -> float:
+    """Memory estimate in MB, consistent with :func:`toy_trial`'s training peak."""
+    toy = _toy(config)
+    return 100.0 + 400.0 * float(toy.get("x", 0.5)) * float(toy.get("y", 1))
+
+
+def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) -> dict[str, Any]:
+    toy = _toy(config)
+    if toy.get("started_dir"):
+        Path(toy["started_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(toy["started_dir"]) / f"{os.getpid()}-{time.time_ns()}").touch()
+    marker = toy.get("crash_marker")
+    if toy.get("crash_always") or (marker and not os.path.exists(marker)):
+        if marker:
+            Path(marker).touch()
+        os._exit(1)  # a dying worker process, as a segfault or the OOM killer would leave it
+    started = time.perf_counter()
+    x, y = float(toy.get("x", 0.5)), float(toy.get("y", 1))
+    estimate = toy_estimate(config)
+    if memory_budget_mb is not None and estimate > memory_budget_mb:
+        return {"status": "infeasible", "error": "estimate over budget", "estimated_memory_mb": estimate}
+    if toy.get("sleep_s"):
+        time.sleep(float(toy["sleep_s"]))
+    iterations = 0
+    if toy.get("burn_s"):
+        end = time.thread_time() + float(toy["burn_s"])
+        while time.thread_time() < end:
+            iterations += 1
+    accuracy = 1.0 - math.exp(-3.0 * x * y)
+    loss_curve = [2.0 * math.exp(-0.3 * step * x) + 0.1 for step in range(20)]
+    return {
+        "status": "ok", "error": None, "accuracy": accuracy, "eval_loss": loss_curve[-1],
+        "peak_memory_train_mb": estimate, "peak_memory_infer_mb": 50.0 + 100.0 * x * y,
+        "latency_p50_ms": 1.0 + 4.0 * x * y, "latency_p95_ms": 1.5 + 5.0 * x * y,
+        "throughput_tokens_s": 1000.0 / (1.0 + x * y), "num_params": int(1000 * (1 + y)),
+        "train_seconds": time.perf_counter() - started, "wall_seconds": time.perf_counter() - started,
+        "steps": len(loss_curve), "device": "cpu", "device_name": "toy", "estimated_memory_mb": estimate,
+        "loss_curve": loss_curve, "burn_iterations": iterations,
+    }

@@ -1,0 +1,167 @@
+"""Sweep config validation (no Ray): every section rejects bad input with one line, and
+``sweeps/run.py`` exits 2 with nothing written."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from omninet.sweep import SweepConfigError, load_config
+from omninet.sweep.config import resolve_results_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sweeps_run", ROOT / "sweeps" / "run.py")
+run_py = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_py)
+
+TOY = {
+    "name": "toy",
+    "trial_fn": "omninet.sweep.testing:toy_trial",
+    "estimate_fn": "omninet.sweep.testing:toy_estimate",
+    "trial": {"toy": {"sleep_s": 0.0, "kind": "a"}},
+    "search_space": {
+        "toy.x": {"low": 0.05, "high": 1.0},
+        "toy.y": {"choices": [1, 2, 3]},
+        "toy.z": {"low": 1, "high": 8, "log": True, "when": {"toy.y": [2, 3]}},
+        "toy.w": {"choices": ["p", "q"], "when": {"toy.kind": "a"}},
+        "toy.v": {"low": 0.0, "high": 1.0, "when": {"toy.kind": "b"}},
+    },
+    "pools": [{"name": "cpu", "resources": {"CPU": 1}, "trials": 3},
+              {"name": "gpu", "resources": {"GPU": 1}, "concurrency": 2}],
+    "constraints": {"gpu": {"max_memory_mb": 300}},
+    "sampler": {"kind": "nsga2", "seed": 1},
+    "simulate_accelerators": True,
+}
+
+# (section, change, words the one-line message must contain)
+BAD = [
+    ("top", {"unknown_key": 1}, "unknown_key"),
+    ("name", {"name": "has space"}, "name"),
+    ("results_dir", {"results_dir": 3}, "results_dir"),
+    ("trial", {"trial": [1, 2]}, "trial"),
+    ("trial_fn", {"trial_fn": "no.such.module:fn"}, "trial_fn"),
+    ("search_space", {"search_space": {"toy.x": {"low": 2.0, "high": 1.0}}}, "low"),
+    ("search_space", {"search_space": {"toy.x": {"low": "1e-4", "high": 1.0}}}, "toy.x"),
+    ("search_space", {"search_space": {"toy.x": {"low": 0.0, "high": 1.0, "log": True}}}, "log"),
+    ("search_space", {"search_space": {"toy.x": {"choices": []}}}, "choices"),
+    ("search_space", {"search_space": {"notdotted": {"choices": [1]}}}, "dotted"),
+    ("search_space", {"search_space": {"toy.x": {"low": 0.1, "high": 1.0, "when": {"toy.nope": 1}}}}, "when"),
+    ("search_space", {"search_space": {"toy.x": {"lo": 0.1, "high": 1.0}}}, "lo"),
+    ("objectives", {"objectives": [{"key": "accuracy", "direction": "up"}]}, "direction"),
+    ("objectives", {"objectives": []}, "objectives"),
+    ("objectives", {"objectives": "accuracy"}, "objectives"),
+    ("constraints", {"constraints": {"tpu": {"max_memory_mb": 1}}}, "tpu"),
+    ("constraints", {"constraints": {"gpu": {"max_memory_mb": -1}}}, "max_memory_mb"),
+    ("constraints", {"constraints": {"gpu": {"max_mem": 1}}}, "max_mem"),
+    ("pools", {"pools": []}, "pools"),
+    ("pools", {"pools": [{"name": "a", "resources": {"GPU": 1, "TPU": 1}}]}, "accelerator"),
+    ("pools", {"pools": [{"name": "a", "resources": {"CPU": 0}}]}, "CPU"),
+    ("pools", {"pools": [{"name": "a", "concurrency": 0}]}, "concurrency"),
+    ("pools", {"pools": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ("pools", {"pools": [{"name": "a", "gpus": 1}]}, "gpus"),
+    ("budget", {"budget": {"wall_clock_s": -5}}, "wall_clock_s"),
+    ("budget", {"budget": {"trials": 5}}, "trials"),
+    ("sampler", {"sampler": {"kind": "cmaes"}}, "kind"),
+    ("sampler", {"sampler": {"kind": "random", "population_size": 10}}, "population_size"),
+    ("storage", {"storage": {"optuna_url": "optuna.db"}}, "optuna_url"),
+    ("storage", {"storage": {"mlflow": "x"}}, "mlflow"),
+    ("simulate_accelerators", {"simulate_accelerators": "yes"}, "simulate_accelerators"),
+]
+
+
+def _bad(change: dict) -> dict:
+    data = copy.deepcopy(TOY)
+    data.update(change)
+    return data
+
+
+def test_valid_config_types_and_paths() -> None:
+    cfg = load_config(TOY)
+    kinds = {p.path: p.kind for p in cfg.params}
+    assert kinds == {"toy.x": "float", "toy.y": "categorical", "toy.z": "int", "toy.w": "categorical", "toy.v": "float"}
+    assert cfg.trials_for(cfg.pool("cpu")) == 3 and cfg.trials_for(cfg.pool("gpu")) == 12
+    assert cfg.pool("gpu").ray_options() == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert load_config({**TOY, "constraints": {}, "pools": [{"name": "t", "resources": {"TPU": 1, "CPU": 2}}]}).pool("t").ray_options() == {
+        "num_cpus": 2.0, "resources": {"TPU": 1.0}}
+    assert [o.key for o in cfg.objectives] == ["accuracy", "peak_memory_infer_mb", "latency_p50_ms"]
+    assert load_config(cfg.to_plain()).to_plain() == cfg.to_plain()  # the manifest round-trips
+
+
+def test_conditional_sampling_follows_when() -> None:
+    cfg = load_config(TOY)
+    study = optuna.create_study(directions=["maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_y = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = cfg.sample(trial)
+        seen_y.add(params["toy.y"])
+        assert ("toy.z" in params) == (params["toy.y"] in (2, 3))
+        assert "toy.w" in params and "toy.v" not in params  # base trial has kind: a
+        built = cfg.trial_config(params)
+        assert built["toy"]["x"] == params["toy.x"] and built["toy"]["kind"] == "a" and built["toy"]["sleep_s"] == 0.0
+        study.tell(trial, 0.0)
+    assert seen_y == {1, 2, 3}
+    assert "x" not in TOY["trial"]["toy"]  # the base config is not mutated
+
+
+def test_results_dir_resolution(tmp_path, monkeypatch) -> None:
+    cfg = load_config({**TOY, "results_dir": "rel/dir"})
+    monkeypatch.delenv("OMNINET_CWD", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_results_dir(cfg) == tmp_path / "rel" / "dir"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside a `ray job submit` driver
+    assert resolve_results_dir(cfg) == Path.home() / "rel" / "dir"
+    monkeypatch.setenv("OMNINET_CWD", "/srv/x")
+    assert resolve_results_dir(cfg) == Path("/srv/x/rel/dir")
+    assert resolve_results_dir(load_config(TOY)) == Path.home() / "omninet-results" / "toy"
+    assert resolve_results_dir(cfg, "/abs/here") == Path("/abs/here")
+
+
+@pytest.mark.parametrize("section,change,word", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_config_exits_2_with_one_line(section, change, word, tmp_path, capsys) -> None:
+    results = tmp_path / "results"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_bad(change)))
+    assert run_py.main(["--config", str(path), "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert word in err, err
+    assert not results.exists()
+
+
+def test_unparsable_and_missing_files(tmp_path, capsys) -> None:
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    assert run_py.main(["--config", str(tmp_path / "broken.yaml")]) == 2
+    assert run_py.main(["--config", str(tmp_path / "absent.yaml")]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and "YAML" in errs[0] and "no such file" in errs[1]
+
+
+def test_run_py_process_exit_status(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_bad({"sampler": {"kind": "annealing"}})))
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(path),
+                           "--results-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "sampler.kind" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "full.yaml"])
+def test_shipped_configs_parse(name) -> None:
+    data = yaml.safe_load((ROOT / "sweeps" / name).read_text())
+    # validated against the toy runner so this test does not depend on which kernels exist yet
+    cfg = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None})
+    assert len(cfg.pools) >= 2
+    if name == "quickstart.yaml":
+        assert sum(cfg.trials_for(p) for p in cfg.pools) >= 12
+    else:
+        assert {p.accelerator for p in cfg.pools} >= {None, "GPU", "TPU", "NPU"}
