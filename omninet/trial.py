@@ -73,7 +73,6 @@ __all__ = [
     "TRIAL_MODEL_DEFAULTS",
     "run_trial",
     "estimate_memory_mb",
-    "count_parameters",
     "set_dotted",
     "trial_main",
 ]
@@ -308,13 +307,11 @@ class _Diverged(Exception):
 def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
     """Estimated peak tensor memory (MB) of a training step at the measurement batch and
     sequence length: weights + gradients + AdamW's two moments + saved activations. Uses the
-    hardware layer's estimator (``omninet.hardware.estimate_memory_mb``) when present, else
-    this module's analytic one. ValueError on an invalid config."""
+    hardware layer's analytic estimator (``omninet.hardware.estimate_memory_mb``).
+    ValueError on an invalid config."""
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
-    try:
-        from omninet.hardware import estimate_memory_mb as hardware_estimate
-    except ImportError:
-        return _analytic_estimate_mb(cfg.model_config, cfg.measure_batch_size, cfg.seq_length)
+    from omninet.hardware import estimate_memory_mb as hardware_estimate
+
     precision = cfg.hardware.precision
     if precision in ("int8", "auto"):  # int8 trains in fp32; 'auto' resolves per device
         precision = "fp32" if precision == "int8" else _train_precision(cfg)
@@ -326,65 +323,6 @@ def _train_precision(cfg: TrialConfig) -> str:
     from omninet.hardware import resolve_device_config
 
     return resolve_device_config({**cfg.hardware.device_config(), "precision": "auto"}, training=True).precision
-
-
-def _analytic_estimate_mb(mc: ModelConfig, batch: int, n: int) -> float:
-    """fp32 bytes: 16 per parameter (weight, grad, two AdamW moments) + per layer the saved
-    activations (~12 C + 3 F floats per token for a pre-norm block) + the attention scores
-    the kernel keeps (B H N x keys-per-query x 2: probabilities and their gradient) + logits."""
-    C, F, H = mc.hidden_size, mc.ff_dim, mc.num_heads
-    tokens = batch * n
-    keys = _keys_per_query(mc, n)
-    per_layer = tokens * (12 * C + 3 * F) + 2 * batch * H * n * keys
-    out_width = mc.num_classes if mc.num_classes is not None else mc.vocab_size
-    head = (batch if mc.num_classes is not None else tokens) * out_width * 3
-    floats = 4 * count_parameters(mc) + mc.total_layers * per_layer + tokens * C * 2 + head
-    return 4 * floats / MB
-
-
-def count_parameters(mc: ModelConfig) -> int:
-    """Parameters of ``OmniNetModel(mc)`` before pruning, from the config alone (building the
-    model, even on the meta device, costs seconds; tests check this against the real count)."""
-    C, F, H, V = mc.hidden_size, mc.ff_dim, mc.num_heads, mc.vocab_size
-    attn = 4 * C * C + 4 * C  # qkv (3C x C + 3C) and o (C x C + C)
-    block = attn + (C * F + F + F * C + C) + 4 * C  # + ffn + two layer norms
-    cross = attn + 2 * C  # cross-attention and its norm
-    total = V * C + (mc.max_seq_length * C if mc.position.kind == "learned" else 0)
-    stacks = {"encoder": [(mc.num_layers, False)], "decoder": [(mc.num_layers, False)],
-              "encoder_decoder": [(mc.num_layers, False), (mc.num_decoder_layers or mc.num_layers, True)]}[mc.arch]
-    for layers, has_cross in stacks:
-        total += layers * (block + (cross if has_cross else 0)) + 2 * C
-        if mc.position.kind == "relative":
-            total += mc.position.num_buckets * H
-    if mc.num_classes is not None:
-        total += C * mc.num_classes + mc.num_classes
-    elif not mc.tie_embeddings:
-        total += V * C
-    return total + _kernel_parameters(mc)
-
-
-def _kernel_parameters(mc: ModelConfig) -> int:
-    """Parameters the attention kernel's own state adds (Linformer's E/F projections)."""
-    if mc.attention.kernel != "linformer":
-        return 0
-    lin = mc.attention.linformer
-    layers = len(lin.layers) if lin.layers is not None else mc.num_layers
-    per_matrix = lin.k * mc.max_seq_length
-    if lin.sharing == "layerwise":
-        return per_matrix
-    return layers * per_matrix * (1 if lin.sharing == "kv" else 2)
-
-
-def _keys_per_query(mc: ModelConfig, n: int) -> int:
-    kernel = mc.attention.kernel
-    if kernel == "linformer" and n >= mc.attention.linformer.min_seq_length:
-        lin = mc.attention.linformer
-        return min(lin.k, math.ceil(n / lin.compression)) if lin.adaptive else lin.k
-    if kernel == "block_sparse" and n >= mc.attention.block_sparse.min_seq_length:
-        bs = mc.attention.block_sparse
-        blocks = math.ceil(n / bs.block_size)
-        return max(1, math.ceil(blocks * (1.0 - bs.sparsity_factor))) * bs.block_size
-    return n  # dense (the CPU SDPA path with a padding mask materializes the scores too)
 
 
 def _capacity_mb(device: torch.device) -> float | None:
