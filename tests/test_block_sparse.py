@@ -320,3 +320,16 @@ def test_benchmark_quick_mode_json(tmp_path):
         assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
     for t in doc["targets"].values():
         assert set(t) == {"value", "target", "met", "at_n"}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_inference_scratch_buffers_do_not_leak_between_calls(causal):
+    """Without autograd the gathered blocks go to a reused per-thread buffer: consecutive calls
+    of different sizes and layers must each still equal eager."""
+    small, large = layout(), layout(block_size=32, sparsity_factor=0.5)
+    with torch.no_grad():
+        for state, n, seed in ((large, 256, 1), (small, 96, 2), (large, 160, 3), (small, 128, 4)):
+            q, k, v = (t.float() for t in qkv(n, n, seed=seed))
+            out, _ = block_sparse_attention(q, k, v, causal=causal, scale=0.25, state=state)
+            ref, _ = eager_attention(q, k, v, mask=state.dense_mask(n, n, causal=causal), causal=causal, scale=0.25)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ equivalent to: ``block_sparse(q, k, v, mask=m) == eager(q, k, v, mask=m & dense_
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -272,6 +273,23 @@ def _gathered_mask(plan: _Plan, mask, bias, *, B, H, nq, nk, dtype):
     return fold(attn), fold(has_key)
 
 
+_SCRATCH = threading.local()
+
+
+def _gather_blocks(src: torch.Tensor, rows: torch.Tensor, scratch: str | None) -> torch.Tensor:
+    """src[rows] for a 2-D src. Without autograd the copy goes into a per-thread scratch buffer
+    reused across calls and layers (it is consumed by the SDPA call right after): a fresh
+    tensor of this size costs more in page faults than the copy itself (~5x on this CPU)."""
+    if scratch is None:
+        return src.index_select(0, rows)
+    numel = rows.numel() * src.shape[1]
+    buf = getattr(_SCRATCH, scratch, None)
+    if buf is None or buf.numel() < numel or buf.dtype != src.dtype or buf.device != src.device:
+        buf = torch.empty(numel, dtype=src.dtype, device=src.device)
+        setattr(_SCRATCH, scratch, buf)
+    return torch.index_select(src, 0, rows, out=buf[:numel].view(rows.numel(), src.shape[1]))
+
+
 def _sparse_rows(q, k, v, plan: _Plan, *, bs, mask, bias, scale, dropout_p):
     """Query rows [n_dense, Nq) by gathered blocks: one fused SDPA over (B*H, nS, bs, D)."""
     B, H, nq, D = q.shape
@@ -284,9 +302,11 @@ def _sparse_rows(q, k, v, plan: _Plan, *, bs, mask, bias, scale, dropout_p):
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     shape = (B * H, plan.n_blocks, plan.kb * bs, D)
-    # index_select on a 3-D (B*H, nb, bs*D) view copies whole blocks; on the 5-D view it is ~10x slower.
-    kg = k.reshape(B * H, plan.n_key_blocks, bs * D).index_select(1, plan.key_blocks).view(shape)  # (B*H, nS, kb*bs, D)
-    vg = v.reshape(B * H, plan.n_key_blocks, bs * D).index_select(1, plan.key_blocks).view(shape)
+    # Rows of a 2-D (B*H*nb, bs*D) view are whole blocks: index_select copies them with memcpy.
+    rows = (torch.arange(B * H, device=k.device)[:, None] * plan.n_key_blocks + plan.key_blocks[None, :]).reshape(-1)
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    kg, vg = (_gather_blocks(t.reshape(B * H * plan.n_key_blocks, bs * D), rows, name if reuse else None).view(shape)
+              for t, name in ((k, "k"), (v, "v")))  # (B*H, nS, kb*bs, D) each
     attn_mask, has_key = _gathered_mask(plan, mask, bias, B=B, H=H, nq=nq, nk=nk, dtype=q.dtype)
     out = F.scaled_dot_product_attention(qs, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     if has_key is not None:
