@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -57,13 +58,21 @@ def main(argv=None) -> dict:
     models = {name: build(flags, args, max(args.sizes)) for name, flags in VARIANTS.items()}
     for n in args.sizes:
         x = torch.randn(1, n, args.hidden)
+        runs = {name: [] for name in models}
+        with torch.no_grad():
+            for model in models.values():
+                for _ in range(args.warmup):
+                    model(hidden_states=x)
+            for _ in range(args.reps):  # round-robin, so drift and warm-up hit every variant alike
+                for name, model in models.items():
+                    runs[name] += median_ms(lambda: model(hidden_states=x), reps=1, warmup=0)[1]
         for name, model in models.items():
             def run():
                 with torch.no_grad():
                     model(hidden_states=x)
-            ms, runs = median_ms(run, reps=args.reps, warmup=args.warmup)
-            row = {"variant": name, "kernel": model.config.attention.kernel, "n": n, "median_ms": round(ms, 2),
-                   "runs_ms": [round(r, 2) for r in runs], "peak_mb": round(peak_bytes(run) / 2**20, 2)}
+            row = {"variant": name, "kernel": model.config.attention.kernel, "n": n,
+                   "median_ms": round(statistics.median(runs[name]), 2),
+                   "runs_ms": [round(r, 2) for r in runs[name]], "peak_mb": round(peak_bytes(run) / 2**20, 2)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     by = {(r["variant"], r["n"]): r for r in rows}
