@@ -33,7 +33,8 @@ from torch import nn
 
 from omninet.attention import register_kernel
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention, make_block_sparse_state
-from omninet.attention.linformer import LinformerProjection, linformer_core, make_linformer_state
+from omninet.attention.linformer import (LinformerProjection, check_linformer_call, linformer_core,
+                                         make_linformer_state)
 from omninet.config import ModelConfig
 
 __all__ = ["HybridState", "hybrid_attention"]
@@ -85,12 +86,7 @@ def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, drop
         raise ValueError("hybrid attention needs state=HybridState; build it with "
                          "KERNELS['hybrid'].make_state(model_config, layer_idx, cross)")
     if state.uses_linformer(k.shape[-2], causal):
-        if bias is not None:
-            raise ValueError("hybrid attention: a Linformer layer got a position bias; use position.kind "
-                             "'learned', 'rotary' or 'none' (make_state only builds Linformer layers for those)")
-        if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
-            raise ValueError(f"hybrid attention: Linformer layers accept key-padding masks [B, 1, 1, N] only; got "
-                             f"a mask of shape {list(mask.shape)}")
+        check_linformer_call(q, k, mask=mask, bias=bias, causal=causal, state=state.linformer)
         return linformer_core(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, need_weights=need_weights,
                               state=state.linformer)
     return block_sparse_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
