@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_kernels import median_ms, peak_bytes  # noqa: E402
-from omninet.seed import AdvancedTransformer  # noqa: E402
+from omninet.advanced import AdvancedTransformer  # noqa: E402
 
 VARIANTS = {"dense": (False, False), "block_sparse": (True, False), "linformer": (False, True), "hybrid": (True, True)}
 

@@ -10,7 +10,7 @@ from omninet.config import (
     PositionConfig,
 )
 from omninet.model import KVCache, ModelOutput, OmniNetModel
-from omninet.seed import AdvancedTransformer
+from omninet.advanced import AdvancedTransformer
 
 __version__ = "0.1.0"
 

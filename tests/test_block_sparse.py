@@ -293,7 +293,7 @@ def test_hybrid_dispatch():
 
 
 def test_seed_flags_build_the_documented_kernels():
-    from omninet.seed import AdvancedTransformer
+    from omninet.advanced import AdvancedTransformer
 
     for sparse, lin, kernel in [(True, False, "block_sparse"), (False, True, "linformer"), (True, True, "hybrid")]:
         model = AdvancedTransformer(num_layers=2, hidden_size=32, num_heads=2, ff_dim=64, max_seq_length=1200,

@@ -68,7 +68,7 @@ def sweep(tmp_path_factory) -> Path:
 
 
 def test_dashboard_renders_plots_without_console_errors(sweep, tmp_path) -> None:
-    from omninet.dashboard import build_dashboard
+    from omninet.sweep.dashboard import build_dashboard
 
     page_path = build_dashboard(sweep, out=tmp_path / "dashboard.html")
     with Browser(tmp_path / "chromium-profile") as browser:

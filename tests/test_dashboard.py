@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from omninet.dashboard import _Sweep, build_dashboard, dashboard_main, non_dominated, pareto_figure, parallel_figure
+from omninet.sweep.dashboard import _Sweep, build_dashboard, dashboard_main, non_dominated, pareto_figure, parallel_figure
 from omninet.sweep.config import load_config
 from omninet.sweep.records import ParquetStore
 
@@ -178,7 +178,7 @@ def test_build_writes_one_self_contained_page(results, tmp_path) -> None:
 
 
 def test_recommendations_and_shared_configs(results) -> None:
-    from omninet.dashboard import recommendations_table, shared_configs, unfinished_table
+    from omninet.sweep.dashboard import recommendations_table, shared_configs, unfinished_table
 
     sweep = _Sweep(results)
     rec = recommendations_table(sweep).set_index("pool")

@@ -449,7 +449,7 @@ class SweepController:
             result = SweepResult.load(self.results_dir)
             artifacts = write_artifacts(result, self.results_dir / "artifacts")
             try:  # the dashboard is a view of records already safe on disk: never fail the sweep over it
-                from omninet.dashboard import build_dashboard
+                from omninet.sweep.dashboard import build_dashboard
 
                 log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
             except Exception as exc:  # noqa: BLE001

@@ -1,6 +1,6 @@
 """The trade-off dashboard of a sweep: one self-contained HTML file (Plotly, plotly.js inline).
 
-    from omninet.dashboard import build_dashboard
+    from omninet.sweep.dashboard import build_dashboard
     build_dashboard("~/omninet-results/quickstart")     # -> <results>/artifacts/dashboard.html
     omninet dashboard ~/omninet-results/quickstart      # the same from the shell
 
