@@ -4,7 +4,7 @@
 
 fp32 inference (eval, no_grad) on this machine's CPU, same thread count for both, pre-norm
 blocks with GELU and a final LayerNorm on both sides. Reports median latency over several
-reps (after warm-up) and peak tensor memory (``omninet.measure.peak_memory_mb``), and the
+reps (after warm-up) and peak tensor memory (``omninet.trial.measure.peak_memory_mb``), and the
 ratios ours / torch (target: time <= 1.10x, memory <= 1.0x).
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from omninet.config import ModelConfig, PositionConfig
-from omninet.measure import peak_memory_mb, summarize, time_fn
+from omninet.trial.measure import peak_memory_mb, summarize, time_fn
 from omninet.model import Stack
 
 

@@ -103,6 +103,8 @@ class ConfigBase:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
+            if not f.init:  # derived in validate(), not given
+                continue
             where = f"{type(self).__name__}.{f.name}"
             object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], where))
         self.validate()
@@ -115,7 +117,7 @@ class ConfigBase:
         where = _where or cls.__name__
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(
@@ -126,6 +128,8 @@ class ConfigBase:
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
+            if not f.init:
+                continue
             v = getattr(self, f.name)
             if isinstance(v, ConfigBase):
                 v = v.to_dict()

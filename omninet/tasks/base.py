@@ -72,6 +72,12 @@ class TaskConfig(ConfigBase):
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
         data = dict(data)
+        if cls is TaskConfig:  # the base type of a trial's task section: the task's name picks the config class
+            name = data.get("name")
+            if name not in TASKS:
+                raise ValueError(f"task name must be one of {', '.join(map(repr, sorted(TASKS)))}; got {name!r}")
+            config_class = TASKS[name].config_class
+            return config_class.from_dict(data, _where=_where or f"task config ({name})")
         name = data.pop("name", cls.task_name)
         if name != cls.task_name:
             raise ValueError(f"{where}: name is {name!r} but this config is for task {cls.task_name!r}")
@@ -303,6 +309,28 @@ class Task(ABC):
         meter = self.new_meter()
         meter.update(logits, batch)
         return meter.compute()
+
+    def measurement_batch(self, batch_size: int, n: int, *, split: str = "eval") -> dict[str, torch.Tensor]:
+        """``batch_size`` real inputs of exactly ``n`` tokens (B, N) for measuring latency and
+        memory at a deployment shape that may be longer than anything the task trains on.
+        Rows are whole examples of ``split`` laid end to end (row b starts at example b) and cut
+        at ``n``: real tokens everywhere and every position unmasked, never padding or zeros.
+        Tasks with a generator that reaches ``n`` tokens override this with single examples."""
+        data = self.split(split)
+        rows, start = [], 0
+        for b in range(batch_size):
+            ids, i = [], b
+            while sum(len(x) for x in ids) < n:
+                ex = data[(start + i) % len(data)]
+                ids.append(ex["input_ids"].long())
+                i += batch_size
+            row = torch.cat(ids)[:n]
+            label = data[(start + b) % len(data)]["labels"]
+            rows.append({"input_ids": row, "labels": label if label.dim() == 0 else
+                         torch.full((n,), IGNORE_INDEX, dtype=torch.long)})
+        batch = self.collate(rows, pad_to=n)
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+        return batch
 
     def describe(self) -> dict[str, Any]:
         """Flat facts for logging next to a trial's results."""

@@ -1,0 +1,18 @@
+"""One trial: configuration (``config``), training and evaluation (``loop``), measurement
+(``measure``), resource limits (``limits``) and the runner with its command line (``runner``).
+
+    from omninet.trial import run_trial, TrialConfig
+    result = run_trial({"task": {"name": "listops"}, "train": {"steps": 200}})
+"""
+
+from omninet.paths import with_path as set_dotted
+from omninet.trial.config import (SMALL_MODEL, STATUSES, HardwareConfig, MeasureConfig, ModelOverrides, TrainConfig,
+                                  TrialConfig, TrialResult)
+from omninet.trial.runner import (FunctionRunner, OmniNetRunner, RunContext, estimate_memory_mb, resolve_runner,
+                                  run_trial, trial_main)
+
+__all__ = [
+    "STATUSES", "SMALL_MODEL", "TrainConfig", "HardwareConfig", "MeasureConfig", "ModelOverrides", "TrialConfig",
+    "TrialResult", "run_trial", "estimate_memory_mb", "set_dotted", "trial_main", "OmniNetRunner", "FunctionRunner",
+    "RunContext", "resolve_runner",
+]

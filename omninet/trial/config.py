@@ -1,0 +1,354 @@
+"""A trial's configuration (one typed tree, parsed once) and its flat result record.
+
+    cfg = TrialConfig.from_dict({"task": {"name": "listops"}, "train": {"steps": 200}})
+    cfg.model_config          # the resolved ModelConfig (task facts + SMALL_MODEL + overrides)
+    cfg.with_values({"model.attention.kernel": "linformer"})   # a new, validated TrialConfig
+
+Sections: ``task`` (a typed ``TaskConfig``, chosen by its ``name``), ``model`` (a typed partial
+``ModelConfig``: only the fields the trial sets), ``train``, ``hardware``, ``measure``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+from omninet.config import ConfigBase, ModelConfig, _coerce
+from omninet.paths import check_path, config_paths, set_path
+from omninet.tasks.base import TASKS, TaskConfig
+
+__all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "HardwareConfig", "MeasureConfig", "ModelOverrides",
+           "TrialConfig", "TrialResult", "parse_count"]
+
+STATUSES = ("ok", "oom", "diverged", "infeasible", "invalid", "error")
+
+# A trial's model starts from these (not from ModelConfig's GPT-2-size defaults): a small
+# dense encoder that trains in about a minute on a laptop CPU. The trial's ``model`` section
+# overrides them; vocab_size, pad_token_id and num_classes come from the task.
+SMALL_MODEL: dict[str, Any] = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "ff_ratio": 2.0, "dropout": 0.0,
+                               "pooling": "mean"}
+TASK_OWNED_MODEL_KEYS = ("vocab_size", "pad_token_id", "num_classes")
+
+_PARSES = [0]  # TrialConfig constructions in this process (tests check a sweep trial parses at most twice)
+
+
+def parse_count() -> int:
+    return _PARSES[0]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(ConfigBase):
+    """The training budget and optimizer. At least one of ``steps`` and ``max_seconds``;
+    with both, training stops at whichever comes first. A ``steps`` budget is deterministic;
+    ``max_seconds`` couples accuracy to the machine's speed."""
+
+    steps: int | None = None
+    max_seconds: float | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    eval_batch_size: int = 128
+    eval_max_examples: int | None = None  # None: the whole eval split
+
+    def validate(self) -> None:
+        _check(self.steps is not None or self.max_seconds is not None,
+               "train: give a budget: steps (deterministic) and/or max_seconds")
+        _check(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.max_seconds is None or self.max_seconds > 0, f"train.max_seconds must be > 0, got {self.max_seconds}")
+        for name in ("batch_size", "eval_batch_size"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a positive number, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip must be > 0 (or null), got {self.grad_clip}")
+        _check(self.eval_max_examples is None or self.eval_max_examples >= 1,
+               f"train.eval_max_examples must be >= 1 (or null for the whole split), got {self.eval_max_examples}")
+
+
+@dataclass(kw_only=True)
+class HardwareConfig(ConfigBase):
+    """Where and how the trial runs. ``device``, ``precision`` and ``memory_threshold`` are the
+    device config that ``omninet.hardware.resolve_device_config`` checks against this machine;
+    ``allow_emulated`` lets a precision run that the device has no native support for (the
+    result is tagged ``emulated``)."""
+
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16", "auto", "mixed", "int8"] = "fp32"
+    memory_threshold: float = 0.9
+    memory_budget_mb: float | None = None
+    num_threads: int | None = None  # CPU intra-op threads for this trial (None: leave torch's setting)
+    allow_emulated: bool = False
+
+    def validate(self) -> None:
+        _check(self.num_threads is None or self.num_threads >= 1,
+               f"hardware.num_threads must be >= 1 (or null to keep torch's setting), got {self.num_threads}")
+        _check(0.0 < self.memory_threshold <= 1.0,
+               f"hardware.memory_threshold must be a fraction in (0, 1], got {self.memory_threshold}")
+        _check(self.memory_budget_mb is None or self.memory_budget_mb > 0,
+               f"hardware.memory_budget_mb must be > 0 (or null), got {self.memory_budget_mb}")
+
+    def device_config(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "memory_threshold": self.memory_threshold}
+
+
+@dataclass(kw_only=True)
+class MeasureConfig(ConfigBase):
+    """How latency, throughput and memory are measured, and at which deployment shape.
+
+    ``seq_length`` / ``batch_size``: the shape of the measurement (default: the task's
+    ``max_length`` and the training batch), independent of the training length; the inputs are
+    real task tokens at exactly that length. Latency is at batch 1: after ``warmup`` untimed
+    calls, at least ``latency_reps`` calls AND at least ``min_seconds`` of calls; when their
+    coefficient of variation exceeds ``max_cv`` the loop runs again, at most ``max_rounds``
+    times, and the result is tagged ``latency_noisy`` if it stays above."""
+
+    latency_reps: int = 30
+    throughput_reps: int = 20
+    warmup: int = 3
+    min_seconds: float = 1.0
+    max_cv: float = 0.05
+    max_rounds: int = 3
+    seq_length: int | None = None
+    batch_size: int | None = None
+    memory: bool = True
+
+    def validate(self) -> None:
+        for name in ("latency_reps", "throughput_reps"):
+            _check(getattr(self, name) >= 20, f"measure.{name} must be >= 20 for stable percentiles, got {getattr(self, name)}")
+        _check(self.warmup >= 1, f"measure.warmup must be >= 1, got {self.warmup}")
+        _check(self.min_seconds >= 0, f"measure.min_seconds must be >= 0, got {self.min_seconds}")
+        _check(self.max_cv > 0, f"measure.max_cv must be > 0 (a fraction such as 0.05), got {self.max_cv}")
+        _check(1 <= self.max_rounds <= 10, f"measure.max_rounds must be in [1, 10], got {self.max_rounds}")
+        for name in ("seq_length", "batch_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"measure.{name} must be >= 1 (or null), got {value}")
+
+
+def _check_partial(cls: type, values: dict[str, Any], where: str) -> None:
+    """Each given key is a field of ``cls`` with a value of its type (nested configs recurse);
+    cross-field rules are checked when the full ModelConfig is resolved."""
+    _check(isinstance(values, dict), f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys are {', '.join(sorted(names))}")
+    for key, value in values.items():
+        tp = hints[key]
+        if isinstance(tp, type) and issubclass(tp, ConfigBase) and isinstance(value, dict):
+            _check_partial(tp, value, f"{where}.{key}")
+        else:
+            _coerce(value, tp, f"{where}.{key}")
+
+
+@dataclass(kw_only=True)
+class ModelOverrides(ConfigBase):
+    """A partial ``ModelConfig``: only the fields a trial sets, each checked against
+    ModelConfig's annotations when given. ``resolve`` merges them over the defaults and the
+    task's facts into a full, validated ModelConfig."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, _where: str | None = None) -> "ModelOverrides":
+        _check(isinstance(data, dict), f"{_where or 'model'}: expected a mapping, got {type(data).__name__}")
+        return cls(values=copy.deepcopy(data))
+
+    def validate(self) -> None:
+        _check_partial(ModelConfig, self.values, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.values)
+
+    @classmethod
+    def paths(cls, prefix: str = "") -> list[str]:
+        return config_paths(ModelConfig, prefix)
+
+    def resolve(self, defaults: dict[str, Any]) -> ModelConfig:
+        merged = copy.deepcopy(defaults)
+        for key, value in self.values.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return ModelConfig.from_dict(merged, _where="model")
+
+
+@dataclass(kw_only=True)
+class TrialConfig(ConfigBase):
+    """A trial: ``task``, ``model`` (a partial ModelConfig over ``SMALL_MODEL``; the task sets
+    vocab_size, pad_token_id, num_classes and, unless given, arch and max_seq_length),
+    ``train``, ``hardware``, ``measure``. Parsing builds the task (cheap: data is made lazily)
+    and resolves ``model_config`` once."""
+
+    task: TaskConfig
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    train: TrainConfig
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    model_config: ModelConfig = field(init=False, repr=False, compare=False)
+
+    _task_obj: ClassVar[None] = None  # the built Task, per instance (not pickled: rebuilt where it runs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, _where: str | None = None) -> "TrialConfig":
+        if isinstance(data, dict):
+            missing = [k for k in ("task", "train") if k not in data]
+            _check(not missing, f"trial config: missing section(s) {', '.join(missing)}; a trial needs a task and a "
+                                "train budget, e.g. train: {steps: 100}")
+            _check(isinstance(data["task"], dict), "task must be a mapping such as {name: listops}")
+        return super().from_dict(data, _where=_where)
+
+    def validate(self) -> None:
+        _PARSES[0] += 1
+        task = self.task_obj
+        facts = {"vocab_size": task.vocab_size, "pad_token_id": task.pad_id, "num_classes": task.num_classes}
+        given = self.model.values
+        for key in TASK_OWNED_MODEL_KEYS:
+            if key in given and given[key] != facts[key]:
+                raise ValueError(f"model.{key}={given[key]!r} conflicts with task {task.name!r} ({facts[key]!r}); "
+                                 f"remove model.{key}: the task sets it")
+        arch = given.get("arch", "encoder" if task.kind == "classification" else "decoder")
+        _check(task.kind != "lm" or arch == "decoder",
+               f"model.arch={arch!r} cannot be trained on the language-modelling task {task.name!r}; use arch 'decoder'")
+        _check(task.kind != "classification" or arch != "encoder_decoder",
+               f"model.arch='encoder_decoder' has no classification path; use 'encoder' for task {task.name!r}")
+        n = max(task.max_length, self.measure.seq_length or 0)
+        defaults = {**SMALL_MODEL, "max_seq_length": n, **facts, "arch": arch}
+        resolved = ModelOverrides(values={k: v for k, v in given.items() if k not in ("arch",)}).resolve(defaults)
+        object.__setattr__(self, "model_config", resolved)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_task_obj", None)  # a Task may hold generated data: rebuild it on the worker
+        return state
+
+    @property
+    def task_obj(self):
+        """The built task (``omninet.tasks.build_task(self.task)``), built once per process."""
+        if self.__dict__.get("_task_obj") is None:
+            from omninet.tasks import build_task
+
+            object.__setattr__(self, "_task_obj", build_task(self.task))
+        return self.__dict__["_task_obj"]
+
+    @property
+    def seq_length(self) -> int:
+        """The deployment length that latency and memory are measured at."""
+        return self.measure.seq_length or self.task_obj.max_length
+
+    @property
+    def measure_batch_size(self) -> int:
+        return self.measure.batch_size or self.train.batch_size
+
+    def paths(self) -> list[str]:
+        """Every settable dotted path of this trial config (the task's fields by its name)."""
+        out = [f"task.{p}" for p in config_paths(type(self.task))] + ["task.name"]
+        for name in ("model", "train", "hardware", "measure"):
+            cls = ModelOverrides if name == "model" else type(getattr(self, name))
+            out += cls.paths(f"{name}.") if hasattr(cls, "paths") else config_paths(cls, f"{name}.")
+        return out
+
+    def check_path(self, path: str, *, where: str) -> None:
+        check_path(path, self.paths(), where=where)
+
+    def with_values(self, values: dict[str, Any]) -> "TrialConfig":
+        """A new TrialConfig with ``{dotted path: value}`` set (one parse)."""
+        data = self.to_dict()
+        for path, value in values.items():
+            set_path(data, path, value)
+        return TrialConfig.from_dict(data)
+
+
+# ---- result -----------------------------------------------------------------------------
+@dataclass
+class TrialResult:
+    """One trial's flat record. Metrics are None where the trial did not get that far.
+
+    Every measured number carries the conditions it was measured under: ``cores`` and
+    ``num_threads`` the trial ran on, ``measure_co_running`` (other trials active on the node
+    while it measured: 0 under the sweep's isolation), the load average around the
+    measurement, and ``memory_method`` (which counter each memory figure comes from)."""
+
+    status: str
+    error: str | None = None
+    accuracy: float | None = None  # the task metric, higher is better
+    eval_loss: float | None = None
+    majority_baseline: float | None = None
+    peak_memory_train_mb: float | None = None  # tensor peak of one training step (allocator / profiler timeline)
+    peak_memory_infer_mb: float | None = None  # tensor peak of one inference forward, first call in a clean state
+    peak_memory_infer_later_mb: float | None = None  # the same call after the timing runs (history check)
+    peak_rss_train_mb: float | None = None  # process resident set, sampled in a thread during the training step
+    peak_rss_infer_mb: float | None = None  # process resident set, sampled during the inference forward
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    latency_mean_ms: float | None = None
+    latency_cv: float | None = None  # std / mean of the timed calls of the last round
+    latency_reps: int | None = None
+    latency_rounds: int | None = None
+    latency_noisy: bool | None = None  # cv stayed above measure.max_cv after max_rounds
+    throughput_tokens_s: float | None = None
+    train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
+    num_params: int | None = None  # after head pruning
+    heads_pruned: int | None = None
+    heads_remaining: int | None = None
+    train_seconds: float | None = None
+    measure_seconds: float | None = None
+    measure_wait_s: float | None = None  # waiting for the node's measurement lock
+    measure_co_running: int | None = None
+    load_avg_before: float | None = None  # 1-minute load average at the start of the measurement
+    load_avg_after: float | None = None
+    cores: str | None = None  # CPU cores the trial was pinned to ('0,1'), None if not pinned
+    num_threads: int | None = None
+    wall_seconds: float | None = None
+    steps: int = 0
+    device: str | None = None
+    device_name: str | None = None
+    precision: str | None = None
+    emulated: bool | None = None  # the precision has no native support on this device (allow_emulated)
+    estimated_memory_mb: float | None = None
+    memory_budget_mb: float | None = None
+    memory_method: str | None = None
+    seq_length: int | None = None
+    measure_batch_size: int | None = None
+    seed: int | None = None
+    task: str | None = None
+    notes: str | None = None
+    loss_curve: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat and JSON-serializable (non-finite floats become None)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+        out["loss_curve"] = [float(x) for x in self.loss_curve if math.isfinite(x)]
+        return out
+
+    @classmethod
+    def numeric_fields(cls) -> dict[str, type]:
+        """{field: int | float | bool | str} for the scalar fields (the Parquet schema's source)."""
+        out: dict[str, type] = {}
+        for name, tp in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if args[0] in (int, float, bool, str):
+                out[name] = args[0]
+        return out

@@ -1,0 +1,214 @@
+"""Training and evaluation of a trial: AdamW (weight decay on matrices only), linear warm-up
+then cosine decay to ``min_lr_ratio * lr``, gradient clipping, the precision policy (autocast
+in bf16/fp16; a gradient scaler where the backend needs one), head pruning after training.
+
+With a ``steps`` budget training is deterministic on CPU given the config and seed; a
+``max_seconds`` budget makes the step count depend on the machine's speed (the cosine
+schedule then follows elapsed time). Training and evaluation call ``gate.checkpoint()``
+between steps, where a trial pauses while another trial on its node measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from omninet.trial.config import HardwareConfig, TrainConfig
+
+__all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
+           "to_device"]
+
+PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
+
+
+class Diverged(Exception):
+    pass
+
+
+@dataclass
+class Plan:
+    """How this trial computes: the training placement (device, precision policy), its loss
+    scaler, whether the trained model is quantized to int8 for evaluation and inference, and
+    whether the precision runs emulated (no native support here; ``allow_emulated``)."""
+
+    placement: Any
+    scaler: Any
+    int8: bool
+    emulated: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def backend(self):
+        return self.placement.backend
+
+    def autocast(self):
+        policy = self.placement.policy
+        return policy.autocast() if policy is not None else contextlib.nullcontext()
+
+
+def resolve_plan(hw: HardwareConfig) -> Plan:
+    """ValueError when this machine cannot run the requested device / precision (unless the
+    config allows emulation, in which case the plan is tagged emulated)."""
+    from omninet.hardware import resolve_device_config
+
+    device_config = hw.device_config()
+    int8 = hw.precision == "int8"
+    emulated = False
+    if int8:
+        resolve_device_config(device_config, training=False)  # int8 inference must be possible here
+        device_config["precision"] = "fp32"  # train in fp32, quantize after training
+    try:
+        placement = resolve_device_config(device_config, training=True)
+    except ValueError as exc:
+        if not hw.allow_emulated or hw.precision not in ("bf16", "fp16", "mixed"):
+            raise
+        emulated = True
+        placement = _emulated_placement(device_config, exc)
+    policy = getattr(placement, "policy", None)
+    scaler = policy.make_grad_scaler() if policy is not None else None
+    return Plan(placement, scaler, int8, emulated)
+
+
+def _emulated_placement(device_config: dict[str, Any], refusal: ValueError):
+    """The requested low precision on a device without native support: autocast to that dtype
+    anyway (PyTorch's scalar fallbacks), tagged emulated. Only when the user allows it."""
+    from omninet.hardware import resolve_device_config
+    from omninet.hardware.precision import PrecisionPolicy
+
+    base = resolve_device_config({**device_config, "precision": "fp32"}, training=True)
+    name = device_config["precision"]
+    dtype = torch.float16 if name == "fp16" else torch.bfloat16
+    base.policy = PrecisionPolicy(name=name, compute_dtype=dtype, device_type=base.device.type,
+                                  grad_scaler=name == "fp16", reason=f"emulated: {refusal}")
+    base.precision = name
+    return base
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def lr_factor(step_index: int, elapsed: float, tc: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine to ``min_lr_ratio``; progress is the
+    larger of the step and time fractions of the budget."""
+    warm = min(1.0, (step_index + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0
+    progress = 0.0
+    if tc.steps is not None:
+        progress = max(progress, step_index / tc.steps)
+    if tc.max_seconds is not None:
+        progress = max(progress, elapsed / tc.max_seconds)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warm * (tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        (decay if p.dim() >= 2 else no_decay).append(p)  # biases and norms are not decayed
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+
+
+def train_batches(task, tc: TrainConfig) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless deterministic stream: epoch e is shuffled with seed ``seed + e``."""
+    epoch = 0
+    while True:
+        yielded = False
+        for batch in task.batches("train", tc.batch_size, seed=tc.seed + epoch, shuffle=True, drop_last=True):
+            yielded = True
+            yield batch
+        if not yielded:  # fewer examples than one batch: keep the partial batch
+            partial = list(task.batches("train", tc.batch_size, seed=tc.seed + epoch, shuffle=True, drop_last=False))
+            if not partial:
+                raise ValueError(f"task {task.name!r} has no training examples")
+            yield from partial
+        epoch += 1
+
+
+def step(model, opt, batch, tc: TrainConfig, plan: Plan) -> torch.Tensor:
+    """One optimizer step under the precision policy; returns the detached loss. The head
+    router's balance term is already part of ``out.loss`` (the model adds it)."""
+    with plan.autocast():
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    loss = out.loss
+    opt.zero_grad(set_to_none=True)
+    if plan.scaler is not None:
+        plan.scaler.scale(loss).backward()
+        plan.scaler.unscale_(opt)  # clip true gradients, not scaled ones
+    else:
+        loss.backward()
+    if tc.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    if plan.scaler is not None:
+        plan.scaler.step(opt)
+        plan.scaler.update()
+    else:
+        opt.step()
+    return loss.detach()
+
+
+def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate) -> None:
+    model.train()
+    stream = train_batches(task, tc)
+    tokens = 0
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        if (tc.steps is not None and res.steps >= tc.steps) or (tc.max_seconds is not None and elapsed >= tc.max_seconds):
+            break
+        gate.checkpoint()
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * lr_factor(res.steps, elapsed, tc)
+        batch = to_device(next(stream), plan.device)
+        loss = float(step(model, opt, batch, tc, plan))
+        res.steps += 1
+        tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(loss):
+            res.train_seconds = time.perf_counter() - start
+            raise Diverged(f"training loss became {loss} at step {res.steps} (lr={tc.lr})")
+        res.loss_curve.append(loss)
+    res.train_seconds = time.perf_counter() - start
+    res.train_tokens_s = tokens / res.train_seconds if res.train_seconds > 0 else None
+
+
+@torch.no_grad()
+def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> dict[str, float]:
+    model.eval()
+    meter = task.new_meter()
+    seen = 0
+    for batch in task.batches("eval", tc.eval_batch_size, shuffle=False):
+        if tc.eval_max_examples is not None:
+            if seen >= tc.eval_max_examples:
+                break
+            batch = {k: v[: tc.eval_max_examples - seen] for k, v in batch.items()}
+        gate.checkpoint()
+        batch = to_device(batch, plan.device)
+        with plan.autocast():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        meter.update(logits.float(), batch)
+        seen += batch["input_ids"].shape[0]
+    return meter.compute()
+
+
+def prune_heads(model, task, tc: TrainConfig, device, res) -> None:
+    """After training: removes ``heads.prune_ratio`` of all heads, least important first by
+    gradient importance (``omninet.heads.prune_model``) on a few train batches."""
+    ratio = model.config.heads.prune_ratio
+    if ratio <= 0:
+        return
+    from omninet.heads import prune_model
+
+    calibration = [to_device(b, device) for _, b in zip(range(PRUNE_CALIBRATION_BATCHES),
+                                                        task.batches("train", tc.batch_size, seed=tc.seed + 10_000))]
+    report = prune_model(model, calibration, prune_ratio=ratio)
+    res.heads_pruned, res.heads_remaining = report.heads_before - report.heads_after, report.heads_after

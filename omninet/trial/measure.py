@@ -1,0 +1,307 @@
+"""Measurement: a robust latency loop, history-free memory trackers, and the conditions each
+number was measured under. The trial runner and the benchmarks both use this module.
+
+Latency (``latency``): ``warmup`` untimed calls, then at least ``min_reps`` calls AND at least
+``min_seconds`` of calls, each device-synchronized through the hardware backend; p50/p90/
+p95/p99, mean and the coefficient of variation (std / mean). When the variation exceeds
+``max_cv`` the loop runs again (at most ``max_rounds`` rounds) and the result is tagged
+``noisy`` if it stays above.
+
+Memory (``track_memory``), measured from a clean state (``limits.clean_state``: garbage
+collected, C allocator trimmed, accelerator cache emptied), two counters reported side by side:
+
+- ``tensor_peak_mb``: tensors alive at the start (``live_bytes``: parameters, buffers,
+  gradients, optimizer state) plus the peak of tensor allocations during the call. CPU: the
+  PyTorch profiler's memory timeline; accelerators: the allocator's peak
+  (``backend.memory_stats().peak`` after ``backend.reset_peak_memory``).
+- ``rss_peak_mb``: the process's resident set, sampled every millisecond by a thread while the
+  call runs (and Linux's VmHWM after resetting it, when allowed): what the OS sees, including
+  allocator slack, the Python heap and anything a kernel keeps outside torch's tensors.
+
+A measured peak must not depend on what ran before: callers measure the first call in a
+clean state and a later call after the timing runs, and record both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["backend_for", "synchronize", "time_fn", "summarize", "LatencyStats", "latency", "MemoryReading",
+           "track_memory", "peak_memory_mb", "load_average", "MeasureGate", "machine_facts"]
+
+MB = 2**20
+
+
+def backend_for(device: torch.device):
+    """The hardware backend that drives ``device`` (ROCm for a HIP build's ``cuda``)."""
+    from omninet.hardware import BACKENDS, get_backend
+
+    device = torch.device(device)
+    if device.type == "cuda" and getattr(torch.version, "hip", None):
+        return get_backend("rocm")
+    for name, cls in BACKENDS.items():
+        if cls.device_type == device.type and name != "rocm":
+            return get_backend(name)
+    raise ValueError(f"no hardware backend drives device type {device.type!r}")
+
+
+def synchronize(device: torch.device) -> None:
+    device = torch.device(device)
+    if device.type != "cpu":
+        backend_for(device).synchronize(device.index or 0)
+
+
+def time_fn(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int = 2, reps: int = 5) -> list[float]:
+    """Seconds per call: ``reps`` timed calls after ``warmup`` untimed ones, device-synchronized."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _quantile(s: list[float], q: float) -> float:
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    s = sorted(times)
+    mean = statistics.fmean(s)
+    return {"median_s": statistics.median(s), "p90_s": _quantile(s, 0.90), "p95_s": _quantile(s, 0.95),
+            "p99_s": _quantile(s, 0.99), "min_s": s[0], "max_s": s[-1], "mean_s": mean,
+            "cv": (statistics.pstdev(s) / mean) if mean > 0 and len(s) > 1 else 0.0, "reps": len(s)}
+
+
+@dataclass
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    cv: float
+    reps: int
+    rounds: int
+    noisy: bool
+
+
+def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int = 3, min_reps: int = 20,
+            min_seconds: float = 1.0, max_cv: float = 0.05, max_rounds: int = 3) -> LatencyStats:
+    """The robust latency loop (see the module docstring). Statistics are those of the last
+    round (the earlier ones are judged too noisy, or the loop would have stopped)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    rounds, s = 0, None
+    while rounds < max_rounds:
+        rounds += 1
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        s = summarize(times)
+        if s["cv"] <= max_cv:
+            break
+    return LatencyStats(p50_ms=s["median_s"] * 1e3, p90_ms=s["p90_s"] * 1e3, p95_ms=s["p95_s"] * 1e3,
+                        p99_ms=s["p99_s"] * 1e3, mean_ms=s["mean_s"] * 1e3, cv=s["cv"], reps=s["reps"],
+                        rounds=rounds, noisy=s["cv"] > max_cv)
+
+
+# ---- memory -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _timeline_peak_mb(fn: Callable[[], object]) -> float:
+    """CPU: peak tensor MB allocated by ``fn`` above the level at its start, from the
+    profiler's memory timeline (every allocation and free)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    with _quiet_stderr():  # kineto prints "profiler_start/stop" lines straight to fd 2 on every call
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the timeline export is deprecated but still the CPU path
+            prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    finally:
+        os.unlink(path)
+    if not sizes:
+        return 0.0
+    totals = [sum(row) for row in sizes]
+    return max(0.0, (max(totals) - totals[0]) / MB)
+
+
+def peak_memory_mb(fn: Callable[[], object], *, device=torch.device("cpu")) -> float:
+    """Peak tensor memory (MB) allocated by ``fn`` above the level when it starts."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _timeline_peak_mb(fn)
+    backend = backend_for(device)
+    index = device.index or 0
+    backend.synchronize(index)
+    backend.reset_peak_memory(index)
+    base = backend.memory_stats(index).in_use
+    fn()
+    backend.synchronize(index)
+    return max(0.0, (backend.memory_stats(index).peak - base) / MB)
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    """Resets Linux's peak-RSS counter (VmHWM) for this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _RSSSampler(threading.Thread):
+    """Samples the process's resident set every ``interval_s`` until stopped; ``peak``."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        super().__init__(daemon=True, name="omninet-rss-sampler")
+        self.interval_s, self.peak = interval_s, _rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, _rss_bytes())
+        return self.peak
+
+
+@dataclass
+class MemoryReading:
+    tensor_peak_mb: float
+    rss_peak_mb: float
+    method: str
+
+
+def track_memory(fn: Callable[[], object], *, device=torch.device("cpu"), live_bytes: int = 0) -> MemoryReading:
+    """Both counters of one call of ``fn`` (see the module docstring). Call it from a clean
+    state (``omninet.trial.limits.clean_state``)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        backend = backend_for(device)
+        backend.synchronize(device.index or 0)
+        live_bytes = backend.memory_stats(device.index or 0).in_use
+    hwm = _reset_hwm()
+    sampler = _RSSSampler()
+    sampler.start()
+    try:
+        tensor = live_bytes / MB + peak_memory_mb(fn, device=device)
+    finally:
+        rss = sampler.stop()
+    if hwm:
+        rss = max(rss, _hwm_bytes() or 0)
+    counter = "torch.profiler memory timeline" if device.type == "cpu" else "allocator peak (backend memory_stats)"
+    method = (f"tensor: live tensors + {counter}; rss: process resident set sampled every 1 ms"
+              f"{' + VmHWM' if hwm else ''}")
+    return MemoryReading(tensor_peak_mb=tensor, rss_peak_mb=rss / MB, method=method)
+
+
+# ---- conditions -------------------------------------------------------------------------
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+class MeasureGate:
+    """Isolation of the measurement phases. This one, for a trial run on its own, isolates
+    nothing and reports that; the sweep's workers pass a node-wide gate
+    (``omninet.sweep.isolation``) under which no other trial of the node runs while one
+    measures. ``checkpoint()`` is called between training and evaluation steps (where a
+    trial pauses when another one on its node wants to measure)."""
+
+    def checkpoint(self) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[dict]:
+        yield {"wait_s": 0.0, "co_running": None}
+
+
+def machine_facts() -> dict:
+    """CPU model, the CPU flags the targets depend on, cores and torch: recorded with every
+    benchmark."""
+    import platform
+
+    from omninet.hardware import cpu_flags
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {"cpu_model": model, "cpu_flags": sorted(k for k, v in flags.items() if v), "cores": os.cpu_count(),
+            "torch": torch.__version__, "load_avg": load_average()}

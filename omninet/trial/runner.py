@@ -1,0 +1,415 @@
+"""One trial: build a configuration on the local device, train it within a budget, evaluate
+it, measure it, and return one flat record. Every point on the platform's
+accuracy-memory-latency trade-off is one ``run_trial``.
+
+    result = run_trial({"task": {"name": "listops"}, "train": {"steps": 200}})
+    result.status, result.accuracy, result.latency_p50_ms, result.to_dict()
+
+Order of work: validate the config (``invalid``) -> resolve the device and precision through
+``omninet.hardware`` (``invalid``) -> estimate peak memory against the budget (``infeasible``;
+nothing built) -> under the run-time memory limit and the trial's cores: build, train
+(``diverged`` on a non-finite loss), measure the training step's memory, prune heads, quantize
+(``int8``), evaluate, measure latency, throughput and inference memory at the deployment shape
+(``measure.seq_length`` x ``measure.batch_size``, real task tokens). ``oom`` on a real
+allocation failure, ``error`` (with the message) on anything else. A trial-level failure is a
+result, never an exception.
+
+Measurement phases run inside ``gate.exclusive()``: under a sweep no other trial of the node
+trains or measures meanwhile (``omninet.sweep.isolation``). Memory is measured first, in a
+clean state, on the first call at the measurement shape; latency after; then memory again
+(``peak_memory_infer_later_mb``), so a figure that depends on call history shows up.
+
+Memory budget: ``memory_budget_mb`` (argument, else ``hardware.memory_budget_mb``) is both the
+infeasibility threshold for the estimate and a hard limit at run time (``omninet.trial.limits``).
+Without a budget, ``memory_threshold`` x the device's capacity is the infeasibility threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from omninet.trial import limits, loop, measure
+from omninet.trial.config import TrialConfig, TrialResult
+
+__all__ = ["run_trial", "estimate_memory_mb", "OmniNetRunner", "FunctionRunner", "RunContext", "resolve_runner",
+           "trial_main"]
+
+MB = 2**20
+
+
+@dataclass
+class RunContext:
+    """What the platform hands a runner beyond the config: the CPU cores it was allotted and
+    the node's measurement gate."""
+
+    cores: list[int] | None = None
+    gate: Any = None
+
+
+# ---- memory estimate --------------------------------------------------------------------
+def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
+    """Estimated peak tensor memory (MB) of a training step at the measurement batch and
+    sequence length (``omninet.hardware.estimate_memory_mb``). ValueError on a bad config."""
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    from omninet.hardware import estimate_memory_mb as hardware_estimate
+    from omninet.hardware import resolve_device_config
+
+    precision = cfg.hardware.precision
+    if precision == "int8":  # int8 trains in fp32
+        precision = "fp32"
+    elif precision == "auto":
+        precision = resolve_device_config({**cfg.hardware.device_config(), "precision": "auto"}, training=True).precision
+    return float(hardware_estimate(cfg.model_config, batch_size=cfg.measure_batch_size, seq_len=cfg.seq_length,
+                                   precision=precision, training=True))
+
+
+def _capacity_mb(plan: loop.Plan) -> float | None:
+    if plan.device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available / MB
+    try:
+        return plan.backend.memory_stats(plan.device.index or 0).capacity / MB or None
+    except Exception as exc:  # a backend without capacity figures: no capacity-based threshold
+        import logging
+
+        logging.getLogger("omninet.trial").debug("no device capacity (%s)", exc)
+        return None
+
+
+# ---- measurement phases -----------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """(storage key, bytes); quantized tensors have no plain storage: count their elements."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return id(t), t.numel() * t.element_size()
+
+
+def _live_tensor_bytes(*objs) -> int:
+    """Bytes of the distinct tensors held by modules (state dict, gradients; int8 packed
+    weights included) and optimizers (their state)."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, (tuple, list)):
+            for x in t:
+                add(x)
+        elif isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key, nbytes = _tensor_bytes(t)
+            seen[key] = nbytes
+
+    for obj in objs:
+        if isinstance(obj, nn.Module):
+            for t in obj.state_dict(keep_vars=True).values():
+                add(t)
+            for t in obj.parameters():
+                add(t.grad)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                add(list(state.values()))
+    return sum(seen.values())
+
+
+def _conditions(res: TrialResult, info: dict, before: float | None) -> None:
+    res.measure_wait_s = (res.measure_wait_s or 0.0) + float(info.get("wait_s") or 0.0)
+    if info.get("co_running") is not None:
+        res.measure_co_running = max(res.measure_co_running or 0, int(info["co_running"]))
+    if res.load_avg_before is None:
+        res.load_avg_before = before
+    res.load_avg_after = measure.load_average()
+
+
+def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+    """One real training step on train inputs at the measurement shape (B, N): the weights
+    move once more, as if training had lasted one step longer."""
+    batch = loop.to_device(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"), plan.device)
+    model.train()
+    with gate.exclusive() as info:
+        before = measure.load_average()
+        limits.clean_state(plan.backend, plan.device.index or 0)
+        reading = measure.track_memory(lambda: loop.step(model, opt, batch, cfg.train, plan), device=plan.device,
+                                       live_bytes=_live_tensor_bytes(model, opt))
+    _conditions(res, info, before)
+    res.peak_memory_train_mb, res.peak_rss_train_mb = reading.tensor_peak_mb, reading.rss_peak_mb
+
+
+def _measure_inference(model, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+    mcfg, device = cfg.measure, plan.device
+    n, b = cfg.seq_length, cfg.measure_batch_size
+    model.eval()
+    one = loop.to_device(task.measurement_batch(1, n), device)
+    many = loop.to_device(task.measurement_batch(b, n), device)
+
+    @torch.no_grad()
+    def infer(batch):
+        with plan.autocast():
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    live = _live_tensor_bytes(model)
+    with gate.exclusive() as info:
+        before = measure.load_average()
+        start = time.perf_counter()
+        if mcfg.memory:  # first: the first call at this shape, in a clean state
+            limits.clean_state(plan.backend, device.index or 0)
+            first = measure.track_memory(lambda: infer(many), device=device, live_bytes=live)
+            res.peak_memory_infer_mb, res.peak_rss_infer_mb, res.memory_method = (
+                first.tensor_peak_mb, first.rss_peak_mb, first.method)
+        lat = measure.latency(lambda: infer(one), device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps,
+                              min_seconds=mcfg.min_seconds, max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds)
+        res.latency_p50_ms, res.latency_p90_ms, res.latency_p95_ms = lat.p50_ms, lat.p90_ms, lat.p95_ms
+        res.latency_p99_ms, res.latency_mean_ms, res.latency_cv = lat.p99_ms, lat.mean_ms, lat.cv
+        res.latency_reps, res.latency_rounds, res.latency_noisy = lat.reps, lat.rounds, lat.noisy
+        thr = measure.summarize(measure.time_fn(lambda: infer(many), device=device, warmup=mcfg.warmup,
+                                                reps=mcfg.throughput_reps))
+        res.throughput_tokens_s = b * n / thr["median_s"]
+        if mcfg.memory:  # again, after the timing runs: must match the first call
+            limits.clean_state(plan.backend, device.index or 0)
+            res.peak_memory_infer_later_mb = measure.track_memory(lambda: infer(many), device=device,
+                                                                  live_bytes=live).tensor_peak_mb
+        res.measure_seconds = (res.measure_seconds or 0.0) + time.perf_counter() - start
+    _conditions(res, info, before)
+
+
+# ---- the runner -------------------------------------------------------------------------
+def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float | None = None,
+              preflight: bool = True, context: RunContext | None = None) -> TrialResult:
+    """Runs one trial and returns its result; never raises for a trial-level failure.
+    ``memory_budget_mb`` overrides ``hardware.memory_budget_mb``. ``preflight=False`` skips the
+    estimate check, leaving the run-time limit as the only judge of memory."""
+    wall = time.perf_counter()
+    context = context or RunContext()
+    gate = context.gate or measure.MeasureGate()
+    res = TrialResult(status="ok")
+    notes: list[str] = []
+    try:
+        cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+        plan = loop.resolve_plan(cfg.hardware)
+    except ValueError as exc:
+        return _finish(res, wall, notes, status="invalid", error=str(exc))
+    except Exception as exc:  # a bug or broken environment, not a bad config
+        return _finish(res, wall, notes, status="error", error=f"{type(exc).__name__}: {exc}")
+
+    device = plan.device
+    res.device, res.device_name = str(device), plan.backend.device_name(device.index or 0)
+    res.precision = "int8" if plan.int8 else plan.placement.precision
+    res.emulated = plan.emulated
+    if plan.emulated:
+        notes.append(plan.placement.policy.reason)
+    res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
+    res.seed = cfg.train.seed
+    budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
+    res.memory_budget_mb = budget
+    try:
+        res.estimated_memory_mb = estimate_memory_mb(cfg)
+        threshold = budget
+        if threshold is None:
+            capacity = _capacity_mb(plan)
+            threshold = None if capacity is None else capacity * cfg.hardware.memory_threshold
+        if preflight and threshold is not None and res.estimated_memory_mb > threshold:
+            return _finish(res, wall, notes, status="infeasible",
+                           error=f"estimated peak memory {res.estimated_memory_mb:.1f} MB exceeds the budget of {threshold:.1f} MB")
+        if cfg.task_obj.kind == "classification":
+            res.majority_baseline = cfg.task_obj.majority_baseline
+        with limits.pinned(context.cores, cfg.hardware.num_threads) as (cores, threads), \
+                limits.memory_limit(device, budget, notes):
+            res.cores, res.num_threads = (",".join(map(str, cores)) if cores else None), threads
+            _run(cfg, plan, res, gate)
+    except loop.Diverged as exc:
+        limits.clean_state(plan.backend)
+        return _finish(res, wall, notes, status="diverged", error=str(exc))
+    except BaseException as exc:  # noqa: BLE001 -- every trial failure is a result (KeyboardInterrupt is re-raised)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        status = "oom" if limits.is_oom(exc) else "error"
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        del exc
+        limits.clean_state(plan.backend)
+        return _finish(res, wall, notes, status=status, error=message)
+    return _finish(res, wall, notes, status="ok")
+
+
+def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+    """train -> training-step memory -> prune heads -> int8 -> evaluate -> inference figures."""
+    from omninet.model import OmniNetModel
+
+    tc, task, device = cfg.train, cfg.task_obj, plan.device
+    torch.manual_seed(tc.seed)
+    model = OmniNetModel(cfg.model_config)
+    if plan.placement.precision == "mixed":  # the layer-wise plan is measured on a train batch
+        calib = loop.to_device(task.measurement_batch(tc.batch_size, cfg.seq_length, split="train"), device)
+        model = plan.placement.apply(model, calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
+    else:
+        model = plan.placement.apply(model)
+    res.num_params = model.num_parameters()
+    opt = loop.make_optimizer(model, tc)
+    loop.train(model, opt, task, tc, plan, res, gate)
+    if cfg.measure.memory:
+        _measure_train_memory(model, opt, task, cfg, plan, res, gate)
+    del opt  # inference needs neither gradients nor optimizer state
+    model.zero_grad(set_to_none=True)
+    loop.prune_heads(model, task, tc, device, res)
+    res.num_params = model.num_parameters()
+    if plan.int8:
+        from omninet.hardware import quantize_int8
+
+        model = quantize_int8(model, inplace=True)
+    metrics = loop.evaluate(model, task, tc, plan, gate)
+    res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
+    _measure_inference(model, task, cfg, plan, res, gate)
+
+
+def _finish(res: TrialResult, wall: float, notes: list[str], *, status: str, error: str | None = None) -> TrialResult:
+    res.status, res.error = status, error
+    res.notes = "; ".join(notes) or None
+    res.wall_seconds = time.perf_counter() - wall
+    return res
+
+
+# ---- runner objects (what the sweep platform calls) -------------------------------------
+class OmniNetRunner:
+    """The default runner: typed ``TrialConfig`` in, ``TrialResult`` record out. Resolved once
+    per sweep; the controller parses each trial's config once (``with_values``) and the worker
+    runs it as is."""
+
+    name = "omninet"
+    result_fields = frozenset(TrialResult.numeric_fields())
+
+    def parse(self, data: dict[str, Any]) -> TrialConfig:
+        return data if isinstance(data, TrialConfig) else TrialConfig.from_dict(data)
+
+    def to_dict(self, config: TrialConfig) -> dict[str, Any]:
+        return config.to_dict()
+
+    def with_values(self, base: TrialConfig, values: dict[str, Any]) -> TrialConfig:
+        return base.with_values(values)
+
+    def check_path(self, base: TrialConfig, path: str, *, where: str) -> None:
+        base.check_path(path, where=where)
+
+    def estimate_mb(self, config: TrialConfig) -> float | None:
+        return estimate_memory_mb(config)
+
+    def on_cpu(self, config: TrialConfig) -> TrialConfig:
+        """The same trial on this node's CPU (a simulated accelerator pool)."""
+        import dataclasses
+
+        return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
+
+    def run(self, config: TrialConfig, *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
+        return run_trial(config, memory_budget_mb=memory_budget_mb, context=context).to_dict()
+
+
+class FunctionRunner:
+    """A plain ``fn(config_dict, *, memory_budget_mb) -> dict`` trial function (the toy runner
+    of the platform's tests, or a user's own) with an optional ``estimate(config_dict)``.
+    Its config is a plain dict; ``fn.result_fields`` (if set) declares the keys it returns."""
+
+    name = "function"
+
+    def __init__(self, fn, estimate=None) -> None:
+        self.fn, self.estimate = fn, estimate
+        fields = getattr(fn, "result_fields", None)
+        self.result_fields = frozenset(fields) if fields is not None else None
+
+    def parse(self, data: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ValueError(f"trial must be a mapping, got {type(data).__name__}")
+        return data
+
+    def to_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+        return config
+
+    def with_values(self, base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        from omninet.paths import with_path
+
+        out = base
+        for path, value in values.items():
+            out = with_path(out, path, value)
+        return out if values else dict(base)
+
+    def check_path(self, base: dict[str, Any], path: str, *, where: str) -> None:
+        return None  # a free-form config: any path may be set
+
+    def estimate_mb(self, config: dict[str, Any]) -> float | None:
+        return None if self.estimate is None else self.estimate(config)
+
+    def on_cpu(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "hardware": {**(config.get("hardware") or {}), "device": "cpu"}}
+
+    def run(self, config: dict[str, Any], *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
+        result = self.fn(config, memory_budget_mb=memory_budget_mb)
+        return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def resolve_runner(fn, estimate=None):
+    """The runner object behind a sweep's ``trial_fn``: the object itself when it is a runner,
+    the runner a function declares (``fn.runner``), else a FunctionRunner around it."""
+    if hasattr(fn, "run") and hasattr(fn, "parse"):
+        return fn
+    declared = getattr(fn, "runner", None)
+    if declared is not None:
+        return declared
+    return FunctionRunner(fn, estimate)
+
+
+run_trial.runner = OmniNetRunner()  # `trial_fn: omninet.trial:run_trial` in a sweep resolves to this
+
+
+# ---- command line -----------------------------------------------------------------------
+def trial_main(argv: list[str] | None = None) -> int:
+    """``omninet trial --config X.yaml [--set model.attention.kernel=linformer ...]``: prints the
+    flat result as one JSON object. Exit status: 0 ok, 1 another trial status, 2 invalid config
+    (one line on stderr, nothing run)."""
+    import yaml
+
+    from omninet.paths import set_path
+
+    parser = argparse.ArgumentParser(prog="omninet trial", description="Train, evaluate and measure one configuration.")
+    parser.add_argument("--config", required=True, help="trial config YAML (sections task, model, train, hardware, measure)")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a dotted key, e.g. --set train.max_seconds=10 (value parsed as YAML)")
+    parser.add_argument("--memory-budget-mb", type=float, default=None, help="memory budget (infeasibility + run-time limit)")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip the memory-estimate check: the run-time limit alone decides (oom instead of infeasible)")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.config) as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config}: expected a mapping of sections (task, model, train, ...)")
+        for item in args.set:
+            path, sep, value = item.partition("=")
+            if not (sep and path):
+                raise ValueError(f"--set {item!r}: expected PATH=VALUE, e.g. train.steps=100")
+            set_path(data, path, yaml.safe_load(value))
+        cfg = TrialConfig.from_dict(data)
+        for item in args.set:
+            cfg.check_path(item.partition("=")[0], where="--set")
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        print(f"invalid trial config: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    result = run_trial(cfg, memory_budget_mb=args.memory_budget_mb, preflight=not args.no_preflight)
+    text = json.dumps(result.to_dict())
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if result.status == "invalid":
+        print(f"invalid trial config: {result.error}", file=sys.stderr)
+        return 2
+    return 0 if result.status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(trial_main())
