@@ -27,12 +27,28 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     cfg["trial"]["task"].update(num_train=400, num_eval=64)
     cfg["trial"]["train"].update(max_seconds=2, eval_max_examples=64)
     cfg["sampler"] = {"kind": "random", "seed": 3}
+    cfg["repeats"] = {"count": 2, "scope": "pareto", "top": 1}  # the best front configuration once more
     assert not ray.is_initialized()
     result = run_sweep(cfg, num_cpus=2)
     assert not ray.is_initialized()  # the embedded Ray is shut down again
     assert result.audit() == []
     df = result.trials()
-    assert sorted(df.groupby("pool").size().items()) == [("cpu", 2), ("gpu", 2)]
+    main = df[df.repeat_of.isna()]
+    assert sorted(main.groupby("pool").size().items()) == [("cpu", 2), ("gpu", 2)]
+    # the dense baseline ran first in every pool (enqueue)
+    assert (main[main.trial_number == 0]["param.model.attention.kernel"] == "sdpa").all()
+    repeats = df[df.repeat_of.notna()]
+    assert sorted(repeats.groupby("pool").size().items()) == [("cpu", 1), ("gpu", 1)]
+    for _, rep in repeats.iterrows():  # same configuration, another seed
+        orig = df[(df.pool == rep.pool) & (df.trial_number == rep.repeat_of)].iloc[0]
+        assert rep.config_key == orig.config_key and rep.seed == orig.seed + 1
+    agg = result.aggregate("cpu")
+    assert (agg.runs == 2).sum() == 1 and agg.loc[agg.runs == 2, "accuracy_ci95"].notna().all()
+    # measured at the deployment shape, isolated, with both memory counters and the history check
+    assert (ok_shape := df[df.status == "ok"]).seq_length.eq(1024).all() and ok_shape.measure_batch_size.eq(4).all()
+    assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all()
+    assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
+    assert ok_shape.memory_method.str.contains("rss").all()
     assert set(df.status) <= set(trial.STATUSES)
     assert (df.status == "ok").sum() >= 2, df[["pool", "status", "error"]].to_string()
     ok = df[df.status == "ok"]

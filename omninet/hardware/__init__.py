@@ -155,3 +155,4 @@ def resolve_device_config(device_config: dict, *, training: bool = False) -> Pla
     backend, index = resolve_backend(device_config.get("device", "auto"))
     policy = resolve_precision(precision, backend, training=training)
     return Placement(backend.torch_device(index), policy.name, float(threshold), backend, policy)
+from omninet.hardware._stub_probe import device_present, probe_capabilities  # noqa: E402  TEMPORARY

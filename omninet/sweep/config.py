@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from omninet.config import ConfigBase
+from omninet.paths import MISSING, get_path
 
 __all__ = [
     "SweepConfigError",
@@ -43,6 +44,7 @@ __all__ = [
     "SamplerSpec",
     "StorageSpec",
     "SweepConfig",
+    "RepeatSpec",
     "load_config",
     "ACCELERATORS",
 ]
@@ -278,12 +280,31 @@ class StorageSpec(ConfigBase):
 
 
 @dataclass(kw_only=True)
+class RepeatSpec(ConfigBase):
+    """Noise: after the main budget, every configuration on a pool's feasible Pareto front
+    (``scope: pareto``) or every finished one (``all``) runs again until it has ``count``
+    runs, each with another training seed (``train.seed + i``); ``top`` keeps the best few by
+    the first objective. Results then aggregate mean
+    and a 95% interval per objective, and ``recommend()`` ranks by the pessimistic bound.
+    ``count: 1`` turns repeats off."""
+
+    count: int = 1
+    scope: Literal["pareto", "all"] = "pareto"
+    top: int | None = None  # at most this many configurations per pool, best first objective first
+    seed_path: str = "train.seed"
+
+    def validate(self) -> None:
+        _check(1 <= self.count <= 20, f"repeats.count must be in [1, 20] (1 = no repeats), got {self.count}")
+        _check(self.top is None or self.top >= 1, f"repeats.top must be >= 1 (or null for all), got {self.top}")
+
+
+@dataclass(kw_only=True)
 class SweepConfig(ConfigBase):
     """A whole sweep. Build with :func:`load_config` (YAML path or dict)."""
 
     name: str
     results_dir: str | None = None
-    trial: dict[str, Any] = field(default_factory=dict)
+    trial: Any = field(default_factory=dict)  # the runner's typed trial config (omninet: TrialConfig)
     search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec.from_dict(o) for o in DEFAULT_OBJECTIVES])
     constraints: dict[str, PoolConstraints] = field(default_factory=dict)
@@ -292,6 +313,10 @@ class SweepConfig(ConfigBase):
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
     simulate_accelerators: bool = False
+    allow_emulated: bool = False  # keep precisions a pool cannot run natively (trials tagged emulated)
+    oversubscribe: bool = False  # allow more concurrent trial CPUs than a node has cores
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # {param path: value} runs first in every pool
+    repeats: RepeatSpec = field(default_factory=RepeatSpec)
     trial_fn: str = DEFAULT_TRIAL_FN
     estimate_fn: str | None = DEFAULT_ESTIMATE_FN
     progress_interval_s: float = 10.0
@@ -308,7 +333,16 @@ class SweepConfig(ConfigBase):
         keys = [o.key for o in self.objectives]
         _check(len(set(keys)) == len(keys), f"objectives: keys must be unique, got {keys}")
         _check(self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}")
-        _check(isinstance(self.trial.get("task", {}), dict), "trial.task must be a mapping such as {name: listops}")
+        _check(isinstance(self.trial, dict) or not isinstance(self.trial, (list, str, int, float)),
+               "trial must be a mapping of sections such as {task: {name: listops}, train: {steps: 100}}")
+        if isinstance(self.trial, dict):
+            _check(isinstance(self.trial.get("task", {}), dict), "trial.task must be a mapping such as {name: listops}")
+        self._runner = self._resolve_runner()
+        try:
+            self.trial = self._runner.parse(self.trial)
+        except (ValueError, TypeError) as exc:
+            raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
+        base = self._runner.to_dict(self.trial)
         # search space: typed specs in declared order; `when` may name earlier params or base paths
         self._params: list[ParamSpec] = []
         seen: set[str] = set()
@@ -329,27 +363,48 @@ class SweepConfig(ConfigBase):
                     if isinstance(spec.get(key), str):
                         hint = f" (YAML reads {spec[key]!r} as text: write it with a dot, e.g. 1.0e-4)"
                 raise SweepConfigError(f"search_space.{path}: {_one_line(str(exc).replace('ParamSpec.', ''))}{hint}") from None
+            try:
+                self._runner.check_path(self.trial, path, where="search_space")
+            except ValueError as exc:
+                raise SweepConfigError(_one_line(str(exc))) from None
             for key in param.when:
-                _check(key in seen or _get_path(self.trial, key) is not _MISSING,
+                _check(key in seen or get_path(base, key) is not MISSING,
                        f"search_space.{path}.when: {key!r} is neither an earlier search-space parameter nor set in trial")
             seen.add(path)
             self._params.append(param)
-        import_object(self.trial_fn, where="trial_fn")
-        if self.trial_fn == DEFAULT_TRIAL_FN:
-            self._validate_with_runner()
+        self._check_result_keys()
+        self._check_values()
+        names = {p.path: p for p in self._params}
+        for i, point in enumerate(self.enqueue):
+            for key, value in point.items():
+                _check(key in names, f"enqueue[{i}]: {key!r} is not a search-space parameter; parameters are {sorted(names)}")
+                p = names[key]
+                ok = (value in p.choices) if p.kind == "categorical" else (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high)
+                _check(ok, f"enqueue[{i}].{key}: {value!r} is outside the search space of {key}")
+
+    def _resolve_runner(self):
+        from omninet.trial.runner import resolve_runner
+
+        fn = import_object(self.trial_fn, where="trial_fn")
+        estimate = None
         if self.estimate_fn is not None and self.estimate_fn != DEFAULT_ESTIMATE_FN:
-            import_object(self.estimate_fn, where="estimate_fn")
+            estimate = import_object(self.estimate_fn, where="estimate_fn")
+        return resolve_runner(fn, estimate)
 
-    def _validate_with_runner(self) -> None:
-        """Builds ``omninet.trial.TrialConfig`` from the base config and from every searched
-        value at its range ends / choices, so a misspelt path or an impossible value is
-        reported now, not as N invalid trials later."""
-        from omninet.trial import TrialConfig
+    def _check_result_keys(self) -> None:
+        """Objective keys must be numbers the runner reports: a typo (``acuracy``) would
+        otherwise end every trial of the sweep as ``error``."""
+        fields = self._runner.result_fields
+        if fields is None:
+            return
+        for o in self.objectives:
+            _check(o.key in fields, f"objectives: {o.key!r} is not a result of the trial runner; "
+                                    f"choose from {', '.join(sorted(fields))}")
 
-        try:
-            TrialConfig.from_dict(self.trial_config({}))
-        except (ValueError, TypeError) as exc:
-            raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
+    def _check_values(self) -> None:
+        """Every searched value at its range ends / choices makes a valid trial config, so an
+        impossible value is reported now, not as N invalid trials later."""
         for param in self._params:
             when = {k: v[0] for k, v in param.when.items()}
             candidates = param.choices if param.kind == "categorical" else [param.low, param.high]
@@ -357,15 +412,22 @@ class SweepConfig(ConfigBase):
                 if param.kind == "int":
                     value = int(value)
                 try:
-                    TrialConfig.from_dict(self.trial_config({**when, param.path: value}))
+                    self._runner.check_values(self.trial, {**when, param.path: value})
                 except (ValueError, TypeError) as exc:
                     raise SweepConfigError(
                         f"search_space.{param.path}: value {value!r} makes an invalid trial config ({_one_line(str(exc))})"
                     ) from None
 
+    @property
+    def runner(self):
+        """The trial runner object (validate / estimate / run), resolved once from ``trial_fn``."""
+        return self._runner
+
     def to_plain(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe dict that :func:`load_config` reads back."""
-        return _plain(self.to_dict())
+        out = _plain({**self.to_dict(), "trial": None})
+        out["trial"] = _plain(self._runner.to_dict(self.trial))
+        return out
 
     @property
     def params(self) -> list[ParamSpec]:
@@ -383,29 +445,29 @@ class SweepConfig(ConfigBase):
     def constraints_for(self, pool: str) -> PoolConstraints:
         return self.constraints.get(pool) or PoolConstraints()
 
-    def sample(self, trial: Any) -> dict[str, Any]:
-        """Samples the search space for an Optuna trial; returns {dotted path: value}."""
+    def sample(self, trial: Any, params: list[ParamSpec] | None = None) -> dict[str, Any]:
+        """Samples the search space (or a pool's version of it, ``params``) for an Optuna
+        trial; returns {dotted path: value}."""
         values: dict[str, Any] = {}
-        for param in self._params:
-            resolved = {k: values.get(k, _get_path(self.trial, k)) for k in param.when}
+        base = self._runner.to_dict(self.trial)
+        for param in self._params if params is None else params:
+            resolved = {k: values.get(k, get_path(base, k)) for k in param.when}
             if param.applies(resolved):
                 values[param.path] = param.suggest(trial)
         return values
 
-    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The base trial config with ``params`` set at their dotted paths (a new dict)."""
-        import copy
-
-        config = copy.deepcopy(self.trial)
-        for path, value in params.items():
-            _set_path(config, path, value)
-        return config
+    def trial_config(self, params: dict[str, Any]) -> Any:
+        """The base trial config with ``params`` set at their dotted paths: a new config of the
+        runner's type, parsed once (for the omninet runner, a validated ``TrialConfig``)."""
+        try:
+            return self._runner.with_values(self.trial, params)
+        except SweepConfigError:
+            raise
+        except ValueError as exc:
+            raise SweepConfigError(_one_line(str(exc))) from None
 
     def study_name(self, pool: str) -> str:
         return f"{self.name}.{pool}"
-
-
-_MISSING = object()
 
 
 def _plain(value: Any) -> Any:
@@ -416,25 +478,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _get_path(tree: dict[str, Any], path: str) -> Any:
-    node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SweepConfigError(f"search_space.{path}: {part!r} is set to a non-mapping value in trial")
-    node[parts[-1]] = value
 
 
 def resolve_results_dir(config: SweepConfig, override: str | os.PathLike | None = None) -> Path:

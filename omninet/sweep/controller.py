@@ -30,10 +30,9 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from omninet.sweep.config import (
-    DEFAULT_ESTIMATE_FN, SweepConfig, SweepConfigError, import_object, load_config, resolve_results_dir,
-)
-from omninet.sweep.records import MlflowRecorder, ParquetStore
+from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
+from omninet.sweep.records import MlflowRecorder, ParquetStore, params_key
+from omninet.sweep.storage import optuna_storage
 
 __all__ = ["SweepController", "run_sweep"]
 
@@ -48,8 +47,9 @@ class _Running:
     number: int
     trial_id: int
     params: dict[str, Any]
-    trial_config: dict[str, Any]
+    trial_config: Any  # the runner's typed config, parsed once here and sent to the worker as is
     started: float = field(default_factory=time.time)
+    repeat_of: int | None = None
 
 
 @dataclass
@@ -65,6 +65,9 @@ class _PoolState:
     infeasible: int = 0
     durations: list[float] = field(default_factory=list)
     best: tuple[float, int] | None = None
+    params: list = field(default_factory=list)  # the search space as this pool's hardware can run it
+    repeats: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # (params, repeat_of, index)
+    repeats_planned: bool = False
 
 
 def _make_sampler(config: SweepConfig, budget: int) -> optuna.samplers.BaseSampler:
@@ -96,9 +99,10 @@ class SweepController:
         self.num_cpus = num_cpus
         self._owns_ray = False
         self._remote = None
-        self._estimate = None
         self._pools: dict[str, _PoolState] = {}
         self._simulated: dict[str, bool] = {}
+        self._probes: dict[str, dict[str, Any]] = {}
+        self._pool_params: dict[str, list] = {}
         self._started = time.monotonic()
         self._last_progress = 0.0
 
@@ -119,6 +123,11 @@ class SweepController:
             return
         old = yaml.safe_load(path.read_text()) or {}
         new = self.config.to_plain()
+        try:  # compare as parsed: a manifest written by an older version states the same trial differently
+            old["trial"] = load_config({**old, "pools": new["pools"], "constraints": {}}).to_plain()["trial"]
+        except (SweepConfigError, ValueError, TypeError) as exc:
+            raise SweepConfigError(f"results_dir: {self.results_dir} holds a sweep.yaml this version cannot read "
+                                   f"({exc}); use another results_dir") from None
         for key in ("name", "search_space", "objectives", "trial"):
             if old.get(key) != new.get(key):
                 raise SweepConfigError(
@@ -192,6 +201,65 @@ class SweepController:
                 raise SweepConfigError(
                     f"pools[{name}]: needs a {pool.accelerator} but node {info['node']} has none ({info['detail']}); "
                     "run on a node with one, or set simulate_accelerators: true to run it on CPU (tagged simulated)")
+            self._probes[name] = info
+            self._pool_params[name] = self._space_for(pool, info)
+        self._check_cores(embedded)
+
+    def _check_cores(self, embedded: bool) -> None:
+        """Concurrent trials get disjoint cores: a pool (or, on one embedded node, all pools)
+        asking for more trial CPUs at once than a node has physical cores is refused."""
+        if self.config.oversubscribe:
+            return
+        for p in self.config.pools:
+            cores = self._probes[p.name].get("physical_cores") or 1
+            want = p.concurrency * max(1, math.ceil(p.resources.get("CPU", 1.0)))
+            if want > cores:
+                raise SweepConfigError(
+                    f"pools[{p.name}]: concurrency {p.concurrency} x {p.resources.get('CPU', 1.0):g} CPU needs {want} cores "
+                    f"but node {self._probes[p.name]['node']} has {cores}; lower concurrency or set oversubscribe: true "
+                    "(measurements then share cores)")
+        if embedded:
+            cores = min(info.get("physical_cores") or 1 for info in self._probes.values())
+            want = sum(p.concurrency * max(1, math.ceil(p.resources.get("CPU", 1.0))) for p in self.config.pools)
+            if want > cores:
+                raise SweepConfigError(
+                    f"pools: together {want} concurrent trial CPUs on this machine's {cores} cores; lower the pools' "
+                    "concurrency or set oversubscribe: true (measurements then share cores)")
+
+    def _space_for(self, pool, info: dict[str, Any]) -> list:
+        """The search space this pool's hardware can run: precision choices the probed device
+        has no native support for are removed (``allow_emulated: true`` keeps them), and a
+        Linformer rank above the measured length is clipped, each with one log line and a
+        record in ``<results>/probe.json``."""
+        import dataclasses
+
+        caps = info.get("capabilities") or {}
+        native = caps.get("native_precisions")
+        refused = caps.get("refused") or {}
+        seq = getattr(self.config.trial, "seq_length", None)
+        out, notes = [], []
+        for param in self.config.params:
+            if param.path == "hardware.precision" and native is not None and not self.config.allow_emulated:
+                keep = [c for c in param.choices if c in native or c == "auto"]
+                dropped = [c for c in param.choices if c not in keep]
+                if dropped:
+                    reasons = "; ".join(f"{c}: {refused.get(c, 'not native here')}" for c in dropped)
+                    notes.append(f"removed hardware.precision {dropped} ({reasons})")
+                if not keep:
+                    raise SweepConfigError(f"pools[{pool.name}]: no hardware.precision choice runs natively on "
+                                           f"{caps.get('device_name')} ({reasons}); add fp32 or set allow_emulated: true")
+                param = dataclasses.replace(param, choices=keep) if dropped else param
+            if param.path == "model.attention.linformer.k" and seq and param.kind != "categorical" and param.high > seq:
+                if param.low >= seq:
+                    raise SweepConfigError(f"search_space.{param.path}: low {param.low} is above the measured length "
+                                           f"{seq}; Linformer's rank cannot exceed the sequence length")
+                notes.append(f"clipped {param.path} high {param.high:g} -> {seq} (the measured length)")
+                param = dataclasses.replace(param, high=seq)
+            out.append(param)
+        for note in notes:
+            log.info("pool %s: %s", pool.name, note)
+        info["search_space_notes"] = notes
+        return out
 
     # -- studies and resume -------------------------------------------------------------------
     def _open(self) -> None:
@@ -222,24 +290,36 @@ class SweepController:
             study.set_user_attr("pool", p.name)
             study.set_user_attr("resources", p.resources)
             study.set_user_attr("simulate_accelerators", cfg.simulate_accelerators)
-            ps = _PoolState(spec=p, study=study, budget=budget)
+            study.set_user_attr("probe", self._probes.get(p.name, {}))
+            ps = _PoolState(spec=p, study=study, budget=budget, params=self._pool_params.get(p.name, cfg.params))
             self._pools[p.name] = ps
             repaired = 0
-            for t in study.get_trials(deepcopy=False):
+            trials = study.get_trials(deepcopy=False)
+            if not trials:
+                names = {q.path for q in ps.params}
+                for point in cfg.enqueue:  # e.g. the dense baseline, so every sweep shows what the knobs buy
+                    point = {k: v for k, v in point.items() if k in names}
+                    if all(v in q.choices for q in ps.params if q.kind == "categorical" and q.path in point
+                           for v in [point[q.path]]):
+                        study.enqueue_trial(point, skip_if_exists=True)
+            for t in trials:
                 if t.state == TrialState.RUNNING:
                     row = rows.get((p.name, t.number))
                     if row is not None:  # finished and written, not yet told when the controller died
                         self._tell(ps, t._trial_id, row)  # FrozenTrial._trial_id: Optuna's own handle
+                        self._count(ps, row)
                         repaired += 1
                     else:
                         ps.requeue.append(t)
                 elif t.state in FINISHED_STATES:
                     self._count(ps, rows.get((p.name, t.number)), t)
-            ps.created = sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+            ps.created = sum(1 for t in study.get_trials(deepcopy=False)
+                             if t.state != TrialState.WAITING and "repeat_of" not in t.user_attrs)
             if ps.created:
                 log.info("pool %s: resuming study %r: %d finished, %d requeued from a previous controller%s",
                          p.name, study.study_name, ps.done + ps.failed + ps.infeasible, len(ps.requeue),
                          f", {repaired} repaired from Parquet" if repaired else "")
+        (self.results_dir / "probe.json").write_text(json.dumps(self._probes, indent=2, default=str))
         backfilled = self.mlflow.sync((pool, row) for (pool, _), row in sorted(rows.items()))
         if backfilled:
             log.info("MLflow: backfilled %d trial(s) recorded while it was unavailable", backfilled)
@@ -269,16 +349,61 @@ class SweepController:
         return limit is not None and time.monotonic() - self._started > limit
 
     def _next(self, ps: _PoolState) -> _Running | None:
+        repeat_of, index = None, 0
         if ps.requeue:
             t = ps.requeue.pop(0)
             number, trial_id, params = t.number, t._trial_id, dict(t.params)
+            repeat_of, index = t.user_attrs.get("repeat_of"), int(t.user_attrs.get("repeat_index", 0))
         elif ps.created < ps.budget:
             trial = ps.study.ask()
             ps.created += 1
-            number, trial_id, params = trial.number, trial._trial_id, self.config.sample(trial)
+            number, trial_id, params = trial.number, trial._trial_id, self.config.sample(trial, ps.params)
+        elif self._plan_repeats(ps):
+            params, repeat_of, index = ps.repeats.pop(0)
+            ps.study.enqueue_trial(params, user_attrs={"repeat_of": repeat_of, "repeat_index": index})
+            trial = ps.study.ask()
+            number, trial_id = trial.number, trial._trial_id
+            params = self.config.sample(trial, ps.params)
         else:
             return None
-        return _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(params))
+        values = dict(params)
+        if repeat_of is not None:  # the same configuration, another training seed
+            base_seed = self.config.runner.to_dict(self.config.trial)
+            from omninet.paths import get_path
+
+            seed = get_path(base_seed, self.config.repeats.seed_path)
+            values[self.config.repeats.seed_path] = (seed if isinstance(seed, int) else 0) + index
+        return _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(values), repeat_of=repeat_of)
+
+    def _plan_repeats(self, ps: _PoolState) -> bool:
+        """After the pool's main budget: queue the runs that bring each configuration of the
+        feasible Pareto front (or every finished one) to ``repeats.count`` runs."""
+        spec = self.config.repeats
+        if spec.count <= 1:
+            return False
+        if not ps.repeats_planned:
+            if ps.inflight or ps.requeue:
+                return False  # the front is not final while main-budget trials still run
+            ps.repeats_planned = True
+            trials = [t for t in ps.study.get_trials(deepcopy=False) if t.state in FINISHED_STATES]
+            if spec.scope == "pareto":
+                chosen = [t for t in ps.study.best_trials if "repeat_of" not in t.user_attrs]
+            else:
+                chosen = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
+            first = self.config.objectives[0]
+            chosen = sorted(chosen, key=lambda t: t.values[0], reverse=first.direction == "maximize")[:spec.top]
+            runs: dict[str, int] = {}
+            for t in trials + [t for t in ps.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
+                key = params_key(t.params)
+                runs[key] = runs.get(key, 0) + 1
+            for t in sorted(chosen, key=lambda t: t.number):
+                have = runs.get(params_key(t.params), 1)
+                for index in range(have, spec.count):
+                    ps.repeats.append((dict(t.params), t.number, index))
+            if ps.repeats:
+                log.info("pool %s: %d repeat run(s) for %d configuration(s) (noise: %d runs each)", ps.spec.name,
+                         len(ps.repeats), len({r[1] for r in ps.repeats}), spec.count)
+        return bool(ps.repeats)
 
     def _fill(self, ps: _PoolState) -> None:
         import ray
@@ -297,24 +422,14 @@ class SweepController:
             opts = {**ps.spec.ray_options(), "max_retries": ps.spec.max_retries, "retry_exceptions": False,
                     "name": f"trial {ps.spec.name}#{run.number}"}
             ref = self._remote.options(**opts).remote(
-                self.config.trial_fn, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
+                self.config.runner, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
                 simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
-                num_threads=max(1, int(ps.spec.resources.get("CPU", 1.0))))
+                num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}")
             ps.inflight[ref] = run
 
-    def _estimate_mb(self, trial_config: dict[str, Any]) -> float | None:
-        if self.config.estimate_fn is None:
-            return None
-        if self._estimate is None:
-            try:
-                self._estimate = import_object(self.config.estimate_fn, where="estimate_fn")
-            except SweepConfigError as exc:
-                if self.config.estimate_fn != DEFAULT_ESTIMATE_FN:
-                    raise
-                log.warning("no memory estimate (%s); trials over budget are found by running them", exc)
-                self._estimate = lambda _config: None
+    def _estimate_mb(self, trial_config: Any) -> float | None:
         try:
-            value = self._estimate(trial_config)
+            value = self.config.runner.estimate_mb(trial_config)
         except Exception as exc:  # a config the estimator rejects is left to the trial runner to judge
             log.debug("memory estimate failed: %s", exc)
             return None
@@ -353,7 +468,8 @@ class SweepController:
             "finished_at": time.time(), "duration_s": time.time() - run.started,
             "constraint_memory": c_mem, "constraint_latency": c_lat,
             "loss_curve": [float(x) for x in result.get("loss_curve") or []],
-            "config_json": json.dumps(run.trial_config, sort_keys=True),
+            "config_json": json.dumps(self.config.runner.to_dict(run.trial_config), sort_keys=True),
+            "repeat_of": run.repeat_of, "config_key": params_key(run.params),
             "result_json": json.dumps(scalars, sort_keys=True, default=str),
         }
         for key in self.store.file_schema.names:
@@ -361,16 +477,16 @@ class SweepController:
                 row[key] = result[key] if _finite(result[key]) or not isinstance(result[key], float) else None
         for key, value in run.params.items():
             row[f"param.{key}"] = value
-        for key in ("num_params", "steps"):
-            if isinstance(row.get(key), float):
-                row[key] = int(row[key])
+        for f in self.store.file_schema:  # integer columns from runners that report floats
+            if f.type == "int64" and isinstance(row.get(f.name), float) and math.isfinite(row[f.name]):
+                row[f.name] = int(row[f.name])
         return row
 
     def _tell(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
         study = ps.study
         trial = optuna.trial.Trial(study, trial_id)
         trial.set_user_attr("status", row["status"])
-        trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name")})
+        trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name", "cores")})
         if row.get("error"):
             trial.set_user_attr("error", str(row["error"])[:1000])
         status = row["status"]
@@ -479,39 +595,21 @@ class SweepController:
         while True:
             owner = {ref: ps for ps in self._pools.values() for ref in ps.inflight}
             if not owner:
+                for ps in self._pools.values():  # repeats start once a pool's main budget is done
+                    self._fill(ps)
+                owner = {ref: ps for ps in self._pools.values() for ref in ps.inflight}
+            if not owner:
                 break
             ready, _ = ray.wait(list(owner), num_returns=1, timeout=self.config.progress_interval_s)
             for ref in ready:
                 ps = owner[ref]
                 run, result = self._collect(ref, ps)
-                self._fill(ps)  # the pool's worker gets its next trial before the records are written
-                self._finish(ps, run, result)
+                self._finish(ps, run, result)  # told to Optuna first: the next ask sees this result
+                self._fill(ps)
             self.mlflow.flush()
             self._progress()
         if self._out_of_time():
             log.info("wall-clock budget of %.0f s reached: no new trials started", self.config.budget.wall_clock_s)
-
-
-def optuna_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """Optuna's RDB storage; on SQLite in WAL mode with ``synchronous=NORMAL``: a commit costs
-    no fsync (several per trial), and readers (dashboards, ``SweepResult``) never block the
-    controller. Durability stays per transaction for a process crash; WAL may lose the last
-    commits only on a power loss, which resume tolerates (the trial is re-run)."""
-    if not url.startswith("sqlite:"):
-        return url
-    from sqlalchemy import event
-
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-
-    def pragmas(dbapi_connection, _record) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    event.listen(storage.engine, "connect", pragmas)
-    storage.engine.dispose()  # connections opened while creating the tables predate the listener
-    return storage
 
 
 def _finite(v: Any) -> bool:

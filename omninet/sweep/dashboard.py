@@ -117,6 +117,9 @@ class _Sweep:
         self.simulated = {p: bool(self.df.loc[self.df["pool"] == p, "simulated"].fillna(False).any()) for p in self.pools}
         self.front_source: dict[str, str] = {}
         self.fronts = {p: self._front(p) for p in self.pools}
+        self.aggregates = {p: self.result.aggregate(p) for p in self.pools}
+        probe = self.result.results_dir / "probe.json"
+        self.probes = json.loads(probe.read_text()) if probe.is_file() else {}
 
     def pool_title(self, pool: str) -> str:
         return f"{pool} (simulated)" if self.simulated[pool] else pool
@@ -232,6 +235,16 @@ def pareto_figure(sweep: _Sweep):
                 add("front in this view", "front2d", row=r, col=c, x=front2d[key], y=front2d[sweep.first],
                     mode="lines", line=dict(color=color, dash="dot", shape="hv" if direction == "minimize" else "vh"),
                     hoverinfo="skip")
+            agg = sweep.aggregates[pool]
+            repeated = agg[agg["runs"] > 1] if not agg.empty else agg
+            if not repeated.empty and f"{key}_mean" in repeated:
+                add("mean ± 95% interval (repeated seeds)", "noise", row=r, col=c, mode="markers",
+                    x=repeated[f"{key}_mean"], y=repeated[f"{sweep.first}_mean"],
+                    error_x=dict(type="data", array=repeated[f"{key}_ci95"].fillna(0).tolist(), visible=True),
+                    error_y=dict(type="data", array=repeated[f"{sweep.first}_ci95"].fillna(0).tolist(), visible=True),
+                    marker=dict(color="black", size=6, symbol="diamond"),
+                    text=[f"#{n}: {int(k)} runs" for n, k in zip(repeated["trial_number"], repeated["runs"])],
+                    hovertemplate="%{text}<extra></extra>")
             if ran.empty:
                 fig.add_annotation(text="no finished trials", showarrow=False, row=r, col=c,
                                    x=0.5, y=0.5, xref="x domain", yref="y domain")
@@ -336,7 +349,89 @@ def recommendations_table(sweep: _Sweep) -> pd.DataFrame:
             trial = sweep.df[(sweep.df["pool"] == pool) & (sweep.df["trial_number"] == number)].iloc[0]
             row["trial"] = f"#{number}"
             row["configuration"] = config_label(sweep.params_of(trial))
-            row.update({label(k): _fmt(v) for k, v in rec["objectives"].items()})
+            row["runs"] = rec.get("runs", 1)
+            row.update({label(k): f"{_fmt(v)} ± {_fmt(rec['ci95'][k])}" if _present(rec.get("ci95", {}).get(k))
+                        else _fmt(v) for k, v in rec["objectives"].items()})
+            others = rec.get("indistinguishable_from") or []
+            row["indistinguishable from"] = ", ".join(f"#{n}" for n in others) or "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def noise_table(sweep: _Sweep) -> pd.DataFrame:
+    """Configurations run with several seeds: mean ± 95% interval of each objective."""
+    rows = []
+    for pool in sweep.pools:
+        agg = sweep.aggregates[pool]
+        if agg.empty:
+            continue
+        for _, a in agg[agg["runs"] > 1].iterrows():
+            trial = sweep.df[(sweep.df["pool"] == pool) & (sweep.df["trial_number"] == a["trial_number"])].iloc[0]
+            row = {"pool": sweep.pool_title(pool), "trial": f"#{int(a['trial_number'])}", "runs": int(a["runs"]),
+                   "configuration": config_label(sweep.params_of(trial))}
+            row.update({label(k): f"{_fmt(a[f'{k}_mean'])} ± {_fmt(a[f'{k}_ci95'])}" for k, _ in sweep.objectives})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_KERNEL = "param.model.attention.kernel"
+
+
+def baseline_table(sweep: _Sweep) -> pd.DataFrame:
+    """What the knobs buy: per pool, the best (lowest latency, then memory) run of each
+    attention kernel against the enqueued baseline configuration (the first ``enqueue`` entry,
+    e.g. dense SDPA, no pruning, fp32), as ratios measured at the same deployment shape."""
+    base = sweep.config.enqueue[0] if sweep.config.enqueue else None
+    rows = []
+    for pool in sweep.pools:
+        ran = sweep.ran(pool)
+        if base is None or ran.empty:
+            continue
+        match = pd.Series(True, index=ran.index)
+        for path, value in base.items():
+            col = f"param.{path}"
+            if col in ran:
+                match &= ran[col].map(lambda v, value=value: _present(v) and _plain(v) == value)
+        baseline = ran[match].sort_values("trial_number")
+        if baseline.empty:
+            continue
+        b = baseline.iloc[0]
+        groups = ran.groupby(_KERNEL) if _KERNEL in ran else [("(all)", ran)]
+        for kernel, group in groups:
+            best = group.sort_values(["latency_p50_ms", "peak_memory_infer_mb"]).iloc[0]
+            rows.append({"pool": sweep.pool_title(pool), "kernel": kernel, "trial": f"#{int(best['trial_number'])}",
+                         "configuration": config_label(sweep.params_of(best)),
+                         "latency p50 vs baseline": f"{best['latency_p50_ms'] / b['latency_p50_ms']:.2f}x",
+                         "inference memory vs baseline": f"{best['peak_memory_infer_mb'] / b['peak_memory_infer_mb']:.2f}x",
+                         "accuracy - baseline": f"{best['accuracy'] - b['accuracy']:+.3f}" if "accuracy" in best else "",
+                         "baseline": f"#{int(b['trial_number'])}", "shape (B x N)":
+                         f"{_fmt(best.get('measure_batch_size'))} x {_fmt(best.get('seq_length'))}"})
+    return pd.DataFrame(rows)
+
+
+def conditions_table(sweep: _Sweep) -> pd.DataFrame:
+    """How each pool's numbers were measured: the search space its hardware could run,
+    latency spread, trials re-measured as noisy, other trials active during measurements
+    (0 under isolation), the load average, and the memory counters' agreement between a first
+    and a later call."""
+    rows = []
+    for pool in sweep.pools:
+        ran = sweep.ran(pool)
+        probe = sweep.probes.get(pool, {})
+        caps = probe.get("capabilities") or {}
+        row = {"pool": sweep.pool_title(pool), "device": caps.get("device_name") or "",
+               "native precisions": ", ".join(caps.get("native_precisions") or []),
+               "search space changes": "; ".join(probe.get("search_space_notes") or []) or "none"}
+        if not ran.empty:
+            def col(name):
+                return pd.to_numeric(ran[name], errors="coerce") if name in ran else pd.Series(dtype=float)
+
+            row["latency cv (median)"] = _fmt(col("latency_cv").median())
+            row["noisy"] = int(ran["latency_noisy"].fillna(False).astype(bool).sum()) if "latency_noisy" in ran else ""
+            row["co-running during measure (max)"] = _fmt(col("measure_co_running").max())
+            row["load avg"] = f"{_fmt(col('load_avg_before').min())}-{_fmt(col('load_avg_after').max())}"
+            drift = (col("peak_memory_infer_later_mb") / col("peak_memory_infer_mb") - 1).abs()
+            row["memory 1st vs later call (max diff)"] = f"{100 * drift.max():.1f}%" if drift.notna().any() else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -425,8 +520,16 @@ Red crosses: ran but violate the pool's constraints. Dotted line: the front with
 {parallel}
 <h2 id="pools">Hardware pools side by side (same configuration)</h2>
 {pools_html}
+<h2 id="baseline">What the knobs buy against the baseline</h2>
+{_table_html(baseline_table(sweep), "No baseline configuration (enqueue) finished.")}
 <h2 id="recommended">Recommended configurations under the sweep's constraints</h2>
+<p class="meta">Ranked by the pessimistic end of the first objective's 95% interval (repeated seeds; a
+configuration run once borrows the pooled spread of the repeated ones).</p>
 {_table_html(recommendations_table(sweep), "No pools.")}
+<h2 id="noise">Noise: configurations run with several seeds</h2>
+{_table_html(noise_table(sweep), "No configuration was repeated (set repeats.count >= 2).")}
+<h2 id="conditions">Measurement conditions</h2>
+{_table_html(conditions_table(sweep), "No pools.")}
 <h2 id="unfinished">Trials without measurements (failed, crashed, infeasible)</h2>
 {_table_html(unfinished_table(sweep), "Every trial finished and was measured.")}
 </body></html>

@@ -20,27 +20,26 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from omninet.paths import flatten
 from omninet.sweep.config import SweepConfig
 
-__all__ = ["RESULT_COLUMNS", "ParquetStore", "MlflowRecorder", "flatten", "run_name"]
+__all__ = ["RESULT_COLUMNS", "ParquetStore", "MlflowRecorder", "flatten", "run_name", "params_key"]
 
 log = logging.getLogger("omninet.sweep")
 
-# Scalar keys of omninet.trial.TrialResult.to_dict() and their Arrow types.
-RESULT_COLUMNS: dict[str, pa.DataType] = {
-    "accuracy": pa.float64(),
-    "eval_loss": pa.float64(),
-    "peak_memory_train_mb": pa.float64(),
-    "peak_memory_infer_mb": pa.float64(),
-    "latency_p50_ms": pa.float64(),
-    "latency_p95_ms": pa.float64(),
-    "throughput_tokens_s": pa.float64(),
-    "num_params": pa.int64(),
-    "train_seconds": pa.float64(),
-    "wall_seconds": pa.float64(),
-    "steps": pa.int64(),
-    "estimated_memory_mb": pa.float64(),
-}
+_ARROW_OF = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
+
+
+def _result_columns() -> dict[str, pa.DataType]:
+    """The scalar fields of ``omninet.trial.TrialResult``, typed: the table is derived from the
+    record, never restated by hand."""
+    from omninet.trial.config import TrialResult
+
+    skip = {"status", "error", "device", "device_name"}  # base columns below
+    return {name: _ARROW_OF[tp] for name, tp in TrialResult.numeric_fields().items() if name not in skip}
+
+
+RESULT_COLUMNS: dict[str, pa.DataType] = _result_columns()
 _BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("sweep", pa.string()),
     ("trial_number", pa.int64()),
@@ -56,6 +55,8 @@ _BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("duration_s", pa.float64()),
     ("constraint_memory", pa.float64()),
     ("constraint_latency", pa.float64()),
+    ("repeat_of", pa.int64()),  # the trial whose configuration this run repeats with another seed
+    ("config_key", pa.string()),  # the searched parameters, canonical JSON: runs of one configuration share it
 ]
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
@@ -118,16 +119,9 @@ class ParquetStore:
         return {(r["pool"], int(r["trial_number"])): r for r in self.read().to_pylist()}
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted path: leaf}; lists stay leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{path}."))
-        else:
-            out[path] = value
-    return out
+def params_key(params: dict[str, Any]) -> str:
+    """Canonical JSON of a trial's searched parameters (runs of one configuration share it)."""
+    return json.dumps(dict(sorted(params.items())), sort_keys=True, default=str)
 
 
 def _short(value: Any) -> str:
@@ -306,7 +300,8 @@ class MlflowRecorder:
                                       tags=tags, start_time=start_ms)
         run_id = run.info.run_id
         metrics = [Metric(k, float(v), ms, 0) for k, v in row.items()
-                   if k in RESULT_COLUMNS or k in ("duration_s", "constraint_memory", "constraint_latency")
+                   if (k in RESULT_COLUMNS and RESULT_COLUMNS[k] in (pa.int64(), pa.float64()))
+                   or k in ("duration_s", "constraint_memory", "constraint_latency")
                    or k in {o.key for o in self.config.objectives}
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])

@@ -79,7 +79,7 @@ class SweepResult:
         import optuna
 
         self._check_pool(pool)
-        from omninet.sweep.controller import optuna_storage
+        from omninet.sweep.storage import optuna_storage
 
         return optuna.load_study(study_name=self.config.study_name(pool), storage=optuna_storage(self.optuna_url))
 
@@ -92,30 +92,85 @@ class SweepResult:
         front = df[df["trial_number"].isin(numbers)]
         return front.sort_values(first.key, ascending=first.direction == "minimize").reset_index(drop=True)
 
+    def aggregate(self, pool: str) -> pd.DataFrame:
+        """One row per configuration of ``pool`` (its runs share ``config_key``: the original
+        trial and its repeats with other seeds), over its feasible ``ok`` runs: ``runs``, the
+        original ``trial_number``, and per objective ``<key>_mean``, ``<key>_std`` and
+        ``<key>_ci95`` (half-width of the 95% t-interval of the mean). A configuration run once
+        borrows the pooled within-configuration spread of those run several times (``noise``
+        says which: 'measured', 'pooled' or 'unknown' when nothing was repeated)."""
+        df = self.trials(pool)
+        df = df[(df["status"] == "ok") & df["feasible"].astype(bool)].copy()
+        if df.empty:
+            return pd.DataFrame()
+        key = df["config_key"].fillna(df["trial_number"].astype(str)) if "config_key" in df else df["trial_number"].astype(str)
+        df["_key"] = key
+        rows = []
+        for _, group in df.groupby("_key", sort=False):
+            first = group[group["repeat_of"].isna()] if "repeat_of" in group else group
+            first = (first if not first.empty else group).sort_values("trial_number").iloc[0]
+            row = {"trial_number": int(first["trial_number"]), "runs": len(group), "config_json": first["config_json"],
+                   "config_key": first["_key"], "trials": sorted(int(n) for n in group["trial_number"])}
+            for o in self.config.objectives:
+                values = pd.to_numeric(group[o.key], errors="coerce").dropna()
+                row[f"{o.key}_mean"] = float(values.mean()) if len(values) else math.nan
+                row[f"{o.key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+                row[f"{o.key}_n"] = len(values)
+            rows.append(row)
+        out = pd.DataFrame(rows)
+        repeated = out["runs"] > 1
+        out["noise"] = ["measured" if r else ("pooled" if repeated.any() else "unknown") for r in repeated]
+        for o in self.config.objectives:
+            n, std = out[f"{o.key}_n"], out[f"{o.key}_std"]
+            pooled = _pooled_std(std[repeated], n[repeated])
+            pooled_dof = int((n[repeated] - 1).clip(lower=0).sum())
+            half = []
+            for k, sd, own in zip(n, std, repeated):
+                sd, dof = (sd, int(k) - 1) if own else (pooled, pooled_dof)
+                half.append(_t975(dof) * sd / math.sqrt(max(1, int(k))) if dof >= 1 and math.isfinite(sd) else math.nan)
+            out[f"{o.key}_std"] = std.where(repeated, pooled)
+            out[f"{o.key}_ci95"] = half
+            del out[f"{o.key}_n"]
+        return out
+
     def recommend(self, pool: str, *, max_latency_ms: float | None = None, max_memory_mb: float | None = None,
                   min_accuracy: float | None = None) -> dict[str, Any]:
         """The best trial config for ``pool`` under the sweep's constraints and these limits
-        (on ``latency_p50_ms``, ``peak_memory_infer_mb`` and ``accuracy``): the highest first
-        objective, ties broken by the others. Returns the trial-config dict, ready for
-        ``omninet.trial.run_trial`` or ``TrialConfig.from_dict``."""
+        (on the means of ``latency_p50_ms``, ``peak_memory_infer_mb`` and ``accuracy``), ranked
+        by the pessimistic bound of the first objective (the lower end of its 95% interval
+        when maximizing, the upper end when minimizing), ties broken by the others. Logs a
+        warning when the next configurations cannot be told apart from it (their intervals
+        overlap). Returns the trial-config dict, ready for ``omninet.trial.run_trial``."""
         best = self._recommend_row(pool, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb,
                                    min_accuracy=min_accuracy)
+        if best.get("indistinguishable_from"):
+            log.warning("recommend(%s): trial #%d is not distinguishable from #%s within the 95%% intervals of %s; "
+                        "more repeats (repeats.count) would separate them", pool, int(best["trial_number"]),
+                        ", #".join(map(str, best["indistinguishable_from"])), self.config.objectives[0].key)
         return json.loads(best["config_json"])
 
     def _recommend_row(self, pool: str, **limits: float | None) -> pd.Series:
-        df = self.trials(pool)
-        df = df[(df["status"] == "ok") & df["feasible"].astype(bool)]
+        df = self.aggregate(pool)
         for column, key, keep in (("latency_p50_ms", "max_latency_ms", "le"), ("peak_memory_infer_mb", "max_memory_mb", "le"),
                                   ("accuracy", "min_accuracy", "ge")):
             bound = limits.get(key)
-            if bound is not None:
-                df = df[df[column] <= bound] if keep == "le" else df[df[column] >= bound]
+            if bound is not None and not df.empty and f"{column}_mean" in df:
+                df = df[df[f"{column}_mean"] <= bound] if keep == "le" else df[df[f"{column}_mean"] >= bound]
         if df.empty:
             given = ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None) or "the sweep's constraints"
             raise ValueError(f"recommend: no finished feasible trial in pool {pool!r} meets {given}; relax a limit")
-        order = [o.key for o in self.config.objectives]
-        ascending = [o.direction == "minimize" for o in self.config.objectives]
-        return df.sort_values(order, ascending=ascending).iloc[0]
+        first = self.config.objectives[0]
+        sign = 1.0 if first.direction == "maximize" else -1.0
+        ci = df[f"{first.key}_ci95"].fillna(0.0)
+        df = df.assign(_bound=sign * df[f"{first.key}_mean"] - ci, _lo=df[f"{first.key}_mean"] - ci,
+                       _hi=df[f"{first.key}_mean"] + ci)
+        order = ["_bound"] + [f"{o.key}_mean" for o in self.config.objectives[1:]]
+        ascending = [False] + [o.direction == "minimize" for o in self.config.objectives[1:]]
+        df = df.sort_values(order, ascending=ascending)
+        best = df.iloc[0].copy()
+        overlap = df.iloc[1:][(df.iloc[1:]["_lo"] <= best["_hi"]) & (df.iloc[1:]["_hi"] >= best["_lo"])]
+        best["indistinguishable_from"] = [int(n) for n in overlap["trial_number"]] if (ci > 0).any() else []
+        return best
 
     def recommendations(self) -> dict[str, Any]:
         """Per pool: the recommended trial under the sweep's constraints (None if none)."""
@@ -126,10 +181,16 @@ class SweepResult:
             except ValueError as exc:
                 out[pool] = {"none": str(exc)}
                 continue
+            trials = self.trials(pool)
+            simulated = bool(trials.loc[trials["trial_number"] == row["trial_number"], "simulated"].fillna(False).any())
             out[pool] = {
                 "trial_number": int(row["trial_number"]),
-                "simulated": bool(row["simulated"]),
-                "objectives": {k: _num(row[k]) for k in self.objectives},
+                "runs": int(row["runs"]),
+                "simulated": simulated,
+                "objectives": {k: _num(row[f"{k}_mean"]) for k in self.objectives},
+                "ci95": {k: _num(row[f"{k}_ci95"]) for k in self.objectives},
+                "noise": row["noise"],
+                "indistinguishable_from": list(row["indistinguishable_from"]),
                 "config": json.loads(row["config_json"]),
             }
         return out
@@ -188,6 +249,24 @@ class SweepResult:
 
     def __repr__(self) -> str:
         return f"SweepResult({self.config.name!r}, results_dir={str(self.results_dir)!r}, pools={self.pools})"
+
+
+# 0.975 quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def _t975(df: int) -> float:
+    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+def _pooled_std(stds: pd.Series, ns: pd.Series) -> float:
+    """The within-configuration standard deviation pooled over repeated configurations."""
+    dof = (ns - 1).clip(lower=0)
+    ok = stds.notna() & (dof > 0)
+    if not ok.any():
+        return math.nan
+    return math.sqrt(float(((stds[ok] ** 2) * dof[ok]).sum() / dof[ok].sum()))
 
 
 def _num(v: Any) -> Any:

@@ -68,3 +68,8 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
         "steps": len(loss_curve), "device": "cpu", "device_name": "toy", "estimated_memory_mb": estimate,
         "loss_curve": loss_curve, "burn_iterations": iterations,
     }
+
+
+toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "peak_memory_infer_mb", "latency_p50_ms",
+                           "latency_p95_ms", "throughput_tokens_s", "num_params", "train_seconds", "wall_seconds",
+                           "steps", "estimated_memory_mb", "burn_iterations")

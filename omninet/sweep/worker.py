@@ -1,13 +1,13 @@
-"""What runs inside a Ray worker: the device check and the trial call.
+"""What runs inside a Ray worker: the device check, the node's cores and measurement gate,
+and the runner call.
 
-Kept free of Ray-specific state so it can be called directly in tests; the controller wraps
+Kept free of controller state so it can be called directly in tests; the controller wraps
 :func:`execute_trial` in a Ray task with the pool's resources.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import logging
 import os
 import socket
 import time
@@ -15,30 +15,15 @@ from typing import Any
 
 __all__ = ["device_present", "node_info", "execute_trial", "probe"]
 
+log = logging.getLogger("omninet.sweep")
+
 
 def device_present(accelerator: str | None) -> tuple[bool, str]:
-    """Whether this node physically has the pool's accelerator, as torch sees it."""
-    if accelerator is None:
-        return True, "cpu"
-    if accelerator == "GPU":
-        import torch
+    """Whether this node physically has the pool's accelerator: any hardware backend whose
+    Ray resource it is (GPU: CUDA, ROCm or an Intel XPU; TPU; NPU)."""
+    from omninet.hardware import device_present as present
 
-        ok = torch.cuda.is_available() and torch.cuda.device_count() > 0
-        return ok, torch.cuda.get_device_name(0) if ok else "torch.cuda.is_available() is False"
-    if accelerator == "NPU":
-        if importlib.util.find_spec("torch_npu") is None:
-            return False, "torch_npu is not installed"
-        import torch
-        import torch_npu  # noqa: F401  (registers torch.npu)
-
-        return bool(torch.npu.is_available()), "torch.npu"
-    if accelerator == "TPU":
-        if importlib.util.find_spec("torch_xla") is None:
-            return False, "torch_xla is not installed"
-        import torch_xla.runtime as xr
-
-        return xr.global_runtime_device_count() > 0, "torch_xla"
-    return False, f"unknown accelerator {accelerator!r}"
+    return present(accelerator)
 
 
 def node_info() -> dict[str, str]:
@@ -50,23 +35,41 @@ def node_info() -> dict[str, str]:
             ctx = ray.get_runtime_context()
             info["node_id"] = ctx.get_node_id()
             info["node"] = f"{socket.gethostname()}/{ray.util.get_node_ip_address()}"
-    except Exception:  # outside Ray: hostname only
-        pass
+    except Exception as exc:  # outside Ray: hostname only
+        log.debug("no Ray node info: %s", exc)
     return info
 
 
-def probe(accelerator: str | None) -> dict[str, Any]:
+def probe(accelerator: str | None, device: str = "auto") -> dict[str, Any]:
+    """What the pool's node offers: the accelerator's presence and the device's capabilities
+    (native precisions, int8 engine, memory, CPU model and flags), and the node's cores."""
+    from omninet.hardware import probe_capabilities
+
     present, detail = device_present(accelerator)
-    return {"present": present, "detail": detail, **node_info()}
+    try:
+        caps = probe_capabilities("cpu" if not present else device)
+    except ValueError as exc:
+        caps = {"error": str(exc)}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or cores
+    except ImportError:
+        physical = cores
+    return {"present": present, "detail": detail, "capabilities": caps, "cores": cores,
+            "physical_cores": min(physical, cores), **node_info()}
 
 
-def execute_trial(trial_fn: str, config: dict[str, Any], *, pool: str, accelerator: str | None,
-                  simulate: bool, memory_budget_mb: float | None, num_threads: int | None = None) -> dict[str, Any]:
+def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,
+                  memory_budget_mb: float | None, num_cpus: float = 1.0, trial_key: str | None = None,
+                  isolate: bool = True) -> dict[str, Any]:
     """Runs one trial on this node. A pool accelerator that is not physically here runs on
-    CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error.
-    ``num_threads`` (the CPUs Ray reserved for the trial) caps torch's intra-op threads for
-    the default trial runner unless the config sets ``hardware.num_threads``, so concurrent
-    trials on one node do not oversubscribe its cores."""
+    CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error. Under
+    Ray with ``isolate``, the trial gets ``num_cpus`` cores of its own and the node's
+    measurement gate (``omninet.sweep.isolation``)."""
+    from omninet.trial.runner import RunContext
+
     started = time.time()
     info = node_info()
     present, detail = device_present(accelerator)
@@ -75,16 +78,19 @@ def execute_trial(trial_fn: str, config: dict[str, Any], *, pool: str, accelerat
         return {"status": "error", "simulated": False, **info,
                 "error": f"pool {pool!r} needs a {accelerator} but node {info['node']} has none ({detail}); "
                          "set simulate_accelerators: true to run it on CPU"}
-    hardware = dict(config.get("hardware") or {})
     if simulated:
-        hardware["device"] = "cpu"
-    if num_threads is not None and trial_fn == "omninet.trial:run_trial":
-        hardware.setdefault("num_threads", num_threads)
-    if hardware:
-        config = {**config, "hardware": hardware}
-    module_name, attr = trial_fn.split(":")
-    fn = getattr(importlib.import_module(module_name), attr)
-    result = fn(config, memory_budget_mb=memory_budget_mb)
-    result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        config = runner.on_cpu(config)
+    gate = None
+    context = RunContext()
+    if isolate and info["node_id"]:
+        from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
+
+        gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
+        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate)
+    try:
+        result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
+    finally:
+        if gate is not None:
+            gate.stop()
     result.update(simulated=simulated, worker_pid=os.getpid(), worker_seconds=time.time() - started, **info)
     return result

@@ -229,10 +229,32 @@ class TrialConfig(ConfigBase):
                f"model.arch={arch!r} cannot be trained on the language-modelling task {task.name!r}; use arch 'decoder'")
         _check(task.kind != "classification" or arch != "encoder_decoder",
                f"model.arch='encoder_decoder' has no classification path; use 'encoder' for task {task.name!r}")
+        object.__setattr__(self, "model_config", self._resolve_model(self.model))
+
+    def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
+        task = self.task_obj
+        facts = {"vocab_size": task.vocab_size, "pad_token_id": task.pad_id, "num_classes": task.num_classes}
+        arch = model.values.get("arch", "encoder" if task.kind == "classification" else "decoder")
         n = max(task.max_length, self.measure.seq_length or 0)
         defaults = {**SMALL_MODEL, "max_seq_length": n, **facts, "arch": arch}
-        resolved = ModelOverrides(values={k: v for k, v in given.items() if k not in ("arch",)}).resolve(defaults)
-        object.__setattr__(self, "model_config", resolved)
+        return ModelOverrides(values={k: v for k, v in model.values.items() if k != "arch"}).resolve(defaults)
+
+    def check_values(self, values: dict[str, Any]) -> None:
+        """ValueError when setting ``{dotted path: value}`` would make an invalid config. Only
+        the sections concerned are rebuilt (for ``model``, the resolved ModelConfig), not the
+        whole trial: the sweep checks every searched value this way without parsing N trials."""
+        data = self.to_dict()
+        sections = set()
+        for path, value in values.items():
+            set_path(data, path, value)
+            sections.add(path.split(".", 1)[0])
+        for name in sections:
+            if name == "model":
+                self._resolve_model(ModelOverrides.from_dict(data["model"]))
+            elif name == "task":
+                TaskConfig.from_dict(data["task"])
+            else:
+                type(getattr(self, name)).from_dict(data[name], _where=name)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -348,6 +370,8 @@ class TrialResult:
         """{field: int | float | bool | str} for the scalar fields (the Parquet schema's source)."""
         out: dict[str, type] = {}
         for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) in (list, dict, tuple):
+                continue
             args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             if args[0] in (int, float, bool, str):
                 out[name] = args[0]

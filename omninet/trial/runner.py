@@ -296,6 +296,9 @@ class OmniNetRunner:
     def check_path(self, base: TrialConfig, path: str, *, where: str) -> None:
         base.check_path(path, where=where)
 
+    def check_values(self, base: TrialConfig, values: dict[str, Any]) -> None:
+        base.check_values(values)
+
     def estimate_mb(self, config: TrialConfig) -> float | None:
         return estimate_memory_mb(config)
 
@@ -339,6 +342,9 @@ class FunctionRunner:
 
     def check_path(self, base: dict[str, Any], path: str, *, where: str) -> None:
         return None  # a free-form config: any path may be set
+
+    def check_values(self, base: dict[str, Any], values: dict[str, Any]) -> None:
+        self.with_values(base, values)
 
     def estimate_mb(self, config: dict[str, Any]) -> float | None:
         return None if self.estimate is None else self.estimate(config)
