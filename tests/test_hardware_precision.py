@@ -194,8 +194,8 @@ def _monitor(model, plan=None, **cfg):
     return MemoryMonitor(model, plan=plan, read=lambda: 0.0, config=MonitorConfig(**cfg))
 
 
-@needs_bf16
 def test_monitor_degrades_restores_and_never_flip_flops_under_jitter(caplog):
+    # no native bf16 needed: the ladder's logic is tested, not bf16 speed (bf16 runs emulated where not native)
     model = _model()
     plan = plan_mixed_precision(model, _batch(model), error_budget=1e-4)
     rng = random.Random(0)

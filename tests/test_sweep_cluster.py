@@ -202,7 +202,10 @@ def test_controller_killed_then_resumed(cluster, mlflow_uri, tmp_path) -> None:
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "requeued" in second.stdout
+    import re
+
+    found = re.search(r"(\d+) requeued from a previous controller", second.stdout)
+    assert found and int(found.group(1)) == len(running), second.stdout[-3000:]  # every orphan re-run, none lost
     result = SweepResult.load(results)
     assert result.audit() == []
     trials = study.get_trials()

@@ -76,7 +76,7 @@ def import_object(path: str, *, where: str) -> Callable[..., Any]:
     except Exception as exc:  # ImportError or an error inside the module
         raise SweepConfigError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
     obj = getattr(module, attr, None)
-    _check(callable(obj), f"{where}: {module_name!r} has no callable {attr!r}")
+    _check(callable(obj) or hasattr(obj, "run"), f"{where}: {module_name!r} has no callable or runner {attr!r}")
     return obj
 
 

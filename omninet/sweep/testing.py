@@ -73,3 +73,67 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
 toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "peak_memory_infer_mb", "latency_p50_ms",
                            "latency_p95_ms", "throughput_tokens_s", "num_params", "train_seconds", "wall_seconds",
                            "steps", "estimated_memory_mb", "burn_iterations")
+
+
+class GateProbe:
+    """A runner that exercises the node's measurement gate like the real trial runner does:
+    "trains" (burns CPU in steps, calling ``gate.checkpoint()`` between them), then
+    "measures" inside ``gate.exclusive()``. It returns its intervals (wall-clock, from
+    ``time.time()``) so a test can check that no measurement overlapped another trial's work.
+    Config: ``{"probe": {"train_s": 1.0, "measure_s": 0.3}}``."""
+
+    name = "gate-probe"
+    result_fields = frozenset({"accuracy", "peak_memory_infer_mb", "latency_p50_ms"})
+
+    def parse(self, data):
+        return data
+
+    def to_dict(self, config):
+        return config
+
+    def with_values(self, base, values):
+        from omninet.paths import with_path
+
+        out = dict(base)
+        for path, value in values.items():
+            out = with_path(out, path, value)
+        return out
+
+    def check_path(self, base, path, *, where):
+        return None
+
+    def check_values(self, base, values):
+        return None
+
+    def estimate_mb(self, config):
+        return None
+
+    def on_cpu(self, config):
+        return config
+
+    def run(self, config, *, memory_budget_mb=None, context=None):
+        from omninet.trial.measure import MeasureGate
+
+        probe = dict(config.get("probe") or {})
+        gate = (context.gate if context is not None else None) or MeasureGate()
+        work = []  # (start, end) of training steps, each between two checkpoints
+        end = time.time() + float(probe.get("train_s", 1.0))
+        while time.time() < end:
+            gate.checkpoint()
+            t0 = time.time()
+            stop = time.thread_time() + 0.02
+            while time.thread_time() < stop:
+                pass
+            work.append((t0, time.time()))
+        with gate.exclusive() as info:
+            m0 = time.time()
+            time.sleep(float(probe.get("measure_s", 0.3)))
+            m1 = time.time()
+        gate.checkpoint()
+        return {"status": "ok", "accuracy": 0.5, "peak_memory_infer_mb": 1.0, "latency_p50_ms": 1.0,
+                "work": work, "measure": [m0, m1], "measure_wait_s": info["wait_s"],
+                "measure_co_running": info["co_running"],
+                "cores": ",".join(map(str, context.cores)) if context is not None and context.cores else None}
+
+
+gate_probe = GateProbe()

@@ -25,11 +25,9 @@ clean state and a later call after the timing runs, and record both.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -143,9 +141,13 @@ def _quiet_stderr():
 
 
 def _timeline_peak_mb(fn: Callable[[], object]) -> float:
-    """CPU: peak tensor MB allocated by ``fn`` above the level at its start, from the
-    profiler's memory timeline (every allocation and free)."""
+    """CPU: peak tensor MB allocated by ``fn`` above the level at its start, replayed from the
+    profiler's memory timeline: every tensor created (+) and destroyed (-) during the call.
+    (``prof.export_memory_timeline`` reads the same timeline but reports levels relative to
+    the first event, which drops the first allocation of the call; replaying the events
+    counts it.)"""
     from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
     with _quiet_stderr():  # kineto prints "profiler_start/stop" lines straight to fd 2 on every call
@@ -155,20 +157,17 @@ def _timeline_peak_mb(fn: Callable[[], object]) -> float:
     finally:
         with _quiet_stderr():
             prof.stop()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the timeline export is deprecated but still the CPU path
-            prof.export_memory_timeline(path, device="cpu")
-        with open(path) as f:
-            _, sizes = json.load(f)
-    finally:
-        os.unlink(path)
-    if not sizes:
-        return 0.0
-    totals = [sum(row) for row in sizes]
-    return max(0.0, (max(totals) - totals[0]) / MB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timeline = MemoryProfile(prof.profiler.kineto_results).timeline
+    level = peak = 0
+    for _, action, _, size in timeline:
+        if action == Action.CREATE:
+            level += size
+        elif action == Action.DESTROY:
+            level -= size
+        peak = max(peak, level)
+    return peak / MB
 
 
 def peak_memory_mb(fn: Callable[[], object], *, device=torch.device("cpu")) -> float:

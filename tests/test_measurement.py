@@ -1,0 +1,288 @@
+"""Trustworthy numbers: the latency loop, the memory trackers and their history, node-level
+isolation of measurements, a fresh sampler, the search space a pool can run, and noise in
+recommendations. No figure here is a timing target: the behaviours are checked, the speed is
+measured by benchmarks/measurement_fidelity.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from omninet.trial import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the latency loop -------------------------------------------------------------------
+def test_latency_loop_runs_min_reps_and_min_seconds():
+    calls = []
+
+    def fn():
+        calls.append(time.perf_counter())
+        time.sleep(0.001)
+
+    start = time.perf_counter()
+    stats = measure.latency(fn, warmup=2, min_reps=20, min_seconds=0.15, max_cv=10.0, max_rounds=1)
+    assert time.perf_counter() - start >= 0.15 and stats.reps >= 20 and len(calls) == stats.reps + 2
+    assert stats.p50_ms <= stats.p90_ms <= stats.p95_ms <= stats.p99_ms and stats.mean_ms > 0
+    assert stats.rounds == 1 and not stats.noisy
+
+
+def test_latency_loop_remeasures_and_tags_noise():
+    state = {"i": 0}
+
+    def jittery():  # alternating 1 ms and 6 ms: a coefficient of variation near 0.7
+        state["i"] += 1
+        time.sleep(0.006 if state["i"] % 2 else 0.001)
+
+    stats = measure.latency(jittery, warmup=1, min_reps=20, min_seconds=0.0, max_cv=0.05, max_rounds=3)
+    assert stats.rounds == 3 and stats.noisy and stats.cv > 0.05
+
+    steady = measure.latency(lambda: time.sleep(0.002), warmup=1, min_reps=20, min_seconds=0.0, max_cv=0.5,
+                             max_rounds=3)
+    assert steady.rounds == 1 and not steady.noisy
+
+
+# ---- memory -----------------------------------------------------------------------------
+def test_track_memory_reports_tensor_peak_and_process_rss():
+    from omninet.trial.limits import clean_state
+
+    def alloc():
+        x = torch.ones(10 * 2**20)  # 40 MB, touched
+        return float(x.sum())
+
+    clean_state()
+    base_rss = measure._rss_bytes() / 2**20
+    reading = measure.track_memory(alloc, live_bytes=2**20)
+    assert 40 <= reading.tensor_peak_mb - 1 <= 44
+    assert reading.rss_peak_mb >= base_rss + 35  # the OS saw the pages while the call ran
+    assert "profiler" in reading.method and "resident" in reading.method
+
+
+_HIDDEN: dict[str, torch.Tensor] = {}
+
+
+def test_a_buffer_that_outlives_the_call_shows_up_as_history():
+    """The failure mode the trial runner guards against: a scratch buffer kept between calls
+    is seen by the first call only. The runner records both calls, so this is visible."""
+
+    def leaky():
+        if "buf" not in _HIDDEN:
+            _HIDDEN["buf"] = torch.empty(8 * 2**20).fill_(1.0)  # 32 MB, kept
+        return torch.ones(2**20).sum()
+
+    first = measure.track_memory(leaky).tensor_peak_mb
+    later = measure.track_memory(leaky).tensor_peak_mb
+    assert first > later + 25
+
+
+def _kernel_configs() -> list:
+    from omninet.attention import KERNELS
+
+    return [pytest.param({"kernel": name, "block_sparse": {"min_seq_length": 0, "block_size": 32, "sparsity_factor": 0.75},
+                          "linformer": {"min_seq_length": 0, "k": 32}}, id=name) for name in sorted(KERNELS)]
+
+
+@pytest.mark.parametrize("attention", _kernel_configs())
+def test_same_call_same_peak_on_its_first_and_tenth_call(attention):
+    """History-free memory: for every registered kernel, the model's forward at one shape
+    peaks the same on its first call and its tenth (tensor peak within 5%)."""
+    from omninet import ModelConfig, OmniNetModel
+    from omninet.trial.limits import clean_state
+
+    cfg = ModelConfig(arch="encoder", vocab_size=50, num_classes=4, hidden_size=64, num_layers=2, num_heads=4,
+                      max_seq_length=512, attention=attention)
+    model = OmniNetModel(cfg).eval()
+    ids = torch.randint(1, 50, (2, 512))
+    mask = torch.ones(2, 512, dtype=torch.bool)
+
+    @torch.no_grad()
+    def call():
+        return model(ids, attention_mask=mask).logits
+
+    clean_state()
+    first = measure.track_memory(call).tensor_peak_mb
+    for _ in range(8):
+        call()
+    clean_state()
+    tenth = measure.track_memory(call).tensor_peak_mb
+    assert abs(tenth - first) <= 0.05 * first + 0.5, (first, tenth)
+
+
+# ---- the node's measurement gate --------------------------------------------------------
+def test_coordinator_makes_measurement_exclusive_and_cores_disjoint():
+    from omninet.sweep.isolation import NodeCoordinator
+
+    async def scenario():
+        c = NodeCoordinator()
+        c.cores = [0, 1, 2, 3]
+        a, b = c.allot("a", 2), c.allot("b", 2)
+        assert set(a).isdisjoint(b) and len(a) == len(b) == 2
+        await c.enter("a", 1)
+        await c.enter("b", 1)
+        writer = asyncio.ensure_future(c.begin_exclusive("a", 1))
+        await asyncio.sleep(0.05)
+        assert not writer.done() and c.writer_waiting()  # b still trains
+        paused = asyncio.ensure_future(c.pause("b", 1))  # b reaches a checkpoint
+        wait_s = await asyncio.wait_for(writer, 2)
+        assert c.writer == "a" and c.shared == {} and wait_s >= 0.04
+        await asyncio.sleep(0.05)
+        assert not paused.done()  # b waits while a measures
+        co_running = await c.end_exclusive("a", 1)
+        await asyncio.wait_for(paused, 2)
+        assert co_running == 0 and set(c.shared) == {"a", "b"}
+
+    asyncio.run(scenario())
+
+
+def test_coordinator_drops_a_dead_holder():
+    from omninet.sweep.isolation import NodeCoordinator
+
+    async def scenario():
+        c = NodeCoordinator()
+        await c.enter("dead", 2**22 + 12345)  # no such process
+        await asyncio.wait_for(c.begin_exclusive("live", 1), 5)  # does not wait forever
+        assert c.writer == "live"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path):
+    """Two pools on one embedded node, their trials training concurrently: every measurement
+    interval is free of the other trials' training steps, and cores are disjoint."""
+    from omninet.sweep import SweepResult, run_sweep
+
+    cfg = {
+        "name": "isolation", "results_dir": str(tmp_path / "iso"), "trial_fn": "omninet.sweep.testing:gate_probe",
+        "trial": {"probe": {"train_s": 1.2, "measure_s": 0.3}},
+        "search_space": {"probe.x": {"choices": [1, 2, 3]}},
+        "pools": [{"name": "a", "resources": {"CPU": 1}, "trials": 3}, {"name": "b", "resources": {"CPU": 1}, "trials": 3}],
+        "sampler": {"kind": "random", "seed": 0}, "progress_interval_s": 1.0,
+    }
+    result = run_sweep(cfg, num_cpus=2)
+    rows = result.trials()
+    assert (rows.status == "ok").all() and len(rows) == 6
+    runs = [json.loads(r) for r in rows.result_json]
+    assert all(r["measure_co_running"] == 0 for r in runs)
+    overlaps = 0
+    for i, r in enumerate(runs):
+        m0, m1 = r["measure"]
+        for j, other in enumerate(runs):
+            if i != j:
+                overlaps += sum(1 for s, e in other["work"] if s < m1 - 0.005 and e > m0 + 0.005)
+    assert overlaps == 0
+    concurrent_cores = {r["cores"] for r in runs}
+    assert len(concurrent_cores) == 2  # each pool's worker pinned to its own core
+    assert isinstance(SweepResult.load(tmp_path / "iso"), SweepResult)
+
+
+# ---- the sampler sees every finished trial before the next ask --------------------------
+@pytest.mark.slow
+def test_each_trial_is_told_before_the_pools_next_ask(tmp_path):
+    import optuna
+
+    from omninet.sweep import run_sweep
+
+    cfg = {
+        "name": "fresh", "results_dir": str(tmp_path / "fresh"), "trial_fn": "omninet.sweep.testing:toy_trial",
+        "estimate_fn": "omninet.sweep.testing:toy_estimate", "trial": {"toy": {"sleep_s": 0.2}},
+        "search_space": {"toy.x": {"low": 0.05, "high": 1.0}},
+        "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1, "trials": 5}],
+        "sampler": {"kind": "tpe", "seed": 0, "n_startup_trials": 2}, "progress_interval_s": 1.0,
+    }
+    run_sweep(cfg, num_cpus=2)
+    study = optuna.load_study(study_name="fresh.cpu", storage=f"sqlite:///{tmp_path / 'fresh' / 'optuna.db'}")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert len(trials) == 5
+    for before, after in zip(trials, trials[1:]):
+        assert after.datetime_start >= before.datetime_complete, (before.number, after.number)
+
+
+# ---- a search space the hardware can run --------------------------------------------------
+def _controller(tmp_path, **overrides):
+    from omninet.sweep import SweepController
+
+    cfg = {
+        "name": "space", "results_dir": str(tmp_path / "space"),
+        "trial": {"task": {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 64,
+                           "num_eval": 16},
+                  "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}, "train": {"steps": 2},
+                  "measure": {"seq_length": 128}},
+        "search_space": {"hardware.precision": {"choices": ["fp32", "bf16"]},
+                         "model.attention.kernel": {"choices": ["sdpa", "linformer"]},
+                         "model.attention.linformer.k": {"low": 8, "high": 512, "log": True,
+                                                         "when": {"model.attention.kernel": "linformer"}}},
+        "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 2}],
+    }
+    cfg.update(overrides)
+    return SweepController(cfg)
+
+
+def test_precisions_the_pool_cannot_run_are_removed_with_the_reason(tmp_path):
+    ctl = _controller(tmp_path)
+    info = {"capabilities": {"native_precisions": ["fp32", "int8"], "device_name": "an AVX2 CPU",
+                             "refused": {"bf16": "bf16 is not supported on cpu (AVX2 only)"}}}
+    space = {p.path: p for p in ctl._space_for(ctl.config.pool("cpu"), info)}
+    assert space["hardware.precision"].choices == ["fp32"]
+    assert space["model.attention.linformer.k"].high == 128  # clipped to the measured length
+    notes = " ".join(info["search_space_notes"])
+    assert "bf16" in notes and "AVX2 only" in notes and "clipped" in notes
+
+    kept = _controller(tmp_path, allow_emulated=True)
+    assert {p.path: p for p in kept._space_for(kept.config.pool("cpu"), dict(info))}["hardware.precision"].choices == [
+        "fp32", "bf16"]
+
+
+def test_a_pool_that_oversubscribes_the_node_is_refused(tmp_path):
+    from omninet.sweep import SweepConfigError
+
+    ctl = _controller(tmp_path)
+    ctl._probes = {"cpu": {"physical_cores": 1, "node": "n1"}}
+    with pytest.raises(SweepConfigError, match="oversubscribe"):
+        ctl._check_cores(embedded=True)
+    ok = _controller(tmp_path, oversubscribe=True)
+    ok._probes = ctl._probes
+    ok._check_cores(embedded=True)
+
+
+# ---- noise in recommendations -----------------------------------------------------------
+def test_recommend_ranks_by_the_pessimistic_bound_and_flags_ties(tmp_path, caplog):
+    import yaml
+
+    from omninet.sweep import SweepResult, load_config
+    from omninet.sweep.records import ParquetStore, params_key
+
+    data = {"name": "noise", "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None,
+            "trial": {"toy": {}}, "search_space": {"toy.x": {"choices": [1, 2, 3]}},
+            "pools": [{"name": "cpu", "resources": {"CPU": 1}}]}
+    results = tmp_path / "noise"
+    results.mkdir()
+    (results / "sweep.yaml").write_text(yaml.safe_dump(data))
+    store = ParquetStore(results / "trials", load_config(data))
+    runs = {1: [0.50, 0.30, 0.40], 2: [0.385, 0.38, 0.39], 3: [0.05]}
+    number = 0
+    for x, accs in runs.items():
+        first = number
+        for i, acc in enumerate(accs):
+            store.write("cpu", {"sweep": "noise", "trial_number": number, "status": "ok", "feasible": True,
+                                "accuracy": acc, "peak_memory_infer_mb": 10.0, "latency_p50_ms": 1.0,
+                                "param.toy.x": x, "config_key": params_key({"toy.x": x}),
+                                "repeat_of": None if i == 0 else first, "config_json": json.dumps({"toy": {"x": x}})})
+            number += 1
+    result = SweepResult.load(results)
+    agg = result.aggregate("cpu").set_index("trial_number")
+    assert agg.loc[0, "runs"] == 3 and agg.loc[0, "accuracy_mean"] == pytest.approx(0.40)
+    assert agg.loc[0, "accuracy_ci95"] > agg.loc[3, "accuracy_ci95"] > 0  # config 1 spreads wide; config 3 (one run) borrows the pooled spread
+    assert agg.loc[6, "noise"] == "pooled" and agg.loc[0, "noise"] == "measured"
+    # config 1 has the best mean, config 2 the best lower bound
+    with caplog.at_level("WARNING", logger="omninet.sweep"):
+        assert result.recommend("cpu") == {"toy": {"x": 2}}
+    assert "not distinguishable" in caplog.text and "#0" in caplog.text
+    rec = result.recommendations()["cpu"]
+    assert rec["trial_number"] == 3 and rec["runs"] == 3 and rec["indistinguishable_from"] == [0]
