@@ -70,10 +70,7 @@ class Attention(nn.Module):
         self.total_heads, self.head_dim = H, D
         self.scale = 1.0 / math.sqrt(D)
         self.dropout = config.attention.dropout
-        kernel = config.attention.kernel
-        spec = get_kernel(kernel)
-        if cross and not spec.exact and kernel == "linformer":
-            spec = get_kernel("sdpa")  # set by the Linformer design: cross-attention keys are not projected
+        spec = get_kernel(config.attention.kernel).for_layer(cross)  # the kernel names its cross-attention fallback
         self.spec = spec
         self.kernel_state = spec.make_state(config, layer_idx, cross) if spec.make_state else None
         self.register_buffer("head_ids", torch.arange(H), persistent=False)

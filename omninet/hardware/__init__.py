@@ -35,7 +35,7 @@ from omninet.hardware.base import (
 )
 from omninet.hardware.cpu import cpu_flags
 from omninet.hardware.lpu import export_onnx, onnx_available
-from omninet.hardware.memory import estimate_memory_mb, max_batch_size, memory_breakdown, register_attention_memory
+from omninet.hardware.memory import estimate_memory_mb, max_batch_size, memory_breakdown
 from omninet.hardware.mixed import (
     MixedPrecisionPlan,
     apply_precision,
@@ -56,7 +56,7 @@ __all__ = [
     "resolve_precision", "training_step", "MixedPrecisionPlan", "plan_mixed_precision", "measure_sensitivity",
     "apply_precision", "remove_precision", "low_precision_blocks", "named_blocks", "set_block_precision",
     "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
-    "max_batch_size", "register_attention_memory", "export_onnx", "onnx_available",
+    "max_batch_size", "export_onnx", "onnx_available",
 ]
 
 DEVICE_CONFIG_KEYS = ("device", "precision", "memory_threshold")
