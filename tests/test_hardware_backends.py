@@ -18,6 +18,7 @@ from omninet.hardware import (
     available_backends,
     backends_for_resource,
     device_present,
+    probe_capabilities,
     get_backend,
     resolve_backend,
     resolve_device_config,
@@ -286,3 +287,56 @@ def test_npu(monkeypatch, bf16, auto):
     assert npu.is_available() and npu.device_count() == 8 and npu.ray_resource == "NPU"
     policy = resolve_precision("auto", npu, training=True)
     assert (policy.name, policy.grad_scaler) == (auto, not bf16)
+
+
+# ---- capability probe (what the sweep prunes its search space with) ------------------------
+def _agrees_with_the_trial(caps: dict, device: str) -> None:
+    backend = resolve_backend(device)[0]
+    for name in ("fp32", "bf16", "fp16", "mixed"):
+        try:
+            resolve_precision(name, backend, training=True)
+            assert name not in caps["refused"], name
+        except ValueError as exc:
+            assert caps["refused"][name] == str(exc) and name not in caps["native_precisions"]
+
+
+def test_probe_on_this_cpu():
+    import json
+
+    caps = probe_capabilities("cpu")
+    assert json.loads(json.dumps(caps)) == caps  # JSON-able
+    assert caps["backend"] == "cpu" and caps["device"] == "cpu" and caps["torch"] == torch.__version__
+    assert "fp32" in caps["native_precisions"] and caps["memory_capacity_mb"] > 0
+    assert ("int8" in caps["native_precisions"]) == (caps["int8_engine"] is not None)
+    assert ("mixed" in caps["native_precisions"]) == bool({"bf16", "fp16"} & set(caps["native_precisions"]))
+    assert ("bf16" in caps["native_precisions"]) == get_backend("cpu").native_bf16()
+    assert set(caps["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16"}
+    assert all("\n" not in why for why in caps["refused"].values())
+    _agrees_with_the_trial(caps, "cpu")
+
+
+@pytest.mark.parametrize("flags, native", [
+    (dict(avx2=True), ["fp32", "int8"]),
+    (dict(avx2=True, avx512=True), ["fp32", "int8"]),  # bf16 runs (converted), but is not native
+    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8"]),
+    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True), ["fp32", "bf16", "fp16", "mixed", "int8"]),
+])
+def test_probe_follows_the_cpu_flags(monkeypatch, flags, native):
+    _cpu_flags(monkeypatch, **flags)
+    caps = probe_capabilities("cpu")
+    if caps["int8_engine"] is None:
+        native = [n for n in native if n != "int8"]
+    assert caps["native_precisions"] == native
+    if "fp16" not in native:
+        assert "AMX-FP16" in caps["refused"]["fp16"]
+    _agrees_with_the_trial(caps, "cpu")
+
+
+def test_probe_on_a_faked_gpu(monkeypatch):
+    _fake_cuda(monkeypatch, capability=(7, 5), bf16=False, name="Tesla T4")
+    caps = probe_capabilities("auto")
+    assert (caps["backend"], caps["device"], caps["device_name"]) == ("cuda", "cuda:0", "Tesla T4")
+    assert caps["native_precisions"] == ["fp32", "fp16", "mixed"] and caps["int8_engine"] is None
+    assert "CPU only" in caps["refused"]["int8"] and "bf16" in caps["refused"]
+    assert caps["memory_capacity_mb"] == 80 * 1024
+    _agrees_with_the_trial(caps, "cuda")

@@ -51,6 +51,7 @@ from omninet.hardware.mixed import (
 )
 from omninet.hardware.monitor import MemoryMonitor, MonitorConfig
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision, training_step
+from omninet.hardware.probe import probe_capabilities
 from omninet.hardware.quantize import int8_engine, quantize_int8
 from omninet.hardware.table import ACCELERATOR_RESOURCES, backends_for_resource, device_present
 
@@ -61,5 +62,10 @@ __all__ = [
     "apply_precision", "remove_precision", "low_precision_blocks", "named_blocks", "set_block_precision",
     "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
     "max_batch_size", "export_onnx", "onnx_available", "DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config",
-    "ACCELERATOR_RESOURCES", "backends_for_resource", "device_present",
+    "ACCELERATOR_RESOURCES", "backends_for_resource", "device_present", "probe_capabilities", "describe_backends",
 ]
+
+
+def describe_backends() -> list[dict]:
+    """Every registered backend's ``describe()``, present or not (what ``omninet info`` lists)."""
+    return [cls().describe() for cls in BACKENDS.values()]
