@@ -395,8 +395,9 @@ def block_sparse_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_id
     """Per layer: a ``1 - sparsity_factor`` fraction of the fp32 (B, H, N, N) scores at the peak
     and of the weights saved for backward; dense SDPA's cost where the kernel runs dense SDPA
     (cross-attention, density 1.0, N <= min_seq_length)."""
-    from omninet.attention import AttentionMemory, get_kernel  # local: leaves the kernel's imports above untouched
+    # Local imports: this estimate leaves the kernel's own imports above as they are.
     from omninet.attention.dense import scores_bytes
+    from omninet.attention.registry import AttentionMemory, get_kernel
 
     bcfg = config.attention.block_sparse
     if cross or bcfg.sparsity_factor == 0.0 or N <= bcfg.min_seq_length:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omninet.attention import AttentionMemory, register_kernel
+from omninet.attention.registry import AttentionMemory, register_kernel
 from omninet.config import ModelConfig
 
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omninet.attention import AttentionMemory, get_kernel, register_kernel
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention, make_block_sparse_state
 from omninet.attention.linformer import (LinformerProjection, check_linformer_call, check_linformer_layers,
                                          linformer_core, linformer_layers, linformer_memory, make_linformer_state)
+from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
 from omninet.config import ModelConfig
 
 __all__ = ["HybridState", "hybrid_attention"]

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omninet.attention import AttentionMemory, get_kernel, register_kernel
 from omninet.attention.dense import eager_attention, sdpa_attention
+from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
 from omninet.config import LinformerConfig, ModelConfig
 
 __all__ = ["LinformerProjection", "linformer_attention", "linformer_layers", "make_linformer_state", "projected_length",

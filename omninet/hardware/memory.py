@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omninet.attention import AttentionMemory, get_kernel
+from omninet.attention.registry import AttentionMemory, get_kernel
 from omninet.config import ModelConfig
 
 __all__ = ["estimate_memory_mb", "memory_breakdown", "max_batch_size", "AttentionMemory", "count_parameters"]
