@@ -23,6 +23,12 @@ Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
   are asked for; the others return the weights they actually used (a sparse layout's, the
   Linformer's effective P·F).
 
+A kernel's registration (``register_kernel``, ``omninet.attention.registry``) also carries its
+facts: its per-layer memory cost (``memory``, summed by ``omninet.hardware.estimate_memory_mb``),
+which models it fits (``supports_causal`` / ``supports_bias`` / ``supports_cross`` and a
+``check_config`` hook, run at ``ModelConfig`` construction) and the kernel its cross-attention
+layers use instead (``cross_fallback``).
+
 ``eager`` is the reference every other kernel is tested against (tests/test_kernels.py
 enrols every registered kernel automatically).
 """
