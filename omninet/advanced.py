@@ -21,14 +21,16 @@ the others.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from omninet.config import AttentionConfig, ModelConfig, PositionConfig
 from omninet.model import Stack, attention_mask_4d
 
-DEVICE_CONFIG_KEYS = {"device", "precision", "memory_threshold"}
-
+if TYPE_CHECKING:
+    from omninet.hardware import DeviceConfig
 
 def seed_attention(use_sparse_attention: bool, use_linformer: bool) -> AttentionConfig:
     """Maps the card's two flags to a kernel (see README, "The seed's flags")."""
@@ -45,13 +47,12 @@ def seed_attention(use_sparse_attention: bool, use_linformer: bool) -> Attention
 class AdvancedTransformer(nn.Module):
     def __init__(self, *, num_layers: int = 12, hidden_size: int = 1024, num_heads: int = 16, ff_dim: int = 4096,
                  max_seq_length: int = 1024, use_sparse_attention: bool = True, use_linformer: bool = True,
-                 device_config: dict | None = None, dropout: float = 0.1, position: str = "learned",
+                 device_config: DeviceConfig | dict | None = None, dropout: float = 0.1, position: str = "learned",
                  gradient_checkpointing: bool = False):
         super().__init__()
-        device_config = dict(device_config or {})
-        unknown = sorted(set(device_config) - DEVICE_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"device_config: unknown key(s) {unknown}; valid keys are {sorted(DEVICE_CONFIG_KEYS)}")
+        from omninet.hardware import as_device_config, resolve_device_config  # late: keeps `import omninet` light
+
+        device_config = as_device_config(device_config)  # unknown keys and bad values fail first, as always
         if not isinstance(ff_dim, int) or ff_dim < 1:
             raise ValueError(f"ff_dim must be a positive integer, got {ff_dim!r}")
         self.config = ModelConfig(
@@ -60,8 +61,6 @@ class AdvancedTransformer(nn.Module):
             position=PositionConfig(kind=position), gradient_checkpointing=gradient_checkpointing,
             attention=seed_attention(use_sparse_attention, use_linformer),
         )
-        from omninet.hardware import resolve_device_config
-
         self.placement = resolve_device_config(device_config)
         self.pos = nn.Embedding(max_seq_length, hidden_size) if position == "learned" else None
         self.encoder = Stack(self.config, num_layers=num_layers, causal=False)

@@ -25,14 +25,10 @@ def _info(args) -> int:
     import torch
 
     from omninet.attention import KERNELS
+    from omninet.hardware import describe_backends, probe_capabilities
 
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": sorted(KERNELS)}
-    try:
-        from omninet.hardware import describe_backends
-
-        out["backends"] = describe_backends()
-    except ImportError:
-        pass
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": sorted(KERNELS),
+           "backends": describe_backends(), "capabilities": probe_capabilities()}
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 __all__ = [
     "ConfigBase",
@@ -24,6 +24,7 @@ __all__ = [
     "AttentionConfig",
     "HeadsConfig",
     "ModelConfig",
+    "register_kernel_rules",
 ]
 
 
@@ -151,6 +152,17 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
 
+# Kernel name -> its whole-model check (raises a one-line ValueError). omninet.attention fills
+# this as each kernel registers, so this module never imports the registry (which imports it).
+_KERNEL_RULES: dict[str, Callable[["ModelConfig"], None]] = {}
+
+
+def register_kernel_rules(name: str, check: Callable[["ModelConfig"], None]) -> None:
+    """Makes ``AttentionConfig(kernel=name)`` valid and runs ``check(model_config)`` at every
+    ``ModelConfig`` construction that uses it (called by ``omninet.attention.register_kernel``)."""
+    _KERNEL_RULES[name] = check
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -241,10 +253,8 @@ class AttentionConfig(ConfigBase):
 
     def validate(self) -> None:
         _check(0.0 <= self.dropout < 1.0, f"AttentionConfig.dropout must be in [0, 1), got {self.dropout}")
-        from omninet.attention import KERNELS  # late: the registry imports this module
-
-        _check(self.kernel in KERNELS,
-               f"AttentionConfig.kernel {self.kernel!r} is not registered; choose one of {', '.join(sorted(KERNELS))}")
+        _check(self.kernel in _KERNEL_RULES,
+               f"AttentionConfig.kernel {self.kernel!r} is not registered; choose one of {', '.join(sorted(_KERNEL_RULES))}")
 
 
 @dataclass(kw_only=True)
@@ -329,17 +339,7 @@ class ModelConfig(ConfigBase):
         self._validate_kernel()
 
     def _validate_kernel(self) -> None:
-        kernel = self.attention.kernel
-        layers = self.attention.linformer.layers
-        _check(layers is None or kernel not in ("linformer", "hybrid") or max(layers, default=0) < self.num_layers,
-               f"LinformerConfig.layers {layers} names layers out of range for num_layers={self.num_layers}")
-        if kernel == "linformer":
-            _check(self.arch == "encoder",
-                   "Linformer cannot be causal (projecting keys along the sequence mixes future tokens into the past); "
-                   "use attention.kernel='linformer' only with arch='encoder', or pick 'block_sparse' for decoders")
-            _check(self.position.kind in ("learned", "rotary", "none"),
-                   f"Linformer projects keys along the sequence, so per-pair position biases ({self.position.kind!r}) "
-                   "cannot apply; use position.kind 'learned' or 'rotary'")
+        _KERNEL_RULES[self.attention.kernel](self)  # the kernel's own rules (omninet.attention)
 
     @property
     def head_dim(self) -> int:

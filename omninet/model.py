@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omninet.attention import get_kernel
-from omninet import heads as head_lib
+from omninet import gating
 from omninet.config import ModelConfig
 from omninet.positions import Alibi, LearnedPositions, RelativeBias, Rotary
 
@@ -70,10 +70,7 @@ class Attention(nn.Module):
         self.total_heads, self.head_dim = H, D
         self.scale = 1.0 / math.sqrt(D)
         self.dropout = config.attention.dropout
-        kernel = config.attention.kernel
-        spec = get_kernel(kernel)
-        if cross and not spec.exact and kernel == "linformer":
-            spec = get_kernel("sdpa")  # set by the Linformer design: cross-attention keys are not projected
+        spec = get_kernel(config.attention.kernel).for_layer(cross)  # the kernel names its cross-attention fallback
         self.spec = spec
         self.kernel_state = spec.make_state(config, layer_idx, cross) if spec.make_state else None
         self.register_buffer("head_ids", torch.arange(H), persistent=False)
@@ -84,7 +81,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(C, 3 * H * D)
         self.o_proj = nn.Linear(H * D, C)
         hc = config.heads
-        self.router = None if cross or hc.active_heads is None else head_lib.HeadRouter(
+        self.router = None if cross or hc.active_heads is None else gating.HeadRouter(
             C, H, active=hc.active_heads, gating=hc.gating, balance_weight=hc.balance_loss_weight, causal=causal)
         self.aux_loss: torch.Tensor | None = None  # the router's balance term from the last forward
         # Importance by original head id (omninet.heads): gradient-based, and the online EMA.
@@ -106,17 +103,17 @@ class Attention(nn.Module):
         index = None if gate is None else gate.index
         q, k, v = self._project(x, memory, rotary, cache, index)
         kernel = get_kernel("eager") if need_weights and not self.spec.forms_weights else self.spec
-        out, weights = head_lib.attend(
+        out, weights = gating.attend(
             kernel, q, k, v, index=index, head_ids=self.head_ids, total_heads=self.total_heads, mask=mask, bias=bias,
             causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights, state=self.kernel_state,
         )  # out (B, H|k, N, D)
-        scale = head_lib.head_scale(gate, head_mask, self.head_ids)
+        scale = gating.head_scale(gate, head_mask, self.head_ids)
         if scale is not None:
             out = out * scale.to(out.dtype)
         self.aux_loss = None if gate is None else gate.aux
         if self.track_importance:
-            head_lib.update_online_importance(self, out, index)
+            gating.update_online_importance(self, out, index)
         return self._output(out, index), weights
 
     def _output(self, out, index):
@@ -125,7 +122,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*D | k*D)
         if index is None:
             return self.o_proj(out)
-        return head_lib.gather_out(self.o_proj, out, index, self.num_heads, self.head_dim)
+        return gating.gather_out(self.o_proj, out, index, self.num_heads, self.head_dim)
 
     def _project(self, x, memory, rotary, cache, index):
         """q (B, H|k, N, D) and k, v (B, H|k, Nk, D); only the selected heads when ``index``."""
@@ -144,7 +141,7 @@ class Attention(nn.Module):
             if index is None:
                 q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
             else:
-                q, k, v = head_lib.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each
+                q, k, v = gating.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each
             if rotary is not None:
                 offset = cache.length(self.layer_idx) if cache is not None else 0
                 q, k = rotary(q, offset), rotary(k, offset)
@@ -365,7 +362,7 @@ class OmniNetModel(nn.Module):
             attentions = attentions + dec_w if output_attentions else None
         logits = self._head(h, attention_mask if cfg.arch == "encoder" else None)
         loss = self._loss(logits, labels) if labels is not None else None
-        aux = head_lib.collect_aux_loss(self.attention_layers())  # head routers' balance term (training)
+        aux = gating.collect_aux_loss(self.attention_layers())  # head routers' balance term (training)
         if aux is not None and loss is not None:
             loss = loss + aux
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, encoder_hidden_states=enc_out,

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from omninet.hardware import (
+    ACCELERATOR_RESOURCES,
+    DEVICE_CONFIG_KEYS,
+    DeviceConfig,
     available_backends,
+    backends_for_resource,
+    device_present,
+    probe_capabilities,
     get_backend,
     resolve_backend,
     resolve_device_config,
@@ -154,16 +160,74 @@ def test_rocm_is_cuda_api_with_hip(monkeypatch, bf16, auto):
 
 
 # ---- XPU / MPS ------------------------------------------------------------------------------
-def test_xpu(monkeypatch):
+def _fake_xpu(monkeypatch):
     fake = SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, get_device_name=lambda i=0: "Intel Max 1550",
                            memory_allocated=lambda i=0: GiB, max_memory_allocated=lambda i=0: 2 * GiB,
                            get_device_properties=lambda i=0: SimpleNamespace(total_memory=64 * GiB),
                            reset_peak_memory_stats=lambda i=0: None, synchronize=lambda i=0: None)
     monkeypatch.setattr(torch, "xpu", fake, raising=False)
+
+
+def test_xpu(monkeypatch):
+    _fake_xpu(monkeypatch)
     xpu = get_backend("xpu")
     assert xpu.is_available() and xpu.ray_resource == "GPU" and xpu.default_precision() == "bf16"
     assert xpu.memory_stats().capacity == 64 * GiB
     assert available_backends()[0].name == "xpu"
+
+
+def test_gpu_pool_is_present_on_an_xpu_node(monkeypatch):
+    """Ray schedules Intel GPUs as 'GPU': the presence check must find the XPU, not look at
+    torch.cuda only (which ran such trials 'simulated' on CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if not get_backend("xpu").is_available():
+        assert device_present("GPU")[0] is False
+    _fake_xpu(monkeypatch)
+    assert device_present("GPU") == (True, "Intel Max 1550")
+    assert [b.name for b in backends_for_resource("GPU")] == ["cuda", "rocm", "xpu"]
+
+
+def test_accelerator_table_comes_from_the_backends():
+    assert set(ACCELERATOR_RESOURCES) == {"GPU", "TPU", "NPU"}
+    assert device_present(None) == (True, "cpu")
+    assert device_present("CPU")[0] is True
+    ok, why = device_present("FPGA")
+    assert not ok and "unknown accelerator 'FPGA'" in why and "GPU" in why
+    if not get_backend("tpu").is_available():
+        ok, why = device_present("TPU")
+        assert not ok and "tpu" in why and "\n" not in why
+
+
+def test_device_config_is_typed_and_keeps_the_dict_wording():
+    assert DEVICE_CONFIG_KEYS == ("device", "precision", "memory_threshold")
+    assert DeviceConfig() == DeviceConfig.from_dict({}) == DeviceConfig(device="auto", precision="fp32", memory_threshold=0.9)
+    cfg = DeviceConfig.from_dict({"device": "cpu", "memory_threshold": 1})
+    assert cfg.memory_threshold == 1.0 and isinstance(cfg.memory_threshold, float)
+    assert resolve_device_config(cfg).device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device_config: unknown key\(s\) \['devcie'\]; valid keys are \['device', "):
+        DeviceConfig.from_dict({"devcie": "cpu"})
+    with pytest.raises(ValueError, match=r"device_config\['memory_threshold'\] must be a fraction in \(0, 1\], got True"):
+        DeviceConfig(memory_threshold=True)
+    with pytest.raises(ValueError, match=r"device_config\['precision'\]='fp8'; use one of"):
+        resolve_device_config({"precision": "fp8"})
+    with pytest.raises(TypeError):
+        DeviceConfig("cpu")  # keyword-only
+
+    import dataclasses
+
+    @dataclasses.dataclass(kw_only=True)
+    class Hardware(DeviceConfig):  # how the trial's hardware section extends it
+        num_threads: int | None = None
+
+        def validate(self) -> None:
+            super().validate()
+            if self.num_threads is not None and self.num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    hw = Hardware.from_dict({"device": "cpu", "num_threads": 2})
+    assert resolve_device_config(hw).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="num_threads"):
+        Hardware(num_threads=0)
 
 
 def test_mps(monkeypatch):
@@ -223,3 +287,56 @@ def test_npu(monkeypatch, bf16, auto):
     assert npu.is_available() and npu.device_count() == 8 and npu.ray_resource == "NPU"
     policy = resolve_precision("auto", npu, training=True)
     assert (policy.name, policy.grad_scaler) == (auto, not bf16)
+
+
+# ---- capability probe (what the sweep prunes its search space with) ------------------------
+def _agrees_with_the_trial(caps: dict, device: str) -> None:
+    backend = resolve_backend(device)[0]
+    for name in ("fp32", "bf16", "fp16", "mixed"):
+        try:
+            resolve_precision(name, backend, training=True)
+            assert name not in caps["refused"], name
+        except ValueError as exc:
+            assert caps["refused"][name] == str(exc) and name not in caps["native_precisions"]
+
+
+def test_probe_on_this_cpu():
+    import json
+
+    caps = probe_capabilities("cpu")
+    assert json.loads(json.dumps(caps)) == caps  # JSON-able
+    assert caps["backend"] == "cpu" and caps["device"] == "cpu" and caps["torch"] == torch.__version__
+    assert "fp32" in caps["native_precisions"] and caps["memory_capacity_mb"] > 0
+    assert ("int8" in caps["native_precisions"]) == (caps["int8_engine"] is not None)
+    assert ("mixed" in caps["native_precisions"]) == bool({"bf16", "fp16"} & set(caps["native_precisions"]))
+    assert ("bf16" in caps["native_precisions"]) == get_backend("cpu").native_bf16()
+    assert set(caps["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16"}
+    assert all("\n" not in why for why in caps["refused"].values())
+    _agrees_with_the_trial(caps, "cpu")
+
+
+@pytest.mark.parametrize("flags, native", [
+    (dict(avx2=True), ["fp32", "int8"]),
+    (dict(avx2=True, avx512=True), ["fp32", "int8"]),  # bf16 runs (converted), but is not native
+    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8"]),
+    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True), ["fp32", "bf16", "fp16", "mixed", "int8"]),
+])
+def test_probe_follows_the_cpu_flags(monkeypatch, flags, native):
+    _cpu_flags(monkeypatch, **flags)
+    caps = probe_capabilities("cpu")
+    if caps["int8_engine"] is None:
+        native = [n for n in native if n != "int8"]
+    assert caps["native_precisions"] == native
+    if "fp16" not in native:
+        assert "AMX-FP16" in caps["refused"]["fp16"]
+    _agrees_with_the_trial(caps, "cpu")
+
+
+def test_probe_on_a_faked_gpu(monkeypatch):
+    _fake_cuda(monkeypatch, capability=(7, 5), bf16=False, name="Tesla T4")
+    caps = probe_capabilities("auto")
+    assert (caps["backend"], caps["device"], caps["device_name"]) == ("cuda", "cuda:0", "Tesla T4")
+    assert caps["native_precisions"] == ["fp32", "fp16", "mixed"] and caps["int8_engine"] is None
+    assert "CPU only" in caps["refused"]["int8"] and "bf16" in caps["refused"]
+    assert caps["memory_capacity_mb"] == 80 * 1024
+    _agrees_with_the_trial(caps, "cuda")

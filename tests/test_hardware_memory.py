@@ -87,6 +87,43 @@ def test_estimate_within_20_percent_of_measured_peak_at_three_sizes():
         assert 0.8 <= est / meas <= 1.2, report
 
 
+def _kernel_cases():
+    """Every registered kernel (a new one is enrolled automatically), at a length at its
+    ``min_seq_length`` (the dense path) and one past it (the kernel's own path)."""
+    from omninet.attention import KERNELS
+
+    cases = []
+    for kernel in sorted(KERNELS):
+        model = dict(arch="encoder", vocab_size=1000, hidden_size=128, num_layers=2, num_heads=4, max_seq_length=1024,
+                     dropout=0.0, num_classes=4,
+                     attention=dict(kernel=kernel, block_sparse=dict(block_size=64, min_seq_length=512),
+                                    linformer=dict(k=64, min_seq_length=512)))
+        cases += [dict(model=model, B=8, N=N, training=t) for N in (384, 1024) for t in (False, True)]
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the RSS high-water mark")
+def test_estimate_within_20_percent_of_measured_peak_for_every_kernel():
+    cases = _kernel_cases()
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = Path(__file__).resolve().parents[1]
+    measured = []
+    for i in range(0, len(cases), 4):  # one interpreter per kernel: its reused scratch buffers must not carry over
+        # A short dense warm-up of the same model first, so its lazily built pieces are resident (results dropped).
+        warm = [dict(cases[i], N=64, training=t) for t in (False, True)]
+        proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(warm + cases[i:i + 4])], capture_output=True,
+                              text=True, env=env, cwd=root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        measured += json.loads(proc.stdout.strip().splitlines()[-1])[len(warm):]
+    report = []
+    for case, meas in zip(cases, measured):
+        est = estimate_memory_mb(ModelConfig.from_dict(case["model"]), batch_size=case["B"], seq_len=case["N"],
+                                 training=case["training"])
+        report.append((case["model"]["attention"]["kernel"], case["N"], case["training"], round(est, 1), round(meas, 1)))
+    assert all(0.8 <= est / meas <= 1.2 for *_, est, meas in report), report
+
+
 def test_estimate_components_scale_as_they_should():
     cfg = ModelConfig(arch="decoder", vocab_size=1000, hidden_size=128, num_layers=2, num_heads=4, max_seq_length=512)
     infer = memory_breakdown(cfg, batch_size=2, seq_len=256)

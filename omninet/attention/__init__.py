@@ -23,51 +23,28 @@ Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
   are asked for; the others return the weights they actually used (a sparse layout's, the
   Linformer's effective P·F).
 
+A kernel's registration (``register_kernel``, ``omninet.attention.registry``) also carries its
+facts: its per-layer memory cost (``memory``, summed by ``omninet.hardware.estimate_memory_mb``),
+which models it fits (``supports_causal`` / ``supports_bias`` / ``supports_cross`` and a
+``check_config`` hook, run at ``ModelConfig`` construction) and the kernel its cross-attention
+layers use instead (``cross_fallback``).
+
 ``eager`` is the reference every other kernel is tested against (tests/test_kernels.py
 enrols every registered kernel automatically).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from omninet.attention.registry import (
+    KERNELS,
+    AttentionMemory,
+    KernelSpec,
+    check_kernel_config,
+    get_kernel,
+    register_kernel,
+)
 
-__all__ = ["KernelSpec", "KERNELS", "register_kernel", "get_kernel"]
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    name: str
-    fn: Callable
-    make_state: Callable | None = None  # (model_config, layer_idx, cross) -> nn.Module | None
-    supports_causal: bool = True
-    supports_bias: bool = True
-    exact: bool = True  # equals eager on the same inputs (Linformer, a low-rank approximation, does not)
-    forms_weights: bool = True  # can return its own attention weights (fused SDPA never forms them)
-
-
-KERNELS: dict[str, KernelSpec] = {}
-
-
-def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True,
-                    forms_weights=True):
-    """Decorator: ``@register_kernel("mine")`` makes ``AttentionConfig(kernel="mine")`` valid."""
-
-    def wrap(fn):
-        if name in KERNELS:
-            raise ValueError(f"attention kernel {name!r} is already registered")
-        KERNELS[name] = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact, forms_weights)
-        return fn
-
-    return wrap
-
-
-def get_kernel(name: str) -> KernelSpec:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"attention kernel {name!r} is not registered; choose one of {', '.join(sorted(KERNELS))}") from None
-
+__all__ = ["AttentionMemory", "KernelSpec", "KERNELS", "register_kernel", "get_kernel", "check_kernel_config"]
 
 from omninet.attention import dense as _dense  # noqa: E402,F401  (registers eager, sdpa)
 from omninet.attention import block_sparse as _block_sparse  # noqa: E402,F401  (registers block_sparse)

@@ -360,7 +360,8 @@ def make_block_sparse_state(config: ModelConfig, layer_idx: int, cross: bool) ->
                              causal=layer_is_causal(config, layer_idx, cross))
 
 
-@register_kernel("block_sparse", make_state=make_block_sparse_state)
+@register_kernel("block_sparse", make_state=make_block_sparse_state,
+                 memory=lambda *args, **kw: block_sparse_memory(*args, **kw))  # defined at the end of the file
 def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                            state=None):
     _check(q, k, v, state)
@@ -388,3 +389,18 @@ def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale
                                   dropout_p=dropout_p))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, H, Nq, D)
     return out, None
+
+
+def block_sparse_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool):
+    """Per layer: a ``1 - sparsity_factor`` fraction of the fp32 (B, H, N, N) scores at the peak
+    and of the weights saved for backward; dense SDPA's cost where the kernel runs dense SDPA
+    (cross-attention, density 1.0, N <= min_seq_length)."""
+    # Local imports: this estimate leaves the kernel's own imports above as they are.
+    from omninet.attention.dense import scores_bytes
+    from omninet.attention.registry import AttentionMemory, get_kernel
+
+    bcfg = config.attention.block_sparse
+    if cross or bcfg.sparsity_factor == 0.0 or N <= bcfg.min_seq_length:
+        return get_kernel("sdpa").memory(config, B, N, s, layer_idx=layer_idx, cross=cross)
+    scores = scores_bytes(config, B, N, 1 - bcfg.sparsity_factor)
+    return AttentionMemory(transient=2 * scores, saved=scores * s / 4)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omninet.attention import register_kernel
+from omninet.attention.registry import AttentionMemory, register_kernel
+from omninet.config import ModelConfig
 
 
 def causal_mask(nq: int, nk: int, device) -> torch.Tensor:
@@ -31,7 +32,24 @@ def combined_mask(q, k, mask, causal):
     return mask
 
 
-@register_kernel("eager")
+def scores_bytes(config: ModelConfig, B: int, N: int, density: float = 1.0) -> float:
+    """One fp32 (B, H, N, N) score tensor (eager upcasts scores), times the fraction computed."""
+    return B * config.num_heads * N * N * 4 * density
+
+
+def eager_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool) -> AttentionMemory:
+    """Scores and softmax in fp32 at the peak; the weights (activation dtype) saved for backward;
+    backward adds the fp32 gradient of the scores."""
+    scores = scores_bytes(config, B, N)
+    return AttentionMemory(transient=2 * scores, saved=scores * s / 4, backward=scores)
+
+
+def sdpa_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool) -> AttentionMemory:
+    """Fused kernels never form scores; backward keeps the fp32 (B, H, N) log-sum-exp."""
+    return AttentionMemory(transient=0.0, saved=B * config.num_heads * N * 4)
+
+
+@register_kernel("eager", memory=eager_memory)
 def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Nq, Nk)
     if bias is not None:
@@ -50,7 +68,7 @@ def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropo
     return out, (weights if need_weights else None)
 
 
-@register_kernel("sdpa", forms_weights=False)
+@register_kernel("sdpa", forms_weights=False, memory=sdpa_memory)
 def sdpa_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
     nq, nk = q.shape[-2], k.shape[-2]
     if bias is None and mask is None and (not causal or nq == nk):

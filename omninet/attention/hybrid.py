@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omninet.attention import register_kernel
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention, make_block_sparse_state
-from omninet.attention.linformer import (LinformerProjection, check_linformer_call, linformer_core,
-                                         make_linformer_state)
+from omninet.attention.linformer import (LinformerProjection, check_linformer_call, check_linformer_layers,
+                                         linformer_core, linformer_layers, linformer_memory, make_linformer_state)
+from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
 from omninet.config import ModelConfig
 
 __all__ = ["HybridState", "hybrid_attention"]
@@ -79,7 +79,24 @@ def make_hybrid_state(config: ModelConfig, layer_idx: int, cross: bool) -> Hybri
     return HybridState(sparse, linformer, min_seq_length=config.attention.linformer.min_seq_length)
 
 
-@register_kernel("hybrid", make_state=make_hybrid_state, exact=False)
+def _linformer_layer(config: ModelConfig, layer_idx: int, cross: bool) -> bool:
+    """Whether ``make_hybrid_state`` gives this layer a Linformer projection."""
+    encoder_layer = config.arch != "decoder" and layer_idx < config.num_layers
+    return (encoder_layer and not cross and config.position.kind in _LINFORMER_POSITIONS
+            and layer_idx in linformer_layers(config, default_all=False))
+
+
+def hybrid_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool) -> AttentionMemory:
+    """Per layer, the path ``hybrid_attention`` takes for N keys: Linformer on its layers past
+    ``linformer.min_seq_length`` (non-causal by construction), else block-sparse (which is dense
+    SDPA at or below ``block_sparse.min_seq_length`` and for cross-attention)."""
+    if _linformer_layer(config, layer_idx, cross) and config.attention.linformer.min_seq_length < N <= config.max_seq_length:
+        return linformer_memory(config, B, N, s, layer_idx=layer_idx, cross=cross, default_all=False)
+    return get_kernel("block_sparse").estimate(config, B, N, s, layer_idx=layer_idx, cross=cross)
+
+
+@register_kernel("hybrid", make_state=make_hybrid_state, exact=False, memory=hybrid_memory,
+                 check_config=check_linformer_layers)
 def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                      state=None):
     if not isinstance(state, HybridState):

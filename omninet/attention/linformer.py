@@ -21,7 +21,7 @@ n_max = ModelConfig.max_seq_length.
   Masks that differ per query cannot survive the projection and are rejected.
 - Causal attention is impossible (projecting along the sequence mixes the future into the
   past): the kernel refuses ``causal=True`` and ModelConfig refuses linformer outside
-  encoders. Cross-attention layers use dense SDPA (the model switches them).
+  encoders. Cross-attention layers use dense SDPA (the spec's ``cross_fallback``).
 - ``set_identity_()`` sets E = F = I, so that with k >= N the kernel equals dense attention
   (how the conformance suite checks this approximate kernel); ``make_exact(n)`` does the
   same after checking that k >= n (ValueError otherwise).
@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omninet.attention import register_kernel
 from omninet.attention.dense import eager_attention, sdpa_attention
+from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
 from omninet.config import LinformerConfig, ModelConfig
 
-__all__ = ["LinformerProjection", "linformer_attention", "linformer_layers", "make_linformer_state"]
+__all__ = ["LinformerProjection", "linformer_attention", "linformer_layers", "make_linformer_state", "projected_length",
+           "check_linformer_config", "linformer_memory"]
 
 
 class LinformerProjection(nn.Module):
@@ -63,9 +64,7 @@ class LinformerProjection(nn.Module):
 
     def rank(self, n: int) -> int:
         """Projected length k for N = n keys."""
-        c = self.config
-        k = min(c.k, math.ceil(n / c.compression)) if c.adaptive else c.k
-        return max(1, min(k, n))
+        return projected_length(self.config, n)
 
     @torch.no_grad()
     def set_identity_(self) -> "LinformerProjection":
@@ -99,6 +98,12 @@ class LinformerProjection(nn.Module):
                 fed = torch.matmul(e.abs(), keep).transpose(-1, -2) > 0  # (B|1, H|1, 1, kk)
             fed = None if bool(fed.all()) else fed
         return _along_sequence(e, k), _along_sequence(f, v), f, fed
+
+
+def projected_length(config: LinformerConfig, n: int) -> int:
+    """k for N = n keys: ``min(k, ceil(n / compression))`` when adaptive, never more than n."""
+    k = min(config.k, math.ceil(n / config.compression)) if config.adaptive else config.k
+    return max(1, min(k, n))
 
 
 def _along_sequence(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,38 @@ def linformer_core(q, k, v, *, mask, scale, dropout_p, need_weights, state: Linf
     return F.scaled_dot_product_attention(q, kp, vp, attn_mask=fed, dropout_p=dropout_p, scale=scale), None
 
 
-@register_kernel("linformer", make_state=make_linformer_state, supports_causal=False, supports_bias=False, exact=False)
+def check_linformer_layers(config: ModelConfig) -> None:
+    layers = config.attention.linformer.layers
+    if layers is not None and max(layers, default=0) >= config.num_layers:
+        raise ValueError(f"LinformerConfig.layers {layers} names layers out of range for num_layers={config.num_layers}")
+
+
+def check_linformer_config(config: ModelConfig) -> None:
+    """Linformer fits encoders with positions that are not per-pair biases."""
+    check_linformer_layers(config)
+    if config.arch != "encoder":
+        raise ValueError("Linformer cannot be causal (projecting keys along the sequence mixes future tokens into the past); "
+                         "use attention.kernel='linformer' only with arch='encoder', or pick 'block_sparse' for decoders")
+    if config.position.kind not in ("learned", "rotary", "none"):
+        raise ValueError(f"Linformer projects keys along the sequence, so per-pair position biases ({config.position.kind!r}) "
+                         "cannot apply; use position.kind 'learned' or 'rotary'")
+
+
+def linformer_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool,
+                     default_all: bool = True):
+    """Per layer: the (B, H, N, k) scores in fp32 (and their low-precision copy saved for backward)
+    plus the projected K', V'; dense SDPA's cost on layers or lengths that do not project."""
+    lcfg = config.attention.linformer
+    if cross or N <= lcfg.min_seq_length or layer_idx not in linformer_layers(config, default_all=default_all):
+        return get_kernel("sdpa").memory(config, B, N, s, layer_idx=layer_idx, cross=cross)
+    k, H, C = projected_length(lcfg, N), config.num_heads, config.hidden_size
+    return AttentionMemory(transient=2 * B * H * N * k * 4 + 2 * B * k * C * s,
+                           saved=B * H * N * k * s + 2 * B * k * C * s)
+
+
+@register_kernel("linformer", make_state=make_linformer_state, supports_causal=False, supports_bias=False, exact=False,
+                 memory=linformer_memory, supports_cross=False, cross_fallback="sdpa",
+                 check_config=check_linformer_config)
 def linformer_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                         state=None):
     if state is None or k.shape[-2] <= state.config.min_seq_length:

@@ -80,6 +80,11 @@ class Backend(ABC):
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         """Floating dtypes this device computes in at full speed (no scalar fallbacks)."""
 
+    def native_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes the hardware itself computes in (not converted on the fly); what the sweep's
+        capability probe calls native. Accelerators: the same as ``supported_dtypes``."""
+        return self.supported_dtypes()
+
     @abstractmethod
     def synchronize(self, index: int = 0) -> None: ...
 

@@ -87,6 +87,12 @@ class CPUBackend(Backend):
             dtypes.append(torch.float16)
         return tuple(dtypes)
 
+    def native_dtypes(self) -> tuple[torch.dtype, ...]:
+        """bf16 only with AVX512-BF16/AMX (plain AVX512 converts it), fp16 only with AMX-FP16."""
+        f = cpu_flags()
+        return tuple(d for d, ok in ((torch.float32, True), (torch.bfloat16, self.native_bf16()),
+                                     (torch.float16, f["amx_fp16"])) if ok)
+
     def refuse_precision(self, precision: str) -> str | None:
         if precision == "fp16" and torch.float16 not in self.supported_dtypes():
             return ("fp16 on this CPU has no AMX-FP16 support: PyTorch falls back to scalar kernels (~100x slower); "

@@ -14,70 +14,36 @@ The estimate follows what PyTorch actually holds for this model (counted by walk
   copies (Adam: 2) + every tensor autograd saves, per block ``(9C + 2F) T s`` (block input,
   norm outputs, q/k/v, attention output before and after the head merge, residual, FFN
   input, (T, F) pre- and post-activation) + dropout masks (1 byte/element) + attention-kernel
-  terms + the loss head (log-softmax output and its gradients, 3 (T, V) fp32 tensors).
+  terms (what each layer saves, plus the largest one-layer backward transient) + the loss head
+  (log-softmax output and its gradients, 3 (T, V) fp32 tensors).
 - autocast keeps a low-precision copy of each weight it casts (2 bytes per Linear parameter).
 
-Attention kernels register their own memory term with ``register_attention_memory`` (dense
-SDPA is O(N); eager materializes scores; Linformer O(N k); block-sparse a fraction of N^2).
+Each attention kernel states its own per-layer term with its registration (``KernelSpec.memory``
+in ``omninet.attention``: dense SDPA is O(N); eager materializes scores; Linformer O(N k);
+block-sparse a fraction of N^2; each dense at or below its ``min_seq_length``).
 Parameters are counted exactly by building the model on the ``meta`` device (no memory).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
+from omninet.attention.registry import AttentionMemory, get_kernel
 from omninet.config import ModelConfig
 
-__all__ = ["estimate_memory_mb", "memory_breakdown", "max_batch_size", "register_attention_memory",
-           "AttentionMemory", "count_parameters"]
+__all__ = ["estimate_memory_mb", "memory_breakdown", "max_batch_size", "AttentionMemory", "count_parameters"]
 
 MB = 2**20
 _ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 4, "int8": 4}  # activation bytes ('mixed': fp32 upper bound)
 
 
-@dataclass(frozen=True)
-class AttentionMemory:
-    """Per-layer bytes an attention kernel adds beyond q/k/v and its (B, H, N, D) output:
-    ``transient`` (inference peak) and ``saved`` (kept for backward)."""
-
-    transient: float
-    saved: float
-
-
-# (config, B, N, s) -> AttentionMemory
-_ATTENTION_MEMORY: dict[str, Callable[[ModelConfig, int, int, int], AttentionMemory]] = {}
-
-
-def register_attention_memory(kernel: str, fn: Callable[[ModelConfig, int, int, int], AttentionMemory]) -> None:
-    """Lets a kernel state its memory: ``fn(config, batch, seq_len, elem_bytes) -> AttentionMemory``."""
-    _ATTENTION_MEMORY[kernel] = fn
-
-
-def _scores(config: ModelConfig, B: int, N: int, density: float = 1.0) -> float:
-    return B * config.num_heads * N * N * 4 * density  # fp32 (B, H, N, N): eager upcasts scores
-
-
-register_attention_memory("eager", lambda c, B, N, s: AttentionMemory(transient=2 * _scores(c, B, N),
-                                                                      saved=_scores(c, B, N) * s / 4))
-register_attention_memory("sdpa", lambda c, B, N, s: AttentionMemory(transient=0.0, saved=B * c.num_heads * N * 4))
-register_attention_memory("block_sparse", lambda c, B, N, s: AttentionMemory(
-    transient=2 * _scores(c, B, N, 1 - c.attention.block_sparse.sparsity_factor),
-    saved=_scores(c, B, N, 1 - c.attention.block_sparse.sparsity_factor) * s / 4))
-register_attention_memory("linformer", lambda c, B, N, s: AttentionMemory(
-    transient=2 * B * c.num_heads * N * min(c.attention.linformer.k, N) * 4 + 2 * B * min(c.attention.linformer.k, N) * c.hidden_size * s,
-    saved=B * c.num_heads * N * min(c.attention.linformer.k, N) * s + 2 * B * min(c.attention.linformer.k, N) * c.hidden_size * s))
-
-
-def _attention(config: ModelConfig, B: int, N: int, s: int) -> AttentionMemory:
-    fn = _ATTENTION_MEMORY.get(config.attention.kernel, _ATTENTION_MEMORY["sdpa"])
-    mem = fn(config, B, N, s)
+def _attention(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool = False) -> AttentionMemory:
+    """The layer's kernel states its own cost (``KernelSpec.memory``); positions add theirs."""
+    mem = get_kernel(config.attention.kernel).estimate(config, B, N, s, layer_idx=layer_idx, cross=cross)
     if config.position.kind in ("relative", "alibi"):  # an (H, N, N) additive bias per layer
         bias = config.num_heads * N * N * s
-        mem = AttentionMemory(mem.transient + 2 * bias, mem.saved + bias)
+        mem = AttentionMemory(mem.transient + 2 * bias, mem.saved + bias, mem.backward)
     return mem
 
 
@@ -113,19 +79,22 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
     if precision in ("bf16", "fp16"):
         out["autocast_weight_copies"] = P_lin * 2
     head = (B * config.num_classes * 4) if config.num_classes else T * config.vocab_size * 4
-    attn = _attention(config, B, N, s)
+    attn = [_attention(config, B, N, s, layer_idx=i) for i in range(layers)]  # self-attention, global numbering
     if not training:
-        block = max((2 * C + 2 * F) * T * s, 7 * C * T * s) + attn.transient + C * T * 4  # + the fp32 residual
+        transient = max(a.transient for a in attn)  # one block runs at a time
+        block = max((2 * C + 2 * F) * T * s, 7 * C * T * s) + transient + C * T * 4  # + the fp32 residual
         out["activations"] = max(block, C * T * 4 + head)  # blocks free their transients before the head runs
         if not config.num_classes:
             out["gemm_packing"] = config.vocab_size * C * 4  # the BLAS packs the (V, C) head weight for the (T, V) GEMM
         return out
     drop = config.dropout > 0 if dropout_masks is None else dropout_masks
-    per_block = (9 * C + 2 * F) * T * s + attn.saved + (2 * T * C if drop else 0)
-    cross = (6 * C * T * s + attn.saved + (T * C if drop else 0)) * dec_layers  # cross-attention in decoder blocks
+    per_block = (9 * C + 2 * F) * T * s + (2 * T * C if drop else 0)
+    cross = sum(6 * C * T * s + _attention(config, B, N, s, layer_idx=i, cross=True).saved + (T * C if drop else 0)
+                for i in range(config.num_layers, layers))  # cross-attention in decoder blocks
     out["gradients"] = P * 4
     out["optimizer_states"] = optimizer_states * P * 4
-    out["activations"] = per_block * layers + cross + 4 * C * T * 4  # + embeddings, final norm in/out
+    out["activations"] = (per_block * layers + sum(a.saved for a in attn) + cross + 4 * C * T * 4  # + embeddings, final norm
+                          + max(a.backward for a in attn))  # one layer's backward runs at a time
     out["head"] = 3 * head if not config.num_classes else 3 * head + T * C * 4
     return out
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from omninet.config import ConfigBase
+from omninet.hardware.table import ACCELERATOR_RESOURCES as ACCELERATORS  # Ray resources of the backends' one table
 from omninet.paths import MISSING, get_path
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
     "ACCELERATORS",
 ]
 
-# Ray's accelerator resource names that a pool may request, and the torch device type each maps to.
-ACCELERATORS = {"GPU": "cuda", "TPU": "xla", "NPU": "npu"}
 DEFAULT_TRIAL_FN = "omninet.trial:run_trial"
 DEFAULT_ESTIMATE_FN = "omninet.trial:estimate_memory_mb"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 from omninet.config import ConfigBase, ModelConfig, _coerce
+from omninet.hardware.device import DeviceConfig
 from omninet.paths import check_path, config_paths, set_path
 from omninet.tasks.base import TASKS, TaskConfig
 
@@ -83,24 +84,21 @@ class TrainConfig(ConfigBase):
 
 
 @dataclass(kw_only=True)
-class HardwareConfig(ConfigBase):
-    """Where and how the trial runs. ``device``, ``precision`` and ``memory_threshold`` are the
-    device config that ``omninet.hardware.resolve_device_config`` checks against this machine;
-    ``allow_emulated`` lets a precision run that the device has no native support for (the
-    result is tagged ``emulated``)."""
+class HardwareConfig(DeviceConfig):
+    """Where and how the trial runs: the device config (``device``, ``precision``,
+    ``memory_threshold``; checked against this machine by ``omninet.hardware.
+    resolve_device_config``) plus the trial's memory budget, CPU threads and
+    ``allow_emulated``, which lets a precision run that the device has no native support for
+    (the result is tagged ``emulated``)."""
 
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16", "auto", "mixed", "int8"] = "fp32"
-    memory_threshold: float = 0.9
     memory_budget_mb: float | None = None
-    num_threads: int | None = None  # CPU intra-op threads for this trial (None: leave torch's setting)
+    num_threads: int | None = None  # CPU intra-op threads for this trial (None: one per allotted core, or torch's)
     allow_emulated: bool = False
 
     def validate(self) -> None:
+        super().validate()
         _check(self.num_threads is None or self.num_threads >= 1,
                f"hardware.num_threads must be >= 1 (or null to keep torch's setting), got {self.num_threads}")
-        _check(0.0 < self.memory_threshold <= 1.0,
-               f"hardware.memory_threshold must be a fraction in (0, 1], got {self.memory_threshold}")
         _check(self.memory_budget_mb is None or self.memory_budget_mb > 0,
                f"hardware.memory_budget_mb must be > 0 (or null), got {self.memory_budget_mb}")
 

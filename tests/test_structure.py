@@ -1,0 +1,144 @@
+"""The package's import graph has no cycles.
+
+Built from the source by AST (nothing is imported): module-level and function-level imports
+count, ``if TYPE_CHECKING:`` blocks do not. An edge A -> B when A imports module B or a name
+from it; ``from omninet.x import y`` is an edge to ``omninet.x.y`` when y is a submodule, and
+a name a package ``__init__`` re-exports (``from omninet.x.impl import y`` there) resolves to
+the module that defines it, so an ``__init__`` that only re-exports is not a hub of false
+cycles. Implicit imports of parent packages are not edges.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "omninet"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Every Import / ImportFrom node outside ``if TYPE_CHECKING:`` bodies (else branches count)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, dict[str, list[str]]]:
+    """module -> {imported module -> ['path:line', ...]} for modules inside the package."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    trees = {m: ast.parse(p.read_text(), filename=str(p)) for m, p in files.items()}
+    packages = {m for m, p in files.items() if p.name == "__init__.py"}
+
+    # Names each package __init__ binds by a module-level `from X import name` (its re-exports).
+    reexports: dict[str, dict[str, str]] = {}
+    for pkg in packages:
+        for node in trees[pkg].body:
+            if isinstance(node, ast.ImportFrom):
+                src = _absolute(node, pkg, True)
+                for alias in node.names:
+                    if f"{src}.{alias.name}" not in files:
+                        reexports.setdefault(pkg, {})[alias.asname or alias.name] = src
+
+    def resolve(target: str, name: str | None) -> str | None:
+        if name is not None and f"{target}.{name}" in files:
+            return f"{target}.{name}"
+        seen = set()
+        while name is not None and target in reexports and name in reexports[target] and target not in seen:
+            seen.add(target)
+            target = reexports[target][name]
+        while target and target not in files:  # `import omninet.x.y.z` of a non-module: its module
+            target = target.rpartition(".")[0]
+        return target if target.split(".")[0] == PACKAGE.name else None
+
+    graph: dict[str, dict[str, list[str]]] = {m: {} for m in files}
+    for module, tree in trees.items():
+        where = files[module].relative_to(PACKAGE.parent)
+        for node in _imports(tree):
+            if isinstance(node, ast.Import):
+                targets = [resolve(a.name, None) for a in node.names]
+            else:
+                src = _absolute(node, module, module in packages)
+                targets = [resolve(src, a.name) for a in node.names]
+            for t in dict.fromkeys(targets):
+                if t is not None and t != module:
+                    graph[module].setdefault(t, []).append(f"{where}:{node.lineno}")
+    return graph
+
+
+def strongly_connected(graph: dict[str, dict]) -> list[list[str]]:
+    """Tarjan's algorithm; components of more than one module, sorted."""
+    index, low, on_stack, stack, out, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def _describe(graph, comp: list[str]) -> str:
+    members = set(comp)
+    edges = [f"    {a} -> {b}  ({', '.join(graph[a][b])})" for a in comp for b in sorted(graph[a]) if b in members]
+    return f"  cycle among {', '.join(comp)}:\n" + "\n".join(edges)
+
+
+def test_the_graph_sees_what_it_should():
+    graph = import_graph()
+    assert "omninet.config" in graph["omninet.model"]
+    assert "omninet.model" in graph["omninet.hardware.memory"]  # a function-level import counts
+    assert "omninet.attention.registry" in graph["omninet.attention.block_sparse"]  # re-export resolved
+    assert "omninet.gating" in graph["omninet.model"]  # `from omninet import gating`: the submodule
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\ndef f():\n    import c\n"
+    assert [n.names[0].name for n in _imports(ast.parse(source)) if isinstance(n, ast.Import)] == ["c", "b"]
+    assert strongly_connected({"a": {"b": []}, "b": {"a": []}, "c": {"a": []}}) == [["a", "b"]]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles = strongly_connected(graph)
+    assert not cycles, "import cycles in omninet:\n" + "\n".join(_describe(graph, c) for c in cycles)
