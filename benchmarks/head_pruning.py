@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from omninet import ModelConfig, OmniNetModel
+from omninet.trial.measure import machine_facts
 
 
 def build_block(args, *, keep: int, gated: bool):
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
         })
     get = {(r["mode"], r["heads_fraction"]): r for r in rows}
     result = {
-        "benchmark": "head_pruning",
+        "benchmark": "head_pruning", "machine": machine_facts(),
         "setup": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "heads": args.heads,
                   "kernel": args.kernel, "dtype": "float32", "device": "cpu", "reps": args.reps,
                   "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -14,6 +14,7 @@ import argparse
 import json
 
 from omninet.trial import run_trial
+from omninet.trial.measure import machine_facts
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         rows[precision] = {k: r[k] for k in ("status", "accuracy", "eval_loss", "latency_p50_ms", "latency_p95_ms",
                                              "peak_memory_infer_mb", "steps")}
     delta = rows["int8"]["accuracy"] - rows["fp32"]["accuracy"]
-    result = {"benchmark": "int8_accuracy", "task": "listops quickstart", "eval_examples": args.eval_examples,
+    result = {"benchmark": "int8_accuracy", "machine": machine_facts(), "task": "listops quickstart", "eval_examples": args.eval_examples,
               "rows": rows, "accuracy_change_points": 100 * delta,
               "latency_speedup": rows["fp32"]["latency_p50_ms"] / rows["int8"]["latency_p50_ms"],
               "target": "|accuracy change| <= 1 point", "met": abs(100 * delta) <= 1.0}

@@ -31,6 +31,7 @@ import ray
 
 from omninet.sweep import run_sweep
 from omninet.sweep.controller import log
+from omninet.trial.measure import machine_facts
 
 
 def toy_sweep(name: str, root: Path, *, trials: int, concurrency: int, toy: dict) -> dict:
@@ -94,7 +95,7 @@ def main() -> int:
     ratios = [b / a for a, b in zip(one, two)]
     report = {
         "benchmark": "platform_overhead",
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "ray": ray.__version__},
+        "machine": {**machine_facts(), "python": sys.version.split()[0], "platform": platform.platform(), "ray": ray.__version__},
         "per_trial_overhead": over,
         "parallel_throughput": {
             "burn_s_per_trial": args.burn_s, "trials_per_run": 4, "reps": args.reps,

@@ -37,6 +37,7 @@ from omninet.hardware import (  # noqa: E402
     quantize_int8,
     set_block_precision,
 )
+from omninet.trial.measure import machine_facts  # noqa: E402
 
 
 def timed(fn, reps: int, warmup: int) -> list[float]:
@@ -111,7 +112,7 @@ def main() -> None:
     for r in results.values():
         r["speedup_vs_fp32"] = fp32_ms / r["latency_ms_median"]
     report = {
-        "benchmark": "precision", "model": cfg.to_dict(), "batch_size": 1, "seq_len": seq, "reps": args.reps,
+        "benchmark": "precision", "machine": machine_facts(), "model": cfg.to_dict(), "batch_size": 1, "seq_len": seq, "reps": args.reps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu.device_name(), "cpu_flags": cpu_flags(),
         "int8_engine": int8_engine(), "bf16_supported": bf16_ok, "machine": platform.machine(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -1,9 +1,12 @@
-"""Every benchmark's smoke mode runs and writes well-formed JSON (figures are not asserted:
-speed targets are checked by running the benchmarks, never by timed unit tests)."""
+"""Every benchmark's smoke mode runs and writes well-formed JSON: named after itself, with the
+machine it ran on (the CPU model) and finite measured figures. Speed targets are not asserted
+here: they are checked by running the benchmarks, never by timed unit tests."""
 
 from __future__ import annotations
 
 import json
+import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,28 @@ SMOKE = {
     "head_pruning": ["--smoke"],
     "precision": ["--smoke"],
     "int8_accuracy": ["--steps", "3", "--eval-examples", "32"],
+    "platform_overhead": ["--trials", "4", "--burn-s", "0.2", "--reps", "1"],
+    "measurement_fidelity": ["--quick"],
 }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
 @pytest.mark.slow
@@ -28,5 +52,9 @@ def test_benchmark_smoke_mode_writes_json(name, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMOKE[name], "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert isinstance(result, dict) and result
+    text = out.read_text()
+    result = json.loads(text)
+    assert result.get("benchmark") == name
+    assert _cpu_model() in text, "the benchmark must record the CPU it ran on"
+    figures = _numbers(result)
+    assert figures and all(math.isfinite(x) for x in figures) and any(x > 0 for x in figures)

@@ -424,7 +424,8 @@ class SweepController:
             ref = self._remote.options(**opts).remote(
                 self.config.runner, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
                 simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
-                num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}")
+                num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}",
+                isolate=self.config.isolate_measurements)
             ps.inflight[ref] = run
 
     def _estimate_mb(self, trial_config: Any) -> float | None:
