@@ -68,6 +68,7 @@ class _PoolState:
     params: list = field(default_factory=list)  # the search space as this pool's hardware can run it
     repeats: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # (params, repeat_of, index)
     repeats_planned: bool = False
+    repeat_runs: int = 0  # finished repeat runs (beyond the pool's trial budget)
 
 
 def _make_sampler(config: SweepConfig, budget: int) -> optuna.samplers.BaseSampler:
@@ -326,6 +327,8 @@ class SweepController:
 
     def _count(self, ps: _PoolState, row: dict[str, Any] | None, frozen: FrozenTrial | None = None) -> None:
         status = (row or {}).get("status") or (frozen.user_attrs.get("status") if frozen else None) or "error"
+        if (row or {}).get("repeat_of") is not None or (frozen is not None and "repeat_of" in frozen.user_attrs):
+            ps.repeat_runs += 1
         if status == "ok":
             ps.done += 1
             if row and row.get("duration_s"):
@@ -539,10 +542,11 @@ class SweepController:
         obj = self.config.objectives[0]
         parts, eta = [], 0.0
         for name, ps in self._pools.items():
-            finished = ps.done + ps.failed + ps.infeasible
+            finished = ps.done + ps.failed + ps.infeasible - ps.repeat_runs
             best = f", best {obj.key} {abs(ps.best[0]):.4g} (#{ps.best[1]})" if ps.best else ""
+            repeats = f", {ps.repeat_runs} repeat runs" if ps.repeat_runs else ""
             parts.append(f"{name}: {finished}/{ps.budget} done ({ps.done} ok, {len(ps.inflight)} running, "
-                         f"{ps.failed} failed, {ps.infeasible} infeasible){best}")
+                         f"{ps.failed} failed, {ps.infeasible} infeasible{repeats}){best}")
             if ps.durations:
                 mean = sum(ps.durations) / len(ps.durations)
                 left = max(0, ps.budget - finished - len(ps.inflight)) + 0.5 * len(ps.inflight)
