@@ -215,9 +215,13 @@ class TrialConfig(ConfigBase):
 
     def validate(self) -> None:
         _PARSES[0] += 1
-        task = self.task_obj
+        object.__setattr__(self, "model_config", self._resolve_model(self.model))
+
+    def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
+        """The full ModelConfig: ``SMALL_MODEL``, then the task's facts and defaults (arch by
+        task kind, max_seq_length covering the task and the measurement), then ``model``."""
+        task, given = self.task_obj, model.values
         facts = {"vocab_size": task.vocab_size, "pad_token_id": task.pad_id, "num_classes": task.num_classes}
-        given = self.model.values
         for key in TASK_OWNED_MODEL_KEYS:
             if key in given and given[key] != facts[key]:
                 raise ValueError(f"model.{key}={given[key]!r} conflicts with task {task.name!r} ({facts[key]!r}); "
@@ -227,15 +231,9 @@ class TrialConfig(ConfigBase):
                f"model.arch={arch!r} cannot be trained on the language-modelling task {task.name!r}; use arch 'decoder'")
         _check(task.kind != "classification" or arch != "encoder_decoder",
                f"model.arch='encoder_decoder' has no classification path; use 'encoder' for task {task.name!r}")
-        object.__setattr__(self, "model_config", self._resolve_model(self.model))
-
-    def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
-        task = self.task_obj
-        facts = {"vocab_size": task.vocab_size, "pad_token_id": task.pad_id, "num_classes": task.num_classes}
-        arch = model.values.get("arch", "encoder" if task.kind == "classification" else "decoder")
         n = max(task.max_length, self.measure.seq_length or 0)
         defaults = {**SMALL_MODEL, "max_seq_length": n, **facts, "arch": arch}
-        return ModelOverrides(values={k: v for k, v in model.values.items() if k != "arch"}).resolve(defaults)
+        return ModelOverrides(values={k: v for k, v in given.items() if k != "arch"}).resolve(defaults)
 
     def check_values(self, values: dict[str, Any]) -> None:
         """ValueError when setting ``{dotted path: value}`` would make an invalid config. Only
