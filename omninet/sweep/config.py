@@ -333,7 +333,7 @@ class SweepConfig(ConfigBase):
         keys = [o.key for o in self.objectives]
         _check(len(set(keys)) == len(keys), f"objectives: keys must be unique, got {keys}")
         _check(self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}")
-        _check(isinstance(self.trial, dict) or not isinstance(self.trial, (list, str, int, float)),
+        _check(isinstance(self.trial, (dict, ConfigBase)),
                "trial must be a mapping of sections such as {task: {name: listops}, train: {steps: 100}}")
         if isinstance(self.trial, dict):
             _check(isinstance(self.trial.get("task", {}), dict), "trial.task must be a mapping such as {name: listops}")
