@@ -41,7 +41,7 @@ def url(model_dir):
 
     from omninet.serve.app import serve_model
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # A wide batching window so that concurrent requests really share batches.
         yield serve_model(model_dir, host="127.0.0.1", port=_free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,

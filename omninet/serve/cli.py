@@ -102,7 +102,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # never attach to a cluster someone else started here
     url = serve_model(folder, host=args.host, port=args.port, **options)
     print(f"serving {folder} at {url}", flush=True)
     print(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{{\"text\": \"[MAX 2 9 ]\"}}'",
