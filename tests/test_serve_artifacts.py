@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
-from omninet.serve import config_hash, keep_model, load_trial_model, model_subdir, save_trial_model, trial_identity
+from omninet.serve import (config_hash, keep_model, load_trial_model, model_subdir, prune_models, save_trial_model,
+                           trial_identity)
 from omninet.serve.predictor import Predictor, RequestError
 from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
@@ -126,3 +127,21 @@ def test_sweep_result_loads_the_recommended_trials_model(model_dir, tmp_path) ->
         result.load_model("cpu", trial=0)
     with pytest.raises(ValueError, match="not in this sweep"):
         result.load_model("gpu")
+    assert prune_models(tmp_path / "sweep", "cpu", keep={0}) == [tmp_path / "sweep" / model_subdir("cpu", 1)]
+    with pytest.raises(ValueError, match="trial 1 of pool 'cpu' kept no model"):
+        result.load_model("cpu")
+
+
+def test_dashboard_shows_the_serving_benchmark(model_dir, tmp_path) -> None:
+    from omninet.sweep.dashboard import build_dashboard
+
+    _write_sweep(tmp_path / "sweep", model_dir)
+    assert "id='serving'" not in build_dashboard(tmp_path / "sweep").read_text()
+    level = {"rate_rps": 50, "throughput_rps": 49.5, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": 30.0, "errors": {},
+             "batch_sizes": {"1": 10, "4": 10}}
+    report = {"headline": {"target_p99_ms": 200, "b1_throughput_rps": 49.5, "dyn_throughput_rps": 99.0, "speedup": 2.0},
+              "model": {"pool": "cpu", "trial": 1}, "conditions": {"cpu_model": "x"},
+              "modes": {"b1": {"open_loop": [level]}, "dyn": {"open_loop": [level]}}}
+    (tmp_path / "sweep" / "serving.json").write_text(json.dumps(report))
+    page = build_dashboard(tmp_path / "sweep").read_text()
+    assert "id='serving'" in page and "dynamic" in page and "2.5" in page  # mean batch (10*1 + 10*4) / 20

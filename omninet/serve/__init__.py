@@ -8,7 +8,7 @@
 """
 
 from omninet.serve.artifacts import (KEEP_MODELS, TrainedModel, config_hash, keep_model, load_trial_model,
-                                     model_subdir, save_trial_model, trial_identity)
+                                     model_subdir, prune_models, save_trial_model, trial_identity)
 
 __all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_subdir",
-           "save_trial_model", "trial_identity"]
+           "prune_models", "save_trial_model", "trial_identity"]

@@ -17,7 +17,8 @@ metrics.json        the trial's record (accuracy, latency, ...) or ``{}``
 ==================  ==============================================================
 
 ``KEEP_MODELS`` names the sweep-level policy for which ``ok`` trials keep their folder;
-``keep_model(policy, on_front=...)`` answers it for one trial.
+``keep_model(policy, on_front=...)`` answers it for one trial and ``prune_models`` applies
+the ``pareto`` policy once the front is known.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
 
 __all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_subdir",
-           "save_trial_model", "trial_identity"]
+           "prune_models", "save_trial_model", "trial_identity"]
 
 KEEP_MODELS = ("all", "pareto", "none")
 _FILES = ("config.json", "model.safetensors", "trial.json", "identity.json", "metrics.json")
@@ -62,6 +63,21 @@ def keep_model(policy: str, *, on_front: bool) -> bool:
     if policy not in KEEP_MODELS:
         raise ValueError(f"keep_models must be one of {', '.join(map(repr, KEEP_MODELS))}; got {policy!r}")
     return policy == "all" or (policy == "pareto" and on_front)
+
+
+def prune_models(results_dir, pool: str, keep: set[int]) -> list[Path]:
+    """Deletes the model folders of ``pool`` whose trial number is not in ``keep`` (for the
+    ``pareto`` policy: a trial's place on the front is known only after later trials, so the
+    controller saves every ``ok`` trial and prunes to the front at the end). Returns what it removed."""
+    import shutil
+
+    removed = []
+    for folder in sorted((Path(results_dir) / "models" / f"pool={pool}").glob("trial-*")):
+        number = folder.name.removeprefix("trial-")
+        if number.isdigit() and int(number) not in keep:
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
 
 
 def _json_safe(v: Any) -> Any:
