@@ -16,6 +16,8 @@ arguments) with lengths 16..512 tokens, sent as token ids.
    (beyond that the request counts as an error), then a drain with the client timeout. A mode
    stops climbing once p99 exceeds the target twice in a row.
 
+``forward_ceiling``: the model's own forward cost per sequence at each bucket, batch 1 vs a full
+batch (direct calls, same threads), i.e. the most batching can save before HTTP overhead.
 Per level: p50/p95/p99 latency (ms), throughput (answered req/s), errors by kind, and the
 server's batch-size histogram over that level (``GET /stats``). Headline: the highest open-loop
 rate whose p99 < ``--target-p99-ms`` for each mode and the ratio of their throughputs there.
@@ -179,6 +181,35 @@ def best_rate(levels: list[dict[str, Any]], target_ms: float) -> dict[str, Any] 
     return max(ok, key=lambda lv: lv["throughput_rps"]) if ok else None
 
 
+def forward_ceiling(trained, batch: int, threads: int, reps: int) -> list[dict[str, Any]]:
+    """The most batching can save inside the model: forward ms per sequence at each bucket for
+    batch 1 and for ``batch`` rows (direct calls, no Serve; median of ``reps`` after one warm-up)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = []
+    try:
+        for n in trained.buckets:
+            row: dict[str, Any] = {"bucket": n}
+            for b in (1, batch):
+                ids = torch.randint(1, trained.vocab_size, (b, n))
+                mask = torch.ones(b, n, dtype=torch.bool)
+                times = []
+                with torch.no_grad():
+                    for i in range(reps + 1):
+                        t0 = time.perf_counter()
+                        trained.model(ids, attention_mask=mask)
+                        if i:
+                            times.append(1000 * (time.perf_counter() - t0) / b)
+                row[f"ms_per_seq_batch_{b}"] = round(statistics.median(times), 3)
+            row["batching_gain"] = round(row["ms_per_seq_batch_1"] / row[f"ms_per_seq_batch_{batch}"], 2)
+            out.append(row)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def log_to_mlflow(report: dict[str, Any], uri: str, sweep: str) -> str:
     """A ``serving`` run under the sweep's experiment (child of its parent run when there is one)."""
     from mlflow import MlflowClient
@@ -211,10 +242,11 @@ def main() -> int:
     parser.add_argument("--save-model", default=None, metavar="DIR", help="keep the model trained here (reuse: --model-dir)")
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--rates", type=float, nargs="+", default=[20, 40, 60, 80, 100, 125, 150, 200, 250, 300, 400])
+    parser.add_argument("--rates", type=float, nargs="+", default=[20, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 200, 250])
     parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    parser.add_argument("--max-batch-tokens", type=int, default=4096, help="per-bucket cap: rows x bucket length")
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="client timeout per request")
     parser.add_argument("--max-in-flight", type=int, default=256)
@@ -254,6 +286,7 @@ def main() -> int:
     bodies = [json.dumps({"input_ids": ids}).encode() for ids in corpus]
     lengths = sorted(len(ids) for ids in corpus)
 
+    ceiling = forward_ceiling(trained, args.max_batch_size, args.num_threads, 2 if args.quick else 5)
     load_before = os.getloadavg()
     port = 18000 + os.getpid() % 1000
     stdout = os.dup(1)
@@ -264,7 +297,7 @@ def main() -> int:
         common = {"num_threads": args.num_threads, "ray_actor_options": {"num_cpus": 0.5}}
         serve.run(build_app(model_dir, max_batch_size=1, **common), name="b1", route_prefix="/b1", blocking=False)
         serve.run(build_app(model_dir, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                            **common), name="dyn", route_prefix="/dyn", blocking=False)
+                            max_batch_tokens=args.max_batch_tokens, **common), name="dyn", route_prefix="/dyn", blocking=False)
         modes = {}
         for mode in ("b1", "dyn"):
             modes[mode] = asyncio.run(measure_mode(f"http://127.0.0.1:{port}/{mode}", bodies, args))
@@ -306,8 +339,10 @@ def main() -> int:
                      "length_min": lengths[0], "length_p50": lengths[len(lengths) // 2], "length_max": lengths[-1],
                      "length_mean": round(statistics.fmean(lengths), 1)},
         "dynamic_batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                             "max_batch_tokens": args.max_batch_tokens,
                              "buckets": trained.buckets},
         "headline": headline,
+        "forward_ceiling": ceiling,
         "modes": modes,
     }
     if args.results_dir:

@@ -145,3 +145,13 @@ def test_dashboard_shows_the_serving_benchmark(model_dir, tmp_path) -> None:
     (tmp_path / "sweep" / "serving.json").write_text(json.dumps(report))
     page = build_dashboard(tmp_path / "sweep").read_text()
     assert "id='serving'" in page and "dynamic" in page and "2.5" in page  # mean batch (10*1 + 10*4) / 20
+
+
+def test_task_encode_uses_the_tasks_own_tokenizer() -> None:
+    from omninet.tasks import LISTOPS_TOKENS, ByteTokenizer, build_task
+
+    listops = build_task({"name": "listops", "preset": "quickstart"})
+    assert listops.encode("[MAX 2 9 ]") == [LISTOPS_TOKENS.index(t) for t in ("[MAX", "2", "9", "]")]
+    assert build_task({"name": "copy"}).encode("ab") == ByteTokenizer().encode("ab")
+    with pytest.raises(ValueError, match="no text tokenizer"):
+        build_task({"name": "associative_recall"}).encode("ab")

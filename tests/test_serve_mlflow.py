@@ -27,6 +27,7 @@ def test_pyfunc_predicts_the_models_outputs_and_registers(tmp_path) -> None:
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("s", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp, run_name="trial 2").info.run_id
+    client.set_terminated(run_id)  # the controller's trial runs are finished before their model is logged
     model_uri = log_mlflow_model(run_id, model_dir, tracking_uri=uri, register_as=registry_name("s", "cpu"))
 
     trained = load_trial_model(model_dir)

@@ -45,7 +45,7 @@ def url(model_dir):
     try:
         # A wide batching window so that concurrent requests really share batches.
         yield serve_model(model_dir, host="127.0.0.1", port=_free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,
-                          num_threads=1, ray_actor_options={"num_cpus": 1})
+                          max_batch_tokens=1024, num_threads=1, ray_actor_options={"num_cpus": 1})
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -122,6 +122,11 @@ def test_truncation_only_when_asked(url, trained) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["truncated"] == [True, False]
     assert r.json()["probabilities"][0] == pytest.approx(direct_probs(trained, [long[:512]])[0], abs=1e-5)
+
+
+def test_long_buckets_get_smaller_batches(url) -> None:
+    stats = requests.get(f"{url}/stats", timeout=TIMEOUT).json()  # max_batch_size 8, max_batch_tokens 1024
+    assert stats["max_batch_size_per_bucket"] == {"16": 8, "32": 8, "64": 8, "128": 8, "256": 4, "512": 2}
 
 
 def test_wrong_route_and_method(url) -> None:

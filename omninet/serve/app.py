@@ -9,7 +9,8 @@ One deployment (``OmniNetServer``) takes HTTP directly. Its handler parses and v
 request (``omninet.serve.predictor``: 400 for malformed input, 413 for too long), so only valid
 inputs are ever batched. Each input then goes to the batch queue of its length bucket
 (``omninet.buckets``): one ``@serve.batch`` queue per bucket, so a batch pads to its bucket, not
-to the longest request in flight. Forwards run one at a time on a worker thread, so the event
+to the longest request in flight; a bucket's batch holds at most ``max_batch_tokens`` tokens
+(``max_batch_size`` rows at most). Forwards run one at a time on a worker thread, so the event
 loop keeps collecting the next batch while the model computes. ``max_batch_size=1`` is plain
 batch-1 serving through the same path.
 
@@ -32,13 +33,17 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-__all__ = ["DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "OmniNetServer", "app_builder", "build_app",
+__all__ = ["DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "OmniNetServer", "app_builder", "build_app",
            "pool_actor_options", "serve_model"]
 
 log = logging.getLogger("omninet.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+# Rows x bucket length per forward. Past it a bigger batch is no cheaper per sequence on CPU
+# (benchmarks/serving.py's forward_ceiling: at 512 tokens batch 32 costs more per sequence than
+# batch 1), so long buckets get smaller batches. A per-bucket cap, not a batch_size_fn.
+DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -51,7 +56,8 @@ class OmniNetServer:
     """Serves one trained trial model: ``POST /predict``, ``GET /health``, ``GET /stats``."""
 
     def __init__(self, model_dir: str, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S, num_threads: int | None = None,
+                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None,
                  device: str = "auto") -> None:
         import torch
 
@@ -66,7 +72,9 @@ class OmniNetServer:
         self.max_batch_size = max_batch_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omninet-forward")
         self._batch_sizes: dict[int, int] = {}  # batch size -> count, for the benchmark's histogram
-        self._queues = {b: self._make_queue(max_batch_size, batch_wait_timeout_s) for b in self.predictor.buckets}
+        self.batch_limits = {b: max(1, min(max_batch_size, (max_batch_tokens or b * max_batch_size) // b))
+                             for b in self.predictor.buckets}
+        self._queues = {b: self._make_queue(n, batch_wait_timeout_s) for b, n in self.batch_limits.items()}
         # Warm every bucket once so the first request of each length is not the slow one.
         for b in self.predictor.buckets:
             self.predictor.run_batch([[0] * b])
@@ -91,7 +99,8 @@ class OmniNetServer:
             return JSONResponse({"status": "ok", "model": self.predictor.identity})
         if path.endswith("/stats"):
             return JSONResponse({"batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
-                                 "max_batch_size": self.max_batch_size, "buckets": self.predictor.buckets})
+                                 "max_batch_size": self.max_batch_size,
+                                 "max_batch_size_per_bucket": {str(b): n for b, n in self.batch_limits.items()}})
         if not path.endswith("/predict"):
             return _error(404, f"no route {path}; use POST /predict or GET /health")
         if request.method != "POST":
@@ -131,7 +140,8 @@ def pool_actor_options(resources: dict[str, float]) -> dict[str, Any]:
 
 def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options: dict[str, Any] | None = None,
               max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
-              max_ongoing_requests: int | None = None, num_threads: int | None = None, device: str = "auto"):
+              max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, max_ongoing_requests: int | None = None,
+              num_threads: int | None = None, device: str = "auto"):
     """The Serve application for a trial-model folder (see ``save_trial_model``)."""
     for name, value, low in (("num_replicas", num_replicas, 1), ("max_batch_size", max_batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -146,7 +156,8 @@ def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options
     deployment = OmniNetServer.options(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1},
                                        max_ongoing_requests=ongoing, max_queued_requests=-1)
     return deployment.bind(str(Path(model_dir).resolve()), max_batch_size=max_batch_size,
-                           batch_wait_timeout_s=batch_wait_timeout_s, num_threads=num_threads, device=device)
+                           batch_wait_timeout_s=batch_wait_timeout_s, max_batch_tokens=max_batch_tokens,
+                           num_threads=num_threads, device=device)
 
 
 def app_builder(args: dict[str, Any]):

@@ -51,7 +51,7 @@ def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Pat
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    from omninet.serve.app import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE
+    from omninet.serve.app import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 
     parser = argparse.ArgumentParser(prog="omninet serve", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", help="a sweep's results directory, or a trial-model folder")
@@ -62,6 +62,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="1 = batch-1 serving")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                        help="rows x bucket length per forward (caps batches of long inputs)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads per replica")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default: the pool's)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: the pool's)")
@@ -82,6 +84,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         actor["num_gpus"] = args.num_gpus
     options: dict[str, Any] = {"num_replicas": args.replicas, "ray_actor_options": actor,
                                "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                               "max_batch_tokens": args.max_batch_tokens,
                                "num_threads": args.num_threads}
     if args.write_config:
         import yaml
