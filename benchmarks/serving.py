@@ -25,6 +25,15 @@ Conditions recorded: CPU model (lscpu), cores, load average before/after, torch 
 load generator sharing the same cores. JSON on stdout (and --out); with ``--results-dir`` also
 ``<results_dir>/serving.json`` (shown by the dashboard) and an MLflow ``serving`` run under the
 sweep's experiment. Without a model, one is trained first (``omninet.serve.testing``).
+
+Measured (benchmarks/results/serving.json; 2-core Xeon shared with other engineers' jobs,
+load average 5-6 throughout, so figures move ~30% between runs): p99 < 200 ms up to ~60 req/s
+for batch-1 and ~90 req/s for dynamic batching (1.5x; two other runs gave 1.5x and 0.8x), not
+the 2x target. Why: HTTP + Serve proxy cost ~10-15 ms of this machine per request against a
+1-6 ms forward, and batching saves inside the forward only (``forward_ceiling``: 3-13x at 16-64
+tokens, 1.9x at 128, ~1.1x at 256, none at 512), while the request lengths (median 174) sit
+mostly in the 256 and 512 buckets. Batches stay small (mostly 1-3) because arrivals are
+proxy-bound. ``--quick`` takes ~40 s (Ray and Serve start-up), too long for the CI smoke list.
 """
 
 from __future__ import annotations
