@@ -13,6 +13,7 @@ from omninet.serve import load_trial_model
 from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
 mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.slow  # ~20 s: training a few steps, logging and loading the MLflow model twice
 TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 5}}
 
 

@@ -19,6 +19,7 @@ from omninet.cli import main as omninet_main
 from omninet.serve import load_trial_model
 from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
+pytestmark = pytest.mark.slow  # ~60-75 s on a busy 2-core machine: training, Ray and Serve start-up
 TIMEOUT = 20  # seconds, every request
 TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 30}}
 
