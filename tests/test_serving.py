@@ -21,7 +21,7 @@ from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
 pytestmark = pytest.mark.slow  # ~60-75 s on a busy 2-core machine: training, Ray and Serve start-up
 TIMEOUT = 20  # seconds, every request
-TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 30}}
+TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 10}}
 
 
 def _free_port() -> int:
@@ -173,6 +173,20 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys) -> None:
              ([str(tmp_path)], "no sweep.yaml")]
     for argv, needle in cases:
         assert omninet_main(["serve", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_bad_pool_or_missing_model_exits_2(model_dir, tmp_path, capsys) -> None:
+    from test_serve_artifacts import _write_sweep  # one pool 'cpu'; trial 1 kept its model, trial 0 did not
+
+    _write_sweep(tmp_path / "sweep", model_dir)
+    capsys.readouterr()  # Optuna's study-created notice
+    cases = [([], "--pool is required"), (["--pool", "gpu"], "not in this sweep"),
+             (["--pool", "cpu", "--trial", "0"], "trial 0 of pool 'cpu' kept no model"),
+             (["--pool", "cpu", "--port", "0"], "--port must be in 1..65535")]
+    for argv, needle in cases:
+        assert omninet_main(["serve", str(tmp_path / "sweep"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
 

@@ -149,8 +149,9 @@ def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options
     if not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {batch_wait_timeout_s!r}")
     from omninet.serve.artifacts import load_trial_model
+    from omninet.serve.predictor import Predictor
 
-    load_trial_model(model_dir)  # fail here, with the reason, rather than in a replica that retries forever
+    Predictor(load_trial_model(model_dir))  # fail here, with the reason, not in a replica that retries forever
     # Enough requests in flight per replica to fill a batch in every bucket's queue.
     ongoing = max_ongoing_requests or max(64, 4 * max_batch_size)
     deployment = OmniNetServer.options(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1},
