@@ -5,6 +5,7 @@
     omninet sweep --config S.yaml        run a multi-objective sweep (same as sweeps/run.py)
     omninet recommend RESULTS_DIR ...    the best configuration under your budget
     omninet dashboard RESULTS_DIR        (re)build the trade-off dashboard of a sweep
+    omninet serve RESULTS_DIR --pool P   serve a pool's trained model over HTTP (Ray Serve)
 
 Bad input exits with status 2 and one line on stderr.
 """
@@ -48,6 +49,7 @@ SUBCOMMANDS = {
     "sweep": (_delegate("omninet.sweep.cli", "sweep_main"), "run a multi-objective sweep (--config sweeps/quickstart.yaml)"),
     "recommend": (_delegate("omninet.sweep.cli", "recommend_main"), "best configuration of a finished sweep under a budget"),
     "dashboard": (_delegate("omninet.sweep.dashboard", "dashboard_main"), "(re)build a sweep's trade-off dashboard HTML"),
+    "serve": (_delegate("omninet.serve.cli", "serve_main"), "serve a pool's trained model over HTTP (Ray Serve, dynamic batching)"),
 }
 
 

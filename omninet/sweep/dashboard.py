@@ -447,6 +447,30 @@ def unfinished_table(sweep: _Sweep) -> pd.DataFrame:
     })
 
 
+def serving_table(sweep: _Sweep) -> tuple[str, pd.DataFrame]:
+    """The serving benchmark (``<results_dir>/serving.json``, from ``benchmarks/serving.py``):
+    a headline line and one row per open-loop level and mode; empty when it never ran."""
+    path = sweep.result.results_dir / "serving.json"
+    if not path.is_file():
+        return "", pd.DataFrame()
+    report = json.loads(path.read_text())
+    h, model = report.get("headline", {}), report.get("model", {})
+    head = (f"Model: pool {model.get('pool')}, trial {model.get('trial')}. Highest rate with p99 < "
+            f"{h.get('target_p99_ms')} ms: batch-1 {h.get('b1_throughput_rps')} req/s, dynamic batching "
+            f"{h.get('dyn_throughput_rps')} req/s (x{h.get('speedup')}). CPU: {report.get('conditions', {}).get('cpu_model')}, "
+            f"load average {report.get('conditions', {}).get('load_average_before')}.")
+    rows = []
+    for mode, loops in report.get("modes", {}).items():
+        for lv in loops.get("open_loop", []):
+            sizes = {int(k): v for k, v in lv.get("batch_sizes", {}).items()}
+            mean_batch = sum(k * v for k, v in sizes.items()) / max(sum(sizes.values()), 1)
+            rows.append({"mode": {"b1": "batch-1", "dyn": "dynamic"}.get(mode, mode), "rate req/s": lv["rate_rps"],
+                         "throughput req/s": lv["throughput_rps"], "p50 ms": lv["p50_ms"], "p95 ms": lv["p95_ms"],
+                         "p99 ms": lv["p99_ms"], "mean batch": round(mean_batch, 2),
+                         "errors": sum(lv.get("errors", {}).values())})
+    return head, pd.DataFrame(rows)
+
+
 def _table_html(df: pd.DataFrame, empty: str) -> str:
     if df.empty:
         return f"<p class='note'>{html.escape(empty)}</p>"
@@ -478,6 +502,14 @@ def _summary(sweep: _Sweep) -> str:
     objectives = ", ".join(f"{label(k)} ({d})" for k, d in sweep.objectives)
     return (f"<p class='meta'>Results: <code>{html.escape(str(sweep.result.results_dir))}</code><br>"
             f"Objectives: {html.escape(objectives)}</p><ul>{''.join(items)}</ul>")
+
+
+def _serving_html(sweep: _Sweep) -> str:
+    head, table = serving_table(sweep)
+    if table.empty:
+        return ""
+    return (f"<h2 id='serving'>Serving (benchmarks/serving.py)</h2><p class='meta'>{html.escape(head)}</p>"
+            + _table_html(table, ""))
 
 
 def render(sweep: _Sweep) -> str:
@@ -532,6 +564,7 @@ configuration run once borrows the pooled spread of the repeated ones).</p>
 {_table_html(conditions_table(sweep), "No pools.")}
 <h2 id="unfinished">Trials without measurements (failed, crashed, infeasible)</h2>
 {_table_html(unfinished_table(sweep), "Every trial finished and was measured.")}
+{_serving_html(sweep)}
 </body></html>
 """
 

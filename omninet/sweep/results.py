@@ -172,6 +172,19 @@ class SweepResult:
         best["indistinguishable_from"] = [int(n) for n in overlap["trial_number"]] if (ci > 0).any() else []
         return best
 
+    def load_model(self, pool: str, trial: int | None = None, *, device: str = "cpu"):
+        """The trained model of ``trial`` in ``pool`` (default: the recommended trial) as an
+        ``omninet.serve.TrainedModel``, from ``models/pool=<pool>/trial-<number:06d>/``."""
+        from omninet.serve.artifacts import load_trial_model, model_subdir
+
+        self._check_pool(pool)
+        number = int(self._recommend_row(pool)["trial_number"]) if trial is None else int(trial)
+        path = self.results_dir / model_subdir(pool, number)
+        if not path.is_dir():
+            raise ValueError(f"trial {number} of pool {pool!r} kept no model ({path} is missing); the sweep's keep_models "
+                             f"policy may be 'pareto' or 'none'")
+        return load_trial_model(path, device=device)
+
     def recommendations(self) -> dict[str, Any]:
         """Per pool: the recommended trial under the sweep's constraints (None if none)."""
         out: dict[str, Any] = {}

@@ -332,6 +332,15 @@ class Task(ABC):
         batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
         return batch
 
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids with the task's own tokenizer (byte tasks: ``self.tokenizer``,
+        a ``ByteTokenizer``; ListOps overrides this with its token vocabulary). ValueError for a
+        task without a text tokenizer: send token ids instead."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"task {self.name!r} has no text tokenizer; send token ids instead")
+        return tokenizer.encode(text)
+
     def describe(self) -> dict[str, Any]:
         """Flat facts for logging next to a trial's results."""
         return {"task": self.name, "kind": self.kind, "vocab_size": self.vocab_size, "pad_id": self.pad_id,

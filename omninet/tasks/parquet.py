@@ -158,6 +158,7 @@ class ParquetTask(Task):
 
         if self.source_column == "text":
             self.vocab_size, self.pad_id = tokenizer.vocab_size, tokenizer.pad_id
+            self.tokenizer = tokenizer  # so Task.encode turns served text into the ids trained on
         else:
             all_ids = [x for examples in rows.values() for ids, _ in examples for x in ids]
             low, high = min(all_ids), max(all_ids)
