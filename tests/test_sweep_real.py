@@ -49,6 +49,20 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all()
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
     assert ok_shape.memory_method.str.contains("rss").all()
+    # keep_models: pareto -> the front trials' trained weights, the served model is the trained one
+    reopened = SweepResult.load(tmp_path / "quickstart")
+    for pool in ("cpu", "gpu"):
+        front = set(reopened.pareto_front(pool).trial_number)
+        kept = {int(p.name[6:]) for p in (tmp_path / "quickstart" / "models" / f"pool={pool}").glob("trial-*")}
+        assert kept == front
+        rows = df[(df.pool == pool) & df.trial_number.isin(front)]
+        fp32 = rows[rows.precision == "fp32"]  # bf16 trials evaluated under autocast; int8 keep fp32 weights
+        record = (fp32 if not fp32.empty else rows).iloc[0]
+        trained = reopened.load_model(pool, int(record.trial_number))
+        assert trained.identity["trial"] == record.trial_number and trained.identity["pool"] == pool
+        if not fp32.empty:
+            again = trained.evaluate(max_examples=64, batch_size=128)["accuracy"]
+            assert again == pytest.approx(record.accuracy, abs=1e-9)
     assert set(df.status) <= set(trial.STATUSES)
     assert (df.status == "ok").sum() >= 2, df[["pool", "status", "error"]].to_string()
     ok = df[df.status == "ok"]

@@ -35,8 +35,8 @@ import torch
 
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
 
-__all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_subdir",
-           "prune_models", "save_trial_model", "trial_identity"]
+__all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_files",
+           "model_subdir", "prune_models", "save_trial_model", "trial_identity", "write_trial_model"]
 
 KEEP_MODELS = ("all", "pareto", "none")
 _FILES = ("config.json", "model.safetensors", "trial.json", "identity.json", "metrics.json")
@@ -111,8 +111,35 @@ def save_trial_model(model, out_dir, *, trial_config: dict, identity: dict, metr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    return _write_meta(out, trial_config, {**identity, "config_hash": digest}, metrics)
+
+
+def model_files(model) -> dict[str, bytes]:
+    """The ``save_pretrained`` files of a model as bytes: what a worker on another node sends
+    back to the controller, which writes them with :func:`write_trial_model`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def write_trial_model(files: dict[str, bytes], out_dir, *, trial_config: dict, identity: dict,
+                      metrics: dict | None = None) -> Path:
+    """The folder of :func:`save_trial_model`, from the model files' bytes (see ``model_files``)."""
+    unknown = sorted(set(files) - {"config.json", "model.safetensors"})
+    if unknown or "model.safetensors" not in files:
+        raise ValueError(f"model files must be config.json and model.safetensors, got {sorted(files)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return _write_meta(out, trial_config, {**identity, "config_hash": config_hash(trial_config)}, metrics)
+
+
+def _write_meta(out: Path, trial_config: dict, identity: dict, metrics: dict | None) -> Path:
     (out / "trial.json").write_text(json.dumps(trial_config, indent=2, sort_keys=True, default=str))
-    (out / "identity.json").write_text(json.dumps({**identity, "config_hash": digest}, indent=2))
+    (out / "identity.json").write_text(json.dumps(identity, indent=2))
     (out / "metrics.json").write_text(json.dumps(_json_safe(dict(metrics or {})), indent=2, default=str))
     return out
 

@@ -315,6 +315,8 @@ class SweepConfig(ConfigBase):
     allow_emulated: bool = False  # keep precisions a pool cannot run natively (trials tagged emulated)
     oversubscribe: bool = False  # allow more concurrent trial CPUs than a node has cores
     isolate_measurements: bool = True  # measurement phases exclusive per node, disjoint cores (off: for comparison)
+    keep_models: Literal["all", "pareto", "none"] = "all"  # which ok trials keep their trained model
+    register_models: bool = False  # also register kept models in MLflow's Model Registry as <sweep>.<pool>
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # {param path: value} runs first in every pool
     repeats: RepeatSpec = field(default_factory=RepeatSpec)
     trial_fn: str = DEFAULT_TRIAL_FN

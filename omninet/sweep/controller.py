@@ -428,7 +428,7 @@ class SweepController:
                 self.config.runner, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
                 simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
                 num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}",
-                isolate=self.config.isolate_measurements)
+                isolate=self.config.isolate_measurements, keep_model=self.config.keep_models != "none")
             ps.inflight[ref] = run
 
     def _estimate_mb(self, trial_config: Any) -> float | None:
@@ -508,7 +508,16 @@ class SweepController:
             study.tell(trial, state=TrialState.FAIL)
 
     def _finish(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> None:
+        files = result.pop("_model_files", None)
         row = self._row(ps, run, result)
+        if files and row["status"] == "ok":  # the trained model, next to the records (policy: keep_models)
+            from omninet.serve.artifacts import model_subdir, trial_identity, write_trial_model
+
+            config = json.loads(row["config_json"])
+            write_trial_model(files, self.results_dir / model_subdir(ps.spec.name, run.number), trial_config=config,
+                              identity=trial_identity(sweep=self.config.name, pool=ps.spec.name, trial=run.number,
+                                                      trial_config=config),
+                              metrics={k: v for k, v in result.items() if not isinstance(v, (list, dict))})
         self.store.write(ps.spec.name, row)  # 1. the durable record
         self._tell(ps, run.trial_id, row)  # 2. the search state
         self.mlflow.log_trial(ps.spec.name, row)  # 3. best effort, backfilled later
@@ -568,6 +577,7 @@ class SweepController:
             self._loop()
             self._progress(force=True)
             result = SweepResult.load(self.results_dir)
+            self._keep_models(result)
             artifacts = write_artifacts(result, self.results_dir / "artifacts")
             try:  # the dashboard is a view of records already safe on disk: never fail the sweep over it
                 from omninet.sweep.dashboard import build_dashboard
@@ -588,6 +598,24 @@ class SweepController:
                 import ray
 
                 ray.shutdown()
+
+    def _keep_models(self, result) -> None:
+        """The ``keep_models`` policy at the end: ``pareto`` prunes each pool's model folders to
+        its feasible front; every kept model is logged to its trial's MLflow run as a pyfunc
+        model (registered as ``<sweep>.<pool>`` with ``register_models``)."""
+        if self.config.keep_models == "none":
+            return
+        from omninet.serve.artifacts import prune_models
+
+        for pool in result.pools:
+            if self.config.keep_models == "pareto":
+                front = {int(n) for n in result.pareto_front(pool)["trial_number"]}
+                removed = prune_models(self.results_dir, pool, front)
+                if removed:
+                    log.info("pool %s: kept the models of the %d front trial(s), removed %d", pool, len(front),
+                             len(removed))
+            folders = sorted((self.results_dir / "models" / f"pool={pool}").glob("trial-*"))
+            self.mlflow.log_models(pool, folders, register=self.config.register_models)
 
     def _loop(self) -> None:
         import ray

@@ -315,6 +315,34 @@ class MlflowRecorder:
             self._client.log_batch(run_id, metrics=m, params=p, tags=[])
         self._client.set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=ms)
 
+    def log_models(self, pool: str, folders: list[Path], *, register: bool = False) -> int:
+        """Logs each trial-model folder (``models/pool=<pool>/trial-<n>``) to its trial's run as
+        an MLflow pyfunc model, once (the run is tagged ``omninet.model``). Best effort: a store
+        that is down leaves the folders on disk, logged on a later run. Returns how many."""
+        if not folders or not self._ready():
+            return 0
+        from omninet.serve.mlflow_model import log_mlflow_model, registry_name
+
+        from mlflow.entities import ViewType
+
+        runs = {r.data.tags.get(self.KEY): r for r in self._search(
+            self._client, self._experiment_id, f"tags.`{self.ROLE}` = 'trial'", ViewType.ACTIVE_ONLY)}
+        written = 0
+        for folder in folders:
+            number = int(folder.name.removeprefix("trial-"))
+            run = runs.get(self.trial_key(pool, number))
+            if run is None or run.data.tags.get("omninet.model"):
+                continue
+            try:
+                uri = log_mlflow_model(run.info.run_id, folder, tracking_uri=self.uri,
+                                       register_as=registry_name(self.config.name, pool) if register else None)
+                self._client.set_tag(run.info.run_id, "omninet.model", uri)
+                written += 1
+            except Exception as exc:  # noqa: BLE001 -- the weights are safe on disk; say so and go on
+                log.warning("MLflow: model of %s#%d not logged (%s); it stays in %s", pool, number,
+                            " ".join(str(exc).split())[:200], folder)
+        return written
+
     def finish(self, artifacts: list[tuple[Path, str | None]], *, status: str = "FINISHED") -> bool:
         """Logs the end-of-sweep artifacts ((local dir, artifact path) pairs) to the parent run
         and closes it; False when MLflow is unavailable or trials are still pending."""

@@ -63,7 +63,7 @@ def probe(accelerator: str | None, device: str = "auto") -> dict[str, Any]:
 
 def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,
                   memory_budget_mb: float | None, num_cpus: float = 1.0, trial_key: str | None = None,
-                  isolate: bool = True) -> dict[str, Any]:
+                  isolate: bool = True, keep_model: bool = False) -> dict[str, Any]:
     """Runs one trial on this node. A pool accelerator that is not physically here runs on
     CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error. Under
     Ray with ``isolate``, the trial gets ``num_cpus`` cores of its own and the node's
@@ -81,12 +81,12 @@ def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulat
     if simulated:
         config = runner.on_cpu(config)
     gate = None
-    context = RunContext()
+    context = RunContext(keep_model=keep_model)
     if isolate and info["node_id"]:
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 
         gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
-        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate)
+        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate, keep_model=keep_model)
     try:
         result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
     finally:

@@ -47,11 +47,12 @@ MB = 2**20
 
 @dataclass
 class RunContext:
-    """What the platform hands a runner beyond the config: the CPU cores it was allotted and
-    the node's measurement gate."""
+    """What the platform hands a runner beyond the config: the CPU cores it was allotted, the
+    node's measurement gate, and whether to send the trained model back."""
 
     cores: list[int] | None = None
     gate: Any = None
+    keep_model: bool = False  # return the trained model's files (``model_files``) with the result
 
 
 # ---- memory estimate --------------------------------------------------------------------
@@ -223,7 +224,7 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         with limits.pinned(context.cores, cfg.hardware.num_threads) as (cores, threads), \
                 limits.memory_limit(device, budget, notes):
             res.cores, res.num_threads = (",".join(map(str, cores)) if cores else None), threads
-            _run(cfg, plan, res, gate)
+            _run(cfg, plan, res, gate, keep_model=context.keep_model)
     except loop.Diverged as exc:
         limits.clean_state(plan.backend)
         return _finish(res, wall, notes, status="diverged", error=str(exc))
@@ -238,8 +239,10 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     return _finish(res, wall, notes, status="ok")
 
 
-def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
-    """train -> training-step memory -> prune heads -> int8 -> evaluate -> inference figures."""
+def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_model: bool = False) -> None:
+    """train -> training-step memory -> prune heads -> (keep the model) -> int8 -> evaluate ->
+    inference figures. An int8 trial keeps its fp32 weights (int8 packed weights are not plain
+    tensors; quantize again after loading)."""
     from omninet.model import OmniNetModel
 
     tc, task, device = cfg.train, cfg.task_obj, plan.device
@@ -259,6 +262,10 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
     model.zero_grad(set_to_none=True)
     loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
+    if keep_model:
+        from omninet.serve.artifacts import model_files
+
+        res.model_files = model_files(model)
     if plan.int8:
         from omninet.hardware import quantize_int8
 
@@ -309,7 +316,11 @@ class OmniNetRunner:
         return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
 
     def run(self, config: TrialConfig, *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
-        return run_trial(config, memory_budget_mb=memory_budget_mb, context=context).to_dict()
+        result = run_trial(config, memory_budget_mb=memory_budget_mb, context=context)
+        out = result.to_dict()
+        if result.status == "ok" and getattr(result, "model_files", None):
+            out["_model_files"] = result.model_files  # popped by the controller, never recorded
+        return out
 
 
 class FunctionRunner:
