@@ -490,14 +490,18 @@ table.grid th { background: #f4f4f4; }
 
 
 def _summary(sweep: _Sweep) -> str:
-    counts = sweep.df.groupby(["pool", "status"]).size() if not sweep.df.empty else pd.Series(dtype=int)
+    df = sweep.df
+    repeat = df["repeat_of"].notna() if "repeat_of" in df else pd.Series(False, index=df.index)
+    counts = df[~repeat].groupby(["pool", "status"]).size() if not df.empty else pd.Series(dtype=int)
     items = []
     for pool in sweep.pools:
         per = {s: int(n) for (p, s), n in counts.items() if p == pool}
         done = ", ".join(f"{n} {s}" for s, n in sorted(per.items())) or "no trials yet"
+        repeats = int((repeat & (df["pool"] == pool)).sum()) if not df.empty else 0
         sim = " <span class='sim'>simulated</span>" if sweep.simulated[pool] else ""
         items.append(f"<li><b>{html.escape(pool)}</b>{sim}: {html.escape(done)} of "
-                     f"{sweep.config.trials_for(sweep.config.pool(pool))} budgeted; "
+                     f"{sweep.config.trials_for(sweep.config.pool(pool))} budgeted"
+                     f"{f', plus {repeats} repeat runs (other seeds)' if repeats else ''}; "
                      f"non-dominated set from {html.escape(sweep.front_source[pool])}</li>")
     objectives = ", ".join(f"{label(k)} ({d})" for k, d in sweep.objectives)
     return (f"<p class='meta'>Results: <code>{html.escape(str(sweep.result.results_dir))}</code><br>"
