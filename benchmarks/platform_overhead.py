@@ -77,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
 
     log.disabled = True  # keep stdout for the JSON
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
