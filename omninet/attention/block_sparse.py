@@ -43,7 +43,6 @@ equivalent to: ``block_sparse(q, k, v, mask=m) == eager(q, k, v, mask=m & dense_
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -62,19 +61,42 @@ _CACHE_SIZE = 64  # plans per layer (decoding creates one per generated length)
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How one (Nq, Nk, causal) call is computed. Tensors live on the call's device."""
+class _Slab:
+    """One contiguous run of keys [k0, k1) of a query block, at most the chunk budget long."""
 
-    n_dense: int  # leading query rows computed densely (global / prefix rows)
-    front: int  # dummy query rows before the sparse rows (aligns them to a block start)
-    back: int  # dummy query rows after them (fills the last block)
-    n_blocks: int  # nS
-    kb: int
-    n_key_blocks: int  # nb
-    key_blocks: torch.Tensor  # (nS * kb,) long, block ids into the padded keys
-    valid: torch.Tensor | None  # (nS, bs | 1, kb*bs) bool; None when every gathered pair is visible
-    q_pos: torch.Tensor  # (nS, bs) long, absolute query positions (clamped into range)
-    k_pos: torch.Tensor  # (nS, kb*bs) long, absolute key positions (clamped into range)
+    k0: int
+    k1: int
+    diag: bool = False  # the query block's own causal block, square and aligned: the kernel's top-left is_causal
+    masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One query block: query rows [q0, q1) (query coordinates) against its slabs."""
+
+    q0: int
+    q1: int
+    slabs: tuple[_Slab, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one (Nq, Nk, causal, budget) call is computed: the query blocks and their key slabs.
+    Slabs are views of k and v (nothing is gathered); a row's slabs are merged by log-sum-exp."""
+
+    offset: int  # Nk - Nq: absolute position of query 0
+    rows: tuple[_Row, ...]
+
+
+def _runs(blocks) -> list[tuple[int, int]]:
+    """Sorted block ids as maximal runs [a, b) of consecutive ids."""
+    runs: list[list[int]] = []
+    for j in blocks:
+        if runs and runs[-1][1] == j:
+            runs[-1][1] = j + 1
+        else:
+            runs.append([j, j + 1])
+    return [(a, b) for a, b in runs]
 
 
 class _LRU(OrderedDict):
@@ -97,6 +119,7 @@ class BlockSparseLayout(nn.Module):
         self.config, self.layer_idx, self.cross = config, layer_idx, cross
         self.causal = causal  # the layer's own causality: dense_mask's default
         self.block_size = config.block_size
+        self.chunk_bytes = CHUNK_BYTES  # slab budget (bytes of key + value rows); tests shrink it
         self._rows: dict[tuple[int, bool], tuple[tuple[int, ...] | None, ...]] = {}
         self._plans = _LRU()
         self._block_masks = _LRU()
@@ -183,32 +206,26 @@ class BlockSparseLayout(nn.Module):
         return out
 
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, device) -> _Plan:
-        return self._plans.get_or((nq, nk, causal, str(device)), lambda: self._build_plan(nq, nk, causal, device))
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int) -> _Plan:
+        return self._plans.get_or((nq, nk, causal, max_blocks), lambda: self._build_plan(nq, nk, causal, max_blocks))
 
-    def _build_plan(self, nq: int, nk: int, causal: bool, device) -> _Plan:
+    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int) -> _Plan:
+        """Every query block (global and prefix rows included: their keys are simply all blocks)
+        as rows of slabs of at most ``max_blocks`` key blocks."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
-        n_dense = min(max(self._prefix_blocks(causal) * bs - offset, 0), nq)
-        a0 = offset + n_dense  # absolute position of the first sparse query
-        b0, front = divmod(a0, bs)
-        n_blocks = math.ceil((front + nq - n_dense) / bs)
-        back = n_blocks * bs - front - (nq - n_dense)
-        rows = self.rows(nb, causal)[b0 : b0 + n_blocks]
-        kb = max((len(r) for r in rows), default=1)
-        ids = torch.tensor([list(r) + [r[0]] * (kb - len(r)) for r in rows], dtype=torch.long).view(-1, kb)
-        block_ok = torch.tensor([[j < len(r) for j in range(kb)] for r in rows], dtype=torch.bool).view(-1, kb)
-        within = torch.arange(bs)
-        k_abs = (ids[:, :, None] * bs + within).reshape(len(rows), kb * bs)  # (nS, kb*bs)
-        q_abs = (torch.arange(b0, b0 + n_blocks)[:, None] * bs + within)  # (nS, bs)
-        valid = (block_ok[:, :, None].expand(-1, -1, bs).reshape(len(rows), kb * bs) & (k_abs < nk))[:, None, :]
-        if causal:
-            valid = valid & (k_abs[:, None, :] <= q_abs[:, :, None])  # (nS, bs, kb*bs)
-        return _Plan(
-            n_dense=n_dense, front=front, back=back, n_blocks=n_blocks, kb=kb, n_key_blocks=nb,
-            key_blocks=ids.reshape(-1).to(device),
-            valid=None if bool(valid.all()) else valid.to(device),
-            q_pos=q_abs.clamp(max=nk - 1).to(device), k_pos=k_abs.clamp(max=nk - 1).to(device),
-        )
+        layout, rows = self.rows(nb, causal), []
+        for i in range(offset // bs, nb):
+            blocks = layout[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
+            slabs = []
+            for a, b in _runs(blocks):
+                diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
+                end = i if diag else b
+                slabs += [_Slab(j * bs, min(min(j + max_blocks, end) * bs, nk)) for j in range(a, end, max_blocks)]
+                if diag:
+                    aligned = i * bs >= offset
+                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
+            rows.append(_Row(max(i * bs, offset) - offset, min((i + 1) * bs, nk) - offset, tuple(slabs)))
+        return _Plan(offset=offset, rows=tuple(rows))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
@@ -234,85 +251,206 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
     return mask.expand(*mask.shape[:3], nk)
 
 
-def _dense_rows(q, k, v, *, n, offset, causal, mask, bias, scale, dropout_p):
-    """Rows [0, n) of the queries (absolute positions offset..offset+n-1) against every
-    visible key, by dense SDPA on those rows only."""
-    nk = offset + n if causal else k.shape[-2]  # causal rows never see later keys
-    k, v = k[:, :, :nk], v[:, :, :nk]
-    if mask is not None:
-        mask = mask[:, :, :n, :nk] if mask.shape[2] > 1 else mask[..., :nk]
-    shift = offset - (nk - n)  # sdpa_attention places query i at nk - n + i
-    if bias is not None and shift:
-        bias = (lambda b, s: (lambda qp, kp: b(qp + s, kp)))(bias, shift)
-    return sdpa_attention(q[:, :, :n], k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)[0]
+# Working-set budget: the most bytes of key + value rows one slab spans. Slabs are views, so
+# this bounds what the fused kernel streams per call and the per-slab gradient temporaries of
+# the backward; 4 MB keeps a slab's keys and values within this CPU's L2 + part of L3.
+CHUNK_BYTES = 4 * 2**20
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _gathered_mask(plan: _Plan, mask, bias, *, B, H, nq, nk, dtype):
-    """SDPA's attn_mask for the gathered blocks, broadcastable to (B*H, nS, bs, kb*bs), and
-    has_key (B*H, nS, bs, 1) for rows left without any visible key (None when impossible)."""
-    visible, has_key = plan.valid, None  # (nS, bs|1, kb*bs)
-    if mask is not None:
-        if mask.shape[2] == 1:  # key padding: gather along keys only
-            m = mask[:, :, 0][:, :, plan.k_pos][:, :, :, None, :]  # (Bm, Hm, nS, 1, kb*bs)
-        else:
-            q_idx = (plan.q_pos - (nk - nq)).clamp(min=0)  # (nS, bs) rows of the user mask
-            m = mask[:, :, q_idx[:, :, None], plan.k_pos[:, None, :]]  # (Bm, Hm, nS, bs, kb*bs)
-        visible = m if visible is None else m & visible
-        has_key = visible.any(dim=-1, keepdim=True)
-        visible = visible | ~has_key  # such a row sees its keys; its output is zeroed below
-    if bias is not None:
-        blocks = [bias(plan.q_pos[i], plan.k_pos[i]) for i in range(plan.n_blocks)]  # each (H, bs, kb*bs)
-        attn = torch.stack(blocks, dim=1).to(dtype)[None]  # (1, H, nS, bs, kb*bs)
-        if visible is not None:
-            attn = attn.masked_fill(~visible, float("-inf"))
-    else:
-        attn = visible
-    fold = lambda x: None if x is None else x.expand(B, H, *x.shape[-3:]).reshape(B * H, *x.shape[-3:])
-    if attn is not None and attn.dim() == 3:
-        return attn, fold(has_key)  # (nS, bs|1, kb*bs) broadcasts over B*H
-    return fold(attn), fold(has_key)
+def _max_blocks(q: torch.Tensor, bs: int, budget: int) -> int:
+    B, H, _, D = q.shape
+    return max(1, budget // (2 * B * H * bs * D * q.element_size()))
 
 
-_SCRATCH = threading.local()
+@dataclass
+class _Call:
+    """What every slab of one call shares (forward and the recomputing backward alike)."""
+
+    plan: _Plan
+    mask: torch.Tensor | None  # (B|1, H|1, Nq|1, Nk) bool
+    bias: object  # bias(q_pos, k_pos) -> (H, r, L), or None
+    scale: float
+    dropout_p: float
+    seed: int  # dropout: slab s of the call draws its mask from Generator(seed + s), forward and backward
+    fused: bool  # the CPU flash kernel (no dropout); otherwise eager math per slab
 
 
-def _gather_blocks(src: torch.Tensor, rows: torch.Tensor, scratch: str | None) -> torch.Tensor:
-    """src[rows] for a 2-D src. Without autograd the copy goes into a per-thread scratch buffer
-    reused across calls and layers (it is consumed by the SDPA call right after): a fresh
-    tensor of this size costs more in page faults than the copy itself (~5x on this CPU)."""
-    if scratch is None:
-        return src.index_select(0, rows)
-    numel = rows.numel() * src.shape[1]
-    buf = getattr(_SCRATCH, scratch, None)
-    if buf is None or buf.numel() < numel or buf.dtype != src.dtype or buf.device != src.device:
-        buf = torch.empty(numel, dtype=src.dtype, device=src.device)
-        setattr(_SCRATCH, scratch, buf)
-    return torch.index_select(src, 0, rows, out=buf[:numel].view(rows.numel(), src.shape[1]))
+def _slab_mask(call: _Call, row: _Row, slab: _Slab, dtype, device):
+    """Additive mask (B|1, H|1, r|1, L) of one slab or None, and has_key (B|1, H|1, r) for rows
+    of the slab that see no key (None when every row sees one). The fused kernel applies a
+    diagonal slab's causality itself (is_causal); eager math gets it in the mask."""
+    offset, visible, has_key, am = call.plan.offset, None, None, None
+    q_pos = k_pos = None
+    explicit_causal = slab.masked or (slab.diag and not call.fused)
+    if call.bias is not None or explicit_causal:
+        q_pos = torch.arange(row.q0 + offset, row.q1 + offset, device=device)
+        k_pos = torch.arange(slab.k0, slab.k1, device=device)
+    if call.mask is not None:
+        m = call.mask
+        visible = (m[:, :, row.q0 : row.q1] if m.shape[2] > 1 else m)[..., slab.k0 : slab.k1]
+    if explicit_causal:
+        causal = k_pos[None, :] <= q_pos[:, None]  # (r, L)
+        visible = causal if visible is None else visible & causal
+    if visible is not None:
+        has_key = visible.any(dim=-1)
+    if call.bias is not None:
+        am = call.bias(q_pos, k_pos).to(dtype)[None]  # (1, H, r, L)
+    if visible is not None:
+        am = torch.zeros(visible.shape, dtype=dtype, device=device) if am is None else am
+        am = am.masked_fill(~visible, float("-inf"))
+    if am is not None and am.dim() == 2:
+        am = am[None, None]
+    return am, has_key
 
 
-def _sparse_rows(q, k, v, plan: _Plan, *, bs, mask, bias, scale, dropout_p):
-    """Query rows [n_dense, Nq) by gathered blocks: one fused SDPA over (B*H, nS, bs, D)."""
+def _dropout_keep(call: _Call, index: int, shape, device) -> torch.Tensor:
+    """The dropout keep mask of slab ``index``, scaled by 1 / (1 - p): the same in both passes."""
+    g = torch.Generator(device=device).manual_seed(call.seed + index)
+    keep = torch.rand(shape, generator=g, device=device) >= call.dropout_p
+    return keep / (1.0 - call.dropout_p)
+
+
+def _eager_scores(qs, ks, am, scale):
+    s = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # (B, H, r, L)
+    return s if am is None else s + am
+
+
+def _slab_forward(call: _Call, index, qs, ks, vs, am, slab):
+    """(out (B, H, r, D), lse (B, H, r) float) of one slab."""
+    if call.fused:
+        return _FLASH(qs, ks, vs, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+    s = _eager_scores(qs, ks, am, call.scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None])
+    if call.dropout_p:
+        p = p * _dropout_keep(call, index, p.shape, p.device)
+    return torch.matmul(p.to(vs.dtype), vs), lse
+
+
+def _merge(o1, l1, o2, l2):
+    """Two partial softmaxes of the same rows as one: weights exp(lse_i - lse)."""
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).nan_to_num_(0.0)[..., None].to(o1.dtype)  # NaN: rows with no key in either
+    w2 = torch.exp(l2 - lse).nan_to_num_(0.0)[..., None].to(o2.dtype)
+    return o1.mul_(w1).add_(o2 * w2), lse
+
+
+def _forward(call: _Call, q, k, v):
+    """out (B, H, Nq, D) (stored as (B, Nq, H, D), like SDPA's) and lse (B, H, Nq) float."""
     B, H, nq, D = q.shape
-    nk = k.shape[-2]
-    qs = q[:, :, plan.n_dense :]
-    if plan.front or plan.back:
-        qs = F.pad(qs, (0, 0, plan.front, plan.back))
-    qs = qs.reshape(B * H, plan.n_blocks, bs, D)  # (B*H, nS, bs, D)
-    pad = plan.n_key_blocks * bs - nk
-    if pad:
-        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    shape = (B * H, plan.n_blocks, plan.kb * bs, D)
-    # Rows of a 2-D (B*H*nb, bs*D) view are whole blocks: index_select copies them with memcpy.
-    rows = (torch.arange(B * H, device=k.device)[:, None] * plan.n_key_blocks + plan.key_blocks[None, :]).reshape(-1)
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    kg, vg = (_gather_blocks(t.reshape(B * H * plan.n_key_blocks, bs * D), rows, name if reuse else None).view(shape)
-              for t, name in ((k, "k"), (v, "v")))  # (B*H, nS, kb*bs, D) each
-    attn_mask, has_key = _gathered_mask(plan, mask, bias, B=B, H=H, nq=nq, nk=nk, dtype=q.dtype)
-    out = F.scaled_dot_product_attention(qs, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    if has_key is not None:
-        out = out * has_key.to(out.dtype)
-    out = out.view(B, H, plan.n_blocks * bs, D)
-    return out[:, :, plan.front : plan.front + nq - plan.n_dense]  # (B, H, Nq - n_dense, D)
+    out = q.new_empty(B, nq, H, D).transpose(1, 2)
+    lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    index = 0
+    for row in call.plan.rows:
+        qs, acc = q[:, :, row.q0 : row.q1], None
+        for slab in row.slabs:
+            am, has_key = _slab_mask(call, row, slab, q.dtype, q.device)
+            o, l = _slab_forward(call, index, qs, k[:, :, slab.k0 : slab.k1], v[:, :, slab.k0 : slab.k1], am, slab)
+            index += 1
+            if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
+                l = l.masked_fill(~has_key, float("-inf"))
+            acc = (o, l) if acc is None else _merge(*acc, o, l)
+        out[:, :, row.q0 : row.q1] = acc[0]
+        lse[:, :, row.q0 : row.q1] = acc[1]
+    return out, lse
+
+
+def _backward(call: _Call, q, k, v, out, lse, grad_out):
+    """Flash-style backward: each slab's scores are recomputed from q, k, v and the saved lse."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
+    index = 0
+    for row in call.plan.rows:
+        rs = slice(row.q0, row.q1)
+        qs, os_, gs, ls = q[:, :, rs], out[:, :, rs], grad_out[:, :, rs], lse[:, :, rs]
+        delta = None if call.fused else (gs.float() * os_.float()).sum(-1, keepdim=True)  # (B, H, r, 1)
+        for slab in row.slabs:
+            ks, vs = k[:, :, slab.k0 : slab.k1], v[:, :, slab.k0 : slab.k1]
+            am, _ = _slab_mask(call, row, slab, q.dtype, q.device)
+            if call.fused:
+                gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+            else:
+                gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+            index += 1
+            dq[:, :, rs] += gq
+            dk[:, :, slab.k0 : slab.k1] += gk
+            dv[:, :, slab.k0 : slab.k1] += gv
+    return dq, dk, dv
+
+
+def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
+    p = torch.exp(_eager_scores(qs, ks, am, call.scale) - ls[..., None])  # (B, H, r, L)
+    dp = torch.matmul(gs.float(), vs.float().transpose(-1, -2))
+    pd = p
+    if call.dropout_p:
+        keep = _dropout_keep(call, index, p.shape, p.device)
+        pd, dp = p * keep, dp * keep
+    ds = p * (dp - delta) * call.scale
+    gq = torch.matmul(ds, ks.float()).to(qs.dtype)
+    gk = torch.matmul(ds.transpose(-1, -2), qs.float()).to(ks.dtype)
+    gv = torch.matmul(pd.transpose(-1, -2), gs.float()).to(vs.dtype)
+    return gq, gk, gv
+
+
+class _BlockSparseFunction(torch.autograd.Function):
+    """Saves q, k, v, the output and the log-sum-exp (and the plan); the backward recomputes
+    each slab's probabilities, as flash attention does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: _Call):
+        out, lse = _forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*_backward(ctx.call, q, k, v, out, lse, grad_out), None)
+
+
+def _bias_needs_grad(bias, device) -> bool:
+    if bias is None or not torch.is_grad_enabled():
+        return False
+    p = torch.zeros(1, dtype=torch.long, device=device)
+    return bias(p, p).requires_grad
+
+
+def _traced_rows(call: _Call, q, k, v):
+    """A bias that needs gradients (learned relative positions): per query block, eager
+    attention on its concatenated slabs under autograd (saves each block's scores)."""
+    outs, offset = [], call.plan.offset
+    for row in call.plan.rows:
+        qs = q[:, :, row.q0 : row.q1]
+        ks = torch.cat([k[:, :, s.k0 : s.k1] for s in row.slabs], dim=2)
+        vs = torch.cat([v[:, :, s.k0 : s.k1] for s in row.slabs], dim=2)
+        q_pos = torch.arange(row.q0 + offset, row.q1 + offset, device=q.device)
+        k_pos = torch.cat([torch.arange(s.k0, s.k1, device=q.device) for s in row.slabs])
+        visible = k_pos[None, :] <= q_pos[:, None] if any(s.diag or s.masked for s in row.slabs) else None
+        if call.mask is not None:
+            m = call.mask[:, :, row.q0 : row.q1] if call.mask.shape[2] > 1 else call.mask
+            visible = m[..., k_pos] if visible is None else m[..., k_pos] & visible
+        bias = call.bias
+        outs.append(eager_attention(qs, ks, vs, mask=visible, bias=lambda *_: bias(q_pos, k_pos), scale=call.scale,
+                                    dropout_p=call.dropout_p)[0])
+    return torch.cat(outs, dim=2)
+
+
+def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, scale, dropout_p):
+    """Every query block against its slabs (see the module docstring)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    plan = state.plan(nq, nk, causal, _max_blocks(q, state.block_size, state.chunk_bytes))
+    seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
+    call = _Call(plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed,
+                 fused=q.device.type == "cpu" and not dropout_p)
+    if _bias_needs_grad(bias, q.device):
+        return _traced_rows(call, q, k, v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseFunction.apply(q, k, v, call)
+    return _forward(call, q, k, v)[0]
 
 
 _compiled_flex = None
@@ -377,14 +515,5 @@ def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale
         return sdpa_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     if _flex_ok(q, mask, bias, dropout_p, state.config.backend):
         return _flex(q, k, v, state, causal=causal, scale=scale), None
-    plan = state.plan(nq, nk, causal, q.device)
-    mask = None if mask is None else _as_4d(mask, nk)
-    parts = []
-    if plan.n_dense:
-        parts.append(_dense_rows(q, k, v, n=plan.n_dense, offset=nk - nq, causal=causal, mask=mask, bias=bias,
-                                 scale=scale, dropout_p=dropout_p))
-    if plan.n_dense < nq:
-        parts.append(_sparse_rows(q, k, v, plan, bs=state.block_size, mask=mask, bias=bias, scale=scale,
-                                  dropout_p=dropout_p))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, H, Nq, D)
+    out = _sparse_attention(q, k, v, state, causal=causal, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
     return out, None
