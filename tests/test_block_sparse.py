@@ -116,14 +116,15 @@ def test_lazy_bias_per_gathered_block(kind):
     compare_with_eager(layout(), n, n, bias=source)
     q, k, v = qkv(n, n)
     state = layout()
-    state.chunk_bytes = 3 * 2 * q.numel() // n * 16 * q.element_size()  # slabs of at most 3 key blocks
+    row = q.shape[1] * q.shape[3] * q.element_size()  # one token's heads
+    state.chunk_bytes = (16 + 2 * 48) * row  # backward: dq rows + dk, dv of a slab: slabs of 3 key blocks
     calls.clear()
     with torch.no_grad():
         block_sparse_attention(q, k, v, bias=bias, scale=0.25, state=state)
     # Per block of 16 queries against one slab of its keys: never the full (N x N) bias, and
-    # every pair of the layout exactly once.
+    # every pair of the layout exactly once per sequence of the batch.
     assert all(c[0] <= 16 and c[1] <= 48 for c in calls)
-    assert sum(a * b for a, b in calls) == int(state.dense_mask(n, n, causal=False).sum())
+    assert sum(a * b for a, b in calls) == q.shape[0] * int(state.dense_mask(n, n, causal=False).sum())
 
 
 def test_kv_cache_queries_match_the_full_sequence():

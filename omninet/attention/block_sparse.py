@@ -62,30 +62,54 @@ _CACHE_SIZE = 64  # plans per layer (decoding creates one per generated length)
 
 @dataclass(frozen=True)
 class _Slab:
-    """One contiguous run of keys [k0, k1) of a query block, at most the chunk budget long."""
+    """Keys [k0, k1) of a group's first query block; block i of the group uses them shifted by
+    ``i * step`` (0: a shared global block, bs: a sliding window). Always a view of k and v."""
 
     k0: int
     k1: int
+    step: int = 0
     diag: bool = False  # the query block's own causal block, square and aligned: the kernel's top-left is_causal
     masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One query block: query rows [q0, q1) (query coordinates) against its slabs."""
+class _Group:
+    """``c`` consecutive query blocks of ``r`` rows from query row ``q0`` (query coordinates;
+    c > 1 only for whole blocks), computed together, one kernel call per slab."""
 
     q0: int
-    q1: int
+    c: int
+    r: int
     slabs: tuple[_Slab, ...]
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one (Nq, Nk, causal, budget) call is computed: the query blocks and their key slabs.
-    Slabs are views of k and v (nothing is gathered); a row's slabs are merged by log-sum-exp."""
+    """How one (Nq, Nk, causal, budget) call is computed. A group's slabs are merged by
+    log-sum-exp; nothing is gathered."""
 
     offset: int  # Nk - Nq: absolute position of query 0
-    rows: tuple[_Row, ...]
+    groups: tuple[_Group, ...]
+
+
+def _batchable(group: _Group, row: _Group, bs: int, max_rows: int) -> bool:
+    """Whether one-block group ``row`` extends ``group`` (same slabs, each shifted by a fixed step)."""
+    if group.c >= max_rows or row.r != bs or group.r != bs or row.q0 != group.q0 + group.c * bs:
+        return False
+    if len(row.slabs) != len(group.slabs):
+        return False
+    for g, s in zip(group.slabs, row.slabs):
+        step = s.k0 - (g.k0 + (group.c - 1) * g.step) if group.c > 1 else s.k0 - g.k0
+        if (s.k1 - s.k0, s.diag, s.masked) != (g.k1 - g.k0, g.diag, g.masked) or step < 0 or (
+                group.c > 1 and step != g.step):
+            return False
+    return True
+
+
+def _extend(group: _Group, row: _Group) -> _Group:
+    slabs = group.slabs if group.c > 1 else tuple(
+        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked) for g, s in zip(group.slabs, row.slabs))
+    return _Group(group.q0, group.c + 1, group.r, slabs)
 
 
 def _runs(blocks) -> list[tuple[int, int]]:
@@ -206,14 +230,16 @@ class BlockSparseLayout(nn.Module):
         return out
 
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int) -> _Plan:
-        return self._plans.get_or((nq, nk, causal, max_blocks), lambda: self._build_plan(nq, nk, causal, max_blocks))
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, max_rows: int) -> _Plan:
+        key = (nq, nk, causal, max_blocks, max_rows)
+        return self._plans.get_or(key, lambda: self._build_plan(*key))
 
-    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int) -> _Plan:
-        """Every query block (global and prefix rows included: their keys are simply all blocks)
-        as rows of slabs of at most ``max_blocks`` key blocks."""
+    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, max_rows: int) -> _Plan:
+        """Every query block (global and prefix rows included: their keys are simply all
+        blocks) against slabs of at most ``max_blocks`` key blocks; up to ``max_rows``
+        consecutive blocks whose slabs are the same up to a shift form one group."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
-        layout, rows = self.rows(nb, causal), []
+        layout, groups = self.rows(nb, causal), []
         for i in range(offset // bs, nb):
             blocks = layout[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
             slabs = []
@@ -224,8 +250,13 @@ class BlockSparseLayout(nn.Module):
                 if diag:
                     aligned = i * bs >= offset
                     slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
-            rows.append(_Row(max(i * bs, offset) - offset, min((i + 1) * bs, nk) - offset, tuple(slabs)))
-        return _Plan(offset=offset, rows=tuple(rows))
+            q0 = max(i * bs, offset) - offset
+            row = _Group(q0, 1, min((i + 1) * bs, nk) - offset - q0, tuple(slabs))
+            if groups and _batchable(groups[-1], row, bs, max_rows):
+                groups[-1] = _extend(groups[-1], row)
+            else:
+                groups.append(row)
+        return _Plan(offset=offset, groups=tuple(groups))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
@@ -251,17 +282,28 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
     return mask.expand(*mask.shape[:3], nk)
 
 
-# Working-set budget: the most bytes of key + value rows one slab spans. Slabs are views, so
-# this bounds what the fused kernel streams per call and the per-slab gradient temporaries of
-# the backward; 4 MB keeps a slab's keys and values within this CPU's L2 + part of L3.
-CHUNK_BYTES = 4 * 2**20
+# Working-set budget: the bytes of temporaries one group of query blocks may hold at once
+# (forward: its partial outputs; backward: its dq rows and one slab's dk, dv). Slabs are views
+# of k and v, so nothing else grows with N. 8 MB: a few slabs of this CPU's L2 + L3 share.
+CHUNK_BYTES = 8 * 2**20
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _max_blocks(q: torch.Tensor, bs: int, budget: int) -> int:
-    B, H, _, D = q.shape
-    return max(1, budget // (2 * B * H * bs * D * q.element_size()))
+def _budget(q: torch.Tensor, bs: int, budget: int, batched: bool) -> tuple[int, int]:
+    """(max key blocks per slab, max query blocks per group) within ``budget`` bytes."""
+    row = q.shape[1] * q.shape[3] * q.element_size()  # one token of one sequence, all heads
+    max_blocks = max(1, (budget // row - bs) // (2 * bs))  # backward: dq (bs rows) + dk, dv (2 slabs)
+    max_rows = max(1, budget // (2 * bs * row)) if batched else 1  # forward: accumulator + one partial output
+    return max_blocks, max_rows
+
+
+def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
+    """(H, c, r, D) strided view of rows ``start + i * step + [0, r)`` of t[b] (B, H, N, D), or
+    (H, c, r) of a (B, H, N) tensor; the c windows may overlap (keys of a sliding window)."""
+    st = t.stride()
+    size, stride = (t.shape[1], c, r, *t.shape[3:]), (st[1], step * st[2], st[2], *st[3:])
+    return t.as_strided(size, stride, t.storage_offset() + b * st[0] + start * st[2])
 
 
 @dataclass
@@ -277,31 +319,28 @@ class _Call:
     fused: bool  # the CPU flash kernel (no dropout); otherwise eager math per slab
 
 
-def _slab_mask(call: _Call, row: _Row, slab: _Slab, dtype, device):
-    """Additive mask (B|1, H|1, r|1, L) of one slab or None, and has_key (B|1, H|1, r) for rows
-    of the slab that see no key (None when every row sees one). The fused kernel applies a
-    diagonal slab's causality itself (is_causal); eager math gets it in the mask."""
-    offset, visible, has_key, am = call.plan.offset, None, None, None
-    q_pos = k_pos = None
+def _slab_mask(call: _Call, g: _Group, slab: _Slab, b: int, dtype, device):
+    """Additive mask (H|1, 1, r|1, L) for a one-block group's slab, or None; and has_key
+    (H|1, 1, r|1) marking rows that see a key of the slab (None: every row does). The fused
+    kernel applies a diagonal slab's causality itself (is_causal); eager math gets it here."""
     explicit_causal = slab.masked or (slab.diag and not call.fused)
-    if call.bias is not None or explicit_causal:
-        q_pos = torch.arange(row.q0 + offset, row.q1 + offset, device=device)
-        k_pos = torch.arange(slab.k0, slab.k1, device=device)
+    if call.mask is None and call.bias is None and not explicit_causal:
+        return None, None
+    offset, visible, has_key, am = call.plan.offset, None, None, None
+    q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=device)
+    k_pos = torch.arange(slab.k0, slab.k1, device=device)
     if call.mask is not None:
-        m = call.mask
-        visible = (m[:, :, row.q0 : row.q1] if m.shape[2] > 1 else m)[..., slab.k0 : slab.k1]
+        m = call.mask[b if call.mask.shape[0] > 1 else 0]  # (H|1, Nq|1, Nk)
+        visible = (m[:, g.q0 : g.q0 + g.r] if m.shape[1] > 1 else m)[:, None, :, slab.k0 : slab.k1]
     if explicit_causal:
         causal = k_pos[None, :] <= q_pos[:, None]  # (r, L)
         visible = causal if visible is None else visible & causal
+    if call.bias is not None:
+        am = call.bias(q_pos, k_pos).to(dtype)[:, None]  # (H, 1, r, L)
     if visible is not None:
         has_key = visible.any(dim=-1)
-    if call.bias is not None:
-        am = call.bias(q_pos, k_pos).to(dtype)[None]  # (1, H, r, L)
-    if visible is not None:
         am = torch.zeros(visible.shape, dtype=dtype, device=device) if am is None else am
         am = am.masked_fill(~visible, float("-inf"))
-    if am is not None and am.dim() == 2:
-        am = am[None, None]
     return am, has_key
 
 
@@ -313,12 +352,12 @@ def _dropout_keep(call: _Call, index: int, shape, device) -> torch.Tensor:
 
 
 def _eager_scores(qs, ks, am, scale):
-    s = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # (B, H, r, L)
+    s = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # (H, c, r, L)
     return s if am is None else s + am
 
 
 def _slab_forward(call: _Call, index, qs, ks, vs, am, slab):
-    """(out (B, H, r, D), lse (B, H, r) float) of one slab."""
+    """(out (H, c, r, D), lse (H, c, r) float) of one slab."""
     if call.fused:
         return _FLASH(qs, ks, vs, 0.0, slab.diag, attn_mask=am, scale=call.scale)
     s = _eager_scores(qs, ks, am, call.scale)
@@ -329,12 +368,11 @@ def _slab_forward(call: _Call, index, qs, ks, vs, am, slab):
     return torch.matmul(p.to(vs.dtype), vs), lse
 
 
-def _merge(o1, l1, o2, l2):
-    """Two partial softmaxes of the same rows as one: weights exp(lse_i - lse)."""
-    lse = torch.logaddexp(l1, l2)
-    w1 = torch.exp(l1 - lse).nan_to_num_(0.0)[..., None].to(o1.dtype)  # NaN: rows with no key in either
-    w2 = torch.exp(l2 - lse).nan_to_num_(0.0)[..., None].to(o2.dtype)
-    return o1.mul_(w1).add_(o2 * w2), lse
+def _merge(o1, l1, o2, l2, out=None):
+    """Two partial softmaxes of the same rows as one (into ``out``, else o1): o1 + (o2 - o1) * w
+    with w = e^l2 / (e^l1 + e^l2) = sigmoid(l2 - l1) (NaN when neither saw a key: both are 0)."""
+    w = torch.sigmoid(l2 - l1).nan_to_num_(0.0)[..., None].to(o1.dtype)
+    return torch.lerp(o1, o2, w, out=o1 if out is None else out), torch.logaddexp(l1, l2)
 
 
 def _forward(call: _Call, q, k, v):
@@ -343,45 +381,59 @@ def _forward(call: _Call, q, k, v):
     out = q.new_empty(B, nq, H, D).transpose(1, 2)
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     index = 0
-    for row in call.plan.rows:
-        qs, acc = q[:, :, row.q0 : row.q1], None
-        for slab in row.slabs:
-            am, has_key = _slab_mask(call, row, slab, q.dtype, q.device)
-            o, l = _slab_forward(call, index, qs, k[:, :, slab.k0 : slab.k1], v[:, :, slab.k0 : slab.k1], am, slab)
-            index += 1
-            if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
-                l = l.masked_fill(~has_key, float("-inf"))
-            acc = (o, l) if acc is None else _merge(*acc, o, l)
-        out[:, :, row.q0 : row.q1] = acc[0]
-        lse[:, :, row.q0 : row.q1] = acc[1]
+    for g in call.plan.groups:
+        for b in range(B):
+            qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
+            dest = _view(out, b, g.q0, g.c, g.r, g.r)
+            for n, slab in enumerate(g.slabs):
+                ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
+                am, has_key = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
+                index += 1
+                if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
+                    l = l.masked_fill(~has_key, float("-inf"))
+                acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
+            if len(g.slabs) == 1:
+                dest.copy_(acc[0])
+            _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
     return out, lse
 
 
-def _backward(call: _Call, q, k, v, out, lse, grad_out):
-    """Flash-style backward: each slab's scores are recomputed from q, k, v and the saved lse."""
+def _backward(call: _Call, q, k, v, out, lse, grad_out, max_rows: int):
+    """Flash-style backward: each slab's probabilities are recomputed from q, k and the saved
+    lse; a group is split into sub-groups of ``max_rows`` blocks to bound dk, dv temporaries."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
     index = 0
-    for row in call.plan.rows:
-        rs = slice(row.q0, row.q1)
-        qs, os_, gs, ls = q[:, :, rs], out[:, :, rs], grad_out[:, :, rs], lse[:, :, rs]
-        delta = None if call.fused else (gs.float() * os_.float()).sum(-1, keepdim=True)  # (B, H, r, 1)
-        for slab in row.slabs:
-            ks, vs = k[:, :, slab.k0 : slab.k1], v[:, :, slab.k0 : slab.k1]
-            am, _ = _slab_mask(call, row, slab, q.dtype, q.device)
-            if call.fused:
-                gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
-            else:
-                gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
-            index += 1
-            dq[:, :, rs] += gq
-            dk[:, :, slab.k0 : slab.k1] += gk
-            dv[:, :, slab.k0 : slab.k1] += gv
+    for g in call.plan.groups:
+        for b in range(q.shape[0]):
+            for i0 in range(0, g.c, max_rows):
+                c, q0 = min(max_rows, g.c - i0), g.q0 + i0 * g.r
+                qs, os_, gs, dqs = (_view(t, b, q0, c, g.r, g.r) for t in (q, out, grad_out, dq))
+                ls = _view(lse, b, q0, c, g.r, g.r)
+                delta = None if call.fused else (gs.float() * os_.float()).sum(-1, keepdim=True)  # (H, c, r, 1)
+                for slab in g.slabs:
+                    k0, L = slab.k0 + i0 * slab.step, slab.k1 - slab.k0
+                    ks, vs = (_view(t, b, k0, c, L, slab.step) for t in (k, v))
+                    am, _ = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                    if call.fused:
+                        gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+                    else:
+                        gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+                    index += 1
+                    dqs += gq
+                    if slab.step == 0:  # one shared slab (global keys)
+                        dk[b, :, k0 : k0 + L] += gk.sum(1)
+                        dv[b, :, k0 : k0 + L] += gv.sum(1)
+                    else:  # windows may overlap: one at a time
+                        for j in range(c):
+                            dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
+                            dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
     return dq, dk, dv
 
 
 def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
-    p = torch.exp(_eager_scores(qs, ks, am, call.scale) - ls[..., None])  # (B, H, r, L)
+    p = torch.exp(_eager_scores(qs, ks, am, call.scale) - ls[..., None])  # (H, c, r, L)
     dp = torch.matmul(gs.float(), vs.float().transpose(-1, -2))
     pd = p
     if call.dropout_p:
@@ -399,17 +451,17 @@ class _BlockSparseFunction(torch.autograd.Function):
     each slab's probabilities, as flash attention does."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: _Call):
+    def forward(ctx, q, k, v, call: _Call, max_rows: int):
         out, lse = _forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = call
+        ctx.call, ctx.max_rows = call, max_rows
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*_backward(ctx.call, q, k, v, out, lse, grad_out), None)
+        return (*_backward(ctx.call, q, k, v, out, lse, grad_out, ctx.max_rows), None, None)
 
 
 def _bias_needs_grad(bias, device) -> bool:
@@ -423,15 +475,15 @@ def _traced_rows(call: _Call, q, k, v):
     """A bias that needs gradients (learned relative positions): per query block, eager
     attention on its concatenated slabs under autograd (saves each block's scores)."""
     outs, offset = [], call.plan.offset
-    for row in call.plan.rows:
-        qs = q[:, :, row.q0 : row.q1]
-        ks = torch.cat([k[:, :, s.k0 : s.k1] for s in row.slabs], dim=2)
-        vs = torch.cat([v[:, :, s.k0 : s.k1] for s in row.slabs], dim=2)
-        q_pos = torch.arange(row.q0 + offset, row.q1 + offset, device=q.device)
-        k_pos = torch.cat([torch.arange(s.k0, s.k1, device=q.device) for s in row.slabs])
-        visible = k_pos[None, :] <= q_pos[:, None] if any(s.diag or s.masked for s in row.slabs) else None
+    for g in call.plan.groups:  # one block each: such calls are planned unbatched
+        qs = q[:, :, g.q0 : g.q0 + g.r]
+        ks = torch.cat([k[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
+        vs = torch.cat([v[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
+        q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=q.device)
+        k_pos = torch.cat([torch.arange(s.k0, s.k1, device=q.device) for s in g.slabs])
+        visible = k_pos[None, :] <= q_pos[:, None] if any(s.diag or s.masked for s in g.slabs) else None
         if call.mask is not None:
-            m = call.mask[:, :, row.q0 : row.q1] if call.mask.shape[2] > 1 else call.mask
+            m = call.mask[:, :, g.q0 : g.q0 + g.r] if call.mask.shape[2] > 1 else call.mask
             visible = m[..., k_pos] if visible is None else m[..., k_pos] & visible
         bias = call.bias
         outs.append(eager_attention(qs, ks, vs, mask=visible, bias=lambda *_: bias(q_pos, k_pos), scale=call.scale,
@@ -442,14 +494,19 @@ def _traced_rows(call: _Call, q, k, v):
 def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, scale, dropout_p):
     """Every query block against its slabs (see the module docstring)."""
     nq, nk = q.shape[-2], k.shape[-2]
-    plan = state.plan(nq, nk, causal, _max_blocks(q, state.block_size, state.chunk_bytes))
+    fused = q.device.type == "cpu" and not dropout_p
+    # Groups of several blocks only where a slab needs no per-block mask (and the eager
+    # path draws dropout per slab, so its groups must be the same in both passes).
+    max_blocks, max_rows = _budget(q, state.block_size, state.chunk_bytes, fused and mask is None and bias is None)
+    plan = state.plan(nq, nk, causal, max_blocks, max_rows)
     seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
-    call = _Call(plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed,
-                 fused=q.device.type == "cpu" and not dropout_p)
+    call = _Call(plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
     if _bias_needs_grad(bias, q.device):
         return _traced_rows(call, q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _BlockSparseFunction.apply(q, k, v, call)
+        bwd_rows = max(1, state.chunk_bytes // (q.shape[1] * q.shape[3] * q.element_size() * (
+            state.block_size + 2 * max_blocks * state.block_size))) if max_rows > 1 else 1
+        return _BlockSparseFunction.apply(q, k, v, call, bwd_rows)
     return _forward(call, q, k, v)[0]
 
 
