@@ -344,15 +344,20 @@ def _slab_mask(call: _Call, g: _Group, slab: _Slab, b: int, dtype, device):
     return am, has_key
 
 
-def _dropout_keep(call: _Call, index: int, shape, device) -> torch.Tensor:
+def _dropout_keep(call: _Call, index: int, shape, device, dtype) -> torch.Tensor:
     """The dropout keep mask of slab ``index``, scaled by 1 / (1 - p): the same in both passes."""
     g = torch.Generator(device=device).manual_seed(call.seed + index)
-    keep = torch.rand(shape, generator=g, device=device) >= call.dropout_p
+    keep = torch.rand(shape, generator=g, device=device, dtype=dtype) >= call.dropout_p
     return keep / (1.0 - call.dropout_p)
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the eager path: float32, or float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _eager_scores(qs, ks, am, scale):
-    s = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # (H, c, r, L)
+    s = torch.matmul(qs, ks.transpose(-1, -2)).to(_acc(qs)) * scale  # (H, c, r, L)
     return s if am is None else s + am
 
 
@@ -364,7 +369,7 @@ def _slab_forward(call: _Call, index, qs, ks, vs, am, slab):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None])
     if call.dropout_p:
-        p = p * _dropout_keep(call, index, p.shape, p.device)
+        p = p * _dropout_keep(call, index, p.shape, p.device, p.dtype)
     return torch.matmul(p.to(vs.dtype), vs), lse
 
 
@@ -393,6 +398,7 @@ def _forward(call: _Call, q, k, v):
                 if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
                     l = l.masked_fill(~has_key, float("-inf"))
                 acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
+                del o, l  # (a partial output held past its merge would be one more chunk of memory)
             if len(g.slabs) == 1:
                 dest.copy_(acc[0])
             _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
@@ -411,7 +417,7 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out, max_rows: int):
                 c, q0 = min(max_rows, g.c - i0), g.q0 + i0 * g.r
                 qs, os_, gs, dqs = (_view(t, b, q0, c, g.r, g.r) for t in (q, out, grad_out, dq))
                 ls = _view(lse, b, q0, c, g.r, g.r)
-                delta = None if call.fused else (gs.float() * os_.float()).sum(-1, keepdim=True)  # (H, c, r, 1)
+                delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
                 for slab in g.slabs:
                     k0, L = slab.k0 + i0 * slab.step, slab.k1 - slab.k0
                     ks, vs = (_view(t, b, k0, c, L, slab.step) for t in (k, v))
@@ -422,6 +428,7 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out, max_rows: int):
                         gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
                     index += 1
                     dqs += gq
+                    del gq
                     if slab.step == 0:  # one shared slab (global keys)
                         dk[b, :, k0 : k0 + L] += gk.sum(1)
                         dv[b, :, k0 : k0 + L] += gv.sum(1)
@@ -429,20 +436,22 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out, max_rows: int):
                         for j in range(c):
                             dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
                             dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
+                    del gk, gv
     return dq, dk, dv
 
 
 def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
+    f = _acc(qs)
     p = torch.exp(_eager_scores(qs, ks, am, call.scale) - ls[..., None])  # (H, c, r, L)
-    dp = torch.matmul(gs.float(), vs.float().transpose(-1, -2))
+    dp = torch.matmul(gs.to(f), vs.to(f).transpose(-1, -2))
     pd = p
     if call.dropout_p:
-        keep = _dropout_keep(call, index, p.shape, p.device)
+        keep = _dropout_keep(call, index, p.shape, p.device, p.dtype)
         pd, dp = p * keep, dp * keep
     ds = p * (dp - delta) * call.scale
-    gq = torch.matmul(ds, ks.float()).to(qs.dtype)
-    gk = torch.matmul(ds.transpose(-1, -2), qs.float()).to(ks.dtype)
-    gv = torch.matmul(pd.transpose(-1, -2), gs.float()).to(vs.dtype)
+    gq = torch.matmul(ds, ks.to(f)).to(qs.dtype)
+    gk = torch.matmul(ds.transpose(-1, -2), qs.to(f)).to(ks.dtype)
+    gv = torch.matmul(pd.transpose(-1, -2), gs.to(f)).to(vs.dtype)
     return gq, gk, gv
 
 
