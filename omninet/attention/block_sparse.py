@@ -1,7 +1,8 @@
 """Block-sparse attention whose compute and memory shrink with the layout's density.
 
 Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim, bs block size,
-nb = ceil(Nk / bs) key blocks, nS sparse query blocks, kb key blocks per sparse query block.
+nb = ceil(Nk / bs) key blocks, c query blocks of a group, r rows of a query block (bs, or
+fewer at the edges), L keys of a slab.
 
 Layout (fixed per layer and seed, built once per length and cached; never redrawn per call).
 Blocks are numbered by absolute position (block i holds positions [i*bs, (i+1)*bs)).
@@ -21,17 +22,30 @@ Blocks are numbered by absolute position (block i holds positions [i*bs, (i+1)*b
   every row keeps every block and the kernel is dense SDPA.
 - Every query row sees at least one key (its own block comes first).
 
-Computation (CPU and GPU): global/prefix rows run dense SDPA on those rows only. The other
-query blocks gather their kb key/value blocks into (B*H, nS, kb*bs, D) (rows with fewer
-blocks are padded with a masked dummy block), and one fused SDPA call over
-(B*H, nS, bs, D) queries computes them: no (Nq x Nk) score matrix ever exists, and the fused
-CPU/GPU kernels provide a fused backward. On CUDA, with no user mask, bias or dropout, the
-kernel uses compiled FlexAttention with a ``BlockMask`` built once per layout and length.
+Computation (CPU and GPU): every query block (global and prefix rows too: their keys are
+all blocks) is computed against its key blocks as *slabs*: maximal runs of consecutive key
+blocks, cut at the chunk budget (``layout.chunk_bytes``, default ``CHUNK_BYTES``). A slab is a
+strided view of k and v, so nothing is gathered or copied; consecutive query blocks whose
+slabs are the same up to a fixed shift (a sliding window: shift bs; a global block: shift 0)
+form one group and one kernel call per slab over (H, c, bs, D). A query block's partial
+softmaxes over its slabs are merged by log-sum-exp. On CPU each slab is the fused flash
+kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp); a
+causal row's own block uses its top-left ``is_causal`` (square and aligned), so causal rows
+need no mask. Elsewhere, or with dropout, each slab is eager math (dropout masks drawn from
+a per-call seed, slab by slab). Training runs a custom ``autograd.Function`` that saves only
+q, k, v, the output and the log-sum-exp and recomputes each slab's probabilities in
+backward, as flash attention does; its per-slab dk, dv temporaries are what the budget
+bounds. Extra memory beyond the O(N) output and log-sum-exp (and dq, dk, dv) is therefore
+bounded by the budget and the same on every call (no persistent buffers). A bias that needs
+gradients (learned relative positions) takes a traced per-block path (eager attention per
+query block under autograd, which saves its scores). On CUDA, with no user mask, bias or
+dropout, the kernel uses compiled FlexAttention with a ``BlockMask`` built once per layout
+and length.
 
-Masks: key-padding masks (B|1, H|1, 1, Nk) are gathered with the keys; general masks
-(B|1, H|1, Nq, Nk) are gathered per (query, key) pair of the layout (the mask itself is then
-Nq x Nk, the caller's choice). The lazy ``bias(q_pos, k_pos)`` is evaluated once per query
-block for just its gathered keys. Cross-attention uses dense SDPA (a layout is defined over
+Masks: key-padding masks (B|1, H|1, 1, Nk) and general masks (B|1, H|1, Nq, Nk) are sliced
+per slab (the general mask itself is Nq x Nk, the caller's choice); calls with a mask or a
+bias compute one query block per group. The lazy ``bias(q_pos, k_pos)`` is evaluated per
+slab (and sequence) for just its keys. Cross-attention uses dense SDPA (a layout is defined over
 one sequence). ``need_weights`` returns the (B, H, Nq, Nk) weights of exactly this layout,
 materialized through the eager reference (debugging only).
 
