@@ -7,7 +7,9 @@ dense SDPA, compiled FlexAttention on the 12.5% block-sparse mask (forward only:
 FlexAttention has no backward; compile time reported separately), our block-sparse kernel
 at densities 50% / 25% / 12.5%, Linformer at k = 128 / 256. Shapes: fp32, B=1, H=16, D=64,
 block 128, N = 1024 .. 8192; forward (no grad) and forward+backward (grads of q, k, v and of
-Linformer's projections). Times: median of ``--reps`` timed runs after ``--warmup`` runs.
+Linformer's projections). Times: median (and min) of ``--reps`` timed runs after ``--warmup``
+runs, taken round robin over the kernels of one (N, mode) so that load from other processes
+drifts over all of them alike; wall clock and this process's CPU time.
 
 Peak memory: ``omninet.measure.peak_memory_mb`` (the profiler's memory timeline: the most
 tensor bytes the call held at once beyond what existed before it; inputs excluded; outputs,
@@ -149,12 +151,24 @@ def make_run(fn, params, q, k, v, mode: str):
     return run
 
 
-def bench_one(fn, params, q, k, v, mode: str, args):
-    run = make_run(fn, params, q, k, v, mode)
-    cpu: list[float] = []
-    ms, runs = median_ms(run, reps=args.reps, warmup=args.warmup, cpu=cpu)
-    return {"median_ms": round(ms, 3), "runs_ms": [round(r, 3) for r in runs],
-            "median_cpu_ms": round(statistics.median(cpu), 3), "peak_mb": round(peak_memory_mb(run), 2)}
+def bench_mode(cases: dict, mode: str, args) -> dict:
+    """name -> timing and memory row for every case (fn, params, q, k, v). Timed runs go round
+    robin over the cases, so drifting load from other processes hits every kernel alike."""
+    runs = {name: make_run(fn, params, q, k, v, mode) for name, (fn, params, q, k, v) in cases.items()}
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            wall[name] += median_ms(run, reps=1, warmup=0, cpu=cpu[name])[1]
+    out = {}
+    for name, run in runs.items():
+        out[name] = {"median_ms": round(statistics.median(wall[name]), 3), "min_ms": round(min(wall[name]), 3),
+                     "runs_ms": [round(r, 3) for r in wall[name]],
+                     "median_cpu_ms": round(statistics.median(cpu[name]), 3), "peak_mb": round(peak_memory_mb(run), 2)}
+    return out
 
 
 def first_call_peak(name: str, n: int, mode: str, args) -> float | None:
@@ -190,6 +204,7 @@ def run_benchmark(args) -> dict:
                 compile_s[n] = round(info, 2)
                 kernels["flex_compiled_0.125"] = ("density=0.125", fn, [], False)
         for mode in ("fwd", "fwd_bwd"):
+            cases, heads = {}, {}
             for name, (variant, fn, params, has_bwd) in kernels.items():
                 if args.kernels and name not in args.kernels:
                     continue
@@ -201,8 +216,10 @@ def run_benchmark(args) -> dict:
                     rows.append({**row, "status": f"skipped: N > --naive-max-n={args.naive_max_n} (memory)"})
                     continue
                 shape = (args.batch, args.heads, n, args.head_dim)
-                q, k, v = (torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3))
-                row.update(bench_one(fn, params, q, k, v, mode, args), status="ok")
+                cases[name] = (fn, params, *(torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3)))
+                heads[name] = row
+            for name, result in bench_mode(cases, mode, args).items():
+                row = {**heads[name], **result, "status": "ok"}
                 if args.first_call and n == args.target_n and name in args.first_call_kernels:
                     row["peak_mb_first_call"] = first_call_peak(name, n, mode, args)
                 rows.append(row)
@@ -217,6 +234,7 @@ def summarize(rows: list[dict], target_n: int) -> tuple[dict, dict]:
         sdpa, naive = ok.get(("sdpa", n, mode)), ok.get(("naive", n, mode))
         ratios[f"{name}/n={n}/{mode}"] = {
             "speedup_vs_sdpa": round(sdpa["median_ms"] / r["median_ms"], 3) if sdpa else None,
+            "speedup_vs_sdpa_min": round(sdpa["min_ms"] / r["min_ms"], 3) if sdpa else None,
             "speedup_vs_naive": round(naive["median_ms"] / r["median_ms"], 3) if naive else None,
             "cpu_time_speedup_vs_sdpa": round(sdpa["median_cpu_ms"] / r["median_cpu_ms"], 3) if sdpa else None,
             "memory_vs_naive": round(r["peak_mb"] / naive["peak_mb"], 4) if naive and naive["peak_mb"] else None,
