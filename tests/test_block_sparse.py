@@ -116,14 +116,12 @@ def test_lazy_bias_per_gathered_block(kind):
     compare_with_eager(layout(), n, n, bias=source)
     q, k, v = qkv(n, n)
     state = layout()
-    row = q.shape[1] * q.shape[3] * q.element_size()  # one token's heads
-    state.chunk_bytes = (16 + 2 * 48) * row  # backward: dq rows + dk, dv of a slab: slabs of 3 key blocks
     calls.clear()
     with torch.no_grad():
         block_sparse_attention(q, k, v, bias=bias, scale=0.25, state=state)
-    # Per block of 16 queries against one slab of its keys: never the full (N x N) bias, and
-    # every pair of the layout exactly once per sequence of the batch.
-    assert all(c[0] <= 16 and c[1] <= 48 for c in calls)
+    # Per block of 16 queries against one slab (run of key blocks) of its keys: never the full
+    # (N x N) bias, and every pair of the layout exactly once per sequence of the batch.
+    assert all(c[0] <= 16 for c in calls) and sum(c[1] == n for c in calls) == q.shape[0]  # the global row
     assert sum(a * b for a, b in calls) == q.shape[0] * int(state.dense_mask(n, n, causal=False).sum())
 
 

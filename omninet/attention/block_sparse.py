@@ -297,19 +297,23 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
 
 
 # Working-set budget: the bytes of temporaries one group of query blocks may hold at once
-# (forward: its partial outputs; backward: its dq rows and one slab's dk, dv). Slabs are views
-# of k and v, so nothing else grows with N. 8 MB: a few slabs of this CPU's L2 + L3 share.
+# (forward: its accumulator and one partial output; backward: its dq rows and one slab's dk,
+# dv). Slabs are views of k and v, so nothing else grows with N. 8 MB: within this CPU's L2 +
+# its share of L3, and within the +8 MB over SDPA that the forward may use.
 CHUNK_BYTES = 8 * 2**20
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _budget(q: torch.Tensor, bs: int, budget: int, batched: bool) -> tuple[int, int]:
-    """(max key blocks per slab, max query blocks per group) within ``budget`` bytes."""
+def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int, int]:
+    """Within ``budget`` bytes of temporaries: (query blocks per forward group (its accumulator
+    and one partial output), key blocks per backward slab and query blocks per backward group
+    (dq rows and the slab's dk, dv per block))."""
     row = q.shape[1] * q.shape[3] * q.element_size()  # one token of one sequence, all heads
-    max_blocks = max(1, (budget // row - bs) // (2 * bs))  # backward: dq (bs rows) + dk, dv (2 slabs)
-    max_rows = max(1, budget // (2 * bs * row)) if batched else 1  # forward: accumulator + one partial output
-    return max_blocks, max_rows
+    fwd_rows = max(1, budget // (2 * bs * row))
+    bwd_blocks = max(1, (budget // row - bs) // (2 * bs))
+    bwd_rows = max(1, budget // (row * (bs + 2 * bwd_blocks * bs)))
+    return fwd_rows, bwd_blocks, bwd_rows
 
 
 def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
@@ -325,6 +329,7 @@ class _Call:
     """What every slab of one call shares (forward and the recomputing backward alike)."""
 
     plan: _Plan
+    backward_plan: _Plan  # the fused backward may cut slabs and groups finer than the forward
     mask: torch.Tensor | None  # (B|1, H|1, Nq|1, Nk) bool
     bias: object  # bias(q_pos, k_pos) -> (H, r, L), or None
     scale: float
@@ -419,38 +424,36 @@ def _forward(call: _Call, q, k, v):
     return out, lse
 
 
-def _backward(call: _Call, q, k, v, out, lse, grad_out, max_rows: int):
-    """Flash-style backward: each slab's probabilities are recomputed from q, k and the saved
-    lse; a group is split into sub-groups of ``max_rows`` blocks to bound dk, dv temporaries."""
+def _backward(call: _Call, q, k, v, out, lse, grad_out):
+    """Flash-style backward over ``call.backward_plan``: each slab's probabilities are recomputed
+    from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
     index = 0
-    for g in call.plan.groups:
+    for g in call.backward_plan.groups:
         for b in range(q.shape[0]):
-            for i0 in range(0, g.c, max_rows):
-                c, q0 = min(max_rows, g.c - i0), g.q0 + i0 * g.r
-                qs, os_, gs, dqs = (_view(t, b, q0, c, g.r, g.r) for t in (q, out, grad_out, dq))
-                ls = _view(lse, b, q0, c, g.r, g.r)
-                delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
-                for slab in g.slabs:
-                    k0, L = slab.k0 + i0 * slab.step, slab.k1 - slab.k0
-                    ks, vs = (_view(t, b, k0, c, L, slab.step) for t in (k, v))
-                    am, _ = _slab_mask(call, g, slab, b, q.dtype, q.device)
-                    if call.fused:
-                        gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
-                    else:
-                        gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
-                    index += 1
-                    dqs += gq
-                    del gq
-                    if slab.step == 0:  # one shared slab (global keys)
-                        dk[b, :, k0 : k0 + L] += gk.sum(1)
-                        dv[b, :, k0 : k0 + L] += gv.sum(1)
-                    else:  # windows may overlap: one at a time
-                        for j in range(c):
-                            dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
-                            dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
-                    del gk, gv
+            qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (H, c, r, D)
+            ls = _view(lse, b, g.q0, g.c, g.r, g.r)
+            delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
+            for slab in g.slabs:
+                k0, L = slab.k0, slab.k1 - slab.k0
+                ks, vs = (_view(t, b, k0, g.c, L, slab.step) for t in (k, v))
+                am, _ = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                if call.fused:
+                    gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+                else:
+                    gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+                index += 1
+                dqs += gq
+                del gq
+                if slab.step == 0:  # one shared slab (global keys)
+                    dk[b, :, k0 : k0 + L] += gk.sum(1)
+                    dv[b, :, k0 : k0 + L] += gv.sum(1)
+                else:  # windows may overlap: one at a time
+                    for j in range(g.c):
+                        dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
+                        dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
+                del gk, gv
     return dq, dk, dv
 
 
@@ -474,17 +477,17 @@ class _BlockSparseFunction(torch.autograd.Function):
     each slab's probabilities, as flash attention does."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: _Call, max_rows: int):
+    def forward(ctx, q, k, v, call: _Call):
         out, lse = _forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call, ctx.max_rows = call, max_rows
+        ctx.call = call
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*_backward(ctx.call, q, k, v, out, lse, grad_out, ctx.max_rows), None, None)
+        return (*_backward(ctx.call, q, k, v, out, lse, grad_out), None)
 
 
 def _bias_needs_grad(bias, device) -> bool:
@@ -518,18 +521,22 @@ def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, 
     """Every query block against its slabs (see the module docstring)."""
     nq, nk = q.shape[-2], k.shape[-2]
     fused = q.device.type == "cpu" and not dropout_p
-    # Groups of several blocks only where a slab needs no per-block mask (and the eager
-    # path draws dropout per slab, so its groups must be the same in both passes).
-    max_blocks, max_rows = _budget(q, state.block_size, state.chunk_bytes, fused and mask is None and bias is None)
-    plan = state.plan(nq, nk, causal, max_blocks, max_rows)
+    fwd_rows, bwd_blocks, bwd_rows = _budget(q, state.block_size, state.chunk_bytes)
+    if not (fused and mask is None and bias is None):
+        # One block per group where a slab needs its own mask; eager math (dropout, other
+        # devices) materializes a slab's scores and draws its dropout per slab, so its slabs
+        # are cut at the budget and both passes share one plan.
+        fwd_rows = bwd_rows = 1
+    # The fused forward streams a slab's keys itself (its temporaries do not grow with the
+    # slab), so its slabs are whole runs of key blocks; the backward's dk, dv do grow with it.
+    plan = state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, fwd_rows)
+    backward_plan = state.plan(nq, nk, causal, bwd_blocks, bwd_rows) if fused else plan
     seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
-    call = _Call(plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
+    call = _Call(plan, backward_plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
     if _bias_needs_grad(bias, q.device):
         return _traced_rows(call, q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        bwd_rows = max(1, state.chunk_bytes // (q.shape[1] * q.shape[3] * q.element_size() * (
-            state.block_size + 2 * max_blocks * state.block_size))) if max_rows > 1 else 1
-        return _BlockSparseFunction.apply(q, k, v, call, bwd_rows)
+        return _BlockSparseFunction.apply(q, k, v, call)
     return _forward(call, q, k, v)[0]
 
 
