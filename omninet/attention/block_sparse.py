@@ -106,9 +106,12 @@ class _Plan:
     groups: tuple[_Group, ...]
 
 
-def _batchable(group: _Group, row: _Group, bs: int, max_rows: int) -> bool:
-    """Whether one-block group ``row`` extends ``group`` (same slabs, each shifted by a fixed step)."""
-    if group.c >= max_rows or row.r != bs or group.r != bs or row.q0 != group.q0 + group.c * bs:
+def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward: bool) -> bool:
+    """Whether one-block group ``row`` extends ``group`` (same slabs, each shifted by a fixed
+    step) within ``budget_tokens`` token rows of temporaries: per block, the forward holds its
+    accumulator and one partial output (2 bs), the backward its dq rows and one slab's dk, dv."""
+    per_block = bs + 2 * max(s.k1 - s.k0 for s in row.slabs) if backward else 2 * bs
+    if (group.c + 1) * per_block > budget_tokens or row.r != bs or group.r != bs or row.q0 != group.q0 + group.c * bs:
         return False
     if len(row.slabs) != len(group.slabs):
         return False
@@ -244,14 +247,16 @@ class BlockSparseLayout(nn.Module):
         return out
 
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, max_rows: int) -> _Plan:
-        key = (nq, nk, causal, max_blocks, max_rows)
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool) -> _Plan:
+        key = (nq, nk, causal, max_blocks, budget_tokens, backward)
         return self._plans.get_or(key, lambda: self._build_plan(*key))
 
-    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, max_rows: int) -> _Plan:
+    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
+                    backward: bool) -> _Plan:
         """Every query block (global and prefix rows included: their keys are simply all
-        blocks) against slabs of at most ``max_blocks`` key blocks; up to ``max_rows``
-        consecutive blocks whose slabs are the same up to a shift form one group."""
+        blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
+        slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
+        rows of temporaries allow (0: one block per group)."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
         layout, groups = self.rows(nb, causal), []
         for i in range(offset // bs, nb):
@@ -266,7 +271,7 @@ class BlockSparseLayout(nn.Module):
                     slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
             q0 = max(i * bs, offset) - offset
             row = _Group(q0, 1, min((i + 1) * bs, nk) - offset - q0, tuple(slabs))
-            if groups and _batchable(groups[-1], row, bs, max_rows):
+            if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
                 groups[-1] = _extend(groups[-1], row)
             else:
                 groups.append(row)
@@ -297,23 +302,20 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
 
 
 # Working-set budget: the bytes of temporaries one group of query blocks may hold at once
-# (forward: its accumulator and one partial output; backward: its dq rows and one slab's dk,
-# dv). Slabs are views of k and v, so nothing else grows with N. 8 MB: within this CPU's L2 +
+# (forward: its accumulator and one partial output; backward, BACKWARD_BUDGETS times this: its
+# dq rows and one slab's dk, dv; a single slab's dk, dv stay within one budget). Slabs are views of k and v, so nothing else grows with N. 8 MB: within this CPU's L2 +
 # its share of L3, and within the +8 MB over SDPA that the forward may use.
 CHUNK_BYTES = 8 * 2**20
+BACKWARD_BUDGETS = 3  # a backward group may hold 3 budgets (dq rows, dk, dv): 3x fewer kernel calls
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int, int]:
-    """Within ``budget`` bytes of temporaries: (query blocks per forward group (its accumulator
-    and one partial output), key blocks per backward slab and query blocks per backward group
-    (dq rows and the slab's dk, dv per block))."""
-    row = q.shape[1] * q.shape[3] * q.element_size()  # one token of one sequence, all heads
-    fwd_rows = max(1, budget // (2 * bs * row))
-    bwd_blocks = max(1, (budget // row - bs) // (2 * bs))
-    bwd_rows = max(1, budget // (row * (bs + 2 * bwd_blocks * bs)))
-    return fwd_rows, bwd_blocks, bwd_rows
+def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int]:
+    """``budget`` bytes as token rows of (H, D) temporaries, and the key blocks one backward
+    slab may span (its dk, dv and a block's dq rows within the budget)."""
+    tokens = budget // (q.shape[1] * q.shape[3] * q.element_size())  # one token of one sequence, all heads
+    return tokens, max(1, (tokens - bs) // (2 * bs))
 
 
 def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
@@ -521,16 +523,17 @@ def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, 
     """Every query block against its slabs (see the module docstring)."""
     nq, nk = q.shape[-2], k.shape[-2]
     fused = q.device.type == "cpu" and not dropout_p
-    fwd_rows, bwd_blocks, bwd_rows = _budget(q, state.block_size, state.chunk_bytes)
-    if not (fused and mask is None and bias is None):
-        # One block per group where a slab needs its own mask; eager math (dropout, other
-        # devices) materializes a slab's scores and draws its dropout per slab, so its slabs
-        # are cut at the budget and both passes share one plan.
-        fwd_rows = bwd_rows = 1
-    # The fused forward streams a slab's keys itself (its temporaries do not grow with the
-    # slab), so its slabs are whole runs of key blocks; the backward's dk, dv do grow with it.
-    plan = state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, fwd_rows)
-    backward_plan = state.plan(nq, nk, causal, bwd_blocks, bwd_rows) if fused else plan
+    tokens, bwd_blocks = _budget(q, state.block_size, state.chunk_bytes)
+    batched = fused and mask is None and bias is None
+    # One block per group where a slab needs its own mask; eager math (dropout, other devices)
+    # materializes a slab's scores and draws its dropout per slab, so its slabs are cut at the
+    # budget and both passes share one plan. The fused forward streams a slab's keys itself
+    # (its temporaries do not grow with the slab), so its slabs are whole runs of key blocks;
+    # the backward's dk, dv do grow with a slab: cut at the budget, groups within
+    # BACKWARD_BUDGETS budgets.
+    plan = state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, tokens if batched else 0, False)
+    backward_plan = state.plan(nq, nk, causal, bwd_blocks, BACKWARD_BUDGETS * tokens if batched else 0, True) \
+        if fused else plan
     seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
     call = _Call(plan, backward_plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
     if _bias_needs_grad(bias, q.device):
