@@ -7,13 +7,17 @@ dense SDPA, compiled FlexAttention on the 12.5% block-sparse mask (forward only:
 FlexAttention has no backward; compile time reported separately), our block-sparse kernel
 at densities 50% / 25% / 12.5%, Linformer at k = 128 / 256. Shapes: fp32, B=1, H=16, D=64,
 block 128, N = 1024 .. 8192; forward (no grad) and forward+backward (grads of q, k, v and of
-Linformer's projections). Times: median of ``--reps`` timed runs after ``--warmup`` runs.
+Linformer's projections). Times: median (and min) of ``--reps`` timed runs after ``--warmup``
+runs, taken round robin over the kernels of one (N, mode) so that load from other processes
+drifts over all of them alike; wall clock and this process's CPU time.
 
-Peak memory: one extra run under ``torch.profiler.profile(profile_memory=True)``; the
-trace's allocator events (every allocation and free, with byte counts) are replayed in
-time order and the peak of the running sum is reported: the most bytes the call held at
-once beyond what existed before it (inputs excluded; outputs, saved activations and
-gradients included). Measured, not estimated.
+Peak memory: ``omninet.measure.peak_memory_mb`` (the profiler's memory timeline: the most
+tensor bytes the call held at once beyond what existed before it; inputs excluded; outputs,
+saved activations and gradients included; Python heap and allocator slack not counted).
+Measured twice: ``peak_mb`` on a later call (after the timed runs) in this process, and
+``peak_mb_first_call`` on the very first call of the kernel in a fresh subprocess (nothing
+warmed up or cached; ``--no-first-call`` skips it). A kernel that keeps buffers between
+calls shows up as a difference between the two.
 
 The block-sparse state is built with ``min_seq_length=0`` so that the sparse path is
 measured at every N (the model switches to dense SDPA at <= 1024 tokens by default).
@@ -29,18 +33,18 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention  # noqa: E402
+from omninet.measure import peak_memory_mb  # noqa: E402
 from omninet.attention.linformer import LinformerProjection, linformer_core  # noqa: E402
 from omninet.config import BlockSparseConfig, LinformerConfig  # noqa: E402
 
@@ -48,21 +52,21 @@ DENSITIES = (0.5, 0.25, 0.125)
 RANKS = (128, 256)
 
 
-def peak_bytes(fn) -> int:
-    """Peak of the running sum of allocator events recorded while ``fn`` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        events = json.loads(Path(path).read_text())["traceEvents"]
-    mem = sorted((e["ts"], e["args"].get("Ev Idx", 0), e["args"]["Bytes"]) for e in events
-                 if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0)
-    running = peak = 0
-    for _, _, nbytes in mem:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+def cpu_info() -> dict:
+    """CPU model and the instruction-set flags that matter for these kernels (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def median_ms(fn, *, reps: int, warmup: int, cpu: list | None = None) -> tuple[float, list[float]]:
@@ -92,12 +96,18 @@ def make_kernels(args, n: int):
     out = {
         "naive": ("dense", lambda q, k, v: naive_attention(q, k, v, scale), [], True),
         "sdpa": ("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), [], True),
+        "sdpa_causal": ("dense causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                                       is_causal=True), [], True),
     }
     for d in DENSITIES:
         state = BlockSparseLayout(BlockSparseConfig(block_size=args.block_size, sparsity_factor=1.0 - d,
                                                     min_seq_length=0, backend="gather"))
         out[f"block_sparse_{d:g}"] = (f"density={d:g}", lambda q, k, v, s=state: block_sparse_attention(
             q, k, v, scale=scale, state=s)[0], [], True)
+    causal = BlockSparseLayout(BlockSparseConfig(block_size=args.block_size, sparsity_factor=0.875, min_seq_length=0,
+                                                 backend="gather"), causal=True)
+    out["block_sparse_causal_0.125"] = ("density=0.125 causal", lambda q, k, v: block_sparse_attention(
+        q, k, v, scale=scale, causal=True, state=causal)[0], [], True)
     for r in RANKS:
         proj = LinformerProjection(LinformerConfig(k=r, min_seq_length=0), max_seq_length=n)
         out[f"linformer_{r}"] = (f"k={r}", lambda q, k, v, p=proj: linformer_core(
@@ -124,7 +134,8 @@ def flex_kernel(args, n: int):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def bench_one(fn, params, q, k, v, mode: str, args):
+def make_run(fn, params, q, k, v, mode: str):
+    """The measured call: forward under no_grad, or forward + backward."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -137,11 +148,47 @@ def bench_one(fn, params, q, k, v, mode: str, args):
             for t in leaves:
                 t.grad = None
             fn(q, k, v).backward(grad_out)
-    cpu: list[float] = []
-    ms, runs = median_ms(run, reps=args.reps, warmup=args.warmup, cpu=cpu)
-    peak = peak_bytes(run)
-    return {"median_ms": round(ms, 3), "runs_ms": [round(r, 3) for r in runs],
-            "median_cpu_ms": round(statistics.median(cpu), 3), "peak_mb": round(peak / 2**20, 2)}
+    return run
+
+
+def bench_mode(cases: dict, mode: str, args) -> dict:
+    """name -> timing and memory row for every case (fn, params, q, k, v). Timed runs go round
+    robin over the cases, so drifting load from other processes hits every kernel alike."""
+    runs = {name: make_run(fn, params, q, k, v, mode) for name, (fn, params, q, k, v) in cases.items()}
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            wall[name] += median_ms(run, reps=1, warmup=0, cpu=cpu[name])[1]
+    out = {}
+    for name, run in runs.items():
+        out[name] = {"median_ms": round(statistics.median(wall[name]), 3), "min_ms": round(min(wall[name]), 3),
+                     "runs_ms": [round(r, 3) for r in wall[name]],
+                     "median_cpu_ms": round(statistics.median(cpu[name]), 3), "peak_mb": round(peak_memory_mb(run), 2)}
+    return out
+
+
+def first_call_peak(name: str, n: int, mode: str, args) -> float | None:
+    """Peak MB of the kernel's very first call, measured in a fresh interpreter."""
+    cmd = [sys.executable, __file__, "--first-call-child", name, str(n), mode, "--batch", str(args.batch),
+           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block-size", str(args.block_size)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError) as exc:
+        print(f"first-call measurement failed for {name} n={n} {mode}: {exc}", file=sys.stderr)
+        return None
+
+
+def first_call_child(args) -> None:
+    name, n, mode = args.first_call_child[0], int(args.first_call_child[1]), args.first_call_child[2]
+    torch.manual_seed(0)
+    _, fn, params, _ = make_kernels(args, n)[name]
+    q, k, v = (torch.randn(args.batch, args.heads, n, args.head_dim, requires_grad=mode == "fwd_bwd") for _ in range(3))
+    print(json.dumps({"peak_mb": round(peak_memory_mb(make_run(fn, params, q, k, v, mode)), 2)}))
 
 
 def run_benchmark(args) -> dict:
@@ -157,6 +204,7 @@ def run_benchmark(args) -> dict:
                 compile_s[n] = round(info, 2)
                 kernels["flex_compiled_0.125"] = ("density=0.125", fn, [], False)
         for mode in ("fwd", "fwd_bwd"):
+            cases, heads = {}, {}
             for name, (variant, fn, params, has_bwd) in kernels.items():
                 if args.kernels and name not in args.kernels:
                     continue
@@ -168,8 +216,12 @@ def run_benchmark(args) -> dict:
                     rows.append({**row, "status": f"skipped: N > --naive-max-n={args.naive_max_n} (memory)"})
                     continue
                 shape = (args.batch, args.heads, n, args.head_dim)
-                q, k, v = (torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3))
-                row.update(bench_one(fn, params, q, k, v, mode, args), status="ok")
+                cases[name] = (fn, params, *(torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3)))
+                heads[name] = row
+            for name, result in bench_mode(cases, mode, args).items():
+                row = {**heads[name], **result, "status": "ok"}
+                if args.first_call and n == args.target_n and name in args.first_call_kernels:
+                    row["peak_mb_first_call"] = first_call_peak(name, n, mode, args)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return {"rows": rows, "flex_compile_seconds": compile_s}
@@ -182,6 +234,7 @@ def summarize(rows: list[dict], target_n: int) -> tuple[dict, dict]:
         sdpa, naive = ok.get(("sdpa", n, mode)), ok.get(("naive", n, mode))
         ratios[f"{name}/n={n}/{mode}"] = {
             "speedup_vs_sdpa": round(sdpa["median_ms"] / r["median_ms"], 3) if sdpa else None,
+            "speedup_vs_sdpa_min": round(sdpa["min_ms"] / r["min_ms"], 3) if sdpa else None,
             "speedup_vs_naive": round(naive["median_ms"] / r["median_ms"], 3) if naive else None,
             "cpu_time_speedup_vs_sdpa": round(sdpa["median_cpu_ms"] / r["median_cpu_ms"], 3) if sdpa else None,
             "memory_vs_naive": round(r["peak_mb"] / naive["peak_mb"], 4) if naive and naive["peak_mb"] else None,
@@ -196,7 +249,33 @@ def summarize(rows: list[dict], target_n: int) -> tuple[dict, dict]:
     n = target_n
     bs_fwd, bs_fb = get("block_sparse_0.125", n, "fwd", "median_ms"), get("block_sparse_0.125", n, "fwd_bwd", "median_ms")
     lin_small, lin_large = get("linformer_256", n // 2, "fwd", "peak_mb"), get("linformer_256", 2 * n, "fwd", "peak_mb")
+    def mem_ratio(name, mode, key):
+        return ratio(get(name, n, mode, key), get("sdpa", n, mode, key))
+
+    def mem_excess(name, mode, key):
+        a, b = get(name, n, mode, key), get("sdpa", n, mode, key)
+        return None if a is None or b is None else round(a - b, 2)
+
     targets = {
+        "block_sparse_0.125_fwd_peak_minus_sdpa_mb": (mem_excess("block_sparse_0.125", "fwd", "peak_mb"), "<=", 8.0),
+        "block_sparse_0.125_fwd_peak_minus_sdpa_mb_first_call": (
+            mem_excess("block_sparse_0.125", "fwd", "peak_mb_first_call"), "<=", 8.0),
+        "block_sparse_0.125_fwd_bwd_peak_vs_sdpa": (mem_ratio("block_sparse_0.125", "fwd_bwd", "peak_mb"), "<=", 1.5),
+        "block_sparse_0.125_fwd_bwd_peak_vs_sdpa_first_call": (
+            mem_ratio("block_sparse_0.125", "fwd_bwd", "peak_mb_first_call"), "<=", 1.5),
+        "block_sparse_0.5_fwd_bwd_speedup_vs_sdpa": (
+            ratio(get("sdpa", n, "fwd_bwd", "median_ms"), get("block_sparse_0.5", n, "fwd_bwd", "median_ms")), ">=", 1.0),
+        "block_sparse_0.5_fwd_bwd_cpu_time_speedup_vs_sdpa": (
+            ratio(get("sdpa", n, "fwd_bwd", "median_cpu_ms"), get("block_sparse_0.5", n, "fwd_bwd", "median_cpu_ms")),
+            ">=", 1.0),
+        "block_sparse_0.125_fwd_cpu_time_speedup_vs_sdpa": (
+            ratio(get("sdpa", n, "fwd", "median_cpu_ms"), get("block_sparse_0.125", n, "fwd", "median_cpu_ms")), ">=", 3.0),
+        "block_sparse_0.125_fwd_bwd_cpu_time_speedup_vs_sdpa": (
+            ratio(get("sdpa", n, "fwd_bwd", "median_cpu_ms"), get("block_sparse_0.125", n, "fwd_bwd", "median_cpu_ms")),
+            ">=", 2.5),
+        "block_sparse_causal_0.125_fwd_bwd_speedup_vs_sdpa_causal": (
+            ratio(get("sdpa_causal", n, "fwd_bwd", "median_ms"), get("block_sparse_causal_0.125", n, "fwd_bwd", "median_ms")),
+            ">=", 1.0),
         "block_sparse_0.125_fwd_speedup_vs_sdpa": (ratio(get("sdpa", n, "fwd", "median_ms"), bs_fwd), ">=", 3.0),
         "block_sparse_0.125_fwd_bwd_speedup_vs_sdpa": (ratio(get("sdpa", n, "fwd_bwd", "median_ms"), bs_fb), ">=", 2.5),
         "block_sparse_0.125_fwd_speedup_vs_flex_compiled": (
@@ -232,16 +311,27 @@ def parse_args(argv=None):
                    help="N at which to compile FlexAttention (each compile takes minutes on a loaded 2-core CPU)")
     p.add_argument("--target-n", type=int, default=4096)
     p.add_argument("--kernels", nargs="+", default=None, help="only these rows, e.g. sdpa linformer_256")
+    p.add_argument("--no-first-call", dest="first_call", action="store_false",
+                   help="skip the first-call memory figure (one fresh subprocess per row)")
+    p.add_argument("--first-call-kernels", nargs="+", default=None,
+                   help="rows (at --target-n) that get a first-call figure; default: all but compiled FlexAttention")
+    p.add_argument("--first-call-child", nargs=3, metavar=("KERNEL", "N", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.first_call_kernels is None:
+        args.first_call_kernels = [k for k in ("naive", "sdpa", "sdpa_causal", *(f"block_sparse_{d:g}" for d in DENSITIES),
+                                               "block_sparse_causal_0.125", *(f"linformer_{r}" for r in RANKS))]
     if args.quick:
         args.sizes, args.heads, args.head_dim, args.block_size = [64, 128, 256], 2, 16, 16
         args.reps, args.warmup, args.flex, args.target_n = 3, 1, False, 128
+        args.first_call_kernels = ["sdpa", "block_sparse_0.125"]
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.first_call_child:
+        return first_call_child(args)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     result = run_benchmark(args)
@@ -250,7 +340,9 @@ def main(argv=None) -> dict:
         "benchmark": "attention_kernels",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info(),
+            "timing": "wall-clock median (median_ms) and this process's CPU time (median_cpu_ms); other processes "
+                      "share the cores: see load_avg",
             "python": platform.python_version(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
         },
         "rows": result["rows"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from omninet.attention import KERNELS
-from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention
+from omninet.attention.block_sparse import BACKWARD_BUDGETS, BlockSparseLayout, block_sparse_attention
 from omninet.attention.dense import eager_attention, sdpa_attention
 from omninet.config import AttentionConfig, BlockSparseConfig, ModelConfig, PositionConfig
 from omninet.positions import Alibi, RelativeBias
@@ -115,11 +115,14 @@ def test_lazy_bias_per_gathered_block(kind):
     n = 160
     compare_with_eager(layout(), n, n, bias=source)
     q, k, v = qkv(n, n)
-    block_sparse_attention(q, k, v, bias=bias, scale=0.25, state=layout())
-    # Per block of 16 queries against its gathered keys (plus one call for the global rows):
-    # never the full (N x N) bias.
-    assert [c for c in calls if c[1] == n] == [(16, n)]  # the global query block only
-    assert len(calls) == math.ceil(n / 16) and all(c[0] == 16 for c in calls)
+    state = layout()
+    calls.clear()
+    with torch.no_grad():
+        block_sparse_attention(q, k, v, bias=bias, scale=0.25, state=state)
+    # Per block of 16 queries against one slab (run of key blocks) of its keys: never the full
+    # (N x N) bias, and every pair of the layout exactly once per sequence of the batch.
+    assert all(c[0] <= 16 for c in calls) and sum(c[1] == n for c in calls) == q.shape[0]  # the global row
+    assert sum(a * b for a, b in calls) == q.shape[0] * int(state.dense_mask(n, n, causal=False).sum())
 
 
 def test_kv_cache_queries_match_the_full_sequence():
@@ -322,10 +325,112 @@ def test_benchmark_quick_mode_json(tmp_path):
         assert set(t) == {"value", "target", "met", "at_n"}
 
 
+# ---- the chunked path: slabs, log-sum-exp merges, the recomputing backward, memory -----------
+def slab_budget(state, n_blocks, *, h=4, d=16, itemsize=8):
+    """A chunk budget that cuts slabs at ``n_blocks`` key blocks (see block_sparse._budget)."""
+    state.chunk_bytes = (state.block_size + 2 * n_blocks * state.block_size) * h * d * itemsize
+    return state
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_inference_scratch_buffers_do_not_leak_between_calls(causal):
-    """Without autograd the gathered blocks go to a reused per-thread buffer: consecutive calls
-    of different sizes and layers must each still equal eager."""
+@pytest.mark.parametrize("n_blocks", [1, 2, 3])
+@pytest.mark.parametrize("nq, nk", [(128, 128), (200, 200), (37, 170), (7, 7)])
+def test_chunk_boundaries_match_eager(n_blocks, nq, nk, causal):
+    """Slabs cut at 1, 2, 3 key blocks (a query block's keys span several chunks and are merged
+    by log-sum-exp), odd lengths, cached-decoding offsets, padding; values and gradients."""
+    state = slab_budget(layout(random_blocks=2), n_blocks)
+    pad = torch.ones(2, 1, 1, nk, dtype=torch.bool)
+    pad[0, ..., nk * 2 // 3 :] = False
+    for mask in (None, pad):
+        compare_with_eager(state, nq, nk, causal=causal, mask=mask)
+
+
+def test_tiny_input_below_the_global_rows_is_dense():
+    """Regression: N below global_blocks * block_size and not a multiple of it crashed in _build_plan."""
+    state = BlockSparseLayout(BlockSparseConfig(block_size=16, min_seq_length=0, global_blocks=1), causal=False)
+    q = torch.randn(1, 2, 7, 8)
+    out, _ = block_sparse_attention(q, q, q, scale=8**-0.5, state=state)
+    torch.testing.assert_close(out, sdpa_attention(q, q, q, scale=8**-0.5)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64(causal):
+    state = slab_budget(layout(sparsity_factor=0.5), 1, h=2, d=4)
+    q, k, v = qkv(40, 40, b=1, h=2, d=4)
+    pad = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    pad[..., 35:] = False
+    for mask in (None, pad):
+        fn = lambda q, k, v: block_sparse_attention(q, k, v, mask=mask, causal=causal, scale=0.5, state=state)[0]
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_dropout_uses_the_same_mask_in_forward_and_backward():
+    """Dropout redraws nothing in backward: with the seed fixed per call, the analytic gradient
+    equals the numerical one (gradcheck), and the output differs from no dropout."""
+    state = slab_budget(layout(sparsity_factor=0.5), 1, h=2, d=4)
+    q, k, v = qkv(40, 40, b=1, h=2, d=4)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)  # the call's dropout seed comes from the global generator
+        return block_sparse_attention(q, k, v, causal=True, scale=0.5, dropout_p=0.3, state=state)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+    plain = block_sparse_attention(q, k, v, causal=True, scale=0.5, state=state)[0]
+    assert not torch.allclose(fn(q, k, v), plain)
+
+
+def _peak_extra_mb(state, n, *, grad, heads=4, d=32):
+    """Peak tensor memory of one call beyond its unavoidable O(N) tensors (output and
+    log-sum-exp; with grad also dq, dk, dv and the backward's lse copy), in MB."""
+    from omninet.measure import peak_memory_mb
+
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=grad) for _ in range(3))
+    g = torch.randn_like(q)
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            out = block_sparse_attention(q, k, v, scale=0.125, state=state)[0]
+            if grad:
+                out.backward(g)
+
+    run()
+    token = heads * d * 4
+    fixed = n * token + n * heads * 4 + (3 * n * token + n * heads * 4 if grad else 0)
+    return peak_memory_mb(run) - fixed / 2**20
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_working_set_stays_bounded_as_n_grows(grad):
+    """Profiler memory timeline: at a fixed chunk budget and density the memory beyond the
+    O(N) tensors does not grow with N (the old path gathered O(N * density * N) keys)."""
+    budget = 256 * 1024
+    extra = []
+    for n in (512, 1024, 2048, 4096):
+        state = BlockSparseLayout(BlockSparseConfig(block_size=16, sparsity_factor=0.875, min_seq_length=0))
+        state.chunk_bytes = budget
+        extra.append(_peak_extra_mb(state, n, grad=grad))
+    mb = budget / 2**20 * (BACKWARD_BUDGETS if grad else 1)  # a backward group may hold BACKWARD_BUDGETS budgets
+    assert max(extra) <= 1.5 * mb and max(extra) - min(extra) <= 0.25 * mb, extra
+
+
+def test_same_peak_on_first_and_tenth_call():
+    """No persistent buffer: the 1st and the 10th call measure the same peak."""
+    from omninet.measure import peak_memory_mb
+
+    state = BlockSparseLayout(BlockSparseConfig(block_size=16, sparsity_factor=0.75, min_seq_length=0))
+    q, k, v = (torch.randn(1, 4, 1000, 32) for _ in range(3))
+    run = lambda: block_sparse_attention(q, k, v, scale=0.125, state=state)
+    with torch.no_grad():
+        first = peak_memory_mb(run)
+        for _ in range(8):
+            run()
+        tenth = peak_memory_mb(run)
+    assert first == pytest.approx(tenth, rel=0.01) and first > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_consecutive_calls_of_other_sizes_and_layers_are_independent(causal):
+    """Consecutive calls of different sizes and layers (plans cached per layer) each equal eager."""
     small, large = layout(), layout(block_size=32, sparsity_factor=0.5)
     with torch.no_grad():
         for state, n, seed in ((large, 256, 1), (small, 96, 2), (large, 160, 3), (small, 128, 4)):

@@ -3,6 +3,7 @@ persistence, validation and the seed API."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,10 +20,24 @@ ARCHS = ["encoder", "decoder", "encoder_decoder"]
 
 def build(kernel="sdpa", arch="decoder", position="learned", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = small_config(kernel, arch=arch, position=position, **kw)
-    if cfg.attention.kernel == "block_sparse":  # density 1.0: must equal dense
-        cfg = cfg.replace(attention=cfg.attention.replace(block_sparse=cfg.attention.block_sparse.replace(sparsity_factor=0.0)))
-    return OmniNetModel(cfg).eval()
+    return OmniNetModel(small_config(kernel, arch=arch, position=position, **kw)).eval()
+
+
+def _layout_eager(q, k, v, *, mask=None, causal=False, state=None, **kw):
+    """The eager reference under the layout's equivalent dense mask (``state.dense_mask``)."""
+    layout = state.dense_mask(q.shape[-2], k.shape[-2], causal=causal).to(q.device)
+    return KERNELS["eager"].fn(q, k, v, mask=layout if mask is None else mask & layout, causal=causal, **kw)
+
+
+def eager_twin(model):
+    """The same model with every layout-based kernel (block-sparse) replaced by eager under
+    that layer's layout mask, and every other kernel by plain eager: the reference for a
+    sparse model that really runs its sparse path (small_config: min_seq_length=0)."""
+    for m in model.modules():
+        if hasattr(m, "spec") and hasattr(m, "kernel_state"):
+            layout = m.kernel_state is not None and hasattr(m.kernel_state, "dense_mask")
+            m.spec = dataclasses.replace(m.spec, fn=_layout_eager if layout else KERNELS["eager"].fn)
+    return model
 
 
 def ids(b=2, n=24, seed=1, vocab=97):
@@ -42,14 +57,16 @@ def test_model_matches_eager_model(kernel, position, arch):
     if not kernel_compatible(kernel, arch=arch, position=position):
         pytest.skip(f"{kernel} rejects arch={arch} position={position} by design (config error)")
     model = build(kernel, arch, position).train()  # dropout is 0: train mode only enables grads paths
-    ref = build("eager", arch, position)
-    ref.load_state_dict(model.state_dict())
-    ref.train()
+    ref = eager_twin(build(kernel, arch, position)).train()  # same weights (same seed), eager kernels
     x = ids()
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, 20:] = False
     out, out_ref = forward(model, x, attention_mask=mask), forward(ref, x, attention_mask=mask)
     torch.testing.assert_close(out.logits, out_ref.logits, **TOL)
+    if kernel == "block_sparse":  # the layout really is sparse at this length: plain eager differs
+        plain = build("eager", arch, position)
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(forward(plain.train(), x, attention_mask=mask).logits, out.logits, **TOL)
     out.logits.pow(2).mean().backward()
     out_ref.logits.pow(2).mean().backward()
     for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):

@@ -1,7 +1,8 @@
 """Block-sparse attention whose compute and memory shrink with the layout's density.
 
 Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim, bs block size,
-nb = ceil(Nk / bs) key blocks, nS sparse query blocks, kb key blocks per sparse query block.
+nb = ceil(Nk / bs) key blocks, c query blocks of a group, r rows of a query block (bs, or
+fewer at the edges), L keys of a slab.
 
 Layout (fixed per layer and seed, built once per length and cached; never redrawn per call).
 Blocks are numbered by absolute position (block i holds positions [i*bs, (i+1)*bs)).
@@ -21,17 +22,30 @@ Blocks are numbered by absolute position (block i holds positions [i*bs, (i+1)*b
   every row keeps every block and the kernel is dense SDPA.
 - Every query row sees at least one key (its own block comes first).
 
-Computation (CPU and GPU): global/prefix rows run dense SDPA on those rows only. The other
-query blocks gather their kb key/value blocks into (B*H, nS, kb*bs, D) (rows with fewer
-blocks are padded with a masked dummy block), and one fused SDPA call over
-(B*H, nS, bs, D) queries computes them: no (Nq x Nk) score matrix ever exists, and the fused
-CPU/GPU kernels provide a fused backward. On CUDA, with no user mask, bias or dropout, the
-kernel uses compiled FlexAttention with a ``BlockMask`` built once per layout and length.
+Computation (CPU and GPU): every query block (global and prefix rows too: their keys are
+all blocks) is computed against its key blocks as *slabs*: maximal runs of consecutive key
+blocks, cut at the chunk budget (``layout.chunk_bytes``, default ``CHUNK_BYTES``). A slab is a
+strided view of k and v, so nothing is gathered or copied; consecutive query blocks whose
+slabs are the same up to a fixed shift (a sliding window: shift bs; a global block: shift 0)
+form one group and one kernel call per slab over (H, c, bs, D). A query block's partial
+softmaxes over its slabs are merged by log-sum-exp. On CPU each slab is the fused flash
+kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp); a
+causal row's own block uses its top-left ``is_causal`` (square and aligned), so causal rows
+need no mask. Elsewhere, or with dropout, each slab is eager math (dropout masks drawn from
+a per-call seed, slab by slab). Training runs a custom ``autograd.Function`` that saves only
+q, k, v, the output and the log-sum-exp and recomputes each slab's probabilities in
+backward, as flash attention does; its per-slab dk, dv temporaries are what the budget
+bounds. Extra memory beyond the O(N) output and log-sum-exp (and dq, dk, dv) is therefore
+bounded by the budget and the same on every call (no persistent buffers). A bias that needs
+gradients (learned relative positions) takes a traced per-block path (eager attention per
+query block under autograd, which saves its scores). On CUDA, with no user mask, bias or
+dropout, the kernel uses compiled FlexAttention with a ``BlockMask`` built once per layout
+and length.
 
-Masks: key-padding masks (B|1, H|1, 1, Nk) are gathered with the keys; general masks
-(B|1, H|1, Nq, Nk) are gathered per (query, key) pair of the layout (the mask itself is then
-Nq x Nk, the caller's choice). The lazy ``bias(q_pos, k_pos)`` is evaluated once per query
-block for just its gathered keys. Cross-attention uses dense SDPA (a layout is defined over
+Masks: key-padding masks (B|1, H|1, 1, Nk) and general masks (B|1, H|1, Nq, Nk) are sliced
+per slab (the general mask itself is Nq x Nk, the caller's choice); calls with a mask or a
+bias compute one query block per group. The lazy ``bias(q_pos, k_pos)`` is evaluated per
+slab (and sequence) for just its keys. Cross-attention uses dense SDPA (a layout is defined over
 one sequence). ``need_weights`` returns the (B, H, Nq, Nk) weights of exactly this layout,
 materialized through the eager reference (debugging only).
 
@@ -43,7 +57,6 @@ equivalent to: ``block_sparse(q, k, v, mask=m) == eager(q, k, v, mask=m & dense_
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -62,19 +75,69 @@ _CACHE_SIZE = 64  # plans per layer (decoding creates one per generated length)
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How one (Nq, Nk, causal) call is computed. Tensors live on the call's device."""
+class _Slab:
+    """Keys [k0, k1) of a group's first query block; block i of the group uses them shifted by
+    ``i * step`` (0: a shared global block, bs: a sliding window). Always a view of k and v."""
 
-    n_dense: int  # leading query rows computed densely (global / prefix rows)
-    front: int  # dummy query rows before the sparse rows (aligns them to a block start)
-    back: int  # dummy query rows after them (fills the last block)
-    n_blocks: int  # nS
-    kb: int
-    n_key_blocks: int  # nb
-    key_blocks: torch.Tensor  # (nS * kb,) long, block ids into the padded keys
-    valid: torch.Tensor | None  # (nS, bs | 1, kb*bs) bool; None when every gathered pair is visible
-    q_pos: torch.Tensor  # (nS, bs) long, absolute query positions (clamped into range)
-    k_pos: torch.Tensor  # (nS, kb*bs) long, absolute key positions (clamped into range)
+    k0: int
+    k1: int
+    step: int = 0
+    diag: bool = False  # the query block's own causal block, square and aligned: the kernel's top-left is_causal
+    masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
+
+
+@dataclass(frozen=True)
+class _Group:
+    """``c`` consecutive query blocks of ``r`` rows from query row ``q0`` (query coordinates;
+    c > 1 only for whole blocks), computed together, one kernel call per slab."""
+
+    q0: int
+    c: int
+    r: int
+    slabs: tuple[_Slab, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one (Nq, Nk, causal, budget) call is computed. A group's slabs are merged by
+    log-sum-exp; nothing is gathered."""
+
+    offset: int  # Nk - Nq: absolute position of query 0
+    groups: tuple[_Group, ...]
+
+
+def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward: bool) -> bool:
+    """Whether one-block group ``row`` extends ``group`` (same slabs, each shifted by a fixed
+    step) within ``budget_tokens`` token rows of temporaries: per block, the forward holds its
+    accumulator and one partial output (2 bs), the backward its dq rows and one slab's dk, dv."""
+    per_block = bs + 2 * max(s.k1 - s.k0 for s in row.slabs) if backward else 2 * bs
+    if (group.c + 1) * per_block > budget_tokens or row.r != bs or group.r != bs or row.q0 != group.q0 + group.c * bs:
+        return False
+    if len(row.slabs) != len(group.slabs):
+        return False
+    for g, s in zip(group.slabs, row.slabs):
+        step = s.k0 - (g.k0 + (group.c - 1) * g.step) if group.c > 1 else s.k0 - g.k0
+        if (s.k1 - s.k0, s.diag, s.masked) != (g.k1 - g.k0, g.diag, g.masked) or step < 0 or (
+                group.c > 1 and step != g.step):
+            return False
+    return True
+
+
+def _extend(group: _Group, row: _Group) -> _Group:
+    slabs = group.slabs if group.c > 1 else tuple(
+        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked) for g, s in zip(group.slabs, row.slabs))
+    return _Group(group.q0, group.c + 1, group.r, slabs)
+
+
+def _runs(blocks) -> list[tuple[int, int]]:
+    """Sorted block ids as maximal runs [a, b) of consecutive ids."""
+    runs: list[list[int]] = []
+    for j in blocks:
+        if runs and runs[-1][1] == j:
+            runs[-1][1] = j + 1
+        else:
+            runs.append([j, j + 1])
+    return [(a, b) for a, b in runs]
 
 
 class _LRU(OrderedDict):
@@ -97,6 +160,7 @@ class BlockSparseLayout(nn.Module):
         self.config, self.layer_idx, self.cross = config, layer_idx, cross
         self.causal = causal  # the layer's own causality: dense_mask's default
         self.block_size = config.block_size
+        self.chunk_bytes = CHUNK_BYTES  # slab budget (bytes of key + value rows); tests shrink it
         self._rows: dict[tuple[int, bool], tuple[tuple[int, ...] | None, ...]] = {}
         self._plans = _LRU()
         self._block_masks = _LRU()
@@ -183,32 +247,35 @@ class BlockSparseLayout(nn.Module):
         return out
 
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, device) -> _Plan:
-        return self._plans.get_or((nq, nk, causal, str(device)), lambda: self._build_plan(nq, nk, causal, device))
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool) -> _Plan:
+        key = (nq, nk, causal, max_blocks, budget_tokens, backward)
+        return self._plans.get_or(key, lambda: self._build_plan(*key))
 
-    def _build_plan(self, nq: int, nk: int, causal: bool, device) -> _Plan:
+    def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
+                    backward: bool) -> _Plan:
+        """Every query block (global and prefix rows included: their keys are simply all
+        blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
+        slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
+        rows of temporaries allow (0: one block per group)."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
-        n_dense = min(max(self._prefix_blocks(causal) * bs - offset, 0), nq)
-        a0 = offset + n_dense  # absolute position of the first sparse query
-        b0, front = divmod(a0, bs)
-        n_blocks = math.ceil((front + nq - n_dense) / bs)
-        back = n_blocks * bs - front - (nq - n_dense)
-        rows = self.rows(nb, causal)[b0 : b0 + n_blocks]
-        kb = max((len(r) for r in rows), default=1)
-        ids = torch.tensor([list(r) + [r[0]] * (kb - len(r)) for r in rows], dtype=torch.long).view(-1, kb)
-        block_ok = torch.tensor([[j < len(r) for j in range(kb)] for r in rows], dtype=torch.bool).view(-1, kb)
-        within = torch.arange(bs)
-        k_abs = (ids[:, :, None] * bs + within).reshape(len(rows), kb * bs)  # (nS, kb*bs)
-        q_abs = (torch.arange(b0, b0 + n_blocks)[:, None] * bs + within)  # (nS, bs)
-        valid = (block_ok[:, :, None].expand(-1, -1, bs).reshape(len(rows), kb * bs) & (k_abs < nk))[:, None, :]
-        if causal:
-            valid = valid & (k_abs[:, None, :] <= q_abs[:, :, None])  # (nS, bs, kb*bs)
-        return _Plan(
-            n_dense=n_dense, front=front, back=back, n_blocks=n_blocks, kb=kb, n_key_blocks=nb,
-            key_blocks=ids.reshape(-1).to(device),
-            valid=None if bool(valid.all()) else valid.to(device),
-            q_pos=q_abs.clamp(max=nk - 1).to(device), k_pos=k_abs.clamp(max=nk - 1).to(device),
-        )
+        layout, groups = self.rows(nb, causal), []
+        for i in range(offset // bs, nb):
+            blocks = layout[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
+            slabs = []
+            for a, b in _runs(blocks):
+                diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
+                end = i if diag else b
+                slabs += [_Slab(j * bs, min(min(j + max_blocks, end) * bs, nk)) for j in range(a, end, max_blocks)]
+                if diag:
+                    aligned = i * bs >= offset
+                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
+            q0 = max(i * bs, offset) - offset
+            row = _Group(q0, 1, min((i + 1) * bs, nk) - offset - q0, tuple(slabs))
+            if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
+                groups[-1] = _extend(groups[-1], row)
+            else:
+                groups.append(row)
+        return _Plan(offset=offset, groups=tuple(groups))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
@@ -234,85 +301,246 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
     return mask.expand(*mask.shape[:3], nk)
 
 
-def _dense_rows(q, k, v, *, n, offset, causal, mask, bias, scale, dropout_p):
-    """Rows [0, n) of the queries (absolute positions offset..offset+n-1) against every
-    visible key, by dense SDPA on those rows only."""
-    nk = offset + n if causal else k.shape[-2]  # causal rows never see later keys
-    k, v = k[:, :, :nk], v[:, :, :nk]
-    if mask is not None:
-        mask = mask[:, :, :n, :nk] if mask.shape[2] > 1 else mask[..., :nk]
-    shift = offset - (nk - n)  # sdpa_attention places query i at nk - n + i
-    if bias is not None and shift:
-        bias = (lambda b, s: (lambda qp, kp: b(qp + s, kp)))(bias, shift)
-    return sdpa_attention(q[:, :, :n], k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)[0]
+# Working-set budget: the bytes of temporaries one group of query blocks may hold at once
+# (forward: its accumulator and one partial output; backward, BACKWARD_BUDGETS times this: its
+# dq rows and one slab's dk, dv; a single slab's dk, dv stay within one budget). Slabs are views of k and v, so nothing else grows with N. 8 MB: within this CPU's L2 +
+# its share of L3, and within the +8 MB over SDPA that the forward may use.
+CHUNK_BYTES = 8 * 2**20
+BACKWARD_BUDGETS = 3  # a backward group may hold 3 budgets (dq rows, dk, dv): 3x fewer kernel calls
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _gathered_mask(plan: _Plan, mask, bias, *, B, H, nq, nk, dtype):
-    """SDPA's attn_mask for the gathered blocks, broadcastable to (B*H, nS, bs, kb*bs), and
-    has_key (B*H, nS, bs, 1) for rows left without any visible key (None when impossible)."""
-    visible, has_key = plan.valid, None  # (nS, bs|1, kb*bs)
-    if mask is not None:
-        if mask.shape[2] == 1:  # key padding: gather along keys only
-            m = mask[:, :, 0][:, :, plan.k_pos][:, :, :, None, :]  # (Bm, Hm, nS, 1, kb*bs)
-        else:
-            q_idx = (plan.q_pos - (nk - nq)).clamp(min=0)  # (nS, bs) rows of the user mask
-            m = mask[:, :, q_idx[:, :, None], plan.k_pos[:, None, :]]  # (Bm, Hm, nS, bs, kb*bs)
-        visible = m if visible is None else m & visible
-        has_key = visible.any(dim=-1, keepdim=True)
-        visible = visible | ~has_key  # such a row sees its keys; its output is zeroed below
-    if bias is not None:
-        blocks = [bias(plan.q_pos[i], plan.k_pos[i]) for i in range(plan.n_blocks)]  # each (H, bs, kb*bs)
-        attn = torch.stack(blocks, dim=1).to(dtype)[None]  # (1, H, nS, bs, kb*bs)
-        if visible is not None:
-            attn = attn.masked_fill(~visible, float("-inf"))
-    else:
-        attn = visible
-    fold = lambda x: None if x is None else x.expand(B, H, *x.shape[-3:]).reshape(B * H, *x.shape[-3:])
-    if attn is not None and attn.dim() == 3:
-        return attn, fold(has_key)  # (nS, bs|1, kb*bs) broadcasts over B*H
-    return fold(attn), fold(has_key)
+def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int]:
+    """``budget`` bytes as token rows of (H, D) temporaries, and the key blocks one backward
+    slab may span (its dk, dv and a block's dq rows within the budget)."""
+    tokens = budget // (q.shape[1] * q.shape[3] * q.element_size())  # one token of one sequence, all heads
+    return tokens, max(1, (tokens - bs) // (2 * bs))
 
 
-_SCRATCH = threading.local()
+def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
+    """(H, c, r, D) strided view of rows ``start + i * step + [0, r)`` of t[b] (B, H, N, D), or
+    (H, c, r) of a (B, H, N) tensor; the c windows may overlap (keys of a sliding window)."""
+    st = t.stride()
+    size, stride = (t.shape[1], c, r, *t.shape[3:]), (st[1], step * st[2], st[2], *st[3:])
+    return t.as_strided(size, stride, t.storage_offset() + b * st[0] + start * st[2])
 
 
-def _gather_blocks(src: torch.Tensor, rows: torch.Tensor, scratch: str | None) -> torch.Tensor:
-    """src[rows] for a 2-D src. Without autograd the copy goes into a per-thread scratch buffer
-    reused across calls and layers (it is consumed by the SDPA call right after): a fresh
-    tensor of this size costs more in page faults than the copy itself (~5x on this CPU)."""
-    if scratch is None:
-        return src.index_select(0, rows)
-    numel = rows.numel() * src.shape[1]
-    buf = getattr(_SCRATCH, scratch, None)
-    if buf is None or buf.numel() < numel or buf.dtype != src.dtype or buf.device != src.device:
-        buf = torch.empty(numel, dtype=src.dtype, device=src.device)
-        setattr(_SCRATCH, scratch, buf)
-    return torch.index_select(src, 0, rows, out=buf[:numel].view(rows.numel(), src.shape[1]))
+@dataclass
+class _Call:
+    """What every slab of one call shares (forward and the recomputing backward alike)."""
+
+    plan: _Plan
+    backward_plan: _Plan  # the fused backward may cut slabs and groups finer than the forward
+    mask: torch.Tensor | None  # (B|1, H|1, Nq|1, Nk) bool
+    bias: object  # bias(q_pos, k_pos) -> (H, r, L), or None
+    scale: float
+    dropout_p: float
+    seed: int  # dropout: slab s of the call draws its mask from Generator(seed + s), forward and backward
+    fused: bool  # the CPU flash kernel (no dropout); otherwise eager math per slab
 
 
-def _sparse_rows(q, k, v, plan: _Plan, *, bs, mask, bias, scale, dropout_p):
-    """Query rows [n_dense, Nq) by gathered blocks: one fused SDPA over (B*H, nS, bs, D)."""
+def _slab_mask(call: _Call, g: _Group, slab: _Slab, b: int, dtype, device):
+    """Additive mask (H|1, 1, r|1, L) for a one-block group's slab, or None; and has_key
+    (H|1, 1, r|1) marking rows that see a key of the slab (None: every row does). The fused
+    kernel applies a diagonal slab's causality itself (is_causal); eager math gets it here."""
+    explicit_causal = slab.masked or (slab.diag and not call.fused)
+    if call.mask is None and call.bias is None and not explicit_causal:
+        return None, None
+    offset, visible, has_key, am = call.plan.offset, None, None, None
+    q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=device)
+    k_pos = torch.arange(slab.k0, slab.k1, device=device)
+    if call.mask is not None:
+        m = call.mask[b if call.mask.shape[0] > 1 else 0]  # (H|1, Nq|1, Nk)
+        visible = (m[:, g.q0 : g.q0 + g.r] if m.shape[1] > 1 else m)[:, None, :, slab.k0 : slab.k1]
+    if explicit_causal:
+        causal = k_pos[None, :] <= q_pos[:, None]  # (r, L)
+        visible = causal if visible is None else visible & causal
+    if call.bias is not None:
+        am = call.bias(q_pos, k_pos).to(dtype)[:, None]  # (H, 1, r, L)
+    if visible is not None:
+        has_key = visible.any(dim=-1)
+        am = torch.zeros(visible.shape, dtype=dtype, device=device) if am is None else am
+        am = am.masked_fill(~visible, float("-inf"))
+    return am, has_key
+
+
+def _dropout_keep(call: _Call, index: int, shape, device, dtype) -> torch.Tensor:
+    """The dropout keep mask of slab ``index``, scaled by 1 / (1 - p): the same in both passes."""
+    g = torch.Generator(device=device).manual_seed(call.seed + index)
+    keep = torch.rand(shape, generator=g, device=device, dtype=dtype) >= call.dropout_p
+    return keep / (1.0 - call.dropout_p)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the eager path: float32, or float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _eager_scores(qs, ks, am, scale):
+    s = torch.matmul(qs, ks.transpose(-1, -2)).to(_acc(qs)) * scale  # (H, c, r, L)
+    return s if am is None else s + am
+
+
+def _slab_forward(call: _Call, index, qs, ks, vs, am, slab):
+    """(out (H, c, r, D), lse (H, c, r) float) of one slab."""
+    if call.fused:
+        return _FLASH(qs, ks, vs, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+    s = _eager_scores(qs, ks, am, call.scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None])
+    if call.dropout_p:
+        p = p * _dropout_keep(call, index, p.shape, p.device, p.dtype)
+    return torch.matmul(p.to(vs.dtype), vs), lse
+
+
+def _merge(o1, l1, o2, l2, out=None):
+    """Two partial softmaxes of the same rows as one (into ``out``, else o1): o1 + (o2 - o1) * w
+    with w = e^l2 / (e^l1 + e^l2) = sigmoid(l2 - l1) (NaN when neither saw a key: both are 0)."""
+    w = torch.sigmoid(l2 - l1).nan_to_num_(0.0)[..., None].to(o1.dtype)
+    return torch.lerp(o1, o2, w, out=o1 if out is None else out), torch.logaddexp(l1, l2)
+
+
+def _forward(call: _Call, q, k, v):
+    """out (B, H, Nq, D) (stored as (B, Nq, H, D), like SDPA's) and lse (B, H, Nq) float."""
     B, H, nq, D = q.shape
-    nk = k.shape[-2]
-    qs = q[:, :, plan.n_dense :]
-    if plan.front or plan.back:
-        qs = F.pad(qs, (0, 0, plan.front, plan.back))
-    qs = qs.reshape(B * H, plan.n_blocks, bs, D)  # (B*H, nS, bs, D)
-    pad = plan.n_key_blocks * bs - nk
-    if pad:
-        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    shape = (B * H, plan.n_blocks, plan.kb * bs, D)
-    # Rows of a 2-D (B*H*nb, bs*D) view are whole blocks: index_select copies them with memcpy.
-    rows = (torch.arange(B * H, device=k.device)[:, None] * plan.n_key_blocks + plan.key_blocks[None, :]).reshape(-1)
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    kg, vg = (_gather_blocks(t.reshape(B * H * plan.n_key_blocks, bs * D), rows, name if reuse else None).view(shape)
-              for t, name in ((k, "k"), (v, "v")))  # (B*H, nS, kb*bs, D) each
-    attn_mask, has_key = _gathered_mask(plan, mask, bias, B=B, H=H, nq=nq, nk=nk, dtype=q.dtype)
-    out = F.scaled_dot_product_attention(qs, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    if has_key is not None:
-        out = out * has_key.to(out.dtype)
-    out = out.view(B, H, plan.n_blocks * bs, D)
-    return out[:, :, plan.front : plan.front + nq - plan.n_dense]  # (B, H, Nq - n_dense, D)
+    out = q.new_empty(B, nq, H, D).transpose(1, 2)
+    lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    index = 0
+    for g in call.plan.groups:
+        for b in range(B):
+            qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
+            dest = _view(out, b, g.q0, g.c, g.r, g.r)
+            for n, slab in enumerate(g.slabs):
+                ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
+                am, has_key = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
+                index += 1
+                if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
+                    l = l.masked_fill(~has_key, float("-inf"))
+                acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
+                del o, l  # (a partial output held past its merge would be one more chunk of memory)
+            if len(g.slabs) == 1:
+                dest.copy_(acc[0])
+            _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
+    return out, lse
+
+
+def _backward(call: _Call, q, k, v, out, lse, grad_out):
+    """Flash-style backward over ``call.backward_plan``: each slab's probabilities are recomputed
+    from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
+    index = 0
+    for g in call.backward_plan.groups:
+        for b in range(q.shape[0]):
+            qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (H, c, r, D)
+            ls = _view(lse, b, g.q0, g.c, g.r, g.r)
+            delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
+            for slab in g.slabs:
+                k0, L = slab.k0, slab.k1 - slab.k0
+                ks, vs = (_view(t, b, k0, g.c, L, slab.step) for t in (k, v))
+                am, _ = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                if call.fused:
+                    gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+                else:
+                    gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+                index += 1
+                dqs += gq
+                del gq
+                if slab.step == 0:  # one shared slab (global keys)
+                    dk[b, :, k0 : k0 + L] += gk.sum(1)
+                    dv[b, :, k0 : k0 + L] += gv.sum(1)
+                else:  # windows may overlap: one at a time
+                    for j in range(g.c):
+                        dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
+                        dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
+                del gk, gv
+    return dq, dk, dv
+
+
+def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
+    f = _acc(qs)
+    p = torch.exp(_eager_scores(qs, ks, am, call.scale) - ls[..., None])  # (H, c, r, L)
+    dp = torch.matmul(gs.to(f), vs.to(f).transpose(-1, -2))
+    pd = p
+    if call.dropout_p:
+        keep = _dropout_keep(call, index, p.shape, p.device, p.dtype)
+        pd, dp = p * keep, dp * keep
+    ds = p * (dp - delta) * call.scale
+    gq = torch.matmul(ds, ks.to(f)).to(qs.dtype)
+    gk = torch.matmul(ds.transpose(-1, -2), qs.to(f)).to(ks.dtype)
+    gv = torch.matmul(pd.transpose(-1, -2), gs.to(f)).to(vs.dtype)
+    return gq, gk, gv
+
+
+class _BlockSparseFunction(torch.autograd.Function):
+    """Saves q, k, v, the output and the log-sum-exp (and the plan); the backward recomputes
+    each slab's probabilities, as flash attention does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: _Call):
+        out, lse = _forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*_backward(ctx.call, q, k, v, out, lse, grad_out), None)
+
+
+def _bias_needs_grad(bias, device) -> bool:
+    if bias is None or not torch.is_grad_enabled():
+        return False
+    p = torch.zeros(1, dtype=torch.long, device=device)
+    return bias(p, p).requires_grad
+
+
+def _traced_rows(call: _Call, q, k, v):
+    """A bias that needs gradients (learned relative positions): per query block, eager
+    attention on its concatenated slabs under autograd (saves each block's scores)."""
+    outs, offset = [], call.plan.offset
+    for g in call.plan.groups:  # one block each: such calls are planned unbatched
+        qs = q[:, :, g.q0 : g.q0 + g.r]
+        ks = torch.cat([k[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
+        vs = torch.cat([v[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
+        q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=q.device)
+        k_pos = torch.cat([torch.arange(s.k0, s.k1, device=q.device) for s in g.slabs])
+        visible = k_pos[None, :] <= q_pos[:, None] if any(s.diag or s.masked for s in g.slabs) else None
+        if call.mask is not None:
+            m = call.mask[:, :, g.q0 : g.q0 + g.r] if call.mask.shape[2] > 1 else call.mask
+            visible = m[..., k_pos] if visible is None else m[..., k_pos] & visible
+        bias = call.bias
+        outs.append(eager_attention(qs, ks, vs, mask=visible, bias=lambda *_: bias(q_pos, k_pos), scale=call.scale,
+                                    dropout_p=call.dropout_p)[0])
+    return torch.cat(outs, dim=2)
+
+
+def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, scale, dropout_p):
+    """Every query block against its slabs (see the module docstring)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    fused = q.device.type == "cpu" and not dropout_p
+    tokens, bwd_blocks = _budget(q, state.block_size, state.chunk_bytes)
+    batched = fused and mask is None and bias is None
+    # One block per group where a slab needs its own mask; eager math (dropout, other devices)
+    # materializes a slab's scores and draws its dropout per slab, so its slabs are cut at the
+    # budget and both passes share one plan. The fused forward streams a slab's keys itself
+    # (its temporaries do not grow with the slab), so its slabs are whole runs of key blocks;
+    # the backward's dk, dv do grow with a slab: cut at the budget, groups within
+    # BACKWARD_BUDGETS budgets.
+    plan = state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, tokens if batched else 0, False)
+    backward_plan = state.plan(nq, nk, causal, bwd_blocks, BACKWARD_BUDGETS * tokens if batched else 0, True) \
+        if fused else plan
+    seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
+    call = _Call(plan, backward_plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
+    if _bias_needs_grad(bias, q.device):
+        return _traced_rows(call, q, k, v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseFunction.apply(q, k, v, call)
+    return _forward(call, q, k, v)[0]
 
 
 _compiled_flex = None
@@ -378,16 +606,7 @@ def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale
         return sdpa_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     if _flex_ok(q, mask, bias, dropout_p, state.config.backend):
         return _flex(q, k, v, state, causal=causal, scale=scale), None
-    plan = state.plan(nq, nk, causal, q.device)
-    mask = None if mask is None else _as_4d(mask, nk)
-    parts = []
-    if plan.n_dense:
-        parts.append(_dense_rows(q, k, v, n=plan.n_dense, offset=nk - nq, causal=causal, mask=mask, bias=bias,
-                                 scale=scale, dropout_p=dropout_p))
-    if plan.n_dense < nq:
-        parts.append(_sparse_rows(q, k, v, plan, bs=state.block_size, mask=mask, bias=bias, scale=scale,
-                                  dropout_p=dropout_p))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, H, Nq, D)
+    out = _sparse_attention(q, k, v, state, causal=causal, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
     return out, None
 
 
