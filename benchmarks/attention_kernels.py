@@ -11,7 +11,7 @@ Linformer's projections). Times: median (and min) of ``--reps`` timed runs after
 runs, taken round robin over the kernels of one (N, mode) so that load from other processes
 drifts over all of them alike; wall clock and this process's CPU time.
 
-Peak memory: ``omninet.measure.peak_memory_mb`` (the profiler's memory timeline: the most
+Peak memory: ``omninet.trial.measure.peak_memory_mb`` (the profiler's memory timeline: the most
 tensor bytes the call held at once beyond what existed before it; inputs excluded; outputs,
 saved activations and gradients included; Python heap and allocator slack not counted).
 Measured twice: ``peak_mb`` on a later call (after the timed runs) in this process, and
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention  # noqa: E402
-from omninet.measure import peak_memory_mb  # noqa: E402
+from omninet.trial.measure import peak_memory_mb  # noqa: E402
 from omninet.attention.linformer import LinformerProjection, linformer_core  # noqa: E402
 from omninet.config import BlockSparseConfig, LinformerConfig  # noqa: E402
 

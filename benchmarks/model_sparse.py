@@ -7,7 +7,7 @@ dropout 0) with ``use_sparse_attention`` / ``use_linformer`` = (False, False) de
 (True, False) block-sparse at the default 12.5% density, (False, True) Linformer k=256 and
 (True, True) the seed's default, the 'hybrid' kernel. Forward only (no grad), median of
 ``--reps`` runs after warm-up; peak tensor memory of one forward
-(``omninet.measure.peak_memory_mb``, the profiler's memory timeline) on a later call
+(``omninet.trial.measure.peak_memory_mb``, the profiler's memory timeline) on a later call
 (``peak_mb``) and on the model's very first call in a fresh subprocess
 (``peak_mb_first_call``; ``--no-first-call`` skips it).
 Targets: block-sparse >= 1.8x faster than dense at N=4096 and its forward peak <= dense's
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_kernels import cpu_info, median_ms  # noqa: E402
 from omninet.advanced import AdvancedTransformer  # noqa: E402
-from omninet.measure import peak_memory_mb  # noqa: E402
+from omninet.trial.measure import peak_memory_mb  # noqa: E402
 
 VARIANTS = {"dense": (False, False), "block_sparse": (True, False), "linformer": (False, True), "hybrid": (True, True)}
 

@@ -382,7 +382,7 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
 def _peak_extra_mb(state, n, *, grad, heads=4, d=32):
     """Peak tensor memory of one call beyond its unavoidable O(N) tensors (output and
     log-sum-exp; with grad also dq, dk, dv and the backward's lse copy), in MB."""
-    from omninet.measure import peak_memory_mb
+    from omninet.trial.measure import peak_memory_mb
 
     q, k, v = (torch.randn(1, heads, n, d, requires_grad=grad) for _ in range(3))
     g = torch.randn_like(q)
@@ -415,7 +415,7 @@ def test_working_set_stays_bounded_as_n_grows(grad):
 
 def test_same_peak_on_first_and_tenth_call():
     """No persistent buffer: the 1st and the 10th call measure the same peak."""
-    from omninet.measure import peak_memory_mb
+    from omninet.trial.measure import peak_memory_mb
 
     state = BlockSparseLayout(BlockSparseConfig(block_size=16, sparsity_factor=0.75, min_seq_length=0))
     q, k, v = (torch.randn(1, 4, 1000, 32) for _ in range(3))

@@ -611,10 +611,11 @@ def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale
 
 
 def block_sparse_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool):
-    """Per layer: a ``1 - sparsity_factor`` fraction of the fp32 (B, H, N, N) scores at the peak
-    and of the weights saved for backward; dense SDPA's cost where the kernel runs dense SDPA
-    (cross-attention, density 1.0, N <= min_seq_length)."""
-    # Local imports: this estimate leaves the kernel's own imports above as they are.
+    """Per layer: the slab path's working set is bounded by the chunk budget (forward: one
+    budget; backward: ``BACKWARD_BUDGETS``), never more than the layout's fraction of the fp32
+    (B, H, N, N) scores; backward keeps the (B, H, N) log-sum-exp, as fused SDPA does. Dense
+    SDPA's cost where the kernel runs dense SDPA (cross-attention, density 1.0,
+    N <= min_seq_length)."""
     from omninet.attention.dense import scores_bytes
     from omninet.attention.registry import AttentionMemory, get_kernel
 
@@ -622,4 +623,6 @@ def block_sparse_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_id
     if cross or bcfg.sparsity_factor == 0.0 or N <= bcfg.min_seq_length:
         return get_kernel("sdpa").memory(config, B, N, s, layer_idx=layer_idx, cross=cross)
     scores = scores_bytes(config, B, N, 1 - bcfg.sparsity_factor)
-    return AttentionMemory(transient=2 * scores, saved=scores * s / 4)
+    lse = B * config.num_heads * N * 4
+    return AttentionMemory(transient=min(scores, CHUNK_BYTES), saved=lse,
+                           backward=min(scores, BACKWARD_BUDGETS * CHUNK_BYTES))
