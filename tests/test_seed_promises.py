@@ -1,0 +1,105 @@
+"""The seed class's promises (issue 14): head pruning and importance on AdvancedTransformer,
+save/load; regression tests for review bugs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omninet import AdvancedTransformer
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def seed(sparse=False, linformer=False, **kw):
+    torch.manual_seed(0)
+    base = dict(num_layers=2, hidden_size=32, num_heads=4, ff_dim=64, max_seq_length=64, dropout=0.0,
+                use_sparse_attention=sparse, use_linformer=linformer, device_config={"device": "cpu"})
+    return AdvancedTransformer(**{**base, **kw}).eval()
+
+
+def _inputs(B=2, N=24, C=32):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, N, C, generator=g)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 18:] = False
+    return x, mask
+
+
+# ---- pruning on the seed class ----------------------------------------------------------
+@pytest.mark.parametrize("sparse, linformer", [(False, False), (False, True), (True, True)])
+def test_seed_prune_heads_equals_head_mask_and_removes_parameters(sparse, linformer):
+    model, ref_model = seed(sparse, linformer), seed(sparse, linformer)
+    x, mask = _inputs()
+    plan = {0: [1, 3], 1: [0]}
+    head_mask = torch.ones(2, 4)
+    for layer, ids in plan.items():
+        head_mask[layer, ids] = 0
+    with torch.no_grad():
+        ref = ref_model(hidden_states=x, attention_mask=mask, head_mask=head_mask)[0]
+    before = model.num_parameters()
+    model.prune_heads(plan)
+    with torch.no_grad():
+        out = model(hidden_states=x, attention_mask=mask)[0]
+    torch.testing.assert_close(out, ref, **TOL)
+    qkv = model.encoder.blocks[0].attn.qkv
+    assert qkv.out_features == 3 * 2 * 8 and model.num_parameters() < before  # really removed
+    assert model.config.heads.pruned_heads == {0: [1, 3], 1: [0]}
+    model.prune_heads({0: [1]})  # already gone: a no-op, as on OmniNetModel
+    assert model.encoder.blocks[0].attn.num_heads == 2
+
+
+@pytest.mark.parametrize("heads, message", [
+    ({0: [4]}, r"head ids \[4\] out of range \[0, 4\) in layer 0; use original head ids 0..3"),
+    ({0: [-1]}, r"out of range"),
+    ({5: [0]}, r"layer 5 out of range \[0, 2\); use layer indices"),
+    ({0: [0, 1, 2, 3]}, r"would remove every head of layer 0 .*keep at least one"),
+    ({1: [0], 0: [0, 1, 2, 3]}, r"remove every head"),
+    ([0, 1], r"heads must be a dict"),
+])
+def test_seed_prune_heads_rejects_bad_input_before_changing_anything(heads, message):
+    model = seed()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message) as info:
+        model.prune_heads(heads)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.config.heads.pruned_heads == {} and model.encoder.blocks[1].attn.num_heads == 4
+
+
+def test_seed_head_importance_and_prune_by_importance():
+    model = seed()
+    x, mask = _inputs()
+    target = torch.randn_like(x)
+    batches = [{"hidden_states": x, "attention_mask": mask}]
+    imp = model.head_importance(batches, loss_fn=lambda out, batch: (out[0] - target).pow(2).mean())
+    assert imp.shape == (2, 4) and torch.all(imp >= 0) and torch.allclose(imp.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="loss_fn"):
+        model.head_importance(batches, loss_fn=None)
+    removed = model.prune_by_importance(imp, 0.5)
+    assert sum(map(len, removed.values())) == 4 and all(a.num_heads >= 1 for a in model.attention_layers())
+    for layer, ids in removed.items():  # the least important heads of each layer went
+        kept = [h for h in range(4) if h not in ids]
+        assert max(imp[layer, ids]) <= min(imp[layer, kept]) or len(ids) < 4
+
+
+def test_seed_save_and_load_round_trip(tmp_path):
+    model = seed(False, True)
+    model.prune_heads({0: [2], 1: [0, 3]})
+    x, mask = _inputs()
+    with torch.no_grad():
+        ref = model(hidden_states=x, attention_mask=mask)[0]
+    model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
+    again = AdvancedTransformer.from_pretrained(tmp_path / "m")
+    assert not again.training and again.config.heads.pruned_heads == {0: [2], 1: [0, 3]}
+    assert again.num_parameters() == model.num_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(again(hidden_states=x, attention_mask=mask)[0], ref, **TOL)
+    again.prune_heads({0: [0]})  # pruning continues from the loaded state
+    override = AdvancedTransformer.from_pretrained(tmp_path / "m", dropout=0.2)
+    assert override.init_kwargs["dropout"] == 0.2
+    with pytest.raises(ValueError, match="unknown argument"):
+        AdvancedTransformer.from_pretrained(tmp_path / "m", hiden_size=3)
+    with pytest.raises(ValueError, match="not a saved AdvancedTransformer"):
+        AdvancedTransformer.from_pretrained(tmp_path / "missing")
