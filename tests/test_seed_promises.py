@@ -103,3 +103,52 @@ def test_seed_save_and_load_round_trip(tmp_path):
         AdvancedTransformer.from_pretrained(tmp_path / "m", hiden_size=3)
     with pytest.raises(ValueError, match="not a saved AdvancedTransformer"):
         AdvancedTransformer.from_pretrained(tmp_path / "missing")
+
+
+# ---- review bugs ------------------------------------------------------------------------
+def test_tpu_peak_is_the_key_its_docstring_names(monkeypatch):
+    import sys
+    import types
+
+    from omninet.hardware import get_backend
+    from omninet.hardware import tpu as tpu_module
+
+    GiB = 2**30
+    info = {"bytes_used": 2 * GiB, "bytes_limit": 16 * GiB, tpu_module.PEAK_KEY: 5 * GiB}
+    for name, attrs in {"torch_xla": {}, "torch_xla.runtime": dict(device_type=lambda: "TPU", addressable_device_count=lambda: 1),
+                        "torch_xla.core": {}, "torch_xla.core.xla_model": dict(get_memory_info=lambda d: info,
+                                                                              wait_device_ops=lambda: None)}.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__spec__=object(), **attrs))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    tpu = get_backend("tpu")
+    tpu.reset_peak_memory()
+    assert tpu_module.PEAK_KEY in tpu_module.__doc__
+    stats = tpu.memory_stats()
+    assert stats.peak == 5 * GiB and stats.in_use == 2 * GiB  # the runtime's high-water mark, not bytes_used
+    del info[tpu_module.PEAK_KEY]
+    tpu.reset_peak_memory()
+    assert tpu.memory_stats().peak == 2 * GiB  # no runtime peak: the largest reading
+
+
+@pytest.mark.parametrize("pattern", ["../*.py", "sub/../../*.py", "/etc/*", "..\\\\x\\\\*.txt", "**/../../*"])
+def test_byte_lm_pattern_cannot_leave_its_root(tmp_path, pattern):
+    from omninet.tasks import TaskConfig
+
+    with pytest.raises(ValueError, match=r"pattern=.*reaches outside root; use a relative glob without '\.\.'"):
+        TaskConfig.from_dict({"name": "byte_lm", "root": str(tmp_path), "pattern": pattern})
+
+
+def test_byte_lm_skips_symlinks_out_of_its_root(tmp_path):
+    from omninet.tasks import TaskConfig, build_task
+
+    corpus, outside = tmp_path / "corpus", tmp_path / "secret"
+    corpus.mkdir()
+    outside.mkdir()
+    (outside / "key.txt").write_text("secret " * 100)
+    for i in range(30):
+        (corpus / f"f{i}.txt").write_text(f"file {i} " * 40)
+    (corpus / "link.txt").symlink_to(outside / "key.txt")
+    task = build_task(TaskConfig.from_dict({"name": "byte_lm", "root": str(corpus), "pattern": "*.txt",
+                                            "max_length": 16, "max_bytes": 4000, "eval_fraction": 0.3}))
+    names = {rel for files in task.files.values() for _, rel in files}
+    assert "link.txt" not in names and len(names) == 30
