@@ -316,16 +316,17 @@ def test_probe_on_this_cpu():
 
 
 @pytest.mark.parametrize("flags, native", [
-    (dict(avx2=True), ["fp32", "int8"]),
-    (dict(avx2=True, avx512=True), ["fp32", "int8"]),  # bf16 runs (converted), but is not native
-    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8"]),
-    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True), ["fp32", "bf16", "fp16", "mixed", "int8"]),
+    (dict(avx2=True), ["fp32", "int8", "qat_int8"]),
+    (dict(avx2=True, avx512=True), ["fp32", "int8", "qat_int8"]),  # bf16 runs (converted), but is not native
+    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8", "qat_int8"]),
+    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True),
+     ["fp32", "bf16", "fp16", "mixed", "int8", "qat_int8"]),
 ])
 def test_probe_follows_the_cpu_flags(monkeypatch, flags, native):
     _cpu_flags(monkeypatch, **flags)
     caps = probe_capabilities("cpu")
     if caps["int8_engine"] is None:
-        native = [n for n in native if n != "int8"]
+        native = [n for n in native if n not in ("int8", "qat_int8")]
     assert caps["native_precisions"] == native
     if "fp16" not in native:
         assert "AMX-FP16" in caps["refused"]["fp16"]

@@ -152,3 +152,93 @@ def test_byte_lm_skips_symlinks_out_of_its_root(tmp_path):
                                             "max_length": 16, "max_bytes": 4000, "eval_fraction": 0.3}))
     names = {rel for files in task.files.values() for _, rel in files}
     assert "link.txt" not in names and len(names) == 30
+
+
+# ---- mixed precision at any depth, planned on the trained weights -----------------------
+def _lm(layers):
+    from omninet import ModelConfig, OmniNetModel
+
+    torch.manual_seed(0)
+    return OmniNetModel(ModelConfig(arch="decoder", vocab_size=64, hidden_size=32, num_layers=layers, num_heads=4,
+                                    max_seq_length=16, dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("layers, eligible", [(1, 1), (2, 2), (4, 2)])
+def test_mixed_plan_has_eligible_blocks_at_any_depth(layers, eligible):
+    from omninet.hardware import eligible_blocks, plan_mixed_precision
+
+    model = _lm(layers)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))}
+    plan = plan_mixed_precision(model, batch, dtype="bf16", error_budget=0.5)  # generous: every eligible block fits
+    assert len(plan.low_precision) == eligible == len(eligible_blocks(model))
+    rows = {r["layer"]: r for r in plan.table}
+    if layers <= 2:
+        assert plan.protected == [] and "sensitivity alone" in rows["decoder.blocks.0"]["reason"]
+    else:
+        assert plan.protected == ["decoder.blocks.0", f"decoder.blocks.{layers - 1}"]
+
+
+TRIAL_TASK = {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 256, "num_eval": 64}
+
+
+def trial(**sections) -> dict:
+    cfg = {"task": dict(TRIAL_TASK), "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
+           "train": {"steps": 8, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2},
+           "hardware": {"device": "cpu", "num_threads": 1},
+           "measure": {"memory": False, "min_seconds": 0.0, "warmup": 1, "latency_reps": 20, "throughput_reps": 20}}
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def test_mixed_trial_plans_on_trained_weights_and_records_blocks(monkeypatch):
+    import omninet.hardware as hw
+    from omninet.trial import run_trial
+
+    seen = {}
+    real = hw.plan_mixed_precision
+
+    def spy(model, batch, **kw):
+        seen["weight"] = model.encoder.blocks[0].ffn.up.weight.detach().clone()
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(hw, "plan_mixed_precision", spy)
+    fp32 = run_trial(trial())
+    mixed = run_trial(trial(hardware={"precision": "mixed", "allow_emulated": True}))
+    assert mixed.status == "ok", mixed.error
+    assert mixed.precision == "mixed" and mixed.low_precision_blocks >= 1  # 2 layers: blocks are eligible
+    assert mixed.loss_curve == fp32.loss_curve  # trained in fp32; the plan comes after training
+    from omninet.model import OmniNetModel
+    from omninet.trial import TrialConfig
+
+    torch.manual_seed(0)
+    init = OmniNetModel(TrialConfig.from_dict(trial()).model_config).encoder.blocks[0].ffn.up.weight
+    assert not torch.allclose(seen["weight"], init)  # measured on the trained weights
+    assert fp32.low_precision_blocks is None
+
+
+def _cpu_flags(monkeypatch, **flags):
+    names = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+             "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
+             "amx_fp16": "_is_amx_fp16_supported"}
+    for flag, fn in names.items():
+        monkeypatch.setattr(torch.cpu, fn, lambda v=flags.get(flag, False): v, raising=False)
+
+
+@pytest.mark.parametrize("flags", [dict(avx2=True), dict(avx2=True, avx512=True)])
+@pytest.mark.parametrize("precision", ["mixed", "bf16"])
+def test_non_native_precision_is_refused_before_running_or_tagged_emulated(monkeypatch, flags, precision):
+    from omninet.hardware import probe_capabilities
+    from omninet.trial import run_trial
+
+    _cpu_flags(monkeypatch, **flags)
+    caps = probe_capabilities("cpu")
+    assert precision not in caps["native_precisions"]
+    res = run_trial(trial(hardware={"precision": precision}))
+    assert res.status == "invalid" and res.steps == 0 and res.num_params is None  # nothing ran
+    assert "allow_emulated" in res.error and "\n" not in res.error
+    if precision in caps["refused"]:
+        assert caps["refused"][precision] in res.error  # the probe's own reason
+    res = run_trial(trial(hardware={"precision": precision, "allow_emulated": True}, train={"steps": 3}))
+    assert res.status == "ok", res.error
+    assert res.emulated is True and res.precision == precision and "emulated" in res.notes

@@ -42,6 +42,7 @@ from omninet.hardware.memory import estimate_memory_mb, max_batch_size, memory_b
 from omninet.hardware.mixed import (
     MixedPrecisionPlan,
     apply_precision,
+    eligible_blocks,
     low_precision_blocks,
     measure_sensitivity,
     named_blocks,
@@ -59,7 +60,7 @@ __all__ = [
     "BACKENDS", "DTYPES", "PRECISIONS", "Backend", "MemoryStats", "available_backends", "get_backend",
     "register_backend", "cpu_flags", "resolve_backend", "Placement", "resolve_device_config", "PrecisionPolicy",
     "resolve_precision", "training_step", "MixedPrecisionPlan", "plan_mixed_precision", "measure_sensitivity",
-    "apply_precision", "remove_precision", "low_precision_blocks", "named_blocks", "set_block_precision",
+    "apply_precision", "remove_precision", "low_precision_blocks", "eligible_blocks", "named_blocks", "set_block_precision",
     "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
     "max_batch_size", "export_onnx", "onnx_available", "DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config",
     "ACCELERATOR_RESOURCES", "backends_for_resource", "device_present", "probe_capabilities", "describe_backends",

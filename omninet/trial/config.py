@@ -344,6 +344,7 @@ class TrialResult:
     device_name: str | None = None
     precision: str | None = None
     emulated: bool | None = None  # the precision has no native support on this device (allow_emulated)
+    low_precision_blocks: int | None = None  # precision 'mixed': blocks the plan (on the trained weights) put in low precision
     estimated_memory_mb: float | None = None
     memory_budget_mb: float | None = None
     memory_method: str | None = None

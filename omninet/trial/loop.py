@@ -35,13 +35,19 @@ class Diverged(Exception):
 @dataclass
 class Plan:
     """How this trial computes: the training placement (device, precision policy), its loss
-    scaler, whether the trained model is quantized to int8 for evaluation and inference, and
-    whether the precision runs emulated (no native support here; ``allow_emulated``)."""
+    scaler, what happens to the trained model before evaluation (``post``: 'int8' quantizes it,
+    'qat_int8' converts its fake-quantized layers to int8, 'mixed' plans layer-wise precision on
+    the trained weights in ``low_dtype``), and whether the precision runs emulated (no native
+    support here; ``allow_emulated``)."""
 
     placement: Any
     scaler: Any
     int8: bool
     emulated: bool = False
+    post: str | None = None  # None | 'int8' | 'qat_int8' | 'mixed'
+    low_dtype: torch.dtype | None = None  # the low dtype of 'mixed'
+    precision: str = "fp32"  # what the trial records
+    emulated_reason: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -56,27 +62,62 @@ class Plan:
         return policy.autocast() if policy is not None else contextlib.nullcontext()
 
 
+_LOW = ("bf16", "fp16", "mixed")
+
+
+def native_refusal(hw: HardwareConfig) -> str | None:
+    """Why this device does not run ``hw.precision`` natively, as the sweep's capability probe
+    (``omninet.hardware.probe_capabilities``, the one source of truth) sees it; None if it does."""
+    from omninet.hardware import probe_capabilities
+
+    if hw.precision not in _LOW + ("int8", "qat_int8"):
+        return None
+    caps = probe_capabilities(hw.device)
+    if hw.precision in caps["native_precisions"]:
+        return None
+    return caps["refused"].get(hw.precision) or (
+        f"precision={hw.precision!r} is not native on {caps['device_name']} (the capability probe's native precisions: "
+        f"{', '.join(caps['native_precisions'])})")
+
+
 def resolve_plan(hw: HardwareConfig) -> Plan:
-    """ValueError when this machine cannot run the requested device / precision (unless the
-    config allows emulation, in which case the plan is tagged emulated)."""
+    """ValueError, before anything runs, when this machine cannot run the requested device /
+    precision natively (per the capability probe), unless the config allows emulation, in which
+    case bf16/fp16/mixed run tagged emulated. int8 and qat_int8 train in fp32 and quantize
+    after training; mixed trains in fp32 and plans its layer-wise precision on the trained
+    weights."""
     from omninet.hardware import resolve_device_config
 
     device_config = hw.device_config()
-    int8 = hw.precision == "int8"
+    name = hw.precision
+    refusal = native_refusal(hw)
     emulated = False
-    if int8:
-        resolve_device_config(device_config, training=False)  # int8 inference must be possible here
-        device_config["precision"] = "fp32"  # train in fp32, quantize after training
-    try:
-        placement = resolve_device_config(device_config, training=True)
-    except ValueError as exc:
-        if not hw.allow_emulated or hw.precision not in ("bf16", "fp16", "mixed"):
-            raise
+    if refusal is not None:
+        if not hw.allow_emulated or name not in _LOW:
+            fix = "; set hardware.allow_emulated: true to run it tagged emulated" if name in _LOW else ""
+            raise ValueError(refusal + fix)
         emulated = True
-        placement = _emulated_placement(device_config, exc)
+    post, low_dtype = None, None
+    if name in ("int8", "qat_int8"):
+        resolve_device_config(device_config, training=name == "qat_int8")  # int8 inference must be possible here
+        post = name
+        device_config["precision"] = "fp32"  # trains in fp32 (QAT with fake-quant modules), int8 after
+    elif name == "mixed":
+        post = "mixed"
+        if emulated:
+            low_dtype = torch.bfloat16
+        else:
+            low_dtype = resolve_device_config(device_config, training=False).policy.compute_dtype
+        device_config["precision"] = "fp32"  # the plan is measured on the trained weights
+    if emulated and name != "mixed":
+        placement = _emulated_placement(device_config, ValueError(refusal))
+    else:
+        placement = resolve_device_config(device_config, training=True)
     policy = getattr(placement, "policy", None)
     scaler = policy.make_grad_scaler() if policy is not None else None
-    return Plan(placement, scaler, int8, emulated)
+    precision = name if name in ("int8", "qat_int8", "mixed") else placement.precision
+    reason = f"emulated: {refusal}" if emulated else None
+    return Plan(placement, scaler, post == "int8", emulated, post, low_dtype, precision, reason)
 
 
 def _emulated_placement(device_config: dict[str, Any], refusal: ValueError):

@@ -9,7 +9,7 @@ Order of work: validate the config (``invalid``) -> resolve the device and preci
 ``omninet.hardware`` (``invalid``) -> estimate peak memory against the budget (``infeasible``;
 nothing built) -> under the run-time memory limit and the trial's cores: build, train
 (``diverged`` on a non-finite loss), measure the training step's memory, prune heads, quantize
-(``int8``), evaluate, measure latency, throughput and inference memory at the deployment shape
+(``int8``; ``qat_int8`` converts; ``mixed`` plans layer-wise precision on the trained weights), evaluate, measure latency, throughput and inference memory at the deployment shape
 (``measure.seq_length`` x ``measure.batch_size``, real task tokens). ``oom`` on a real
 allocation failure, ``error`` (with the message) on anything else. A trial-level failure is a
 result, never an exception.
@@ -63,7 +63,7 @@ def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
     from omninet.hardware import resolve_device_config
 
     precision = cfg.hardware.precision
-    if precision == "int8":  # int8 trains in fp32
+    if precision in ("int8", "qat_int8", "mixed"):  # these train in fp32 (mixed is planned after training)
         precision = "fp32"
     elif precision == "auto":
         precision = resolve_device_config({**cfg.hardware.device_config(), "precision": "auto"}, training=True).precision
@@ -201,10 +201,10 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
 
     device = plan.device
     res.device, res.device_name = str(device), plan.backend.device_name(device.index or 0)
-    res.precision = "int8" if plan.int8 else plan.placement.precision
+    res.precision = plan.precision
     res.emulated = plan.emulated
     if plan.emulated:
-        notes.append(plan.placement.policy.reason)
+        notes.append(plan.emulated_reason)
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
     res.seed = cfg.train.seed
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
@@ -239,17 +239,12 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
 
 
 def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
-    """train -> training-step memory -> prune heads -> int8 -> evaluate -> inference figures."""
+    """train -> training-step memory -> prune heads -> mixed plan / int8 -> evaluate -> inference figures."""
     from omninet.model import OmniNetModel
 
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     torch.manual_seed(tc.seed)
-    model = OmniNetModel(cfg.model_config)
-    if plan.placement.precision == "mixed":  # the layer-wise plan is measured on a train batch
-        calib = loop.to_device(task.measurement_batch(tc.batch_size, cfg.seq_length, split="train"), device)
-        model = plan.placement.apply(model, calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
-    else:
-        model = plan.placement.apply(model)
+    model = plan.placement.apply(OmniNetModel(cfg.model_config))
     res.num_params = model.num_parameters()
     opt = loop.make_optimizer(model, tc)
     loop.train(model, opt, task, tc, plan, res, gate)
@@ -259,7 +254,15 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
     model.zero_grad(set_to_none=True)
     loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
-    if plan.int8:
+    if plan.post == "mixed":  # planned on the trained (and pruned) weights, on a train batch
+        from omninet.hardware import apply_precision, plan_mixed_precision
+
+        calib = loop.to_device(task.measurement_batch(tc.batch_size, cfg.seq_length, split="train"), device)
+        mp = plan_mixed_precision(model, {k: calib[k] for k in ("input_ids", "attention_mask")}, dtype=plan.low_dtype)
+        mp.log()
+        apply_precision(model, mp)
+        res.low_precision_blocks = len(mp.low_precision)
+    elif plan.int8:
         from omninet.hardware import quantize_int8
 
         model = quantize_int8(model, inplace=True)
