@@ -200,7 +200,7 @@ def test_accelerator_table_comes_from_the_backends():
 
 def test_device_config_is_typed_and_keeps_the_dict_wording():
     assert DEVICE_CONFIG_KEYS == ("device", "precision", "memory_threshold")
-    assert DeviceConfig() == DeviceConfig.from_dict({}) == DeviceConfig(device="auto", precision="fp32", memory_threshold=0.9)
+    assert DeviceConfig() == DeviceConfig.from_dict({}) == DeviceConfig(device="auto", precision="fp32", memory_threshold=None)
     cfg = DeviceConfig.from_dict({"device": "cpu", "memory_threshold": 1})
     assert cfg.memory_threshold == 1.0 and isinstance(cfg.memory_threshold, float)
     assert resolve_device_config(cfg).device == torch.device("cpu")

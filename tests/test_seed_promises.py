@@ -11,6 +11,15 @@ from omninet import AdvancedTransformer
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is ~30x faster than two spinning on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def seed(sparse=False, linformer=False, **kw):
     torch.manual_seed(0)
     base = dict(num_layers=2, hidden_size=32, num_heads=4, ff_dim=64, max_seq_length=64, dropout=0.0,
@@ -242,3 +251,190 @@ def test_non_native_precision_is_refused_before_running_or_tagged_emulated(monke
     res = run_trial(trial(hardware={"precision": precision, "allow_emulated": True}, train={"steps": 3}))
     assert res.status == "ok", res.error
     assert res.emulated is True and res.precision == precision and "emulated" in res.notes
+
+
+# ---- the memory threshold acts -----------------------------------------------------------
+def _cls_model():
+    from omninet import ModelConfig, OmniNetModel
+
+    torch.manual_seed(0)
+    return OmniNetModel(ModelConfig(arch="encoder", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                                    max_seq_length=24, num_classes=3, dropout=0.0))
+
+
+def _cls_batch(B=12, N=24):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 32, (B, N), generator=g)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[::3, 17:] = False
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (B,), generator=g)}
+
+
+def test_inference_guard_splits_then_lowers_precision_in_order_with_hysteresis(caplog):
+    import logging
+    import random
+
+    from omninet.hardware import attach_memory_guard, low_precision_blocks, resolve_device_config
+
+    model = _cls_model().eval()
+    batch = _cls_batch(B=8)
+    with torch.no_grad():
+        ref = model(**batch)
+    placement = resolve_device_config({"device": "cpu", "memory_threshold": 0.8})
+    model = placement.apply(model)
+    assert model.memory_guard.monitor.config.max_micro_batches == 16
+    guard = attach_memory_guard(model, memory_threshold=0.8, backend=placement.backend, max_micro_batches=4)
+    readings = iter([])
+    guard.monitor.read = lambda: next(readings, 0.3)  # after a scripted phase: calm
+    rng = random.Random(0)
+    # noise inside the dead band [0.7, 0.8]: nothing happens
+    readings = iter([0.75 + rng.uniform(-0.04, 0.04) for _ in range(10)])
+    with torch.no_grad():
+        for _ in range(10):
+            model(**batch)
+    assert guard.events == []
+    # pressure: one level per `patience` (2) readings, micro-batches first
+    readings = iter([0.9 + rng.uniform(-0.05, 0.05) for _ in range(4)])
+    with caplog.at_level(logging.INFO, logger="omninet.hardware"), torch.no_grad():
+        for _ in range(4):
+            out = model(**batch)
+    assert [e["change"].split(" (")[0] for e in guard.events] == ["micro-batches 2", "micro-batches 4"]
+    assert guard.monitor.micro_batches == 4 and caplog.text.count("micro-batches") == 2  # each action logged
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)  # split outputs equal the unsplit ones
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    kinds = [k for k, _ in guard.monitor.levels]
+    assert kinds.index("low_precision") > max(i for i, k in enumerate(kinds) if k == "micro_batches")
+    if torch.bfloat16 in placement.backend.native_dtypes():  # then eligible blocks in low precision
+        readings = iter([0.95] * 2 * len(kinds))
+        with torch.no_grad():
+            for _ in range(2 * len(kinds)):
+                model(**batch)
+        assert set(low_precision_blocks(model)) == {"encoder.blocks.0", "encoder.blocks.1"}  # shallow: both
+    readings = iter([0.3] * 2 * len(kinds))
+    with torch.no_grad():
+        for _ in range(2 * len(kinds)):
+            model(**batch)
+    assert guard.monitor.level == 0 and not low_precision_blocks(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref.logits, rtol=0, atol=0)
+
+
+def test_inference_guard_on_the_seed_class_and_oom_retry():
+    model = seed()
+    x, mask = _inputs(B=6)
+    with torch.no_grad():
+        ref, _ = model(hidden_states=x, attention_mask=mask)
+    model = model.placement.__class__(**{**vars(model.placement), "memory_threshold": 0.5}).apply(model)
+    guard = model.memory_guard
+    guard.monitor.read = lambda: 0.1
+    real_forward = type(model).forward
+    calls = []
+
+    def flaky(self, hidden_states, **kw):  # the first whole-batch call fails to allocate
+        calls.append(hidden_states.shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real_forward(self, hidden_states, **kw)
+
+    type(model).forward = flaky
+    try:
+        with torch.no_grad():
+            out, _ = model(hidden_states=x, attention_mask=mask)
+    finally:
+        type(model).forward = real_forward
+    assert calls == [6, 3, 3] and guard.events[0]["cause"] == "out of memory"
+    torch.testing.assert_close(out, ref, **TOL)
+    assert guard.monitor.floor == 1
+    with torch.no_grad():
+        model(hidden_states=x, attention_mask=mask)
+        model(hidden_states=x, attention_mask=mask)
+    assert guard.monitor.level == 1  # low readings never restore below what an OOM proved necessary
+
+
+def test_seed_class_memory_threshold_attaches_a_guard():
+    model = seed(device_config={"device": "cpu", "memory_threshold": 0.85})
+    assert model.memory_guard.monitor.config.memory_threshold == 0.85
+    assert not hasattr(seed(), "memory_guard")  # no threshold: nothing acts
+    x, _ = _inputs()
+    out, _ = model(hidden_states=x)  # reads real memory (far below 85% here)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.5, -0.1, True, "0.8"])
+def test_bad_memory_threshold_is_one_line_before_anything(bad):
+    from omninet.hardware import attach_memory_guard
+
+    with pytest.raises(ValueError, match=r"memory_threshold.*\(0, 1\]") as info:
+        seed(device_config={"device": "cpu", "memory_threshold": bad})
+    assert "\n" not in str(info.value)
+    model = _cls_model()
+    with pytest.raises(ValueError, match=r"memory_threshold must be a fraction in \(0, 1\]"):
+        attach_memory_guard(model, memory_threshold=bad if not isinstance(bad, str) else 2)
+    assert "forward" not in model.__dict__
+
+
+def test_training_micro_batches_give_the_same_gradients_and_checkpointing_too():
+    from omninet.hardware import accumulate
+
+    batch = _cls_batch(B=10)
+    grads = {}
+    for name, n, ckpt in (("whole", 1, False), ("micro3", 3, False), ("micro4_ckpt", 4, True)):
+        model = _cls_model().train()
+        model.encoder.gradient_checkpointing = ckpt
+        accumulate(lambda mb: model(**mb).loss, batch, n)
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    for name in ("micro3", "micro4_ckpt"):
+        assert grads[name].keys() == grads["whole"].keys()
+        for k in grads["whole"]:
+            torch.testing.assert_close(grads[name][k], grads["whole"][k], atol=1e-6, rtol=1e-4)
+
+
+def test_memory_pressure_reads_the_registered_budget():
+    from omninet.hardware import memory_pressure
+    from omninet.hardware.monitor import _malloc_free, _status_bytes, clear_data_budget, register_data_budget
+
+    fraction, which = memory_pressure()
+    assert 0 < fraction < 1 and which in ("available", "cgroup", "rlimit_data")
+    data = _status_bytes("VmData")
+    if data is None:
+        pytest.skip("no /proc/self/status")
+    used = data - _malloc_free()  # what the budget counts: VmData less glibc's reusable free chunks
+    register_data_budget(base=used - 30 * 2**20, limit=used + 10 * 2**20)
+    try:
+        fraction, which = memory_pressure()
+        assert which == "rlimit budget" and 0.7 <= fraction <= 0.8  # 30 of 40 MB used (plus what this test made)
+    finally:
+        clear_data_budget()
+
+
+# Activations dominate (512 x 128 tokens, hidden 64): the plain step needs far more than the
+# budget, a quarter of the batch far less, so oneDNN's own buffers keep headroom.
+OOM_TASK = {"name": "listops", "min_length": 100, "max_length": 128, "max_depth": 4, "num_train": 1024, "num_eval": 64}
+OOM_BUDGET_MB = 400
+
+
+def _oom_trial(threshold):
+    return {"task": OOM_TASK, "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4},
+            "train": {"steps": 3, "batch_size": 512, "lr": 3e-3, "warmup_steps": 1, "eval_batch_size": 128},
+            "hardware": {"device": "cpu", "num_threads": 1, "memory_threshold": threshold},
+            "measure": {"memory": False, "min_seconds": 0.0, "warmup": 1, "latency_reps": 20, "throughput_reps": 20,
+                        "batch_size": 8}}
+
+
+@pytest.mark.slow  # three trials, two under a real limit: ~30 s on a busy 2-core machine
+def test_trial_that_ooms_plain_completes_with_memory_actions_under_a_real_limit():
+    import sys
+
+    from omninet.trial import run_trial
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU run-time limit uses Linux RLIMIT_DATA")
+    plain = run_trial(_oom_trial(None), memory_budget_mb=OOM_BUDGET_MB, preflight=False)
+    assert plain.status == "oom", plain.error
+    adapted = run_trial(_oom_trial(0.8), memory_budget_mb=OOM_BUDGET_MB, preflight=False)
+    assert adapted.status == "ok", adapted.error
+    assert adapted.memory_actions.startswith("train: checkpointing, micro_batches=")
+    roomy = run_trial(_oom_trial(None), memory_budget_mb=4000, preflight=False)
+    assert roomy.status == "ok" and roomy.memory_actions is None
+    assert adapted.loss_curve == pytest.approx(roomy.loss_curve, rel=1e-3)  # same effective batch
+    assert abs(adapted.accuracy - roomy.accuracy) <= 0.05

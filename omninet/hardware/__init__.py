@@ -8,6 +8,8 @@ Order of passes (torchtitan style; the model code never imports a vendor backend
     apply_precision(model, plan)
     monitor = MemoryMonitor(model, backend=placement.backend, plan=plan,
                             config=MonitorConfig(memory_threshold=0.9))
+    # or, with device_config['memory_threshold'] set, placement.apply(model) attaches a guard:
+    # the forward then adapts itself (micro-batches, low-precision blocks; omninet.hardware.guard)
     int8 = quantize_int8(model)                    # CPU inference
     export_onnx(model, "model.onnx", seq_len=512)   # LPU toolchains
 
@@ -30,6 +32,7 @@ from omninet.hardware.base import (
 )
 from omninet.hardware.cpu import cpu_flags
 from omninet.hardware.device import (
+    DEFAULT_MEMORY_FRACTION,
     DEVICE_CONFIG_KEYS,
     DeviceConfig,
     Placement,
@@ -50,7 +53,8 @@ from omninet.hardware.mixed import (
     remove_precision,
     set_block_precision,
 )
-from omninet.hardware.monitor import MemoryMonitor, MonitorConfig
+from omninet.hardware.guard import MemoryGuard, accumulate, attach_memory_guard, detach_memory_guard
+from omninet.hardware.monitor import MemoryMonitor, MonitorConfig, memory_pressure
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision, training_step
 from omninet.hardware.probe import probe_capabilities
 from omninet.hardware.quantize import int8_engine, quantize_int8
@@ -63,7 +67,8 @@ __all__ = [
     "apply_precision", "remove_precision", "low_precision_blocks", "eligible_blocks", "named_blocks", "set_block_precision",
     "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
     "max_batch_size", "export_onnx", "onnx_available", "DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config",
-    "ACCELERATOR_RESOURCES", "backends_for_resource", "device_present", "probe_capabilities", "describe_backends",
+    "ACCELERATOR_RESOURCES", "backends_for_resource", "MemoryGuard", "attach_memory_guard", "detach_memory_guard",
+    "accumulate", "memory_pressure", "DEFAULT_MEMORY_FRACTION", "device_present", "probe_capabilities", "describe_backends",
 ]
 
 

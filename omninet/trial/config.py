@@ -348,6 +348,7 @@ class TrialResult:
     estimated_memory_mb: float | None = None
     memory_budget_mb: float | None = None
     memory_method: str | None = None
+    memory_actions: str | None = None  # what hardware.memory_threshold did ('train: checkpointing, micro_batches=2; ...')
     seq_length: int | None = None
     measure_batch_size: int | None = None
     seed: int | None = None

@@ -23,7 +23,7 @@ from torch import nn
 from omninet.trial.config import HardwareConfig, TrainConfig
 
 __all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
-           "to_device"]
+           "to_device", "training_monitor", "native_refusal"]
 
 PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
 
@@ -176,18 +176,44 @@ def train_batches(task, tc: TrainConfig) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-def step(model, opt, batch, tc: TrainConfig, plan: Plan) -> torch.Tensor:
+def _forward_backward(model, batch, plan: Plan, micro_batches: int) -> torch.Tensor:
+    """Loss of the whole batch with its gradients accumulated; split into ``micro_batches``
+    (each loss weighted by its share) when the memory monitor asks for it."""
+    from omninet.hardware import accumulate
+
+    def loss_of(mb):
+        with plan.autocast():
+            return model(mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"]).loss
+
+    backward = (lambda loss: plan.scaler.scale(loss).backward()) if plan.scaler is not None else None
+    if micro_batches <= 1:
+        loss = loss_of(batch)
+        (backward or torch.Tensor.backward)(loss)
+        return loss.detach()
+    keys = ("input_ids", "attention_mask", "labels")
+    return accumulate(loss_of, {k: batch[k] for k in keys}, micro_batches, backward=backward)
+
+
+def step(model, opt, batch, tc: TrainConfig, plan: Plan, monitor=None) -> torch.Tensor:
     """One optimizer step under the precision policy; returns the detached loss. The head
-    router's balance term is already part of ``out.loss`` (the model adds it)."""
-    with plan.autocast():
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    loss = out.loss
-    opt.zero_grad(set_to_none=True)
+    router's balance term is already part of ``out.loss`` (the model adds it). With a memory
+    ``monitor`` (training ladder) the batch runs in its micro-batches, and an allocation
+    failure climbs the ladder and retries the step from zeroed gradients."""
+    from omninet.trial.limits import clean_state, is_oom
+
+    while True:
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = _forward_backward(model, batch, plan, monitor.micro_batches if monitor is not None else 1)
+            break
+        except Exception as exc:  # noqa: BLE001 -- only allocation failures are retried
+            if monitor is None or not is_oom(exc) or monitor.level >= len(monitor.levels):
+                raise
+        opt.zero_grad(set_to_none=True)  # outside the handler: the failed attempt's frames are gone
+        clean_state(plan.backend)
+        monitor.escalate_on_oom()
     if plan.scaler is not None:
-        plan.scaler.scale(loss).backward()
         plan.scaler.unscale_(opt)  # clip true gradients, not scaled ones
-    else:
-        loss.backward()
     if tc.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     if plan.scaler is not None:
@@ -195,10 +221,23 @@ def step(model, opt, batch, tc: TrainConfig, plan: Plan) -> torch.Tensor:
         plan.scaler.update()
     else:
         opt.step()
-    return loss.detach()
+    return loss
 
 
-def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate) -> None:
+def training_monitor(model, hw: HardwareConfig, plan: Plan):
+    """The training ladder's monitor when ``hardware.memory_threshold`` is set, else None."""
+    if hw.memory_threshold is None:
+        return None
+    from omninet.hardware import MemoryMonitor
+    from omninet.hardware.guard import monitor_config
+    from omninet.hardware.monitor import memory_pressure
+
+    index = plan.device.index or 0
+    return MemoryMonitor(model, backend=plan.backend, config=monitor_config(hw.memory_threshold), hook=False,
+                         read=lambda: memory_pressure(plan.backend, index)[0], mode="training")
+
+
+def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None) -> None:
     model.train()
     stream = train_batches(task, tc)
     tokens = 0
@@ -211,7 +250,9 @@ def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate) -> None:
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(res.steps, elapsed, tc)
         batch = to_device(next(stream), plan.device)
-        loss = float(step(model, opt, batch, tc, plan))
+        if monitor is not None:
+            monitor.sample()
+        loss = float(step(model, opt, batch, tc, plan, monitor))
         res.steps += 1
         tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(loss):

@@ -21,7 +21,15 @@ clean state, on the first call at the measurement shape; latency after; then mem
 
 Memory budget: ``memory_budget_mb`` (argument, else ``hardware.memory_budget_mb``) is both the
 infeasibility threshold for the estimate and a hard limit at run time (``omninet.trial.limits``).
-Without a budget, ``memory_threshold`` x the device's capacity is the infeasibility threshold.
+Without a budget, ``memory_threshold`` (else 0.9) x the device's capacity is the infeasibility
+threshold.
+
+Memory threshold: with ``hardware.memory_threshold`` set, training consults a monitor of the
+real limit (the budget's RLIMIT on CPU, the allocator on accelerators) every step and, with
+hysteresis, turns on activation checkpointing, then micro-batches with gradient accumulation
+(the same effective batch); evaluation and measurement run through the model's memory guard
+(micro-batches, then low-precision blocks where native). A real allocation failure climbs one
+level at once and the step is retried. ``memory_actions`` lists what was done.
 """
 
 from __future__ import annotations
@@ -129,7 +137,8 @@ def _conditions(res: TrialResult, info: dict, before: float | None) -> None:
     res.load_avg_after = measure.load_average()
 
 
-def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate,
+                          monitor=None) -> None:
     """One real training step on train inputs at the measurement shape (B, N): the weights
     move once more, as if training had lasted one step longer."""
     batch = loop.to_device(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"), plan.device)
@@ -137,7 +146,7 @@ def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, r
     with gate.exclusive() as info:
         before = measure.load_average()
         limits.clean_state(plan.backend, plan.device.index or 0)
-        reading = measure.track_memory(lambda: loop.step(model, opt, batch, cfg.train, plan), device=plan.device,
+        reading = measure.track_memory(lambda: loop.step(model, opt, batch, cfg.train, plan, monitor), device=plan.device,
                                        live_bytes=_live_tensor_bytes(model, opt))
     _conditions(res, info, before)
     res.peak_memory_train_mb, res.peak_rss_train_mb = reading.tensor_peak_mb, reading.rss_peak_mb
@@ -214,7 +223,9 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         threshold = budget
         if threshold is None:
             capacity = _capacity_mb(plan)
-            threshold = None if capacity is None else capacity * cfg.hardware.memory_threshold
+            from omninet.hardware import DEFAULT_MEMORY_FRACTION
+
+            threshold = None if capacity is None else capacity * (cfg.hardware.memory_threshold or DEFAULT_MEMORY_FRACTION)
         if preflight and threshold is not None and res.estimated_memory_mb > threshold:
             return _finish(res, wall, notes, status="infeasible",
                            error=f"estimated peak memory {res.estimated_memory_mb:.1f} MB exceeds the budget of {threshold:.1f} MB")
@@ -247,9 +258,13 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
     model = plan.placement.apply(OmniNetModel(cfg.model_config))
     res.num_params = model.num_parameters()
     opt = loop.make_optimizer(model, tc)
-    loop.train(model, opt, task, tc, plan, res, gate)
-    if cfg.measure.memory:
-        _measure_train_memory(model, opt, task, cfg, plan, res, gate)
+    monitor = loop.training_monitor(model, cfg.hardware, plan)
+    try:
+        loop.train(model, opt, task, tc, plan, res, gate, monitor)
+        if cfg.measure.memory:
+            _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
+    finally:
+        res.memory_actions = _memory_actions(monitor, model)
     del opt  # inference needs neither gradients nor optimizer state
     model.zero_grad(set_to_none=True)
     loop.prune_heads(model, task, tc, device, res)
@@ -266,9 +281,26 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
         from omninet.hardware import quantize_int8
 
         model = quantize_int8(model, inplace=True)
-    metrics = loop.evaluate(model, task, tc, plan, gate)
-    res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
-    _measure_inference(model, task, cfg, plan, res, gate)
+    if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
+        limits.clean_state(plan.backend, device.index or 0)
+    try:
+        metrics = loop.evaluate(model, task, tc, plan, gate)
+        res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
+        _measure_inference(model, task, cfg, plan, res, gate)
+    finally:
+        res.memory_actions = _memory_actions(monitor, model)
+
+
+def _memory_actions(monitor, model) -> str | None:
+    """What the memory threshold did: the most of each ladder ('train: checkpointing,
+    micro_batches=2; inference: micro_batches=2'); None when nothing was needed (or no threshold)."""
+    parts = []
+    guard = getattr(model, "memory_guard", None)
+    for name, mon in (("train", monitor), ("inference", guard.monitor if guard is not None else None)):
+        done = mon.actions(mon.max_level) if mon is not None else []
+        if done:
+            parts.append(f"{name}: {', '.join(done)}")
+    return "; ".join(parts) or None
 
 
 def _finish(res: TrialResult, wall: float, notes: list[str], *, status: str, error: str | None = None) -> TrialResult:
