@@ -438,3 +438,50 @@ def test_trial_that_ooms_plain_completes_with_memory_actions_under_a_real_limit(
     assert roomy.status == "ok" and roomy.memory_actions is None
     assert adapted.loss_curve == pytest.approx(roomy.loss_curve, rel=1e-3)  # same effective batch
     assert abs(adapted.accuracy - roomy.accuracy) <= 0.05
+
+
+# ---- quantization-aware training -----------------------------------------------------------
+def test_qat_trains_fake_quantized_then_converts_to_per_channel_int8():
+    from omninet.hardware import convert_qat, prepare_qat, qat_modules, resolve_device_config
+
+    model = _cls_model()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    before = {n: p for n, p in model.named_parameters()}
+    prepare_qat(model)
+    assert len(qat_modules(model)) == linears
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert all(p is before[n] for n, p in model.named_parameters())  # same tensors: optimizers keep working
+    batch = _cls_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        fake = model(**batch).logits
+    convert_qat(model)
+    qkv = model.encoder.blocks[0].attn.qkv
+    assert type(qkv).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert qkv.weight().qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, fake, atol=2e-2, rtol=0)  # inference = what training saw
+    seeded = seed(device_config={"device": "cpu", "precision": "qat_int8"})
+    assert qat_modules(seeded)  # the seed class trains quantization-aware through its device_config
+    with pytest.raises(ValueError, match="qat_int8.*CPU only"):
+        from omninet.hardware import get_backend, resolve_precision
+
+        fake_gpu = type("G", (type(get_backend("cpu")),), {"name": "cuda"})()
+        resolve_precision("qat_int8", fake_gpu)
+    assert resolve_device_config({"device": "cpu", "precision": "qat_int8"}, training=True).precision == "qat_int8"
+
+
+def test_qat_trial_trains_quantization_aware_and_evaluates_int8():
+    from omninet.trial import run_trial
+
+    fp32 = run_trial(trial())
+    qat = run_trial(trial(hardware={"precision": "qat_int8"}))
+    assert qat.status == "ok", qat.error
+    assert qat.precision == "qat_int8" and qat.accuracy is not None and qat.emulated is False
+    assert qat.loss_curve != fp32.loss_curve  # training saw the fake quantization
+    assert qat.loss_curve == pytest.approx(fp32.loss_curve, rel=0.1)

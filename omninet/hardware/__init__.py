@@ -10,7 +10,8 @@ Order of passes (torchtitan style; the model code never imports a vendor backend
                             config=MonitorConfig(memory_threshold=0.9))
     # or, with device_config['memory_threshold'] set, placement.apply(model) attaches a guard:
     # the forward then adapts itself (micro-batches, low-precision blocks; omninet.hardware.guard)
-    int8 = quantize_int8(model)                    # CPU inference
+    int8 = quantize_int8(model)                    # CPU inference (post-training)
+    prepare_qat(model); train(model); convert_qat(model)   # precision='qat_int8': quantization-aware
     export_onnx(model, "model.onnx", seq_len=512)   # LPU toolchains
 
 Backends: cpu, cuda, rocm, xpu, mps, tpu (torch_xla, lazy), npu (torch_npu, lazy). LPU has no
@@ -57,7 +58,7 @@ from omninet.hardware.guard import MemoryGuard, accumulate, attach_memory_guard,
 from omninet.hardware.monitor import MemoryMonitor, MonitorConfig, memory_pressure
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision, training_step
 from omninet.hardware.probe import probe_capabilities
-from omninet.hardware.quantize import int8_engine, quantize_int8
+from omninet.hardware.quantize import convert_qat, int8_engine, prepare_qat, qat_modules, quantize_int8
 from omninet.hardware.table import ACCELERATOR_RESOURCES, backends_for_resource, device_present
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
     "register_backend", "cpu_flags", "resolve_backend", "Placement", "resolve_device_config", "PrecisionPolicy",
     "resolve_precision", "training_step", "MixedPrecisionPlan", "plan_mixed_precision", "measure_sensitivity",
     "apply_precision", "remove_precision", "low_precision_blocks", "eligible_blocks", "named_blocks", "set_block_precision",
-    "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
+    "MemoryMonitor", "MonitorConfig", "quantize_int8", "prepare_qat", "convert_qat", "qat_modules", "int8_engine", "estimate_memory_mb", "memory_breakdown",
     "max_batch_size", "export_onnx", "onnx_available", "DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config",
     "ACCELERATOR_RESOURCES", "backends_for_resource", "MemoryGuard", "attach_memory_guard", "detach_memory_guard",
     "accumulate", "memory_pressure", "DEFAULT_MEMORY_FRACTION", "device_present", "probe_capabilities", "describe_backends",

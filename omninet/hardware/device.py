@@ -14,7 +14,7 @@ from omninet.config import ConfigBase
 from omninet.hardware.base import BACKENDS, PRECISIONS, Backend, available_backends, get_backend
 from omninet.hardware.mixed import MixedPrecisionPlan, apply_precision, plan_mixed_precision, set_block_precision
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision
-from omninet.hardware.quantize import quantize_int8
+from omninet.hardware.quantize import prepare_qat, quantize_int8
 
 __all__ = ["DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config", "resolve_backend", "Placement",
            "resolve_device_config"]
@@ -140,6 +140,8 @@ class Placement:
             apply_precision(module, self.plan)
         elif policy.name == "int8":
             module = quantize_int8(module, inplace=True)
+        elif policy.name == "qat_int8":
+            module = prepare_qat(module)
         return module
 
     def describe(self) -> dict:

@@ -256,6 +256,10 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     torch.manual_seed(tc.seed)
     model = plan.placement.apply(OmniNetModel(cfg.model_config))
+    if plan.post == "qat_int8":  # trains with fake-quantized Linear layers, converted to int8 after training
+        from omninet.hardware import prepare_qat
+
+        prepare_qat(model)
     res.num_params = model.num_parameters()
     opt = loop.make_optimizer(model, tc)
     monitor = loop.training_monitor(model, cfg.hardware, plan)
@@ -281,6 +285,10 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
         from omninet.hardware import quantize_int8
 
         model = quantize_int8(model, inplace=True)
+    elif plan.post == "qat_int8":
+        from omninet.hardware import convert_qat
+
+        model = convert_qat(model)
     if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
         limits.clean_state(plan.backend, device.index or 0)
     try:
