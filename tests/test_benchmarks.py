@@ -18,6 +18,7 @@ SMOKE = {
     "head_pruning": ["--smoke"],
     "precision": ["--smoke"],
     "int8_accuracy": ["--steps", "3", "--eval-examples", "32"],
+    "qat": ["--quick"],
 }
 
 
