@@ -121,3 +121,43 @@ def test_compile_static_builds_at_most_one_graph_per_bucket_over_20_random_lengt
     assert len(graphs) <= len(buckets) and len(graphs) == len(used)
     assert list(model.model.state_dict()) == list(ref_model.state_dict())  # compiled in place: same keys
     torch._dynamo.reset()
+
+
+TASK = {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 256, "num_eval": 64}
+
+
+def _trial(**hardware):
+    return {"task": TASK, "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+            "train": {"steps": 4, "batch_size": 16, "lr": 3e-3, "warmup_steps": 1},
+            "hardware": {"device": "cpu", "num_threads": 1, **hardware},
+            "measure": {"memory": False, "min_seconds": 0.0, "warmup": 1, "latency_reps": 20, "throughput_reps": 20}}
+
+
+def test_trial_pads_every_batch_to_its_bucket(monkeypatch):
+    from omninet.trial import loop, run_trial
+
+    lengths = []
+    real_step = loop.step
+
+    def spy(model, opt, batch, *a, **kw):
+        lengths.append(batch["input_ids"].shape[1])
+        return real_step(model, opt, batch, *a, **kw)
+
+    monkeypatch.setattr(loop, "step", spy)
+    a = run_trial(_trial(shape_buckets=[16, 32, 40]))
+    assert a.status == "ok", a.error
+    assert a.shape_buckets == "16,32,40" and set(lengths) <= {16, 32, 40}
+    b = run_trial(_trial(shape_buckets="pow2"))
+    assert b.status == "ok" and b.shape_buckets == "16,32,40"
+    assert b.loss_curve == a.loss_curve  # deterministic, and the same buckets
+    plain = run_trial(_trial())
+    assert plain.loss_curve == pytest.approx(a.loss_curve, rel=1e-4)  # masked padding changes nothing real
+
+
+@pytest.mark.parametrize("buckets, message", [([32, 16, 40], "strictly increasing"), ([16, 64], "above max_seq_length"),
+                                              ([16, 32], "stops below the longest input")])
+def test_trial_refuses_bad_buckets_before_running(buckets, message):
+    from omninet.trial import run_trial
+
+    res = run_trial(_trial(shape_buckets=buckets))
+    assert res.status == "invalid" and message in res.error and res.steps == 0 and "\n" not in res.error

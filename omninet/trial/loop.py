@@ -48,6 +48,17 @@ class Plan:
     low_dtype: torch.dtype | None = None  # the low dtype of 'mixed'
     precision: str = "fp32"  # what the trial records
     emulated_reason: str | None = None
+    buckets: list[int] | None = None  # static-shape buckets every batch is padded to (omninet.shapes)
+    pad_id: int = 0
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """On the device, padded (and masked) to its shape bucket when there are buckets."""
+        batch = to_device(batch, self.device)
+        if self.buckets is None:
+            return batch
+        from omninet.shapes import pad_batch
+
+        return pad_batch(batch, self.buckets, pad_id=self.pad_id)
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +260,7 @@ def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None
         gate.checkpoint()
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(res.steps, elapsed, tc)
-        batch = to_device(next(stream), plan.device)
+        batch = plan.batch(next(stream))
         if monitor is not None:
             monitor.sample()
         loss = float(step(model, opt, batch, tc, plan, monitor))
@@ -274,7 +285,7 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> dict[str, float]
                 break
             batch = {k: v[: tc.eval_max_examples - seen] for k, v in batch.items()}
         gate.checkpoint()
-        batch = to_device(batch, plan.device)
+        batch = plan.batch(batch)
         with plan.autocast():
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         meter.update(logits.float(), batch)

@@ -141,7 +141,7 @@ def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, r
                           monitor=None) -> None:
     """One real training step on train inputs at the measurement shape (B, N): the weights
     move once more, as if training had lasted one step longer."""
-    batch = loop.to_device(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"), plan.device)
+    batch = plan.batch(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"))
     model.train()
     with gate.exclusive() as info:
         before = measure.load_average()
@@ -156,8 +156,8 @@ def _measure_inference(model, task, cfg: TrialConfig, plan: loop.Plan, res: Tria
     mcfg, device = cfg.measure, plan.device
     n, b = cfg.seq_length, cfg.measure_batch_size
     model.eval()
-    one = loop.to_device(task.measurement_batch(1, n), device)
-    many = loop.to_device(task.measurement_batch(b, n), device)
+    one = plan.batch(task.measurement_batch(1, n))  # padded to its bucket when there are buckets
+    many = plan.batch(task.measurement_batch(b, n))
 
     @torch.no_grad()
     def infer(batch):
@@ -215,6 +215,8 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     if plan.emulated:
         notes.append(plan.emulated_reason)
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
+    plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
+    res.shape_buckets = None if plan.buckets is None else ",".join(map(str, plan.buckets))
     res.seed = cfg.train.seed
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
     res.memory_budget_mb = budget
