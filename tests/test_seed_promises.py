@@ -485,3 +485,24 @@ def test_qat_trial_trains_quantization_aware_and_evaluates_int8():
     assert qat.precision == "qat_int8" and qat.accuracy is not None and qat.emulated is False
     assert qat.loss_curve != fp32.loss_curve  # training saw the fake quantization
     assert qat.loss_curve == pytest.approx(fp32.loss_curve, rel=0.1)
+
+
+def test_trial_step_adds_the_router_balance_loss_once():
+    # Regression (fixed on main): the training step added the router's balance term to a loss
+    # that already held it.
+    import copy
+
+    from omninet import ModelConfig, OmniNetModel
+    from omninet.trial import TrialConfig, loop
+
+    torch.manual_seed(0)
+    model = OmniNetModel(ModelConfig(arch="encoder", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                                     max_seq_length=24, num_classes=3, dropout=0.0,
+                                     heads={"active_heads": 2, "balance_loss_weight": 0.5})).train()
+    batch = _cls_batch()
+    out = copy.deepcopy(model)(**batch)
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    cfg = TrialConfig.from_dict(trial())
+    plan = loop.resolve_plan(cfg.hardware)
+    loss = loop.step(model, loop.make_optimizer(model, cfg.train), batch, cfg.train, plan)
+    assert float(loss) == pytest.approx(float(out.loss), rel=1e-6)  # task loss + aux, once
