@@ -191,7 +191,7 @@ def attach_memory_guard(model: nn.Module, *, memory_threshold: float, backend=No
         low_dtype = next((d for d in (torch.bfloat16, torch.float16) if d in native), None)
     detach_memory_guard(model)
     p = next(model.parameters(), None)
-    index = p.device.index or 0 if p is not None else 0
+    index = (p.device.index or 0) if p is not None else 0
     monitor = MemoryMonitor(model, backend=backend, plan=plan, config=monitor_config(float(t), **config),
                             read=read or (lambda: memory_pressure(backend, index)[0]), dtype=low_dtype, hook=False,
                             mode="inference")
