@@ -501,8 +501,8 @@ def test_trial_step_adds_the_router_balance_loss_once():
                                      heads={"active_heads": 2, "balance_loss_weight": 0.5})).train()
     batch = _cls_batch()
     out = copy.deepcopy(model)(**batch)
-    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0
     cfg = TrialConfig.from_dict(trial())
     plan = loop.resolve_plan(cfg.hardware)
     loss = loop.step(model, loop.make_optimizer(model, cfg.train), batch, cfg.train, plan)
-    assert float(loss) == pytest.approx(float(out.loss), rel=1e-6)  # task loss + aux, once
+    assert float(loss) == pytest.approx(float(out.loss.detach()), rel=1e-6)  # task loss + aux, once
