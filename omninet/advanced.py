@@ -21,13 +21,15 @@ the others.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from omninet.config import AttentionConfig, ModelConfig, PositionConfig
-from omninet.model import Stack, attention_mask_4d
+from omninet.model import Attention, Stack, attention_mask_4d, prune_layer_heads
 
 if TYPE_CHECKING:
     from omninet.hardware import DeviceConfig
@@ -53,6 +55,11 @@ class AdvancedTransformer(nn.Module):
         from omninet.hardware import as_device_config, resolve_device_config  # late: keeps `import omninet` light
 
         device_config = as_device_config(device_config)  # unknown keys and bad values fail first, as always
+        # What save_pretrained writes to config.json (transformers convention: the constructor's arguments).
+        self.init_kwargs = dict(num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, ff_dim=ff_dim,
+                                max_seq_length=max_seq_length, use_sparse_attention=bool(use_sparse_attention),
+                                use_linformer=bool(use_linformer), device_config=device_config.to_dict(),
+                                dropout=dropout, position=position, gradient_checkpointing=gradient_checkpointing)
         if not isinstance(ff_dim, int) or ff_dim < 1:
             raise ValueError(f"ff_dim must be a positive integer, got {ff_dim!r}")
         self.config = ModelConfig(
@@ -91,3 +98,73 @@ class AdvancedTransformer(nn.Module):
             head_mask = head_mask.expand(L, H)
         out, weights = self.encoder(self.drop(x), mask=mask, head_mask=head_mask, need_weights=output_attentions)
         return out, weights
+
+    # ---- heads: importance and pruning (the same semantics as OmniNetModel) ------------------
+    def attention_layers(self) -> list[Attention]:
+        """Self-attention modules in layer order."""
+        return [b.attn for b in self.encoder.blocks]
+
+    def prune_heads(self, heads: dict[int, list[int]]) -> None:
+        """Physically removes heads ``{layer: [original head ids]}``: their q/k/v rows and output
+        columns go, so parameters and FLOPs shrink; the output equals the unpruned model's with
+        those heads zeroed by ``head_mask``. Recorded in ``config.heads.pruned_heads`` (and so
+        in ``save_pretrained``). Bad ids raise before anything changes."""
+        self.config = prune_layer_heads(self.attention_layers(), self.config, heads)
+
+    def head_importance(self, batches, *, loss_fn, normalize: bool = True) -> torch.Tensor:
+        """(num_layers, num_heads) gradient importance by original head id (Michel et al. 2019;
+        ``omninet.heads.compute_head_importance``). ``batches``: dicts of forward keyword
+        arguments (``hidden_states``, ``attention_mask``); ``loss_fn((output, weights), batch)``
+        gives the scalar loss (this class has no head of its own)."""
+        from omninet.heads import compute_head_importance
+
+        return compute_head_importance(self, batches, loss_fn=loss_fn, normalize=normalize)
+
+    def prune_by_importance(self, importance: torch.Tensor, prune_ratio: float) -> dict[int, list[int]]:
+        """Removes the globally least important heads until ``prune_ratio`` of all heads are
+        gone (>= 1 per layer); returns ``{layer: [removed ids]}``."""
+        from omninet.heads import prune_by_importance
+
+        return prune_by_importance(self, importance, prune_ratio)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ---- persistence (transformers conventions: config.json + model.safetensors) -------------
+    def save_pretrained(self, save_directory) -> None:
+        """Writes ``config.json`` (the constructor's arguments and the pruned heads) and
+        ``model.safetensors`` to ``save_directory`` (created if missing)."""
+        from safetensors.torch import save_model
+
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        pruned = {str(k): v for k, v in sorted(self.config.heads.pruned_heads.items())}
+        config = {"model_type": "omninet-advanced", **self.init_kwargs, "pruned_heads": pruned}
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(self, str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_path, **kwargs) -> "AdvancedTransformer":
+        """Rebuilds a model saved by ``save_pretrained``; keyword arguments override the saved
+        constructor arguments (e.g. ``device_config={'device': 'cpu'}``). Weights load onto the
+        model's device; the result is in eval mode, as in transformers."""
+        from safetensors.torch import load_model
+
+        d = Path(pretrained_model_path)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise ValueError(f"{d} is not a saved AdvancedTransformer: expected config.json and model.safetensors "
+                             "(written by save_pretrained)")
+        config = json.loads((d / "config.json").read_text())
+        if config.pop("model_type", None) != "omninet-advanced":
+            raise ValueError(f"{d}/config.json is not an AdvancedTransformer config (model_type 'omninet-advanced'); "
+                             "load an OmniNetModel directory with OmniNetModel.from_pretrained")
+        pruned = {int(k): v for k, v in config.pop("pruned_heads", {}).items()}
+        unknown = sorted(set(kwargs) - set(config))
+        if unknown:
+            raise ValueError(f"from_pretrained: unknown argument(s) {unknown}; valid overrides are {sorted(config)}")
+        model = cls(**{**config, **kwargs})
+        if pruned:
+            model.prune_heads(pruned)
+        device = next(model.parameters()).device
+        load_model(model, str(d / "model.safetensors"), device=str(device))
+        return model.eval()

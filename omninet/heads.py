@@ -10,7 +10,9 @@ Dimensions: B batch, N tokens, Nk keys, C hidden, H heads a layer still has (its
   forward when ``HeadsConfig.online_importance`` is on (``attn.online_importance``).
 - Pruning: ``prune_by_importance`` (global least-important fraction, >= 1 head per layer),
   ``prune_model`` (one shot: score, prune, evaluate before/after) and ``IterativePruner``
-  (a slice every few training steps). Physical removal itself is ``OmniNetModel.prune_heads``.
+  (a slice every few training steps). Physical removal itself is ``prune_heads`` on ``OmniNetModel`` or the seed
+  class ``AdvancedTransformer`` (both work with every function here; the seed class needs
+  ``loss_fn``).
 - Gating (mixture-of-heads, MoH arXiv 2410.11842): ``HeadRouter`` picks the top-k heads per
   sequence (``gating='sequence'``) or per token (``'token'``). With sequence gating only the
   selected heads are computed: their rows of the qkv weight and columns of the output
@@ -89,9 +91,10 @@ def compute_head_importance(model: OmniNetModel, batches: Iterable[dict], *,
                 raise ValueError(f"compute_head_importance: each batch must be a dict of model(...) keyword "
                                  f"arguments (input_ids, labels, ...), got {type(batch).__name__}")
             output = model(**batch, head_mask=gate)
-            loss = loss_fn(output, batch) if loss_fn is not None else output.loss
-            if loss is None:
-                raise ValueError("compute_head_importance: the model returned no loss; put labels in each batch or pass loss_fn")
+            loss = loss_fn(output, batch) if loss_fn is not None else getattr(output, "loss", None)
+            if loss is None:  # the seed class returns (output, weights): it has no loss of its own
+                raise ValueError("compute_head_importance: the model returned no loss; put labels in each batch or pass "
+                                 "loss_fn(output, batch) -> scalar")
             (grad,) = torch.autograd.grad(loss, gate)
             total += grad.abs()
             n += 1

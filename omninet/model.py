@@ -438,23 +438,7 @@ class OmniNetModel(nn.Module):
 
     def prune_heads(self, heads: dict[int, list[int]]) -> None:
         """Physically removes heads (original ids) per layer and records them in the config."""
-        layers = self.attention_layers()
-        for layer, ids in heads.items():
-            if not 0 <= layer < len(layers):
-                raise ValueError(f"prune_heads: layer {layer} out of range [0, {len(layers)})")
-            bad = [h for h in ids if not 0 <= h < self.config.num_heads]
-            if bad:
-                raise ValueError(f"prune_heads: head ids {bad} out of range [0, {self.config.num_heads}) in layer {layer}")
-        for layer, ids in heads.items():  # check every layer before changing any
-            if not set(layers[layer].head_ids.tolist()) - set(ids):
-                raise ValueError(f"prune_heads: layer {layer} would remove every head; keep at least one")
-        merged = {k: sorted(set(v)) for k, v in self.config.heads.pruned_heads.items()}
-        for layer, ids in heads.items():
-            new = [h for h in ids if h not in merged.get(layer, [])]
-            if new:
-                layers[layer].prune(new)
-            merged[layer] = sorted(set(merged.get(layer, [])) | set(ids))
-        self.config = self.config.replace(heads=self.config.heads.replace(pruned_heads=merged))
+        self.config = prune_layer_heads(self.attention_layers(), self.config, heads)
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
@@ -478,6 +462,41 @@ class OmniNetModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def check_prune_heads(heads, num_layers: int, num_heads: int, present: list[list[int]]) -> None:
+    """ValueError (one line, naming ``heads`` and the fix) for a pruning request that names a
+    layer or head that does not exist or would empty a layer. Nothing is changed."""
+    if not isinstance(heads, dict):
+        raise ValueError(f"prune_heads: heads must be a dict {{layer: [head ids]}}, got {type(heads).__name__}")
+    for layer, ids in heads.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"prune_heads: layer {layer!r} out of range [0, {num_layers}); "
+                             f"use layer indices 0..{num_layers - 1} as the keys of heads")
+        if not isinstance(ids, (list, tuple)) or any(isinstance(h, bool) or not isinstance(h, int) for h in ids):
+            raise ValueError(f"prune_heads: heads[{layer}] must be a list of int head ids, got {ids!r}")
+        bad = [h for h in ids if not 0 <= h < num_heads]
+        if bad:
+            raise ValueError(f"prune_heads: head ids {bad} out of range [0, {num_heads}) in layer {layer}; "
+                             f"use original head ids 0..{num_heads - 1}")
+    for layer, ids in heads.items():  # check every layer before changing any
+        if not set(present[layer]) - set(ids):
+            raise ValueError(f"prune_heads: heads[{layer}]={sorted(set(ids))} would remove every head of layer {layer} "
+                             f"(left: {present[layer]}); keep at least one")
+
+
+def prune_layer_heads(layers: list["Attention"], config: ModelConfig, heads: dict[int, list[int]]) -> ModelConfig:
+    """Removes heads (original ids) from ``layers`` (self-attention modules in global layer
+    order) and returns ``config`` with them recorded in ``heads.pruned_heads``. Pruning a head
+    that is already gone is a no-op; every check runs before anything changes."""
+    check_prune_heads(heads, len(layers), config.num_heads, [a.head_ids.tolist() for a in layers])
+    merged = {k: sorted(set(v)) for k, v in config.heads.pruned_heads.items()}
+    for layer, ids in heads.items():
+        new = [h for h in ids if h not in merged.get(layer, [])]
+        if new:
+            layers[layer].prune(new)
+        merged[layer] = sorted(set(merged.get(layer, [])) | set(ids))
+    return config.replace(heads=config.heads.replace(pruned_heads=merged))
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:

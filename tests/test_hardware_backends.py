@@ -200,7 +200,7 @@ def test_accelerator_table_comes_from_the_backends():
 
 def test_device_config_is_typed_and_keeps_the_dict_wording():
     assert DEVICE_CONFIG_KEYS == ("device", "precision", "memory_threshold")
-    assert DeviceConfig() == DeviceConfig.from_dict({}) == DeviceConfig(device="auto", precision="fp32", memory_threshold=0.9)
+    assert DeviceConfig() == DeviceConfig.from_dict({}) == DeviceConfig(device="auto", precision="fp32", memory_threshold=None)
     cfg = DeviceConfig.from_dict({"device": "cpu", "memory_threshold": 1})
     assert cfg.memory_threshold == 1.0 and isinstance(cfg.memory_threshold, float)
     assert resolve_device_config(cfg).device == torch.device("cpu")
@@ -316,16 +316,17 @@ def test_probe_on_this_cpu():
 
 
 @pytest.mark.parametrize("flags, native", [
-    (dict(avx2=True), ["fp32", "int8"]),
-    (dict(avx2=True, avx512=True), ["fp32", "int8"]),  # bf16 runs (converted), but is not native
-    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8"]),
-    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True), ["fp32", "bf16", "fp16", "mixed", "int8"]),
+    (dict(avx2=True), ["fp32", "int8", "qat_int8"]),
+    (dict(avx2=True, avx512=True), ["fp32", "int8", "qat_int8"]),  # bf16 runs (converted), but is not native
+    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8", "qat_int8"]),
+    (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True),
+     ["fp32", "bf16", "fp16", "mixed", "int8", "qat_int8"]),
 ])
 def test_probe_follows_the_cpu_flags(monkeypatch, flags, native):
     _cpu_flags(monkeypatch, **flags)
     caps = probe_capabilities("cpu")
     if caps["int8_engine"] is None:
-        native = [n for n in native if n != "int8"]
+        native = [n for n in native if n not in ("int8", "qat_int8")]
     assert caps["native_precisions"] == native
     if "fp16" not in native:
         assert "AMX-FP16" in caps["refused"]["fp16"]

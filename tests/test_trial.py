@@ -192,17 +192,17 @@ def test_int8_trains_fp32_and_quantizes_for_inference(ok_result):
 
 @pytest.mark.parametrize("precision", ["bf16", "mixed"])
 def test_low_precision_trial(precision):
-    from omninet.hardware import resolve_device_config
+    from omninet.hardware import probe_capabilities
 
-    try:
-        resolve_device_config({"device": "cpu", "precision": precision}, training=True)
-    except ValueError as exc:
+    caps = probe_capabilities("cpu")  # the sweep's capability probe decides what is native
+    if precision not in caps["native_precisions"]:
         res = run_trial(tiny(hardware={"precision": precision}))
-        assert res.status == "invalid" and precision in res.error  # refused with the hardware layer's reason
-        pytest.skip(str(exc))
+        assert res.status == "invalid" and precision in res.error and "allow_emulated" in res.error
+        pytest.skip(f"{precision} is not native on this CPU")
     res = run_trial(tiny(hardware={"precision": precision}, measure={"memory": True}))
     assert res.status == "ok", res.error
     assert res.precision == precision and len(res.loss_curve) == 8 and res.peak_memory_train_mb > 0
+    assert res.emulated is False and (precision != "mixed" or res.low_precision_blocks >= 1)
 
 
 # ---- failures are results, each from a real cause ---------------------------------------

@@ -8,7 +8,10 @@ Order of passes (torchtitan style; the model code never imports a vendor backend
     apply_precision(model, plan)
     monitor = MemoryMonitor(model, backend=placement.backend, plan=plan,
                             config=MonitorConfig(memory_threshold=0.9))
-    int8 = quantize_int8(model)                    # CPU inference
+    # or, with device_config['memory_threshold'] set, placement.apply(model) attaches a guard:
+    # the forward then adapts itself (micro-batches, low-precision blocks; omninet.hardware.guard)
+    int8 = quantize_int8(model)                    # CPU inference (post-training)
+    prepare_qat(model); train(model); convert_qat(model)   # precision='qat_int8': quantization-aware
     export_onnx(model, "model.onnx", seq_len=512)   # LPU toolchains
 
 Backends: cpu, cuda, rocm, xpu, mps, tpu (torch_xla, lazy), npu (torch_npu, lazy). LPU has no
@@ -30,6 +33,7 @@ from omninet.hardware.base import (
 )
 from omninet.hardware.cpu import cpu_flags
 from omninet.hardware.device import (
+    DEFAULT_MEMORY_FRACTION,
     DEVICE_CONFIG_KEYS,
     DeviceConfig,
     Placement,
@@ -42,6 +46,7 @@ from omninet.hardware.memory import estimate_memory_mb, max_batch_size, memory_b
 from omninet.hardware.mixed import (
     MixedPrecisionPlan,
     apply_precision,
+    eligible_blocks,
     low_precision_blocks,
     measure_sensitivity,
     named_blocks,
@@ -49,20 +54,22 @@ from omninet.hardware.mixed import (
     remove_precision,
     set_block_precision,
 )
-from omninet.hardware.monitor import MemoryMonitor, MonitorConfig
+from omninet.hardware.guard import MemoryGuard, accumulate, attach_memory_guard, detach_memory_guard
+from omninet.hardware.monitor import MemoryMonitor, MonitorConfig, memory_pressure
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision, training_step
 from omninet.hardware.probe import probe_capabilities
-from omninet.hardware.quantize import int8_engine, quantize_int8
+from omninet.hardware.quantize import convert_qat, int8_engine, prepare_qat, qat_modules, quantize_int8
 from omninet.hardware.table import ACCELERATOR_RESOURCES, backends_for_resource, device_present
 
 __all__ = [
     "BACKENDS", "DTYPES", "PRECISIONS", "Backend", "MemoryStats", "available_backends", "get_backend",
     "register_backend", "cpu_flags", "resolve_backend", "Placement", "resolve_device_config", "PrecisionPolicy",
     "resolve_precision", "training_step", "MixedPrecisionPlan", "plan_mixed_precision", "measure_sensitivity",
-    "apply_precision", "remove_precision", "low_precision_blocks", "named_blocks", "set_block_precision",
-    "MemoryMonitor", "MonitorConfig", "quantize_int8", "int8_engine", "estimate_memory_mb", "memory_breakdown",
+    "apply_precision", "remove_precision", "low_precision_blocks", "eligible_blocks", "named_blocks", "set_block_precision",
+    "MemoryMonitor", "MonitorConfig", "quantize_int8", "prepare_qat", "convert_qat", "qat_modules", "int8_engine", "estimate_memory_mb", "memory_breakdown",
     "max_batch_size", "export_onnx", "onnx_available", "DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config",
-    "ACCELERATOR_RESOURCES", "backends_for_resource", "device_present", "probe_capabilities", "describe_backends",
+    "ACCELERATOR_RESOURCES", "backends_for_resource", "MemoryGuard", "attach_memory_guard", "detach_memory_guard",
+    "accumulate", "memory_pressure", "DEFAULT_MEMORY_FRACTION", "device_present", "probe_capabilities", "describe_backends",
 ]
 
 

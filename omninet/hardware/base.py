@@ -24,7 +24,8 @@ __all__ = ["Backend", "MemoryStats", "BACKENDS", "register_backend", "get_backen
            "PRECISIONS", "DTYPES", "lazy_import"]
 
 # Precision names used everywhere in OmniNet (trial configs, sweeps, benchmark output).
-PRECISIONS = ("fp32", "bf16", "fp16", "mixed", "int8", "auto")
+# 'qat_int8': quantization-aware training (fake-quantized Linear layers), int8 for inference.
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed", "int8", "qat_int8", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -14,7 +14,7 @@ from omninet.config import ConfigBase
 from omninet.hardware.base import BACKENDS, PRECISIONS, Backend, available_backends, get_backend
 from omninet.hardware.mixed import MixedPrecisionPlan, apply_precision, plan_mixed_precision, set_block_precision
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision
-from omninet.hardware.quantize import quantize_int8
+from omninet.hardware.quantize import prepare_qat, quantize_int8
 
 __all__ = ["DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config", "resolve_backend", "Placement",
            "resolve_device_config"]
@@ -24,13 +24,14 @@ __all__ = ["DeviceConfig", "DEVICE_CONFIG_KEYS", "as_device_config", "resolve_ba
 class DeviceConfig(ConfigBase):
     """Which device a model runs on and how: ``device`` 'auto' or a backend name with an optional
     ':index' ('cpu', 'cuda:1', 'gpu', ...), ``precision`` one of ``PRECISIONS`` ('auto': the
-    device's fast native type), ``memory_threshold`` the fraction of device memory the monitor
-    lets a run use. Checked against this machine only by ``resolve_device_config``. Subclass it
-    to add fields (keep ``validate`` calling ``super().validate()``)."""
+    device's fast native type), ``memory_threshold`` the fraction of the limiting memory above
+    which the model's forward adapts (``omninet.hardware.guard``; None, the default: it never
+    adapts, and estimates check against ``DEFAULT_MEMORY_FRACTION`` of capacity).
+    Checked against this machine only by ``resolve_device_config``. Subclass it to add fields (keep ``validate`` calling ``super().validate()``)."""
 
     device: str = "auto"
     precision: str = "fp32"
-    memory_threshold: float = 0.9
+    memory_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # These three keep the wording users of the device_config dict have always seen, so
@@ -40,8 +41,9 @@ class DeviceConfig(ConfigBase):
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise ValueError(f"device_config['precision']={self.precision!r}; use one of {', '.join(map(repr, PRECISIONS))}")
         t = self.memory_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"device_config['memory_threshold'] must be a fraction in (0, 1], got {t!r}")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
+            raise ValueError(f"device_config['memory_threshold'] must be a fraction in (0, 1], got {t!r}; "
+                             "use e.g. 0.85, or None to never adapt")
         super().__post_init__()
 
     @classmethod
@@ -56,6 +58,7 @@ class DeviceConfig(ConfigBase):
         return cls(**data)
 
 
+DEFAULT_MEMORY_FRACTION = 0.9  # of capacity: what estimates are checked against without a memory_threshold
 DEVICE_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DeviceConfig))
 _ALIASES = {"gpu": None, "xla": "tpu", "hip": "rocm"}  # 'gpu': whichever GPU backend is present
 
@@ -98,11 +101,11 @@ def resolve_backend(device: str) -> tuple[Backend, int]:
 @dataclass
 class Placement:
     """Where and how a model runs: ``device``, the resolved ``precision`` name, the
-    ``memory_threshold`` for the monitor, the ``backend`` and the precision ``policy``."""
+    ``memory_threshold`` for the monitor (None: none), the ``backend`` and the precision ``policy``."""
 
     device: torch.device
     precision: str
-    memory_threshold: float
+    memory_threshold: float | None
     backend: Backend = field(default_factory=lambda: get_backend("cpu"))
     policy: PrecisionPolicy | None = None
     plan: MixedPrecisionPlan | None = None
@@ -110,8 +113,19 @@ class Placement:
     def apply(self, module: nn.Module, *, calibration: dict | None = None, error_budget: float = 1e-2) -> nn.Module:
         """Moves ``module`` to the device and applies the precision: bf16/fp16 put the whole
         module under autocast (hooks; fp32 master weights), 'mixed' measures a layer-wise plan
-        on the ``calibration`` batch (required), 'int8' quantizes Linear layers in place."""
-        module = module.to(self.device)
+        on the ``calibration`` batch (required), 'int8' quantizes Linear layers in place,
+        'qat_int8' swaps Linear layers for fake-quantized ones (train, then ``convert_qat``).
+        With a ``memory_threshold`` the forward then consults a memory monitor
+        (``omninet.hardware.guard.attach_memory_guard``)."""
+        module = self._apply_precision(module.to(self.device), calibration, error_budget)
+        if self.memory_threshold is not None:
+            from omninet.hardware.guard import attach_memory_guard
+
+            attach_memory_guard(module, memory_threshold=self.memory_threshold, backend=self.backend, plan=self.plan,
+                                low_dtype="native")
+        return module
+
+    def _apply_precision(self, module: nn.Module, calibration: dict | None, error_budget: float) -> nn.Module:
         policy = self.policy
         if policy is None or policy.name == "fp32":
             return module
@@ -126,6 +140,8 @@ class Placement:
             apply_precision(module, self.plan)
         elif policy.name == "int8":
             module = quantize_int8(module, inplace=True)
+        elif policy.name == "qat_int8":
+            module = prepare_qat(module)
         return module
 
     def describe(self) -> dict:
@@ -148,8 +164,8 @@ def as_device_config(device_config: DeviceConfig | dict | None) -> DeviceConfig:
 
 def resolve_device_config(device_config: DeviceConfig | dict, *, training: bool = False) -> Placement:
     """A ``DeviceConfig`` (or a dict of its fields: ``{'device': 'auto'|name[:index], 'precision':
-    'fp32'|'bf16'|'fp16'|'mixed'|'int8'|'auto', 'memory_threshold': fraction}``) -> Placement,
-    checked against this machine. Defaults: auto device, fp32, 0.9."""
+    'fp32'|'bf16'|'fp16'|'mixed'|'int8'|'qat_int8'|'auto', 'memory_threshold': fraction or None}``) ->
+    Placement, checked against this machine. Defaults: auto device, fp32, no threshold."""
     cfg = as_device_config(device_config)
     backend, index = resolve_backend(cfg.device)
     policy = resolve_precision(cfg.precision, backend, training=training)

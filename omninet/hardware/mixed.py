@@ -4,7 +4,7 @@
    then once per block with only that block in low precision, and record the relative error
    of the output (or the relative change of the loss).
 2. ``plan_mixed_precision``: protect the critical layers (embeddings, positions, the first and
-   last block of each stack, norms, the output head), then add blocks to low precision from
+   last block of each stack of more than two blocks, norms, the output head), then add blocks to low precision from
    the least sensitive up while the error of the COMBINED configuration, measured again,
    stays within ``error_budget``. The result is a ``MixedPrecisionPlan`` with a per-layer table
    (``plan.table``: list of dicts, DataFrame-able; ``plan.log()``).
@@ -14,6 +14,9 @@
    model code is untouched and the state-dict keys do not change. Parameters stay fp32 (master
    weights, so training works) unless ``cast_weights=True`` (inference: the block's Linear
    weights are stored in the low dtype once instead of being cast on every forward).
+
+On shallow stacks (one or two blocks) the first/last rule yields: it would leave no block
+eligible, so there sensitivity alone decides (the table's reason says so).
 
 The residual stream stays fp32 between blocks, and inside a pre-norm block the norms see the
 fp32 residual, so norms run in fp32 even in low-precision blocks.
@@ -30,7 +33,7 @@ from torch import nn
 from omninet.hardware.base import DTYPES
 
 __all__ = ["named_blocks", "measure_sensitivity", "plan_mixed_precision", "MixedPrecisionPlan", "apply_precision",
-           "remove_precision", "low_precision_blocks", "set_block_precision"]
+           "remove_precision", "low_precision_blocks", "set_block_precision", "eligible_blocks", "SHALLOW_STACK"]
 
 log = logging.getLogger("omninet.hardware")
 
@@ -50,14 +53,28 @@ def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+SHALLOW_STACK = 2  # stacks of at most this many blocks keep no block fp32 by position alone
+
+
 def _stack_ends(model: nn.Module) -> set[str]:
+    """The first and last block of each stack deeper than ``SHALLOW_STACK`` (on a shallow
+    stack protecting them would leave nothing to plan, so sensitivity alone decides there)."""
     from omninet.model import Stack
 
     ends = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, Stack) and len(mod.blocks):
+        if isinstance(mod, Stack) and len(mod.blocks) > SHALLOW_STACK:
             ends |= {f"{name}.blocks.0", f"{name}.blocks.{len(mod.blocks) - 1}"}
     return ends
+
+
+def eligible_blocks(model: nn.Module, plan: "MixedPrecisionPlan | None" = None) -> list[str]:
+    """Blocks that may run in low precision, least sensitive first when a plan measured them,
+    else in depth order: never a protected first/last block of a deep stack."""
+    if plan is not None:
+        return plan.least_sensitive_fp32()
+    ends = _stack_ends(model)
+    return [n for n, _ in named_blocks(model) if n not in ends]
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -295,8 +312,11 @@ def _table(model: nn.Module, plan: MixedPrecisionPlan, rejected: dict[str, float
         for n, b in named_blocks(model):
             if not n.startswith(f"{stack}.blocks."):
                 continue
+            shallow = len(model.get_submodule(f"{stack}.blocks")) <= SHALLOW_STACK
             if n in plan.protected:
                 reason = "protected: first/last block" if n not in rejected else "protected"
+            elif shallow and n in plan.low_precision:
+                reason = "within error budget (shallow stack: sensitivity alone decides)"
             elif n in plan.low_precision:
                 reason = "within error budget"
             else:

@@ -21,7 +21,9 @@ fp16 on a CPU without AMX-FP16 is refused (scalar fallback kernels, ~100x slower
 Low precision always runs under ``torch.autocast``: parameters stay fp32 (the master
 weights), matmuls run in the low dtype, so weights and activations always agree in dtype.
 ``mixed`` is the layer-wise plan of ``omninet.hardware.mixed`` (autocast per block);
-``int8`` is dynamic int8 quantization of Linear layers for CPU inference.
+``int8`` is dynamic int8 quantization of Linear layers for CPU inference (post-training);
+``qat_int8`` trains in fp32 with fake-quantized Linear layers (per-channel int8 weights,
+``omninet.hardware.quantize.prepare_qat``) and converts them to int8 for inference (CPU).
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def resolve_precision(requested: str, backend: Backend, *, training: bool = Fals
         if training:
             raise ValueError("precision='int8' is for inference; train in 'fp32'/'bf16'/'auto' and quantize afterwards")
         return PrecisionPolicy("int8", torch.float32, dev, False, "dynamic int8 Linear layers (CPU inference)")
+    if requested == "qat_int8":
+        if backend.name != "cpu":
+            raise ValueError(f"precision='qat_int8' converts to int8 kernels that run on CPU only, not {backend.name}; "
+                             "use device='cpu' or precision 'auto'")
+        return PrecisionPolicy("qat_int8", torch.float32, dev, False,
+                               "quantization-aware training (fake-quantized Linear, per-channel int8 weights), "
+                               "int8 inference (CPU)")
     if requested == "mixed":
         low = mixed_dtype or backend.default_precision()
         if low not in ("bf16", "fp16"):

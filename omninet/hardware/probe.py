@@ -24,7 +24,7 @@ __all__ = ["probe_capabilities", "CPU_FLAGS"]
 # The ISA features that decide precision speed on a CPU (names as in /proc/cpuinfo).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
              "amx_fp16")
-_PROBED = ("fp32", "bf16", "fp16", "mixed", "int8")
+_PROBED = ("fp32", "bf16", "fp16", "mixed", "int8", "qat_int8")
 _TORCH_NAMES = {"avx512": "avx512f"}  # torch.cpu probe name -> /proc/cpuinfo name
 
 
@@ -51,7 +51,7 @@ def _int8_engine(backend) -> str | None:
 
 def probe_capabilities(device: str = "auto") -> dict:
     """A JSON-able summary of what ``device`` runs natively: ``native_precisions`` (fast for
-    training and inference; int8 for inference, where an int8 engine exists), ``refused``
+    training and inference; int8 and qat_int8 for int8 inference, where an int8 engine exists), ``refused``
     (precision -> the one-line reason the trial would raise), memory, CPU model and flags."""
     backend, index = resolve_backend(device)
     refused: dict[str, str] = {}
@@ -61,14 +61,15 @@ def probe_capabilities(device: str = "auto") -> dict:
         except ValueError as exc:
             refused[name] = str(exc)
     engine = _int8_engine(backend)
-    if engine is None and "int8" not in refused:
-        refused["int8"] = "precision='int8': no int8 engine (fbgemm/onednn) in this torch build; use 'fp32'"
+    for name in ("int8", "qat_int8"):
+        if engine is None and name not in refused:
+            refused[name] = f"precision={name!r}: no int8 engine (fbgemm/onednn) in this torch build; use 'fp32'"
     native_low = {n for n in ("bf16", "fp16") if n not in refused and DTYPES[n] in backend.native_dtypes()}
     native = ({"fp32"} - set(refused)) | native_low
     if native_low and "mixed" not in refused:
         native.add("mixed")
     if engine is not None:
-        native.add("int8")
+        native |= {"int8", "qat_int8"}
     return {
         "backend": backend.name,
         "device": str(backend.torch_device(index)),

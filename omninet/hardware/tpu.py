@@ -1,7 +1,7 @@
 """Google TPUs through PyTorch/XLA (``torch_xla``, imported lazily: only when asked whether a
 TPU is here and the package is installed). Device type ``xla``; Ray resource ``TPU``.
-XLA has no peak counter: the peak is ``bytes_peak`` where the runtime reports it, else the
-largest value seen since the last reset."""
+The peak is the runtime's ``peak_bytes_used`` (``xm.get_memory_info``, torch_xla >= 2.5) where
+it reports one, else the largest ``bytes_used`` seen since the last reset."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def _xm():
 
 def _runtime():
     return lazy_import("torch_xla.runtime")
+
+
+PEAK_KEY = "peak_bytes_used"  # the key xm.get_memory_info uses for the runtime's high-water mark
 
 
 @register_backend
@@ -54,7 +57,7 @@ class TPUBackend(Backend):
         else:  # older releases report kilobytes free/total
             cap = int(info["kb_total"]) * 1024
             used = cap - int(info["kb_free"]) * 1024
-        TPUBackend._peak = max(TPUBackend._peak, int(info.get("peak_bytes_used", used)))
+        TPUBackend._peak = max(TPUBackend._peak, used, int(info.get(PEAK_KEY, used)))
         return MemoryStats(in_use=used, peak=TPUBackend._peak, capacity=cap)
 
     def reset_peak_memory(self, index: int = 0) -> None:

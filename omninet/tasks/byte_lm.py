@@ -20,7 +20,7 @@ import glob
 import hashlib
 import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,11 @@ class ByteLMConfig(TaskConfig):
                              f"{self.max_length + 1} bytes; raise max_bytes or lower max_length")
         if not self.pattern:
             raise ValueError("ByteLMConfig.pattern must be a non-empty glob such as '**/*.txt'")
+        parts = PurePath(self.pattern).parts
+        if PurePath(self.pattern).is_absolute() or PureWindowsPath(self.pattern).is_absolute() or ".." in parts \
+                or ".." in PureWindowsPath(self.pattern).parts:
+            raise ValueError(f"ByteLMConfig.pattern={self.pattern!r} reaches outside root; use a relative glob without "
+                             "'..' such as '**/*.txt', and point root at the folder to read")
 
 
 @register_task
@@ -92,10 +97,13 @@ class ByteLMTask(Task):
     def _find_files(self) -> dict[str, list[tuple[float, str]]]:
         """Matching files by split, each list in hash order: ``(fraction, relative path)``."""
         found: dict[str, list[tuple[float, str]]] = {"train": [], "eval": []}
+        root = self.root.resolve()
         # glob.glob on relative strings is ~3x faster than Path.glob here; stat only survivors.
         for rel in glob.glob(self.config.pattern, root_dir=self.root, recursive=True):
             rel = Path(rel).as_posix()
             if any(fnmatch.fnmatch(rel, pat) for pat in self.config.exclude) or not (self.root / rel).is_file():
+                continue
+            if not (self.root / rel).resolve().is_relative_to(root):  # a symlink out of the corpus
                 continue
             fraction = path_fraction(rel)
             found["eval" if fraction < self.config.eval_fraction else "train"].append((fraction, rel))

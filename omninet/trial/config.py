@@ -94,6 +94,10 @@ class HardwareConfig(DeviceConfig):
     memory_budget_mb: float | None = None
     num_threads: int | None = None  # CPU intra-op threads for this trial (None: one per allotted core, or torch's)
     allow_emulated: bool = False
+    # Static-shape buckets (omninet.shapes): every batch is padded (masked) to the next length in
+    # the list; 'pow2' = powers of two up to the model's max_seq_length. Checked against the
+    # model when the trial config is parsed.
+    shape_buckets: list[int] | Literal["pow2"] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -216,6 +220,11 @@ class TrialConfig(ConfigBase):
     def validate(self) -> None:
         _PARSES[0] += 1
         object.__setattr__(self, "model_config", self._resolve_model(self.model))
+        if self.hardware.shape_buckets is not None:
+            buckets = self.buckets
+            longest = max(self.task_obj.max_length, self.measure.seq_length or 0)
+            _check(buckets[-1] >= longest, f"hardware.shape_buckets={buckets} stops below the longest input ({longest} "
+                                           f"tokens); end the list with a bucket >= {longest}, e.g. 'pow2'")
 
     def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
         """The full ModelConfig: ``SMALL_MODEL``, then the task's facts and defaults (arch by
@@ -265,6 +274,17 @@ class TrialConfig(ConfigBase):
 
             object.__setattr__(self, "_task_obj", build_task(self.task))
         return self.__dict__["_task_obj"]
+
+    @property
+    def buckets(self) -> list[int] | None:
+        """``hardware.shape_buckets`` resolved against the model (None: no buckets)."""
+        from omninet.shapes import check_buckets, default_buckets
+
+        b = self.hardware.shape_buckets
+        if b is None:
+            return None
+        n = self.model_config.max_seq_length
+        return default_buckets(n) if b == "pow2" else check_buckets(b, n, where="hardware.shape_buckets")
 
     @property
     def seq_length(self) -> int:
@@ -342,9 +362,12 @@ class TrialResult:
     device_name: str | None = None
     precision: str | None = None
     emulated: bool | None = None  # the precision has no native support on this device (allow_emulated)
+    low_precision_blocks: int | None = None  # precision 'mixed': blocks the plan (on the trained weights) put in low precision
     estimated_memory_mb: float | None = None
     memory_budget_mb: float | None = None
     memory_method: str | None = None
+    shape_buckets: str | None = None  # the static-shape buckets batches were padded to ('16,32,64')
+    memory_actions: str | None = None  # what hardware.memory_threshold did ('train: checkpointing, micro_batches=2; ...')
     seq_length: int | None = None
     measure_batch_size: int | None = None
     seed: int | None = None

@@ -100,9 +100,13 @@ def memory_limit(device: torch.device, budget_mb: float | None, notes: list[str]
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    from omninet.hardware.monitor import clear_data_budget, register_data_budget
+
+    register_data_budget(base, limit)  # the memory monitor reads the budget's use, not the whole process's
     try:
         yield
     finally:
+        clear_data_budget()
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
@@ -128,7 +132,6 @@ def pinned(cores: list[int] | None, num_threads: int | None) -> Iterator[tuple[l
 
 
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    from omninet.hardware.guard import is_oom as allocation_failed
+
+    return allocation_failed(exc)

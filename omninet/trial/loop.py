@@ -23,7 +23,7 @@ from torch import nn
 from omninet.trial.config import HardwareConfig, TrainConfig
 
 __all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
-           "to_device"]
+           "to_device", "training_monitor", "native_refusal"]
 
 PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
 
@@ -35,13 +35,30 @@ class Diverged(Exception):
 @dataclass
 class Plan:
     """How this trial computes: the training placement (device, precision policy), its loss
-    scaler, whether the trained model is quantized to int8 for evaluation and inference, and
-    whether the precision runs emulated (no native support here; ``allow_emulated``)."""
+    scaler, what happens to the trained model before evaluation (``post``: 'int8' quantizes it,
+    'qat_int8' converts its fake-quantized layers to int8, 'mixed' plans layer-wise precision on
+    the trained weights in ``low_dtype``), and whether the precision runs emulated (no native
+    support here; ``allow_emulated``)."""
 
     placement: Any
     scaler: Any
     int8: bool
     emulated: bool = False
+    post: str | None = None  # None | 'int8' | 'qat_int8' | 'mixed'
+    low_dtype: torch.dtype | None = None  # the low dtype of 'mixed'
+    precision: str = "fp32"  # what the trial records
+    emulated_reason: str | None = None
+    buckets: list[int] | None = None  # static-shape buckets every batch is padded to (omninet.shapes)
+    pad_id: int = 0
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """On the device, padded (and masked) to its shape bucket when there are buckets."""
+        batch = to_device(batch, self.device)
+        if self.buckets is None:
+            return batch
+        from omninet.shapes import pad_batch
+
+        return pad_batch(batch, self.buckets, pad_id=self.pad_id)
 
     @property
     def device(self) -> torch.device:
@@ -56,27 +73,62 @@ class Plan:
         return policy.autocast() if policy is not None else contextlib.nullcontext()
 
 
+_LOW = ("bf16", "fp16", "mixed")
+
+
+def native_refusal(hw: HardwareConfig) -> str | None:
+    """Why this device does not run ``hw.precision`` natively, as the sweep's capability probe
+    (``omninet.hardware.probe_capabilities``, the one source of truth) sees it; None if it does."""
+    from omninet.hardware import probe_capabilities
+
+    if hw.precision not in _LOW + ("int8", "qat_int8"):
+        return None
+    caps = probe_capabilities(hw.device)
+    if hw.precision in caps["native_precisions"]:
+        return None
+    return caps["refused"].get(hw.precision) or (
+        f"precision={hw.precision!r} is not native on {caps['device_name']} (the capability probe's native precisions: "
+        f"{', '.join(caps['native_precisions'])})")
+
+
 def resolve_plan(hw: HardwareConfig) -> Plan:
-    """ValueError when this machine cannot run the requested device / precision (unless the
-    config allows emulation, in which case the plan is tagged emulated)."""
+    """ValueError, before anything runs, when this machine cannot run the requested device /
+    precision natively (per the capability probe), unless the config allows emulation, in which
+    case bf16/fp16/mixed run tagged emulated. int8 and qat_int8 train in fp32 and quantize
+    after training; mixed trains in fp32 and plans its layer-wise precision on the trained
+    weights."""
     from omninet.hardware import resolve_device_config
 
     device_config = hw.device_config()
-    int8 = hw.precision == "int8"
+    name = hw.precision
+    refusal = native_refusal(hw)
     emulated = False
-    if int8:
-        resolve_device_config(device_config, training=False)  # int8 inference must be possible here
-        device_config["precision"] = "fp32"  # train in fp32, quantize after training
-    try:
-        placement = resolve_device_config(device_config, training=True)
-    except ValueError as exc:
-        if not hw.allow_emulated or hw.precision not in ("bf16", "fp16", "mixed"):
-            raise
+    if refusal is not None:
+        if not hw.allow_emulated or name not in _LOW:
+            fix = "; set hardware.allow_emulated: true to run it tagged emulated" if name in _LOW else ""
+            raise ValueError(refusal + fix)
         emulated = True
-        placement = _emulated_placement(device_config, exc)
+    post, low_dtype = None, None
+    if name in ("int8", "qat_int8"):
+        resolve_device_config(device_config, training=name == "qat_int8")  # int8 inference must be possible here
+        post = name
+        device_config["precision"] = "fp32"  # trains in fp32 (QAT with fake-quant modules), int8 after
+    elif name == "mixed":
+        post = "mixed"
+        if emulated:
+            low_dtype = torch.bfloat16
+        else:
+            low_dtype = resolve_device_config(device_config, training=False).policy.compute_dtype
+        device_config["precision"] = "fp32"  # the plan is measured on the trained weights
+    if emulated and name != "mixed":
+        placement = _emulated_placement(device_config, ValueError(refusal))
+    else:
+        placement = resolve_device_config(device_config, training=True)
     policy = getattr(placement, "policy", None)
     scaler = policy.make_grad_scaler() if policy is not None else None
-    return Plan(placement, scaler, int8, emulated)
+    precision = name if name in ("int8", "qat_int8", "mixed") else placement.precision
+    reason = f"emulated: {refusal}" if emulated else None
+    return Plan(placement, scaler, post == "int8", emulated, post, low_dtype, precision, reason)
 
 
 def _emulated_placement(device_config: dict[str, Any], refusal: ValueError):
@@ -135,18 +187,44 @@ def train_batches(task, tc: TrainConfig) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-def step(model, opt, batch, tc: TrainConfig, plan: Plan) -> torch.Tensor:
+def _forward_backward(model, batch, plan: Plan, micro_batches: int) -> torch.Tensor:
+    """Loss of the whole batch with its gradients accumulated; split into ``micro_batches``
+    (each loss weighted by its share) when the memory monitor asks for it."""
+    from omninet.hardware import accumulate
+
+    def loss_of(mb):
+        with plan.autocast():
+            return model(mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"]).loss
+
+    backward = (lambda loss: plan.scaler.scale(loss).backward()) if plan.scaler is not None else None
+    if micro_batches <= 1:
+        loss = loss_of(batch)
+        (backward or torch.Tensor.backward)(loss)
+        return loss.detach()
+    keys = ("input_ids", "attention_mask", "labels")
+    return accumulate(loss_of, {k: batch[k] for k in keys}, micro_batches, backward=backward)
+
+
+def step(model, opt, batch, tc: TrainConfig, plan: Plan, monitor=None) -> torch.Tensor:
     """One optimizer step under the precision policy; returns the detached loss. The head
-    router's balance term is already part of ``out.loss`` (the model adds it)."""
-    with plan.autocast():
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    loss = out.loss
-    opt.zero_grad(set_to_none=True)
+    router's balance term is already part of ``out.loss`` (the model adds it). With a memory
+    ``monitor`` (training ladder) the batch runs in its micro-batches, and an allocation
+    failure climbs the ladder and retries the step from zeroed gradients."""
+    from omninet.trial.limits import clean_state, is_oom
+
+    while True:
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = _forward_backward(model, batch, plan, monitor.micro_batches if monitor is not None else 1)
+            break
+        except Exception as exc:  # noqa: BLE001 -- only allocation failures are retried
+            if monitor is None or not is_oom(exc) or monitor.level >= len(monitor.levels):
+                raise
+        opt.zero_grad(set_to_none=True)  # outside the handler: the failed attempt's frames are gone
+        clean_state(plan.backend)
+        monitor.escalate_on_oom()
     if plan.scaler is not None:
-        plan.scaler.scale(loss).backward()
         plan.scaler.unscale_(opt)  # clip true gradients, not scaled ones
-    else:
-        loss.backward()
     if tc.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     if plan.scaler is not None:
@@ -154,10 +232,23 @@ def step(model, opt, batch, tc: TrainConfig, plan: Plan) -> torch.Tensor:
         plan.scaler.update()
     else:
         opt.step()
-    return loss.detach()
+    return loss
 
 
-def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate) -> None:
+def training_monitor(model, hw: HardwareConfig, plan: Plan):
+    """The training ladder's monitor when ``hardware.memory_threshold`` is set, else None."""
+    if hw.memory_threshold is None:
+        return None
+    from omninet.hardware import MemoryMonitor
+    from omninet.hardware.guard import monitor_config
+    from omninet.hardware.monitor import memory_pressure
+
+    index = plan.device.index or 0
+    return MemoryMonitor(model, backend=plan.backend, config=monitor_config(hw.memory_threshold), hook=False,
+                         read=lambda: memory_pressure(plan.backend, index)[0], mode="training")
+
+
+def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None) -> None:
     model.train()
     stream = train_batches(task, tc)
     tokens = 0
@@ -169,8 +260,10 @@ def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate) -> None:
         gate.checkpoint()
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(res.steps, elapsed, tc)
-        batch = to_device(next(stream), plan.device)
-        loss = float(step(model, opt, batch, tc, plan))
+        batch = plan.batch(next(stream))
+        if monitor is not None:
+            monitor.sample()
+        loss = float(step(model, opt, batch, tc, plan, monitor))
         res.steps += 1
         tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(loss):
@@ -192,7 +285,7 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> dict[str, float]
                 break
             batch = {k: v[: tc.eval_max_examples - seen] for k, v in batch.items()}
         gate.checkpoint()
-        batch = to_device(batch, plan.device)
+        batch = plan.batch(batch)
         with plan.autocast():
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         meter.update(logits.float(), batch)

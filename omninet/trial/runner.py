@@ -9,7 +9,7 @@ Order of work: validate the config (``invalid``) -> resolve the device and preci
 ``omninet.hardware`` (``invalid``) -> estimate peak memory against the budget (``infeasible``;
 nothing built) -> under the run-time memory limit and the trial's cores: build, train
 (``diverged`` on a non-finite loss), measure the training step's memory, prune heads, quantize
-(``int8``), evaluate, measure latency, throughput and inference memory at the deployment shape
+(``int8``; ``qat_int8`` converts; ``mixed`` plans layer-wise precision on the trained weights), evaluate, measure latency, throughput and inference memory at the deployment shape
 (``measure.seq_length`` x ``measure.batch_size``, real task tokens). ``oom`` on a real
 allocation failure, ``error`` (with the message) on anything else. A trial-level failure is a
 result, never an exception.
@@ -21,7 +21,15 @@ clean state, on the first call at the measurement shape; latency after; then mem
 
 Memory budget: ``memory_budget_mb`` (argument, else ``hardware.memory_budget_mb``) is both the
 infeasibility threshold for the estimate and a hard limit at run time (``omninet.trial.limits``).
-Without a budget, ``memory_threshold`` x the device's capacity is the infeasibility threshold.
+Without a budget, ``memory_threshold`` (else 0.9) x the device's capacity is the infeasibility
+threshold.
+
+Memory threshold: with ``hardware.memory_threshold`` set, training consults a monitor of the
+real limit (the budget's RLIMIT on CPU, the allocator on accelerators) every step and, with
+hysteresis, turns on activation checkpointing, then micro-batches with gradient accumulation
+(the same effective batch); evaluation and measurement run through the model's memory guard
+(micro-batches, then low-precision blocks where native). A real allocation failure climbs one
+level at once and the step is retried. ``memory_actions`` lists what was done.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
     from omninet.hardware import resolve_device_config
 
     precision = cfg.hardware.precision
-    if precision == "int8":  # int8 trains in fp32
+    if precision in ("int8", "qat_int8", "mixed"):  # these train in fp32 (mixed is planned after training)
         precision = "fp32"
     elif precision == "auto":
         precision = resolve_device_config({**cfg.hardware.device_config(), "precision": "auto"}, training=True).precision
@@ -130,15 +138,16 @@ def _conditions(res: TrialResult, info: dict, before: float | None) -> None:
     res.load_avg_after = measure.load_average()
 
 
-def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+def _measure_train_memory(model, opt, task, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate,
+                          monitor=None) -> None:
     """One real training step on train inputs at the measurement shape (B, N): the weights
     move once more, as if training had lasted one step longer."""
-    batch = loop.to_device(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"), plan.device)
+    batch = plan.batch(task.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"))
     model.train()
     with gate.exclusive() as info:
         before = measure.load_average()
         limits.clean_state(plan.backend, plan.device.index or 0)
-        reading = measure.track_memory(lambda: loop.step(model, opt, batch, cfg.train, plan), device=plan.device,
+        reading = measure.track_memory(lambda: loop.step(model, opt, batch, cfg.train, plan, monitor), device=plan.device,
                                        live_bytes=_live_tensor_bytes(model, opt))
     _conditions(res, info, before)
     res.peak_memory_train_mb, res.peak_rss_train_mb = reading.tensor_peak_mb, reading.rss_peak_mb
@@ -148,8 +157,8 @@ def _measure_inference(model, task, cfg: TrialConfig, plan: loop.Plan, res: Tria
     mcfg, device = cfg.measure, plan.device
     n, b = cfg.seq_length, cfg.measure_batch_size
     model.eval()
-    one = loop.to_device(task.measurement_batch(1, n), device)
-    many = loop.to_device(task.measurement_batch(b, n), device)
+    one = plan.batch(task.measurement_batch(1, n))  # padded to its bucket when there are buckets
+    many = plan.batch(task.measurement_batch(b, n))
 
     @torch.no_grad()
     def infer(batch):
@@ -202,11 +211,13 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
 
     device = plan.device
     res.device, res.device_name = str(device), plan.backend.device_name(device.index or 0)
-    res.precision = "int8" if plan.int8 else plan.placement.precision
+    res.precision = plan.precision
     res.emulated = plan.emulated
     if plan.emulated:
-        notes.append(plan.placement.policy.reason)
+        notes.append(plan.emulated_reason)
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
+    plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
+    res.shape_buckets = None if plan.buckets is None else ",".join(map(str, plan.buckets))
     res.seed = cfg.train.seed
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
     res.memory_budget_mb = budget
@@ -215,7 +226,9 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         threshold = budget
         if threshold is None:
             capacity = _capacity_mb(plan)
-            threshold = None if capacity is None else capacity * cfg.hardware.memory_threshold
+            from omninet.hardware import DEFAULT_MEMORY_FRACTION
+
+            threshold = None if capacity is None else capacity * (cfg.hardware.memory_threshold or DEFAULT_MEMORY_FRACTION)
         if preflight and threshold is not None and res.estimated_memory_mb > threshold:
             return _finish(res, wall, notes, status="infeasible",
                            error=f"estimated peak memory {res.estimated_memory_mb:.1f} MB exceeds the budget of {threshold:.1f} MB")
@@ -240,39 +253,71 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
 
 
 def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_model: bool = False) -> None:
-    """train -> training-step memory -> prune heads -> (keep the model) -> int8 -> evaluate ->
-    inference figures. An int8 trial keeps its fp32 weights (int8 packed weights are not plain
-    tensors; quantize again after loading)."""
+    """train -> training-step memory -> prune heads -> (keep the model) -> mixed plan / int8 ->
+    evaluate -> inference figures. An int8 or mixed trial keeps its fp32 weights (int8 packed
+    weights are not plain tensors; quantize or plan again after loading)."""
     from omninet.model import OmniNetModel
 
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     torch.manual_seed(tc.seed)
-    model = OmniNetModel(cfg.model_config)
-    if plan.placement.precision == "mixed":  # the layer-wise plan is measured on a train batch
-        calib = loop.to_device(task.measurement_batch(tc.batch_size, cfg.seq_length, split="train"), device)
-        model = plan.placement.apply(model, calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
-    else:
-        model = plan.placement.apply(model)
+    model = plan.placement.apply(OmniNetModel(cfg.model_config))
+    if plan.post == "qat_int8":  # trains with fake-quantized Linear layers, converted to int8 after training
+        from omninet.hardware import prepare_qat
+
+        prepare_qat(model)
     res.num_params = model.num_parameters()
     opt = loop.make_optimizer(model, tc)
-    loop.train(model, opt, task, tc, plan, res, gate)
-    if cfg.measure.memory:
-        _measure_train_memory(model, opt, task, cfg, plan, res, gate)
+    monitor = loop.training_monitor(model, cfg.hardware, plan)
+    try:
+        loop.train(model, opt, task, tc, plan, res, gate, monitor)
+        if cfg.measure.memory:
+            _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
+    finally:
+        res.memory_actions = _memory_actions(monitor, model)
     del opt  # inference needs neither gradients nor optimizer state
     model.zero_grad(set_to_none=True)
     loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
-    if keep_model:
+    if keep_model and plan.post != "qat_int8":  # a QAT model holds fake-quant modules, not plain Linear weights
         from omninet.serve.artifacts import model_files
 
         res.model_files = model_files(model)
-    if plan.int8:
+    if plan.post == "mixed":  # planned on the trained (and pruned) weights, on a train batch
+        from omninet.hardware import apply_precision, plan_mixed_precision
+
+        calib = loop.to_device(task.measurement_batch(tc.batch_size, cfg.seq_length, split="train"), device)
+        mp = plan_mixed_precision(model, {k: calib[k] for k in ("input_ids", "attention_mask")}, dtype=plan.low_dtype)
+        mp.log()
+        apply_precision(model, mp)
+        res.low_precision_blocks = len(mp.low_precision)
+    elif plan.int8:
         from omninet.hardware import quantize_int8
 
         model = quantize_int8(model, inplace=True)
-    metrics = loop.evaluate(model, task, tc, plan, gate)
-    res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
-    _measure_inference(model, task, cfg, plan, res, gate)
+    elif plan.post == "qat_int8":
+        from omninet.hardware import convert_qat
+
+        model = convert_qat(model)
+    if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
+        limits.clean_state(plan.backend, device.index or 0)
+    try:
+        metrics = loop.evaluate(model, task, tc, plan, gate)
+        res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
+        _measure_inference(model, task, cfg, plan, res, gate)
+    finally:
+        res.memory_actions = _memory_actions(monitor, model)
+
+
+def _memory_actions(monitor, model) -> str | None:
+    """What the memory threshold did: the most of each ladder ('train: checkpointing,
+    micro_batches=2; inference: micro_batches=2'); None when nothing was needed (or no threshold)."""
+    parts = []
+    guard = getattr(model, "memory_guard", None)
+    for name, mon in (("train", monitor), ("inference", guard.monitor if guard is not None else None)):
+        done = mon.actions(mon.max_level) if mon is not None else []
+        if done:
+            parts.append(f"{name}: {', '.join(done)}")
+    return "; ".join(parts) or None
 
 
 def _finish(res: TrialResult, wall: float, notes: list[str], *, status: str, error: str | None = None) -> TrialResult:
