@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from omninet.config import ModelConfig, PositionConfig
-from omninet.trial.measure import peak_memory_mb, summarize, time_fn
+from omninet.trial.measure import machine_facts, peak_memory_mb, summarize, time_fn
 from omninet.model import Stack
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             })
             print(json.dumps(rows[-1]), file=sys.stderr)
     result = {
-        "benchmark": "dense_vs_torch", "device": "cpu", "threads": torch.get_num_threads(), "dtype": "float32",
+        "benchmark": "dense_vs_torch", "machine": machine_facts(), "device": "cpu", "threads": torch.get_num_threads(), "dtype": "float32",
         "mode": "inference (eval, no_grad)", "dims": {"hidden": hidden, "heads": heads, "ff": ff, "layers": layers},
         "reps": args.reps, "rows": rows,
         "targets": {"time_ratio_max": 1.10, "memory_ratio_max": 1.0},
