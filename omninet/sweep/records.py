@@ -141,12 +141,21 @@ def run_name(pool: str, number: int, params: dict[str, Any], trial_config: dict[
 class MlflowRecorder:
     """One experiment per sweep, one parent run per sweep (found again by tag on resume), one
     child run per trial with ``mlflow.parentRunId`` set explicitly. Writes go through
-    ``MlflowClient.log_batch``. When the store is unreachable, trials stay pending and are
-    backfilled from the Parquet rows on the next successful write or the next run."""
+    ``MlflowClient.log_batch``. When the store is unreachable (from the start or mid-sweep),
+    trials stay pending and are backfilled from the Parquet rows once it answers again; it is
+    retried after 1 s, then 2, 4, ... at most ``retry_s`` apart.
+
+    Every trial run is tagged with the controller that wrote it (``omninet.controller``, plus its
+    host and PID). On (re)connecting, an unfinished trial run, half-written by a controller that
+    died mid-log or by this one when the store failed mid-write, is deleted and rewritten whole,
+    but only when its controller is not live (``is_live``: the sweep lock's holder); finished runs
+    count as logged. Only this sweep's experiment and runs are ever searched, never another's."""
 
     ROLE, SWEEP, KEY = "omninet.role", "omninet.sweep", "omninet.trial_key"
+    CONTROLLER = "omninet.controller"
 
-    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 30.0) -> None:
+    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 30.0,
+                 controller=None, is_live=None) -> None:
         # Fail fast instead of MLflow's default ~2 min of HTTP retries when a server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -155,6 +164,9 @@ class MlflowRecorder:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self.uri, self.config, self.artifact_location = uri, config, artifact_location
         self.retry_s = retry_s
+        self._backoff = 1.0
+        self.controller = controller  # omninet.sweep.lock.ControllerId, or None (untagged runs)
+        self._is_live = is_live or (lambda controller_id: False)
         self._client = None
         self._experiment_id: str | None = None
         self.parent_run_id: str | None = None
@@ -191,13 +203,16 @@ class MlflowRecorder:
                 exp_id, run_name=f"sweep {self.config.name}",
                 tags={self.ROLE: "parent", self.SWEEP: self.config.name},
             ).info.run_id
-        logged = set()
-        for run in self._search(client, exp_id, f"tags.`{self.ROLE}` = 'trial'", ViewType.ACTIVE_ONLY):
-            key = run.data.tags.get(self.KEY)
-            if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("mlflow.parentRunId") == parent:
+        logged, own = set(), self.controller.id if self.controller else None
+        trials = f"tags.`{self.ROLE}` = 'trial' and tags.`{self.SWEEP}` = '{self.config.name}'"
+        for run in self._search(client, exp_id, trials, ViewType.ACTIVE_ONLY):
+            key, writer = run.data.tags.get(self.KEY), run.data.tags.get(self.CONTROLLER)
+            if run.info.status in ("FINISHED", "FAILED"):
                 logged.add(key)
-            else:  # a half-written run from a controller that died mid-log: rewrite it whole
+            elif writer == own or not self._is_live(writer):  # half-written: rewritten whole from Parquet
                 client.delete_run(run.info.run_id)
+                log.info("MLflow: deleted half-written run of %s (%s)", key,
+                         "this controller, store failed mid-write" if writer == own else f"dead controller {writer}")
         self._client, self._experiment_id, self.parent_run_id, self._logged = client, exp_id, parent, logged
 
     @staticmethod
@@ -222,6 +237,7 @@ class MlflowRecorder:
         except Exception as exc:  # any store error: keep the sweep going
             self._unavailable(exc)
             return False
+        self._backoff = 1.0
 
     def _unavailable(self, exc: BaseException) -> None:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -230,8 +246,9 @@ class MlflowRecorder:
                         "backfilled into MLflow when it is reachable", self.uri, message)
         log.debug("MLflow error", exc_info=exc)
         self.last_error = message
-        self._client = None
-        self._next_try = time.monotonic() + self.retry_s
+        self._client = None  # the next attempt reconnects: a full scan, so a half-written run is found
+        self._next_try = time.monotonic() + min(self._backoff, self.retry_s)
+        self._backoff = min(self._backoff * 2, self.retry_s)
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -292,6 +309,9 @@ class MlflowRecorder:
             "simulated": str(bool(row.get("simulated"))).lower(), "feasible": str(bool(row.get("feasible"))).lower(),
             "node": row.get("node") or "", "device": row.get("device") or "", "device_name": row.get("device_name") or "",
         }
+        if self.controller is not None:
+            tags.update({self.CONTROLLER: self.controller.id, f"{self.CONTROLLER}_host": self.controller.host,
+                         f"{self.CONTROLLER}_pid": str(self.controller.pid)})
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
         ms = int((row.get("finished_at") or time.time()) * 1000)
