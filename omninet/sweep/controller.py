@@ -612,7 +612,7 @@ class SweepController:
                 log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
             except Exception as exc:  # noqa: BLE001
                 log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
-            self.mlflow.flush()
+            self.mlflow.flush(now=True)  # one more try even while backing off from an outage
             if self.mlflow.finish([(artifacts, None), (self.results_dir / "trials", "trials")]):
                 log.info("MLflow: experiment %r, parent run %s", self.config.name, self.mlflow.parent_run_id)
             else:

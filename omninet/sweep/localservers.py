@@ -129,6 +129,10 @@ class LocalMlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> "LocalMlflowServer":
+        return self.launch().wait(timeout)
+
+    def launch(self) -> "LocalMlflowServer":
+        """Starts the server without waiting (it takes seconds to import): call :meth:`wait`."""
         self.artifacts.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
@@ -137,6 +141,9 @@ class LocalMlflowServer:
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait(self, timeout: float = 180.0) -> "LocalMlflowServer":
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._proc.poll() is not None:

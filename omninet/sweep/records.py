@@ -154,7 +154,7 @@ class MlflowRecorder:
     ROLE, SWEEP, KEY = "omninet.role", "omninet.sweep", "omninet.trial_key"
     CONTROLLER = "omninet.controller"
 
-    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 30.0,
+    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 15.0,
                  controller=None, is_live=None) -> None:
         # Fail fast instead of MLflow's default ~2 min of HTTP retries when a server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -270,7 +270,10 @@ class MlflowRecorder:
     def log_trial(self, pool: str, row: dict[str, Any]) -> int:
         return self.sync([(pool, row)])
 
-    def flush(self) -> int:
+    def flush(self, *, now: bool = False) -> int:
+        """Writes the pending trials; ``now`` tries at once even while backing off (sweep end)."""
+        if now:
+            self._next_try = 0.0
         if not self._pending or not self._ready():
             return 0
         written = 0
