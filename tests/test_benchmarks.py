@@ -23,6 +23,7 @@ SMOKE = {
     "int8_accuracy": ["--steps", "3", "--eval-examples", "32"],
     "platform_overhead": ["--trials", "4", "--burn-s", "0.2", "--reps", "1"],
     "measurement_fidelity": ["--quick"],
+    "records_soak": ["--quick"],
 }
 
 

@@ -517,11 +517,13 @@ class SweepController:
         return row
 
     def _tell(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
-        self._retry(lambda: self._tell_once(ps, trial_id, row), f"pool {ps.spec.name}: recording a trial in Optuna")
+        retried: list[bool] = []
+        self._retry(lambda: self._tell_once(ps, trial_id, row, check=bool(retried)),
+                    f"pool {ps.spec.name}: recording a trial in Optuna", on_retry=lambda: retried.append(True))
 
-    def _tell_once(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
+    def _tell_once(self, ps: _PoolState, trial_id: int, row: dict[str, Any], *, check: bool = False) -> None:
         study = ps.study
-        if study._storage.get_trial(trial_id).state.is_finished():
+        if check and study._storage.get_trial(trial_id).state.is_finished():
             return  # a tell whose reply was lost when the store went away: already recorded, never told twice
         trial = optuna.trial.Trial(study, trial_id)
         trial.set_user_attr("status", row["status"])
@@ -600,6 +602,7 @@ class SweepController:
                                    retry_s=self.config.storage.retry_s).acquire()  # a second controller stops here
             log.info("sweep %r: lock held by %s", self.config.name, self.identity.describe())
             self._open()
+            self.mlflow.start_background()  # MLflow writes leave the per-trial path
             log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
                      self.optuna_url, self.mlflow_uri)
             self._loop()
@@ -612,7 +615,8 @@ class SweepController:
                 log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
             except Exception as exc:  # noqa: BLE001
                 log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
-            self.mlflow.flush(now=True)  # one more try even while backing off from an outage
+            self.mlflow.stop_background()
+            self.mlflow.flush(now=True)  # what the writer left, one more try even while backing off from an outage
             if self.mlflow.finish([(artifacts, None), (self.results_dir / "trials", "trials")]):
                 log.info("MLflow: experiment %r, parent run %s", self.config.name, self.mlflow.parent_run_id)
             else:
@@ -621,6 +625,8 @@ class SweepController:
             log.info("sweep %r done: results in %s", self.config.name, self.results_dir)
             return result
         finally:
+            if getattr(self, "mlflow", None) is not None:
+                self.mlflow.stop_background()
             if self.lock is not None:
                 self.lock.release()
             if self._owns_ray:

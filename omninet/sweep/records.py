@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -174,6 +175,10 @@ class MlflowRecorder:
         self._pending: dict[str, tuple[str, dict[str, Any]]] = {}
         self._next_try = 0.0
         self.last_error: str | None = None
+        self._guard = threading.Lock()  # _pending is filled by the controller, drained by the writer thread
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @staticmethod
     def trial_key(pool: str, number: int) -> str:
@@ -260,35 +265,76 @@ class MlflowRecorder:
         return len(self._pending)
 
     def sync(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int:
-        """Logs every (pool, row) not yet in MLflow; returns how many were written."""
-        for pool, row in rows:
-            key = self.trial_key(pool, int(row["trial_number"]))
-            if key not in self._logged:
-                self._pending[key] = (pool, row)
+        """Logs every (pool, row) not yet in MLflow; returns how many were written (0 when a
+        writer thread runs: it writes them)."""
+        with self._guard:
+            for pool, row in rows:
+                key = self.trial_key(pool, int(row["trial_number"]))
+                if key not in self._logged:
+                    self._pending[key] = (pool, row)
         return self.flush()
 
     def log_trial(self, pool: str, row: dict[str, Any]) -> int:
         return self.sync([(pool, row)])
 
+    # -- background writing -------------------------------------------------------------------
+    def start_background(self) -> None:
+        """From here on a writer thread logs the pending trials and ``log_trial``/``flush`` only
+        queue and wake it: MLflow's round trips (three or more per trial) leave the controller's
+        per-trial path, and an outage never stalls it. :meth:`stop_background` joins it."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._write_loop, name="omninet-mlflow", daemon=True)
+            self._thread.start()
+
+    def stop_background(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    def _write_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(timeout=1.0)  # woken per finished trial; every second to retry an outage
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - never let the writer die: the trial stays pending
+                log.debug("MLflow writer", exc_info=exc)
+
     def flush(self, *, now: bool = False) -> int:
-        """Writes the pending trials; ``now`` tries at once even while backing off (sweep end)."""
+        """Writes the pending trials (or wakes the writer thread); ``now`` tries at once even while
+        backing off (sweep end)."""
         if now:
             self._next_try = 0.0
+        if self._thread is not None:
+            self._wake.set()
+            return 0
+        return self._flush()
+
+    def _flush(self) -> int:
         if not self._pending or not self._ready():
             return 0
         written = 0
-        for key in sorted(self._pending, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
-            pool, row = self._pending[key]
-            if key in self._logged:  # found in the store when (re)connecting
-                del self._pending[key]
-                continue
+        with self._guard:
+            keys = sorted(self._pending, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+        for key in keys:
+            with self._guard:
+                pool, row = self._pending[key]
+                if key in self._logged:  # found in the store when (re)connecting
+                    del self._pending[key]
+                    continue
             try:
                 self._log_child(pool, row)
             except Exception as exc:
                 self._unavailable(exc)
                 return written
-            self._logged.add(key)
-            del self._pending[key]
+            with self._guard:
+                self._logged.add(key)
+                del self._pending[key]
             written += 1
         if self.last_error is not None:
             log.info("MLflow reachable again: backfilled %d trial(s)", written)
