@@ -288,3 +288,23 @@ def test_lock_names_holder_and_is_recovered_after_kill(stack, tmp_path, kind) ->
                 raise
             time.sleep(0.2)
     lock.release()
+
+
+def test_trial_asked_but_never_sampled_is_run_with_fresh_params(stack, tmp_path) -> None:
+    """A controller that died (or lost a store's reply) between ``ask`` and sampling leaves a
+    RUNNING trial without parameters: the next controller samples it and runs it, under the
+    same number, and the budget holds. (Also a whole sweep on SQLite under the file lock.)"""
+    import optuna
+
+    results = tmp_path / "r"
+    cfg = config(stack, "unsampled", results, trials=3)
+    cfg["storage"] = {"mlflow_uri": stack.mlflow.uri}  # Optuna on the default SQLite file
+    results.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{results / 'optuna.db'}", study_name="unsampled.cpu",
+                                directions=["maximize", "minimize", "minimize"])
+    study.ask()
+    result = run_sweep(cfg)
+    assert result.audit() == []
+    df = result.trials()
+    assert sorted(df.trial_number) == [0, 1, 2] and df["param.toy.x"].notna().all()
+    assert (results / "unsampled.sweep.lock").read_text() == ""  # released at the end

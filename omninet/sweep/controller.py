@@ -383,6 +383,9 @@ class SweepController:
         if ps.requeue:
             t = ps.requeue.pop(0)
             number, trial_id, params = t.number, t._trial_id, dict(t.params)
+            if not params:  # asked, then the controller died (or the ask's reply was lost) before sampling
+                trial = optuna.trial.Trial(ps.study, trial_id)
+                params = self._retry(lambda: self.config.sample(trial, ps.params), f"pool {ps.spec.name}: sampling")
             repeat_of, index = t.user_attrs.get("repeat_of"), int(t.user_attrs.get("repeat_index", 0))
         elif ps.created < ps.budget:
             retried: list[bool] = []
@@ -390,7 +393,8 @@ class SweepController:
             ps.created += 1
             if retried:
                 self._adopt_orphans(ps, keep=trial._trial_id)
-            number, trial_id, params = trial.number, trial._trial_id, self.config.sample(trial, ps.params)
+            number, trial_id = trial.number, trial._trial_id
+            params = self._retry(lambda: self.config.sample(trial, ps.params), f"pool {ps.spec.name}: sampling")
         elif self._plan_repeats(ps):
             params, repeat_of, index = ps.repeats.pop(0)
             ps.study.enqueue_trial(params, user_attrs={"repeat_of": repeat_of, "repeat_index": index})

@@ -163,6 +163,9 @@ class MlflowRecorder:
         # Sweeps run on clusters without internet access; MLflow's usage telemetry would only
         # add latency to every logged trial. Users who want it set MLFLOW_DISABLE_TELEMETRY=false.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # a tracking server makes MLflow print two "View run ... at http://..." lines per trial
+        # run to stdout: noise in the progress log (and in benchmarks' JSON on stdout)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri, self.config, self.artifact_location = uri, config, artifact_location
         self.retry_s = retry_s
         self._backoff = 1.0
