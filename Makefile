@@ -1,6 +1,6 @@
 # Two commands from a fresh clone (see README.md):
 #   make quickstart   installs into .venv and runs the quickstart sweep on an embedded local Ray
-#   make test         installs into .venv (with the dev extra and Chromium) and runs the test suite
+#   make test         installs into .venv (with the dev extra, Chromium and PostgreSQL) and runs the test suite
 # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 TORCH := torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test install install-dev chromium
+.PHONY: quickstart test install install-dev chromium postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ install-dev: $(BIN)/python
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# Debian's PostgreSQL server for the records tests (they start a throwaway one on 127.0.0.1; needs root; skipped when present).
+postgresql:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
 quickstart: install
 	$(BIN)/python sweeps/run.py --config sweeps/quickstart.yaml
 
-test: install-dev chromium
+test: install-dev chromium postgresql
 	$(BIN)/python -m pytest

@@ -58,3 +58,27 @@ def test_local_cluster_script_is_valid_bash_and_binds_localhost() -> None:
     assert "HOST=127.0.0.1" in text and "--dashboard-host=\"$HOST\"" in text
     for kind in ("--num-gpus=1", '{"TPU": 1}', '{"NPU": 1}'):
         assert kind in text
+
+
+def test_platform_points_at_shared_postgres_and_mlflow_server() -> None:
+    """Both cluster definitions name a PostgreSQL store and an MLflow tracking server, with the
+    driver library installed, and the storage section they document parses."""
+    import re
+
+    from omninet.sweep.config import StorageSpec
+
+    docs = list(yaml.safe_load_all((PLATFORM / "kuberay-raycluster.yaml").read_text()))
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Service", "omninet-postgres"), ("Service", "omninet-mlflow"), ("StatefulSet", "omninet-postgres"),
+            ("Deployment", "omninet-mlflow")} <= kinds
+    mlflow = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "omninet-mlflow")
+    args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--backend-store-uri postgresql+psycopg2://" in args and "--artifacts-destination" in args
+    launcher = (PLATFORM / "ray-cluster.yaml").read_text()
+    raw = yaml.safe_load(launcher)
+    assert "psycopg2-binary" in " ".join(raw["setup_commands"])
+    assert "mlflow server --backend-store-uri postgresql" in " ".join(raw["head_start_ray_commands"])
+    for text in (launcher, (PLATFORM / "kuberay-raycluster.yaml").read_text()):
+        urls = dict(re.findall(r"#\s+(optuna_url|mlflow_uri): (\S+)", text))
+        spec = StorageSpec.from_dict(urls)
+        assert spec.optuna_url.startswith("postgresql://") and spec.mlflow_uri.startswith("http://")

@@ -266,16 +266,32 @@ class SamplerSpec(ConfigBase):
 
 @dataclass(kw_only=True)
 class StorageSpec(ConfigBase):
-    """Optuna storage URL and MLflow tracking URI; null means a SQLite file in the results
-    directory. Any SQLAlchemy URL (e.g. postgresql://...) and MLflow URI work."""
+    """Where the records live; null means a SQLite file in the results directory (one machine).
+    Shared by many drivers::
+
+        storage:
+          optuna_url: postgresql://omninet@postgres:5432/optuna   # Optuna's RDB storage (SQLAlchemy URL)
+          mlflow_uri: http://mlflow:5000                          # an MLflow tracking server
+          artifact_location: mlflow-artifacts:/omninet            # the sweep experiment's artifact root
+
+    ``artifact_location``: null keeps artifacts in ``<results>/mlartifacts`` for a local MLflow
+    store, and uses the server's ``--artifacts-destination`` for a tracking server.
+    ``retry_s``: how long the controller keeps retrying a store that went away (a PostgreSQL
+    restart) before it gives up; the sweep resumes on the next run either way."""
 
     optuna_url: str | None = None
     mlflow_uri: str | None = None
+    artifact_location: str | None = None
+    retry_s: float = 120.0
 
     def validate(self) -> None:
         _check(self.optuna_url is None or "://" in self.optuna_url,
                f"storage.optuna_url must be a database URL such as sqlite:////abs/optuna.db, got {self.optuna_url!r}")
         _check(self.mlflow_uri is None or bool(self.mlflow_uri.strip()), "storage.mlflow_uri must not be empty")
+        _check(self.artifact_location is None or ":" in self.artifact_location,
+               f"storage.artifact_location must be a URI such as s3://bucket/path, mlflow-artifacts:/path or "
+               f"file:///abs/path, got {self.artifact_location!r}")
+        _check(self.retry_s >= 0, f"storage.retry_s must be >= 0 seconds, got {self.retry_s}")
 
 
 @dataclass(kw_only=True)

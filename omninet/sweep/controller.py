@@ -11,6 +11,12 @@ Faults, and why the controller owns them (Optuna's heartbeat does not cover ask-
   RUNNING trial with a Parquet row is told from the row; one without is re-run under the same
   trial number with the same parameters, so nothing is duplicated and the budget holds.
 - MLflow down: see :class:`omninet.sweep.records.MlflowRecorder` (backfilled from Parquet).
+- a second controller on the same sweep: refused by the sweep lock (:mod:`omninet.sweep.lock`),
+  held for the whole run, before anything is written.
+- Optuna's store down for a while (a PostgreSQL restart): every storage call and the records
+  around it are retried with bounded backoff (:func:`omninet.sweep.storage.with_retry`); a tell
+  is never repeated for a trial the store already holds as finished, and a trial created by an
+  ask whose reply was lost is adopted, so nothing is recorded twice.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
+from omninet.sweep.lock import ControllerId, SweepLock, sweep_lock
 from omninet.sweep.records import MlflowRecorder, ParquetStore, params_key
-from omninet.sweep.storage import optuna_storage
+from omninet.sweep.storage import optuna_storage, with_retry
 
 __all__ = ["SweepController", "run_sweep"]
 
@@ -106,6 +113,8 @@ class SweepController:
         self._pool_params: dict[str, list] = {}
         self._started = time.monotonic()
         self._last_progress = 0.0
+        self.identity = ControllerId()
+        self.lock: SweepLock | None = None
 
     # -- paths and storage ------------------------------------------------------------------
     @property
@@ -275,27 +284,18 @@ class SweepController:
         (self.results_dir / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
         self.store = ParquetStore(self.results_dir / "trials", cfg)
         local_mlflow = self.mlflow_uri.startswith("sqlite:") or "://" not in self.mlflow_uri
-        artifacts = (self.results_dir / "mlartifacts").as_uri() if local_mlflow else None
-        self.mlflow = MlflowRecorder(self.mlflow_uri, cfg, artifacts)
+        artifacts = cfg.storage.artifact_location or ((self.results_dir / "mlartifacts").as_uri() if local_mlflow else None)
+        self.mlflow = MlflowRecorder(self.mlflow_uri, cfg, artifacts, controller=self.identity,
+                                     is_live=self.lock.is_live if self.lock else None)
         rows = self.store.rows()
-        directions = [o.direction for o in cfg.objectives]
         storage = optuna_storage(self.optuna_url)
         for p in cfg.pools:
             budget = cfg.trials_for(p)
-            study = optuna.create_study(storage=storage, study_name=cfg.study_name(p.name),
-                                        sampler=_make_sampler(cfg, budget), directions=directions,
-                                        load_if_exists=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([o.key for o in cfg.objectives])
-            study.set_user_attr("pool", p.name)
-            study.set_user_attr("resources", p.resources)
-            study.set_user_attr("simulate_accelerators", cfg.simulate_accelerators)
-            study.set_user_attr("probe", self._probes.get(p.name, {}))
+            study = self._retry(lambda: self._open_study(storage, p, budget), f"opening study {cfg.study_name(p.name)!r}")
             ps = _PoolState(spec=p, study=study, budget=budget, params=self._pool_params.get(p.name, cfg.params))
             self._pools[p.name] = ps
             repaired = 0
-            trials = study.get_trials(deepcopy=False)
+            trials = self._retry(lambda: study.get_trials(deepcopy=False), "reading trials")
             if not trials:
                 names = {q.path for q in ps.params}
                 for point in cfg.enqueue:  # e.g. the dense baseline, so every sweep shows what the knobs buy
@@ -324,6 +324,36 @@ class SweepController:
         backfilled = self.mlflow.sync((pool, row) for (pool, _), row in sorted(rows.items()))
         if backfilled:
             log.info("MLflow: backfilled %d trial(s) recorded while it was unavailable", backfilled)
+
+    def _open_study(self, storage, p, budget: int) -> optuna.Study:
+        cfg = self.config
+        study = optuna.create_study(storage=storage, study_name=cfg.study_name(p.name),
+                                    sampler=_make_sampler(cfg, budget), directions=[o.direction for o in cfg.objectives],
+                                    load_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.key for o in cfg.objectives])
+        study.set_user_attr("pool", p.name)
+        study.set_user_attr("resources", p.resources)
+        study.set_user_attr("simulate_accelerators", cfg.simulate_accelerators)
+        study.set_user_attr("probe", self._probes.get(p.name, {}))
+        return study
+
+    def _retry(self, fn, what: str, on_retry=None):
+        """A storage call, retried while the store is away (at most ``storage.retry_s``)."""
+        return with_retry(fn, what=what, budget_s=self.config.storage.retry_s, on_retry=on_retry)
+
+    def _adopt_orphans(self, ps: _PoolState, keep: int | None = None) -> None:
+        """After an ask that failed and was retried: its first attempt may have created a trial
+        whose reply was lost. The sweep lock makes every RUNNING trial ours, so one that is neither
+        in flight nor queued is such an orphan: it is run (and counted) instead of lost."""
+        known = {r.trial_id for r in ps.inflight.values()} | {t._trial_id for t in ps.requeue} | {keep}
+        for t in self._retry(lambda: ps.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "reading trials"):
+            if t._trial_id not in known:
+                log.info("pool %s: trial #%d was created by an ask whose reply was lost; running it", ps.spec.name,
+                         t.number)
+                ps.requeue.append(t)
+                ps.created += 0 if "repeat_of" in t.user_attrs else 1
 
     def _count(self, ps: _PoolState, row: dict[str, Any] | None, frozen: FrozenTrial | None = None) -> None:
         status = (row or {}).get("status") or (frozen.user_attrs.get("status") if frozen else None) or "error"
@@ -356,11 +386,18 @@ class SweepController:
         if ps.requeue:
             t = ps.requeue.pop(0)
             number, trial_id, params = t.number, t._trial_id, dict(t.params)
+            if not params:  # asked, then the controller died (or the ask's reply was lost) before sampling
+                trial = optuna.trial.Trial(ps.study, trial_id)
+                params = self._retry(lambda: self.config.sample(trial, ps.params), f"pool {ps.spec.name}: sampling")
             repeat_of, index = t.user_attrs.get("repeat_of"), int(t.user_attrs.get("repeat_index", 0))
         elif ps.created < ps.budget:
-            trial = ps.study.ask()
+            retried: list[bool] = []
+            trial = self._retry(ps.study.ask, f"pool {ps.spec.name}: asking for a trial", on_retry=lambda: retried.append(True))
             ps.created += 1
-            number, trial_id, params = trial.number, trial._trial_id, self.config.sample(trial, ps.params)
+            if retried:
+                self._adopt_orphans(ps, keep=trial._trial_id)
+            number, trial_id = trial.number, trial._trial_id
+            params = self._retry(lambda: self.config.sample(trial, ps.params), f"pool {ps.spec.name}: sampling")
         elif self._plan_repeats(ps):
             params, repeat_of, index = ps.repeats.pop(0)
             ps.study.enqueue_trial(params, user_attrs={"repeat_of": repeat_of, "repeat_index": index})
@@ -487,7 +524,14 @@ class SweepController:
         return row
 
     def _tell(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
+        retried: list[bool] = []
+        self._retry(lambda: self._tell_once(ps, trial_id, row, check=bool(retried)),
+                    f"pool {ps.spec.name}: recording a trial in Optuna", on_retry=lambda: retried.append(True))
+
+    def _tell_once(self, ps: _PoolState, trial_id: int, row: dict[str, Any], *, check: bool = False) -> None:
         study = ps.study
+        if check and study._storage.get_trial(trial_id).state.is_finished():
+            return  # a tell whose reply was lost when the store went away: already recorded, never told twice
         trial = optuna.trial.Trial(study, trial_id)
         trial.set_user_attr("status", row["status"])
         trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name", "cores")})
@@ -518,7 +562,7 @@ class SweepController:
                               identity=trial_identity(sweep=self.config.name, pool=ps.spec.name, trial=run.number,
                                                       trial_config=config),
                               metrics={k: v for k, v in result.items() if not isinstance(v, (list, dict))})
-        self.store.write(ps.spec.name, row)  # 1. the durable record
+        self._retry(lambda: self.store.write(ps.spec.name, row), "writing the Parquet record")  # 1. the durable record
         self._tell(ps, run.trial_id, row)  # 2. the search state
         self.mlflow.log_trial(ps.spec.name, row)  # 3. best effort, backfilled later
         self._count(ps, row)
@@ -571,7 +615,11 @@ class SweepController:
 
         self._start_ray()  # may raise SweepConfigError before anything is written
         try:
+            self.lock = sweep_lock(self.config.name, self.optuna_url, self.results_dir, self.identity,
+                                   retry_s=self.config.storage.retry_s).acquire()  # a second controller stops here
+            log.info("sweep %r: lock held by %s", self.config.name, self.identity.describe())
             self._open()
+            self.mlflow.start_background()  # MLflow writes leave the per-trial path
             log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
                      self.optuna_url, self.mlflow_uri)
             self._loop()
@@ -585,7 +633,8 @@ class SweepController:
                 log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
             except Exception as exc:  # noqa: BLE001
                 log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
-            self.mlflow.flush()
+            self.mlflow.stop_background()
+            self.mlflow.flush(now=True)  # what the writer left, one more try even while backing off from an outage
             if self.mlflow.finish([(artifacts, None), (self.results_dir / "trials", "trials")]):
                 log.info("MLflow: experiment %r, parent run %s", self.config.name, self.mlflow.parent_run_id)
             else:
@@ -594,6 +643,10 @@ class SweepController:
             log.info("sweep %r done: results in %s", self.config.name, self.results_dir)
             return result
         finally:
+            if getattr(self, "mlflow", None) is not None:
+                self.mlflow.stop_background()
+            if self.lock is not None:
+                self.lock.release()
             if self._owns_ray:
                 import ray
 
@@ -640,6 +693,7 @@ class SweepController:
                 self._finish(ps, run, result)  # told to Optuna first: the next ask sees this result
                 self._fill(ps)
             self.mlflow.flush()
+            self.lock.ensure()
             self._progress()
         if self._out_of_time():
             log.info("wall-clock budget of %.0f s reached: no new trials started", self.config.budget.wall_clock_s)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -141,20 +142,35 @@ def run_name(pool: str, number: int, params: dict[str, Any], trial_config: dict[
 class MlflowRecorder:
     """One experiment per sweep, one parent run per sweep (found again by tag on resume), one
     child run per trial with ``mlflow.parentRunId`` set explicitly. Writes go through
-    ``MlflowClient.log_batch``. When the store is unreachable, trials stay pending and are
-    backfilled from the Parquet rows on the next successful write or the next run."""
+    ``MlflowClient.log_batch``. When the store is unreachable (from the start or mid-sweep),
+    trials stay pending and are backfilled from the Parquet rows once it answers again; it is
+    retried after 1 s, then 2, 4, ... at most ``retry_s`` apart.
+
+    Every trial run is tagged with the controller that wrote it (``omninet.controller``, plus its
+    host and PID). On (re)connecting, an unfinished trial run, half-written by a controller that
+    died mid-log or by this one when the store failed mid-write, is deleted and rewritten whole,
+    but only when its controller is not live (``is_live``: the sweep lock's holder); finished runs
+    count as logged. Only this sweep's experiment and runs are ever searched, never another's."""
 
     ROLE, SWEEP, KEY = "omninet.role", "omninet.sweep", "omninet.trial_key"
+    CONTROLLER = "omninet.controller"
 
-    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 30.0) -> None:
+    def __init__(self, uri: str, config: SweepConfig, artifact_location: str | None, *, retry_s: float = 15.0,
+                 controller=None, is_live=None) -> None:
         # Fail fast instead of MLflow's default ~2 min of HTTP retries when a server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # Sweeps run on clusters without internet access; MLflow's usage telemetry would only
         # add latency to every logged trial. Users who want it set MLFLOW_DISABLE_TELEMETRY=false.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # a tracking server makes MLflow print two "View run ... at http://..." lines per trial
+        # run to stdout: noise in the progress log (and in benchmarks' JSON on stdout)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri, self.config, self.artifact_location = uri, config, artifact_location
         self.retry_s = retry_s
+        self._backoff = 1.0
+        self.controller = controller  # omninet.sweep.lock.ControllerId, or None (untagged runs)
+        self._is_live = is_live or (lambda controller_id: False)
         self._client = None
         self._experiment_id: str | None = None
         self.parent_run_id: str | None = None
@@ -162,6 +178,10 @@ class MlflowRecorder:
         self._pending: dict[str, tuple[str, dict[str, Any]]] = {}
         self._next_try = 0.0
         self.last_error: str | None = None
+        self._guard = threading.Lock()  # _pending is filled by the controller, drained by the writer thread
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @staticmethod
     def trial_key(pool: str, number: int) -> str:
@@ -191,13 +211,16 @@ class MlflowRecorder:
                 exp_id, run_name=f"sweep {self.config.name}",
                 tags={self.ROLE: "parent", self.SWEEP: self.config.name},
             ).info.run_id
-        logged = set()
-        for run in self._search(client, exp_id, f"tags.`{self.ROLE}` = 'trial'", ViewType.ACTIVE_ONLY):
-            key = run.data.tags.get(self.KEY)
-            if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("mlflow.parentRunId") == parent:
+        logged, own = set(), self.controller.id if self.controller else None
+        trials = f"tags.`{self.ROLE}` = 'trial' and tags.`{self.SWEEP}` = '{self.config.name}'"
+        for run in self._search(client, exp_id, trials, ViewType.ACTIVE_ONLY):
+            key, writer = run.data.tags.get(self.KEY), run.data.tags.get(self.CONTROLLER)
+            if run.info.status in ("FINISHED", "FAILED"):
                 logged.add(key)
-            else:  # a half-written run from a controller that died mid-log: rewrite it whole
+            elif writer == own or not self._is_live(writer):  # half-written: rewritten whole from Parquet
                 client.delete_run(run.info.run_id)
+                log.info("MLflow: deleted half-written run of %s (%s)", key,
+                         "this controller, store failed mid-write" if writer == own else f"dead controller {writer}")
         self._client, self._experiment_id, self.parent_run_id, self._logged = client, exp_id, parent, logged
 
     @staticmethod
@@ -222,6 +245,7 @@ class MlflowRecorder:
         except Exception as exc:  # any store error: keep the sweep going
             self._unavailable(exc)
             return False
+        self._backoff = 1.0
 
     def _unavailable(self, exc: BaseException) -> None:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -230,8 +254,9 @@ class MlflowRecorder:
                         "backfilled into MLflow when it is reachable", self.uri, message)
         log.debug("MLflow error", exc_info=exc)
         self.last_error = message
-        self._client = None
-        self._next_try = time.monotonic() + self.retry_s
+        self._client = None  # the next attempt reconnects: a full scan, so a half-written run is found
+        self._next_try = time.monotonic() + min(self._backoff, self.retry_s)
+        self._backoff = min(self._backoff * 2, self.retry_s)
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -243,32 +268,76 @@ class MlflowRecorder:
         return len(self._pending)
 
     def sync(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int:
-        """Logs every (pool, row) not yet in MLflow; returns how many were written."""
-        for pool, row in rows:
-            key = self.trial_key(pool, int(row["trial_number"]))
-            if key not in self._logged:
-                self._pending[key] = (pool, row)
+        """Logs every (pool, row) not yet in MLflow; returns how many were written (0 when a
+        writer thread runs: it writes them)."""
+        with self._guard:
+            for pool, row in rows:
+                key = self.trial_key(pool, int(row["trial_number"]))
+                if key not in self._logged:
+                    self._pending[key] = (pool, row)
         return self.flush()
 
     def log_trial(self, pool: str, row: dict[str, Any]) -> int:
         return self.sync([(pool, row)])
 
-    def flush(self) -> int:
+    # -- background writing -------------------------------------------------------------------
+    def start_background(self) -> None:
+        """From here on a writer thread logs the pending trials and ``log_trial``/``flush`` only
+        queue and wake it: MLflow's round trips (three or more per trial) leave the controller's
+        per-trial path, and an outage never stalls it. :meth:`stop_background` joins it."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._write_loop, name="omninet-mlflow", daemon=True)
+            self._thread.start()
+
+    def stop_background(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    def _write_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(timeout=1.0)  # woken per finished trial; every second to retry an outage
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - never let the writer die: the trial stays pending
+                log.debug("MLflow writer", exc_info=exc)
+
+    def flush(self, *, now: bool = False) -> int:
+        """Writes the pending trials (or wakes the writer thread); ``now`` tries at once even while
+        backing off (sweep end)."""
+        if now:
+            self._next_try = 0.0
+        if self._thread is not None:
+            self._wake.set()
+            return 0
+        return self._flush()
+
+    def _flush(self) -> int:
         if not self._pending or not self._ready():
             return 0
         written = 0
-        for key in sorted(self._pending, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
-            pool, row = self._pending[key]
-            if key in self._logged:  # found in the store when (re)connecting
-                del self._pending[key]
-                continue
+        with self._guard:
+            keys = sorted(self._pending, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+        for key in keys:
+            with self._guard:
+                pool, row = self._pending[key]
+                if key in self._logged:  # found in the store when (re)connecting
+                    del self._pending[key]
+                    continue
             try:
                 self._log_child(pool, row)
             except Exception as exc:
                 self._unavailable(exc)
                 return written
-            self._logged.add(key)
-            del self._pending[key]
+            with self._guard:
+                self._logged.add(key)
+                del self._pending[key]
             written += 1
         if self.last_error is not None:
             log.info("MLflow reachable again: backfilled %d trial(s)", written)
@@ -292,6 +361,9 @@ class MlflowRecorder:
             "simulated": str(bool(row.get("simulated"))).lower(), "feasible": str(bool(row.get("feasible"))).lower(),
             "node": row.get("node") or "", "device": row.get("device") or "", "device_name": row.get("device_name") or "",
         }
+        if self.controller is not None:
+            tags.update({self.CONTROLLER: self.controller.id, f"{self.CONTROLLER}_host": self.controller.host,
+                         f"{self.CONTROLLER}_pid": str(self.controller.pid)})
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
         ms = int((row.get("finished_at") or time.time()) * 1000)

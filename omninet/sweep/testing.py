@@ -12,6 +12,7 @@ The trial reads the ``toy`` section of its trial config::
       crash_marker: /tmp/m   # os._exit the worker once: if this file does not exist, create it and die
       crash_always: false    # os._exit the worker on every attempt
       started_dir: /tmp/s    # touch <started_dir>/<pid> when the trial starts
+      pause_file: /tmp/p     # while this file exists the trial waits before it starts (at most 300 s)
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
         if marker:
             Path(marker).touch()
         os._exit(1)  # a dying worker process, as a segfault or the OOM killer would leave it
+    if toy.get("pause_file"):
+        deadline = time.time() + 300
+        while os.path.exists(toy["pause_file"]) and time.time() < deadline:
+            time.sleep(0.05)
     started = time.perf_counter()
     x, y = float(toy.get("x", 0.5)), float(toy.get("y", 1))
     estimate = toy_estimate(config)
