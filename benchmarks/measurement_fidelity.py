@@ -131,8 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = trial_config(args.quick)
     load = {"start": load_average()}
-    cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else [0]
-    by_core = {c: standalone(cfg, 2 if args.quick else 5, c) for c in cores}
+    cores = sorted(os.sched_getaffinity(0))[:1 if args.quick else 2] if hasattr(os, "sched_getaffinity") else [0]
+    by_core = {c: standalone(cfg, 1 if args.quick else 5, c) for c in cores}
     alone = by_core[cores[0]]
     load["after_standalone"] = load_average()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +140,7 @@ def main() -> None:
         load["after_isolated"] = load_average()
         noiso = iso if args.quick else concurrent(cfg, Path(tmp), isolate=False, trials=3)
         load["after_not_isolated"] = load_average()
-    hist = history(256 if args.quick else 1024, kernels=["sdpa", "block_sparse"] if args.quick else None)
+    hist = history(256 if args.quick else 1024, kernels=["block_sparse"] if args.quick else None)
     load["end"] = load_average()
 
     ref_by_core = {str(c): statistics.median(r["latency_p50_ms"] for r in runs) for c, runs in by_core.items()}

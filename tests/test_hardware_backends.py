@@ -40,17 +40,33 @@ def test_cpu_backend_is_real():
     assert 0 < stats.fraction < 1
 
 
+_PEAK_CHILD = """
+import torch
+from omninet.hardware import get_backend
+cpu = get_backend("cpu")
+cpu.reset_peak_memory()
+before = cpu.memory_stats()
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+x.add_(1)
+del x
+after = cpu.memory_stats()
+assert after.peak - before.in_use > 48 * 2**20, (before, after)  # the transient shows in the peak
+cpu.reset_peak_memory()
+assert cpu.memory_stats().peak < after.peak
+print("ok")
+"""
+
+
 def test_cpu_peak_reset_tracks_a_real_allocation():
-    cpu = get_backend("cpu")
-    cpu.reset_peak_memory()
-    before = cpu.memory_stats()
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    x.add_(1)
-    del x
-    after = cpu.memory_stats()
-    assert after.peak - before.in_use > 48 * 2**20  # the transient shows in the peak
-    cpu.reset_peak_memory()
-    assert cpu.memory_stats().peak < after.peak
+    # In a fresh interpreter: after hundreds of tests this process's heap can serve 64 MiB from
+    # pages already resident, so the resident set (what the CPU backend reports) need not grow.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_auto_picks_best_and_absent_devices_are_listed(monkeypatch):
