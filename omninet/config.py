@@ -193,8 +193,9 @@ class BlockSparseConfig(ConfigBase):
     trimmed or widened so that a fraction ``sparsity_factor`` of key blocks is skipped
     (causal rows: of the blocks at or before them). The layout is fixed per layer and seed.
     ``backend``: 'auto' (compiled FlexAttention on CUDA when there is no mask, bias or
-    dropout; gathered blocks + fused SDPA otherwise), 'gather' (always the gathered path),
-    'flex' (also FlexAttention for CPU inference; needs a C++ compiler for torch.compile)."""
+    dropout; otherwise fused SDPA over slabs of key blocks, views of k/v merged by
+    log-sum-exp), 'gather' (always the slab path; the name predates it), 'flex' (also
+    FlexAttention for CPU inference; needs a C++ compiler for torch.compile)."""
 
     block_size: int = 128
     sparsity_factor: float = 0.875

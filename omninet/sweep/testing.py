@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omninet.trial.runner import FunctionRunner
+
 __all__ = ["toy_trial", "toy_estimate"]
 
 
@@ -80,38 +82,19 @@ toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "pea
                            "steps", "estimated_memory_mb", "burn_iterations")
 
 
-class GateProbe:
+class GateProbe(FunctionRunner):
     """A runner that exercises the node's measurement gate like the real trial runner does:
     "trains" (burns CPU in steps, calling ``gate.checkpoint()`` between them), then
     "measures" inside ``gate.exclusive()``. It returns its intervals (wall-clock, from
     ``time.time()``) so a test can check that no measurement overlapped another trial's work.
-    Config: ``{"probe": {"train_s": 1.0, "measure_s": 0.3}}``."""
+    Config: ``{"probe": {"train_s": 1.0, "measure_s": 0.3}}``. Plain-dict config handling comes
+    from ``FunctionRunner``."""
 
     name = "gate-probe"
-    result_fields = frozenset({"accuracy", "peak_memory_infer_mb", "latency_p50_ms"})
 
-    def parse(self, data):
-        return data
-
-    def to_dict(self, config):
-        return config
-
-    def with_values(self, base, values):
-        from omninet.paths import with_path
-
-        out = dict(base)
-        for path, value in values.items():
-            out = with_path(out, path, value)
-        return out
-
-    def check_path(self, base, path, *, where):
-        return None
-
-    def check_values(self, base, values):
-        return None
-
-    def estimate_mb(self, config):
-        return None
+    def __init__(self) -> None:
+        super().__init__(self.run)
+        self.result_fields = frozenset({"accuracy", "peak_memory_infer_mb", "latency_p50_ms"})
 
     def on_cpu(self, config):
         return config
