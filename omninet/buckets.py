@@ -37,7 +37,8 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"length {n} exceeds the largest bucket ({buckets[-1]})")
+    raise ValueError(f"length {n} exceeds the largest bucket ({buckets[-1]}): a sequence of {n} tokens is longer than "
+                     f"the largest shape bucket; add a bucket >= {n} (at most max_seq_length) or truncate")
 
 
 def pad_to_bucket(sequences: Sequence[Sequence[int]], bucket: int, *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

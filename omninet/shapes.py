@@ -25,20 +25,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from omninet.buckets import bucket_for, default_buckets  # one definition, shared with serving
+
 __all__ = ["default_buckets", "bucket_for", "check_buckets", "pad_batch", "BucketedModel", "compile_static"]
-
-SMALLEST_BUCKET = 16
-
-
-def default_buckets(max_len: int) -> list[int]:
-    """Powers of two from ``SMALLEST_BUCKET`` below ``max_len``, then ``max_len`` itself."""
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive integer (the model's max_seq_length), got {max_len!r}")
-    out, b = [], SMALLEST_BUCKET
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return out + [max_len]
 
 
 def check_buckets(buckets: Sequence[int], max_seq_length: int, *, where: str = "shape_buckets") -> list[int]:
@@ -55,15 +44,6 @@ def check_buckets(buckets: Sequence[int], max_seq_length: int, *, where: str = "
         raise ValueError(f"{where}={list(buckets)} goes above max_seq_length={max_seq_length}; use buckets "
                          f"<= {max_seq_length} (e.g. {default_buckets(max_seq_length)}) or raise max_seq_length")
     return list(buckets)
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``n``."""
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"a sequence of {n} tokens is longer than the largest shape bucket ({buckets[-1]}); "
-                     f"add a bucket >= {n} (at most max_seq_length)")
 
 
 def _pad(t: torch.Tensor, to: int, value) -> torch.Tensor:
