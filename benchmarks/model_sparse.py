@@ -79,7 +79,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.layers, args.hidden, args.heads, args.reps = [1100, 1300], 1, 32, 2, 3
+        args.sizes, args.layers, args.hidden, args.heads, args.reps = [1100], 1, 32, 2, 3
     if args.first_call_child:
         variant, n = args.first_call_child[0], int(args.first_call_child[1])
         model = build(VARIANTS[variant], args, max(args.sizes))

@@ -15,7 +15,7 @@ for TPE grows with the trial count):
 - controller memory: this process's RSS (the controller, the Ray driver and, on SQLite, the
   MLflow store in-process), sampled every 0.25 s; median of the samples in the second tenth of
   the run against the last tenth. Target growth <= 10%.
-``--quick`` (smoke, ~30 s): 15 trials per backend and MLflow on the SQLite file for the
+``--quick`` (smoke, ~25 s): 8 trials per backend and MLflow on the SQLite file for the
 PostgreSQL backend too (a tracking server takes tens of seconds to import). JSON on stdout (and
 --out), with the machine and the load average at start and end: other work on the machine
 shows in the overhead.
@@ -114,10 +114,10 @@ def soak(name: str, root: Path, trials: int, storage: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="smoke: 15 trials per backend, no tracking server")
+    parser.add_argument("--quick", action="store_true", help="smoke: 8 trials per backend, no tracking server")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    trials = 15 if args.quick else args.trials
+    trials = 8 if args.quick else args.trials
 
     log.disabled = True  # keep stdout for the JSON
     logging.getLogger("alembic").setLevel(logging.WARNING)

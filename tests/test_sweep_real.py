@@ -26,6 +26,9 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
         pool["trials"] = 2
     cfg["trial"]["task"].update(num_train=400, num_eval=64)
     cfg["trial"]["train"].update(max_seconds=2, eval_max_examples=64)
+    # a shorter deployment shape and one latency round: the quickstart's own shape and noise
+    # figures are the benchmarks' business (benchmarks/measurement_fidelity.py)
+    cfg["trial"]["measure"].update(seq_length=512, max_rounds=1, min_seconds=0.1)
     cfg["sampler"] = {"kind": "random", "seed": 3}
     cfg["repeats"] = {"count": 2, "scope": "pareto", "top": 1}  # the best front configuration once more
     assert not ray.is_initialized()
@@ -45,7 +48,7 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     agg = result.aggregate("cpu")
     assert (agg.runs == 2).sum() == 1 and agg.loc[agg.runs == 2, "accuracy_ci95"].notna().all()
     # measured at the deployment shape, isolated, with both memory counters and the history check
-    assert (ok_shape := df[df.status == "ok"]).seq_length.eq(1024).all() and ok_shape.measure_batch_size.eq(4).all()
+    assert (ok_shape := df[df.status == "ok"]).seq_length.eq(512).all() and ok_shape.measure_batch_size.eq(4).all()
     assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all()
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
     assert ok_shape.memory_method.str.contains("rss").all()

@@ -293,10 +293,13 @@ def test_example_configs_are_valid():
 
 # ---- quality bar ------------------------------------------------------------------------
 @pytest.mark.slow
-def test_quickstart_listops_is_learnable_in_60_seconds():
+def test_quickstart_listops_is_learnable_in_20_seconds():
+    """The example trial (60 s budget) clears the bar with a third of its budget (measured: about
+    baseline + 0.22 after 20 s on one core of a 2-core Xeon)."""
     cfg = yaml.safe_load((ROOT / "examples" / "trial_quickstart.yaml").read_text())
     assert cfg["train"]["max_seconds"] <= 60
+    cfg["train"]["max_seconds"] = 20
     res = run_trial(cfg)
     assert res.status == "ok", res.error
-    assert res.train_seconds <= 61
+    assert res.train_seconds <= 21
     assert res.accuracy >= res.majority_baseline + 0.15, (res.accuracy, res.majority_baseline, res.steps)
