@@ -6,6 +6,7 @@ measured by benchmarks/measurement_fidelity.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -153,21 +154,42 @@ def test_coordinator_drops_a_dead_holder():
 
 
 @pytest.mark.slow
-def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path):
+def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path, monkeypatch):
     """Two pools on one embedded node, their trials training concurrently: every measurement
-    interval is free of the other trials' training steps, and cores are disjoint."""
+    interval is free of the other trials' training steps and of the controller's own record
+    writing (Parquet, Optuna, MLflow), and cores are disjoint."""
     from omninet.sweep import SweepResult, run_sweep
+    from omninet.sweep.isolation import DriverGate
+
+    sections, gated = [], DriverGate.shared
+
+    @contextlib.contextmanager
+    def recorded(self):  # each section holds the node's shared side (so a measurement waits for it)
+        import ray
+
+        with gated(self):
+            holders = ray.get(self.actor.state.remote())["shared"]
+            assert any(h.startswith(f"driver-{self.pid}-") for h in holders), holders
+            t0 = time.time()
+            try:
+                yield
+            finally:
+                sections.append((t0, time.time()))
+
+    monkeypatch.setattr(DriverGate, "shared", recorded)
 
     cfg = {
         "name": "isolation", "results_dir": str(tmp_path / "iso"), "trial_fn": "omninet.sweep.testing:gate_probe",
         "trial": {"probe": {"train_s": 1.2, "measure_s": 0.3}},
-        "search_space": {"probe.x": {"choices": [1, 2, 3]}},
-        "pools": [{"name": "a", "resources": {"CPU": 1}, "trials": 3}, {"name": "b", "resources": {"CPU": 1}, "trials": 3}],
+        # unequal trials, so one pool's trial finishes (and the controller records it) while
+        # the other pool's measures
+        "search_space": {"probe.train_s": {"choices": [0.3, 0.6, 1.2]}, "probe.measure_s": {"choices": [0.3, 0.8]}},
+        "pools": [{"name": "a", "resources": {"CPU": 1}, "trials": 4}, {"name": "b", "resources": {"CPU": 1}, "trials": 4}],
         "sampler": {"kind": "random", "seed": 0}, "progress_interval_s": 1.0,
     }
     result = run_sweep(cfg, num_cpus=2)
     rows = result.trials()
-    assert (rows.status == "ok").all() and len(rows) == 6
+    assert (rows.status == "ok").all() and len(rows) == 8
     runs = [json.loads(r) for r in rows.result_json]
     assert all(r["measure_co_running"] == 0 for r in runs)
     overlaps = 0
@@ -176,7 +198,9 @@ def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path):
         for j, other in enumerate(runs):
             if i != j:
                 overlaps += sum(1 for s, e in other["work"] if s < m1 - 0.005 and e > m0 + 0.005)
+        overlaps += sum(1 for s, e in sections if s < m1 - 0.005 and e > m0 + 0.005)
     assert overlaps == 0
+    assert len(sections) >= 2 * len(runs)  # each trial's record and its MLflow run were gated sections
     concurrent_cores = {r["cores"] for r in runs}
     assert len(concurrent_cores) == 2  # each pool's worker pinned to its own core
     assert isinstance(SweepResult.load(tmp_path / "iso"), SweepResult)

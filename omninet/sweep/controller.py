@@ -21,6 +21,7 @@ Faults, and why the controller owns them (Optuna's heartbeat does not cover ask-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -115,6 +116,7 @@ class SweepController:
         self._last_progress = 0.0
         self.identity = ControllerId()
         self.lock: SweepLock | None = None
+        self._gate = contextlib.nullcontext  # DriverGate.shared once Ray runs (isolate_measurements)
 
     # -- paths and storage ------------------------------------------------------------------
     @property
@@ -619,6 +621,10 @@ class SweepController:
                                    retry_s=self.config.storage.retry_s).acquire()  # a second controller stops here
             log.info("sweep %r: lock held by %s", self.config.name, self.identity.describe())
             self._open()
+            if self.config.isolate_measurements:  # the driver's own work never overlaps a measurement on its node
+                from omninet.sweep.isolation import DriverGate
+
+                self._gate = self.mlflow.gate = DriverGate().shared
             self.mlflow.start_background()  # MLflow writes leave the per-trial path
             log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
                      self.optuna_url, self.mlflow_uri)
@@ -690,8 +696,9 @@ class SweepController:
             for ref in ready:
                 ps = owner[ref]
                 run, result = self._collect(ref, ps)
-                self._finish(ps, run, result)  # told to Optuna first: the next ask sees this result
-                self._fill(ps)
+                with self._gate():
+                    self._finish(ps, run, result)  # told to Optuna first: the next ask sees this result
+                    self._fill(ps)
             self.mlflow.flush()
             self.lock.ensure()
             self._progress()

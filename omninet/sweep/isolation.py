@@ -15,6 +15,10 @@ node, created by the first trial that runs there). Trials of every sweep on the 
 
 Each measurement records how long it waited and how many other trials were active on the
 node during it (expected 0).
+
+The controller's own work on its node (the Parquet record, Optuna's tell and ask, the MLflow
+writer thread) takes the shared side too (``DriverGate``): on an embedded local Ray, where the
+driver shares the cores with the trials, it never runs during a measurement.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["NodeCoordinator", "NodeGate", "coordinator_for_this_node"]
+__all__ = ["DriverGate", "NodeCoordinator", "NodeGate", "coordinator_for_this_node"]
 
 NAMESPACE = "omninet"
 CHECK_INTERVAL_S = 0.1  # how often a training loop asks whether a measurement is waiting
@@ -198,3 +203,24 @@ class NodeGate:
             yield info
         finally:
             info["co_running"] = ray.get(self.actor.end_exclusive.remote(self.key, self.pid))
+
+
+class DriverGate:
+    """The controller's sections of work on its own node as holders of the shared side of the
+    node's measurement lock: ``with gate.shared(): ...`` waits while a measurement runs there and
+    keeps the next one waiting until the section ends. One key per thread (the controller's main
+    loop and the MLflow writer hold it independently)."""
+
+    def __init__(self) -> None:
+        self.actor, self.pid = coordinator_for_this_node(), os.getpid()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        import ray
+
+        key = f"driver-{self.pid}-{threading.get_ident()}"
+        ray.get(self.actor.enter.remote(key, self.pid))
+        try:
+            yield
+        finally:
+            ray.get(self.actor.leave.remote(key))

@@ -8,6 +8,7 @@ resume from the row, and MLflow is backfilled from Parquet whenever it is reacha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,6 +183,7 @@ class MlflowRecorder:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.gate = contextlib.nullcontext  # each write as one section (the controller's DriverGate.shared)
 
     @staticmethod
     def trial_key(pool: str, number: int) -> str:
@@ -331,7 +333,8 @@ class MlflowRecorder:
                     del self._pending[key]
                     continue
             try:
-                self._log_child(pool, row)
+                with self.gate():
+                    self._log_child(pool, row)
             except Exception as exc:
                 self._unavailable(exc)
                 return written
