@@ -141,6 +141,27 @@ def test_coordinator_makes_measurement_exclusive_and_cores_disjoint():
     asyncio.run(scenario())
 
 
+def test_a_measurement_that_ends_while_another_waits_steps_back_in_after_that_one_ends():
+    from omninet.sweep.isolation import NodeCoordinator
+
+    async def scenario():
+        c = NodeCoordinator()
+        await c.enter("a", 1)
+        await asyncio.wait_for(c.begin_exclusive("a", 1), 2)
+        b_measures = asyncio.ensure_future(c.begin_exclusive("b", 1))
+        await asyncio.sleep(0.05)
+        a_done = asyncio.ensure_future(c.end_exclusive("a", 1))
+        await asyncio.wait_for(b_measures, 2)
+        assert c.writer == "b"
+        await asyncio.sleep(1.3)  # past the coordinator's 1 s re-check of waiters
+        assert not a_done.done() and "a" not in c.shared  # a waits out b's measurement
+        assert await c.end_exclusive("b", 1) == 0  # nobody else ran during it
+        await asyncio.wait_for(a_done, 2)
+        assert set(c.shared) == {"a", "b"}
+
+    asyncio.run(scenario())
+
+
 def test_coordinator_drops_a_dead_holder():
     from omninet.sweep.isolation import NodeCoordinator
 

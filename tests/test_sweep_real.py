@@ -49,7 +49,8 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     assert (agg.runs == 2).sum() == 1 and agg.loc[agg.runs == 2, "accuracy_ci95"].notna().all()
     # measured at the deployment shape, isolated, with both memory counters and the history check
     assert (ok_shape := df[df.status == "ok"]).seq_length.eq(512).all() and ok_shape.measure_batch_size.eq(4).all()
-    assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all()
+    shown = ok_shape[["pool", "trial_number", "measure_co_running", "measure_wait_s", "cores"]].to_string()
+    assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all(), shown
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
     assert ok_shape.memory_method.str.contains("rss").all()
     # keep_models: pareto -> the front trials' trained weights, the served model is the trained one

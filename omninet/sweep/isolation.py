@@ -134,7 +134,9 @@ class NodeCoordinator:
             co_running = max(self.peak_during_write, len(self.shared))
             self.writer = None
             cond.notify_all()
-            while self.waiting_writers:  # writer preference: the next measurement goes first
+            # writer preference: a waiting measurement goes first, and this trial steps back in
+            # only once it has ended too (not as soon as it has begun)
+            while self.writer is not None or self.waiting_writers:
                 await self._wait(cond)
             self.shared[key] = pid
         return co_running
