@@ -12,7 +12,7 @@ collected, C allocator trimmed, accelerator cache emptied), two counters reporte
 
 - ``tensor_peak_mb``: tensors alive at the start (``live_bytes``: parameters, buffers,
   gradients, optimizer state) plus the peak of tensor allocations during the call. CPU: the
-  PyTorch profiler's memory timeline; accelerators: the allocator's peak
+  PyTorch profiler's allocation events (replayed in time order); accelerators: the allocator's peak
   (``backend.memory_stats().peak`` after ``backend.reset_peak_memory``).
 - ``rss_peak_mb``: the process's resident set, sampled every millisecond by a thread while the
   call runs (and Linux's VmHWM after resetting it, when allowed): what the OS sees, including
@@ -253,7 +253,7 @@ def track_memory(fn: Callable[[], object], *, device=torch.device("cpu"), live_b
         rss = sampler.stop()
     if hwm:
         rss = max(rss, _hwm_bytes() or 0)
-    counter = "torch.profiler memory timeline" if device.type == "cpu" else "allocator peak (backend memory_stats)"
+    counter = "torch.profiler allocation events" if device.type == "cpu" else "allocator peak (backend memory_stats)"
     method = (f"tensor: live tensors + {counter}; rss: process resident set sampled every 1 ms"
               f"{' + VmHWM' if hwm else ''}")
     return MemoryReading(tensor_peak_mb=tensor, rss_peak_mb=rss / MB, method=method)
