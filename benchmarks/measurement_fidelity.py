@@ -6,7 +6,7 @@ independent of what ran before and beside it?
 One fixed configuration (quickstart-sized ListOps encoder, measured at 4 x 1024 tokens):
 
 1. **standalone**: ``run_trial`` alone, pinned to one core with one thread, 5 times on each
-   core the concurrent trials use: the per-core median latency p50 and the tensor peak are the
+   core the concurrent trials use, each run in a fresh interpreter: the per-core median latency p50 and the tensor peak are the
    reference; the coefficient of variation of a core's 5 latency p50s is the run-to-run noise
    (target <= 5%).
 2. **concurrent, isolated**: a sweep of two pools (one core each) running the same
@@ -50,12 +50,23 @@ def trial_config(quick: bool) -> dict:
     }
 
 
-def standalone(cfg: dict, reps: int, core: int) -> list[dict]:
-    from omninet.trial import RunContext, run_trial
+STANDALONE_CHILD = r"""
+import json, sys
+from omninet.trial import RunContext, run_trial
+r = run_trial(json.loads(sys.argv[1]), context=RunContext(cores=[int(sys.argv[2])])).to_dict()
+print(json.dumps(r))
+"""
 
+
+def standalone(cfg: dict, reps: int, core: int) -> list[dict]:
+    """``reps`` runs of the trial alone on ``core``, each in a fresh interpreter (as a sweep
+    trial starts from a fresh worker's state, not from the heap of earlier runs)."""
     out = []
     for _ in range(reps):
-        r = run_trial(cfg, context=RunContext(cores=[core])).to_dict()
+        proc = subprocess.run([sys.executable, "-c", STANDALONE_CHILD, json.dumps(cfg), str(core)], capture_output=True,
+                              text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
         assert r["status"] == "ok", r["error"]
         out.append(r)
     return out
@@ -71,7 +82,7 @@ def concurrent(cfg: dict, root: Path, *, isolate: bool, trials: int) -> list[dic
                        {"key": "latency_p50_ms", "direction": "minimize"}],
         "pools": [{"name": "a", "resources": {"CPU": 1}, "trials": trials},
                   {"name": "b", "resources": {"CPU": 1}, "trials": trials}],
-        "sampler": {"kind": "random", "seed": 0}, "isolate_measurements": isolate,
+        "sampler": {"kind": "random", "seed": 0}, "isolate_measurements": isolate, "keep_models": "none",
         "storage": {"mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"}, "progress_interval_s": 60.0,
     }
     df = run_sweep(sweep, num_cpus=2).trials()
