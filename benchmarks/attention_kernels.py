@@ -316,8 +316,13 @@ def parse_args(argv=None):
     p.add_argument("--first-call-kernels", nargs="+", default=None,
                    help="rows (at --target-n) that get a first-call figure; default: all but compiled FlexAttention")
     p.add_argument("--first-call-child", nargs=3, metavar=("KERNEL", "N", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, one per core); 1 with `taskset -c 0` measures one "
+                        "core while other work runs on the other")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.first_call_kernels is None:
         args.first_call_kernels = [k for k in ("naive", "sdpa", "sdpa_causal", *(f"block_sparse_{d:g}" for d in DENSITIES),
                                                "block_sparse_causal_0.125", *(f"linformer_{r}" for r in RANKS))]
@@ -341,6 +346,7 @@ def main(argv=None) -> dict | None:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info(),
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "timing": "wall-clock median (median_ms) and this process's CPU time (median_cpu_ms); other processes "
                       "share the cores: see load_avg",
             "python": platform.python_version(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
