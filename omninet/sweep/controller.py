@@ -324,17 +324,21 @@ class SweepController:
         """A resumed controller's rung book and cost model, from the pool's Parquet rows."""
         import ray
 
+        records = trials = 0
         for (p, number), row in sorted(rows.items()):
             if p != pool:
                 continue
             result = json.loads(row.get("result_json") or "{}")
             if self._book is not None and row.get("repeat_of") is None:
-                ray.get(self._book.restore.remote(pool, number, row, result.get("rung_steps") or [],
-                                                  result.get("rung_accuracy") or []))
+                steps = result.get("rung_steps") or []
+                ray.get(self._book.restore.remote(pool, number, row, steps, result.get("rung_accuracy") or []))
+                records, trials = records + len(steps), trials + 1
             if self.cost_model is not None and row.get("screened_by") != "cost_model" and row.get("cost_split"):
                 config = self.config.runner.parse(json.loads(row["config_json"]))
                 params = {k[len("param."):]: v for k, v in row.items() if k.startswith("param.") and v is not None}
                 self.cost_model.observe(pool, number, self._features(params, config), row, split=row["cost_split"])
+        if self._book is not None and trials:
+            log.info("pool %s: rung book restored from Parquet: %d rung record(s) of %d trial(s)", pool, records, trials)
 
     def _predict(self, ps: _PoolState, run: _Running) -> dict[str, Any] | None:
         """The cost model's prediction for a proposal, with the model's held-out error then."""

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import SweepConfig, load_config
+from omninet.sweep.config import SchedulerSpec, SweepConfig, load_config
 
 __all__ = ["SweepResult", "write_artifacts"]
 
@@ -44,8 +44,13 @@ class SweepResult:
         data = yaml.safe_load(manifest.read_text())
         # Reading results must not need the sweep's trial function (or torch-heavy runner) to
         # import: validate with the dependency-free toy function, then restore the recorded names.
-        config = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None})
+        # The scheduler is checked against the runner it needs, so it is restored the same way.
+        scheduler = data.get("scheduler")
+        config = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None,
+                              "scheduler": {"kind": "fifo"}})
         config.trial_fn, config.estimate_fn = data.get("trial_fn", config.trial_fn), data.get("estimate_fn")
+        if scheduler is not None:
+            config.scheduler = SchedulerSpec.from_dict(scheduler)
         return cls(results_dir, config)
 
     # -- tables -----------------------------------------------------------------------------
