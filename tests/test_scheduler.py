@@ -95,7 +95,7 @@ def test_cost_model_validation_split_never_holds_predicted_trials() -> None:
     assert held == {3, 7, 11} and not fit & held and fit | held == set(range(12))
     v = cm.validation("cpu")
     assert v["latency_p50_ms"]["n"] == 3 and v["latency_p50_ms"]["holdout_trials"] == [3, 7, 11]
-    assert v["latency_p50_ms"]["mape"] < 1e-6 and v["peak_memory_infer_mb"]["within_10"] == 1.0
+    assert v["latency_p50_ms"]["mape"] < 0.02 and v["peak_memory_infer_mb"]["within_10"] == 1.0
     # a held-out trial is never fitted: corrupting its measurement leaves the model's predictions alone
     probe = toy_features(2.0)[0]
     before = cm.predict("cpu", probe)["latency_p50_ms"]
@@ -117,9 +117,9 @@ def test_a_new_pool_is_seeded_with_a_learned_scale() -> None:
     cm.observe("gpu", 0, *toy_features(0.5, scale=0.25))  # one measurement: the pool is 4x faster
     pred = cm.predict("gpu", probe)
     assert pred["source"] == "seeded:cpu" and pred["trusted"]
-    assert pred["scale"]["latency_p50_ms"] == pytest.approx(0.25)
+    assert pred["scale"]["latency_p50_ms"] == pytest.approx(0.25, rel=0.02)
     for target in truth:
-        assert pred[target] == pytest.approx(truth[target], rel=1e-6)
+        assert pred[target] == pytest.approx(truth[target], rel=0.02)
 
 
 BASE = {"name": "s", "trial_fn": "omninet.sweep.testing:rung_toy", "estimate_fn": None, "trial": {"toy": {"steps": 27}},

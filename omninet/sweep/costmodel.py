@@ -4,7 +4,7 @@ on the pool's measured trials (``cost_model:`` in the sweep YAML).
 - **Features** come from the trial runner (``runner.cost_features(config)``: for OmniNet, work
   and byte counts per kernel and precision, ``omninet.trial.cost``); a runner without them is
   described by its searched parameters (numbers as they are, choices one-hot).
-- **Regressor**: scikit-learn, a non-negative linear model on those features (a roofline: the
+- **Regressor**: scikit-learn, a non-negative ridge regression on those features (a roofline: the
   weights are this pool's seconds per multiply-add and bytes per counted byte), fitted to
   relative error (weights 1 / y^2), so a pool is described by a handful of trials.
 - **Validation**: every ``holdout_every``-th measured trial of a pool is held out: never fitted,
@@ -24,9 +24,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 __all__ = ["CostModel", "Sample", "param_features"]
 
 TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb")
+RIDGE_ALPHA = 1e-3  # on max-abs-scaled counts with weights 1 / y^2: a light pull toward the shared weights
 
 
 def param_features(params: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -93,7 +96,7 @@ class CostModel:
     @staticmethod
     def _fit(samples: list[Sample], target: str):
         from sklearn.feature_extraction import DictVectorizer
-        from sklearn.linear_model import LinearRegression
+        from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import MaxAbsScaler
 
@@ -102,10 +105,13 @@ class CostModel:
             return None
         X = [s.features[target] for s in rows]
         y = [s.measured[target] for s in rows]
-        model = make_pipeline(DictVectorizer(sparse=False), MaxAbsScaler(), LinearRegression(positive=True))
+        # ridge: a few trials and many (collinear) counts; positive: every count costs, none saves
+        model = make_pipeline(DictVectorizer(sparse=False), MaxAbsScaler(), Ridge(alpha=RIDGE_ALPHA, positive=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(X, y, linearregression__sample_weight=[1.0 / v**2 for v in y])  # relative error
+            weights = 1.0 / np.square(y)  # relative error ...
+            weights *= len(weights) / weights.sum()  # ... with mean 1, so alpha means the same in any unit
+            model.fit(X, y, ridge__sample_weight=weights)
         return model
 
     def _models(self, pool: str) -> dict[str, Any]:

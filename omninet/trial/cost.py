@@ -71,12 +71,24 @@ def cost_features(cfg: TrialConfig) -> dict[str, dict[str, float]]:
             f"calls|{kernel}": layers * hr,  # per-head kernel launches and slabs
         }
 
-    out = {"latency_p50_ms": work(1)}
+    out = {"latency_p50_ms": _shared(work(1))}
     dtype = precision if precision in ("bf16", "fp16") else "fp32"  # int8 / mixed keep fp32 tensors around
     for target, training in (("peak_memory_infer_mb", False), ("peak_memory_train_mb", True)):
         parts = memory_breakdown(mc, batch_size=b, seq_len=n, precision=dtype, training=training)
         feats = {f"{name}|{kernel}|{precision}": v / 2**20 * (hr / heads if name == "activations" else 1.0)
                  for name, v in parts.items()}
         feats[f"scores|{kernel}|{precision}"] = layers * b * hr * n * keys * 4 / 2**20  # fp32 scores, if materialized
-        out[target] = feats
+        out[target] = _shared(feats)
+    return out
+
+
+def _shared(feats: dict[str, float]) -> dict[str, float]:
+    """Each 'name|kernel|precision' count also as 'name', 'name|kernel' and 'name|precision':
+    a pool's first trials share weights across kernels and precisions, and the specific
+    weights (ridge-shrunk) only correct them where the data says so."""
+    out: dict[str, float] = {}
+    for key, value in feats.items():
+        name, *rest = key.split("|")
+        for sub in {key, name, *(f"{name}|{part}" for part in rest)}:
+            out[sub] = out.get(sub, 0.0) + value
     return out
