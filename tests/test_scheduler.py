@@ -153,3 +153,37 @@ def test_default_scheduler_is_fifo_and_rungs_follow_asha() -> None:
     assert load_config({**BASE, "scheduler": {"kind": "mo_successive_halving", "grace_period": 5,
                                               "reduction_factor": 4}}).scheduler.rungs(100) == [5, 20, 80]
     assert math.isclose(load_config(BASE).scheduler.cost_margin, 0.05)
+
+
+REAL = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "num_eval": 32},
+        "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "eval_max_examples": 32},
+        "measure": {"seq_length": 64, "batch_size": 1, "latency_reps": 20, "throughput_reps": 20, "warmup": 1,
+                    "min_seconds": 0.0}}
+
+
+@pytest.mark.slow  # three small real trials (a few seconds each on 2 cores)
+def test_real_trial_measures_first_then_is_screened_pruned_or_finished() -> None:
+    from omninet.sweep.scheduler import RungClient
+    from omninet.trial import run_trial
+    from omninet.trial.runner import RunContext
+
+    rules = PoolRules(rungs=[2, 4], reduction_factor=2, cost_keys=COSTS, screen_dominated_by=None)
+    b = RungBook({"cpu": rules})
+    first = run_trial(REAL, context=RunContext(scheduler=RungClient(b, "cpu", 0, [2, 4])))
+    assert first.status == "ok" and first.cost_measured_first and first.steps == 6
+    assert first.rung_steps == [2, 4] and len(first.rung_accuracy) == 2
+    assert first.latency_p50_ms > 0 and first.peak_memory_infer_mb > 0 and first.peak_memory_train_mb > 0
+    plain = run_trial(REAL)  # the same trial without a scheduler: same training (the probe model is a copy)
+    assert plain.loss_curve == pytest.approx(first.loss_curve) and plain.accuracy == pytest.approx(first.accuracy)
+    # a trial far worse at the first rung than #0, and no cheaper: pruned with a partial record
+    b.costs["cpu"][0] = (0.0, 0.0)  # make #0 cheaper than anything
+    b.rung["cpu"][2][0] = 1.0
+    second = run_trial(REAL, context=RunContext(scheduler=RungClient(b, "cpu", 1, [2, 4])))
+    assert second.status == "pruned" and second.steps == 2 and "rung 2" in second.error
+    assert second.accuracy == pytest.approx(second.rung_accuracy[0]) and second.latency_p50_ms > 0
+    # over the latency limit: the probe alone decides, before any training
+    tight = RungBook({"cpu": PoolRules(rungs=[2, 4], cost_keys=COSTS, limits={"latency_p50_ms": 1e-6})})
+    third = run_trial(REAL, context=RunContext(scheduler=RungClient(tight, "cpu", 0, [2, 4],
+                                                                    limits={"latency_p50_ms": 1e-6})))
+    assert third.status == "screened" and third.steps == 0 and third.latency_reps == 3 and "limit" in third.error

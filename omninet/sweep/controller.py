@@ -309,8 +309,9 @@ class SweepController:
         from omninet.sweep.scheduler import RungClient
 
         spec = self.config.scheduler
+        c = self.config.constraints_for(ps.spec.name)
         return RungClient(self._book, ps.spec.name, run.number, spec.rungs(self.config.runner.max_steps(run.trial_config)),
-                          remeasure=spec.remeasure)
+                          remeasure=spec.remeasure, limits={"latency_p50_ms": c.max_latency_ms} if c.max_latency_ms else {})
 
     def _features(self, params: dict[str, Any], trial_config: Any) -> dict[str, dict[str, float]]:
         from omninet.sweep.costmodel import param_features

@@ -164,6 +164,7 @@ class RungClient:
     trial: int
     rungs: list[int]
     remeasure: bool = False
+    limits: dict[str, float] = field(default_factory=dict)  # the pool's limits on measured figures (a latency probe)
 
     def _call(self, name: str, *args):
         method = getattr(self.book, name)

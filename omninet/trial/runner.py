@@ -316,11 +316,42 @@ def measures_first_exactly(plan: loop.Plan) -> bool:
     return plan.post != "mixed"
 
 
-def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate) -> None:
+PROBE_CALLS = 3  # latency calls of the measure-first probe
+PROBE_OVER = 1.25  # the probe's median must exceed the latency limit by this factor to skip the full measurement
+
+
+def _latency_probe(model, cfg: TrialConfig, plan: loop.Plan, gate) -> float:
+    """Median ms of a few batch-1 calls at the deployment length (isolated like every measurement)."""
+    one = plan.batch(cfg.task_obj.measurement_batch(1, cfg.seq_length))
+    model.eval()
+
+    @torch.no_grad()
+    def infer():
+        with plan.autocast():
+            return model(one["input_ids"], attention_mask=one["attention_mask"]).logits
+
+    with gate.exclusive():
+        times = measure.time_fn(infer, device=plan.device, warmup=1, reps=PROBE_CALLS)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, latency_limit: float | None = None) -> None:
     """Latency and memory of the untrained model at the deployment shape, with the same
     post-passes and isolation as after training, on a throwaway copy built from the same seed
-    (training then starts from the same weights as without measuring first)."""
+    (training then starts from the same weights as without measuring first). With a
+    ``latency_limit``, a short probe comes first: a configuration whose probe is already
+    ``PROBE_OVER`` x over the limit is recorded with the probe (``latency_reps`` says how many
+    calls) and not measured further, since it will be screened anyway."""
     start = time.perf_counter()
+    if latency_limit is not None:
+        probe = _post_passes(_build(cfg, plan), cfg, plan, TrialResult(status="ok"))
+        p50 = _latency_probe(probe, cfg, plan, gate)
+        del probe
+        if p50 > PROBE_OVER * latency_limit:
+            res.latency_p50_ms, res.latency_reps, res.latency_rounds = p50, PROBE_CALLS, 1
+            res.cost_measured_first = True
+            res.measure_first_seconds = time.perf_counter() - start
+            return
     model = _build(cfg, plan)
     res.num_params = model.num_parameters()
     if cfg.measure.memory:
@@ -367,7 +398,7 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     remeasure = True  # without a scheduler nothing was measured yet
     if scheduler is not None:
-        _measure_first(cfg, plan, res, gate)
+        _measure_first(cfg, plan, res, gate, latency_limit=getattr(scheduler, "limits", {}).get("latency_p50_ms"))
         reason = scheduler.screen(res.to_dict())
         if reason is not None:
             raise Stopped("screened", reason)
