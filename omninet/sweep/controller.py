@@ -4,6 +4,13 @@ Loop: keep every pool's ``concurrency`` trials in flight (``study.ask`` -> sampl
 space -> memory estimate -> Ray task with the pool's resources), ``ray.wait`` for the next
 finished one, record it (Parquet -> Optuna ``tell`` -> MLflow), refill, log progress.
 
+With ``scheduler.kind: mo_successive_halving`` every trial gets a rung client
+(:mod:`omninet.sweep.scheduler`): it measures first, may be ``screened``, and reports its rungs
+to one rung-book actor, which may stop it as ``pruned``; both are told to Optuna as PRUNED.
+With ``cost_model.enabled`` each proposal is predicted before it is sent
+(:mod:`omninet.sweep.costmodel`; screened unrun when predicted infeasible) and each measured
+trial joins the model's fit or held-out split.
+
 Faults, and why the controller owns them (Optuna's heartbeat does not cover ask-and-tell):
 - worker or node death: Ray re-executes the task (``max_retries`` per pool) on any node with
   the pool's resources; after that the trial is recorded as ``crashed`` with Ray's reason.
