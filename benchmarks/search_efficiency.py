@@ -19,7 +19,9 @@ memory bound below, the pool's latency limit) over time, from each trial's finis
   the budget (target <= 0.5);
 - the cost model on held-out trials (never fitted): share within +-15% for latency and +-10%
   for memory, pooled over repeats (target >= 0.9 each), for the final model and for the
-  predictions each held-out trial got before it ran.
+  predictions each held-out trial got before it ran;
+- ``measurement_reproducibility``: the same shares between two measurements of one
+  configuration (the noise floor any cost model is held to).
 
 Repeats interleave the two schedulers so drifting background load hits both alike. JSON on
 stdout (and --out), with the machine and the load average around every sweep.
@@ -113,7 +115,7 @@ def run_one(root: Path, scheduler: str, rep: int, args) -> dict:
         "load_avg_after": os.getloadavg()[0], "trials": int(len(df)),
         "statuses": {k: int(v) for k, v in df["status"].value_counts().items()},
         "hv_at_budget": hypervolume(df, start + args.budget_s), "hv_final": hypervolume(df, start + wall + 1),
-        "hv_curve": curve, "audit_problems": len(result.audit()),
+        "hv_curve": curve, "audit_problems": len(result.audit()), "_trials": df,
         "training_steps_spent": int(df["steps"].fillna(0).sum()),
     }
     if scheduler == "mosh":
@@ -131,6 +133,27 @@ def _errors(df) -> dict:
     for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb")):
         pairs = held[[target, column]].dropna()
         out[target] = [float(abs(p - m) / m) for m, p in zip(pairs[target], pairs[column]) if m > 0]
+    return out
+
+
+def reproducibility(frames) -> dict:
+    """The measurement's own noise floor: for every configuration measured more than once in
+    these sweeps (the same sampler seed proposes the same first configurations to both
+    schedulers), the relative difference of each pair of measurements (full measurements only,
+    not latency probes). No cost model can be more accurate than this."""
+    import itertools
+
+    import pandas as pd
+
+    df = pd.concat(frames)
+    df = df[df["latency_p50_ms"].notna() & (df["latency_reps"].fillna(0) >= 20)]
+    out = {}
+    for column, tol in (("latency_p50_ms", 0.15), ("peak_memory_infer_mb", 0.10)):
+        diffs = sorted(abs(a - b) / min(a, b) for _, g in df.groupby("config_key")
+                       for a, b in itertools.combinations(g[column].dropna().tolist(), 2) if min(a, b) > 0)
+        if diffs:
+            out[column] = {"pairs": len(diffs), "median_rel_diff": diffs[len(diffs) // 2], "max_rel_diff": diffs[-1],
+                           f"share_within_{int(tol * 100)}": sum(d <= tol for d in diffs) / len(diffs)}
     return out
 
 
@@ -169,6 +192,7 @@ def main() -> int:
     finally:
         ray.shutdown()
 
+    noise = reproducibility([r.pop("_trials") for r in runs])
     by = {s: [r for r in runs if r["scheduler"] == s] for s in ("plain", "mosh")}
     hv_ratios, time_ratios = [], []
     for plain, mosh in zip(by["plain"], by["mosh"]):
@@ -203,6 +227,7 @@ def main() -> int:
             "memory_within_10": share(pooled["peak_memory_infer_mb"], 0.10),
             "holdout_trials": len(pooled["latency_p50_ms"]),
         },
+        "measurement_reproducibility": noise,
         "targets": {"hv_ratio": 1.5, "time_ratio": 0.5, "latency_within_15": 0.9, "memory_within_10": 0.9},
     }
     cm = summary["cost_model_final"]
