@@ -89,7 +89,7 @@ class RungBook:
         self.rules = rules
         self.costs: dict[str, dict[int, tuple[float, ...]]] = {p: {} for p in rules}
         self.rung: dict[str, dict[int, dict[int, float]]] = {p: {} for p in rules}  # pool -> step -> trial -> value
-        self.finished: dict[str, dict[int, float]] = {p: {} for p in rules}  # trials that trained to the budget
+        self.finished: dict[str, set[int]] = {p: set() for p in rules}  # trials that trained to the budget
 
     # -- measure first --------------------------------------------------------------------------
     def screen(self, pool: str, trial: int, measured: dict[str, Any]) -> str | None:
@@ -137,7 +137,7 @@ class RungBook:
         if costs is not None and trial not in self.costs[pool]:
             self.costs[pool][trial] = tuple(float(costs[k]) if _finite(costs.get(k)) else math.inf
                                             for k in rules.cost_keys)
-        self.finished[pool][trial] = 1.0
+        self.finished[pool].add(trial)
 
     def restore(self, pool: str, trial: int, row: dict[str, Any], steps: list[int], values: list[float]) -> None:
         """A recorded trial, from its Parquet row (a resumed controller's new book)."""
@@ -147,7 +147,7 @@ class RungBook:
         for step, value in zip(steps, values):
             self.rung[pool].setdefault(int(step), {})[trial] = float(value) if value is not None else math.nan
         if row.get("status") == "ok":
-            self.finished[pool][trial] = 1.0
+            self.finished[pool].add(trial)
 
     def state(self, pool: str) -> dict[str, Any]:
         return {"rungs": {s: dict(r) for s, r in sorted(self.rung[pool].items())}, "finished": sorted(self.finished[pool]),
