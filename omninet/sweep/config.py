@@ -23,6 +23,7 @@ started. Example (see ``sweeps/quickstart.yaml``)::
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ __all__ = [
     "StorageSpec",
     "SweepConfig",
     "RepeatSpec",
+    "SchedulerSpec",
+    "CostModelSpec",
     "load_config",
     "ACCELERATORS",
 ]
@@ -314,6 +317,71 @@ class RepeatSpec(ConfigBase):
 
 
 @dataclass(kw_only=True)
+class SchedulerSpec(ConfigBase):
+    """How trials spend their training budget. ``fifo``: every trial trains to its budget and is
+    measured after (what sweeps always did). ``mo_successive_halving``: a trial first measures
+    its untrained model at the deployment shape and is ``screened`` (before any training) when it
+    violates the pool's constraints or when ``screen_dominated_by`` finished trials are cheaper
+    in every cost objective (by more than ``cost_margin``); then it trains with rungs at
+    ``grace_period * reduction_factor**k`` steps, where it is ranked among the pool's trials at
+    that rung by non-dominated sorting on (first objective, costs) with an epsilon-net
+    tie-break (MOASHA), and only the top ``1/reduction_factor`` go on (the rest are ``pruned``,
+    with a partial record). Asynchronous: a trial is judged against whoever reached the rung
+    before it; nothing waits. ``grace_period`` null: ``ceil(steps / reduction_factor**2)`` (two rungs
+    below the full budget); the reduction factor 3 is Hyperband's and Syne Tune's MOASHA's."""
+
+    kind: Literal["fifo", "mo_successive_halving"] = "fifo"
+    grace_period: int | None = None
+    reduction_factor: int = 3
+    screen_dominated_by: int | None = 3  # null: screen on constraints only
+    cost_margin: float = 0.05
+    remeasure: bool = False  # measure again after training (the measure-first figures are exact: see the runner)
+
+    def validate(self) -> None:
+        _check(self.grace_period is None or self.grace_period >= 1,
+               f"scheduler.grace_period must be >= 1 training step (or null), got {self.grace_period}")
+        _check(self.reduction_factor >= 2, f"scheduler.reduction_factor must be >= 2, got {self.reduction_factor}")
+        _check(self.screen_dominated_by is None or self.screen_dominated_by >= 1,
+               f"scheduler.screen_dominated_by must be >= 1 (or null to screen on constraints only), got "
+               f"{self.screen_dominated_by}")
+        _check(0.0 <= self.cost_margin < 1.0, f"scheduler.cost_margin must be in [0, 1), got {self.cost_margin}")
+
+    def rungs(self, max_steps: int) -> list[int]:
+        """Rung levels in training steps below ``max_steps`` (the full budget is no rung)."""
+        grace = self.grace_period or max(1, math.ceil(max_steps / self.reduction_factor**2))
+        out, level = [], grace
+        while level < max_steps:
+            out.append(int(level))
+            level *= self.reduction_factor
+        return out
+
+
+@dataclass(kw_only=True)
+class CostModelSpec(ConfigBase):
+    """A per-pool regression from configuration features and shape to latency and memory
+    (``omninet.sweep.costmodel``), fitted online on the pool's measured trials. Every
+    ``holdout_every``-th measured trial of a pool is held out (never fitted) and validates it.
+    With ``screen: true`` a proposal predicted to violate the pool's constraints by more than
+    ``screen_tolerance`` is ``screened`` without running, once ``min_fit`` trials are fitted;
+    its prediction and the model's held-out error are recorded. ``seed_from``: a pool whose
+    data predicts the other pools (times a learned per-pool scale) until they have their own."""
+
+    enabled: bool = False
+    screen: bool = True
+    min_fit: int = 5
+    holdout_every: int = 4
+    screen_tolerance: float = 0.15
+    seed_from: str | None = None
+
+    def validate(self) -> None:
+        _check(self.min_fit >= 2, f"cost_model.min_fit must be >= 2 fitted trials, got {self.min_fit}")
+        _check(self.holdout_every >= 2, f"cost_model.holdout_every must be >= 2 (every n-th measured trial is held out), "
+                                        f"got {self.holdout_every}")
+        _check(0.0 <= self.screen_tolerance < 1.0,
+               f"cost_model.screen_tolerance must be in [0, 1), got {self.screen_tolerance}")
+
+
+@dataclass(kw_only=True)
 class SweepConfig(ConfigBase):
     """A whole sweep. Build with :func:`load_config` (YAML path or dict)."""
 
@@ -335,6 +403,8 @@ class SweepConfig(ConfigBase):
     register_models: bool = False  # also register kept models in MLflow's Model Registry as <sweep>.<pool>
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # {param path: value} runs first in every pool
     repeats: RepeatSpec = field(default_factory=RepeatSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    cost_model: CostModelSpec = field(default_factory=CostModelSpec)
     trial_fn: str = DEFAULT_TRIAL_FN
     estimate_fn: str | None = DEFAULT_ESTIMATE_FN
     progress_interval_s: float = 10.0
@@ -392,6 +462,7 @@ class SweepConfig(ConfigBase):
             self._params.append(param)
         self._check_result_keys()
         self._check_values()
+        self._check_scheduler([p.name for p in self.pools])
         names = {p.path: p for p in self._params}
         for i, point in enumerate(self.enqueue):
             for key, value in point.items():
@@ -419,6 +490,29 @@ class SweepConfig(ConfigBase):
         for o in self.objectives:
             _check(o.key in fields, f"objectives: {o.key!r} is not a result of the trial runner; "
                                     f"choose from {', '.join(sorted(fields))}")
+
+    def _check_scheduler(self, pools: list[str]) -> None:
+        """``mo_successive_halving`` needs a runner that measures first and reports rungs, a
+        step budget, a rung below it, and cost objectives the runner measures before training."""
+        cm = self.cost_model
+        _check(cm.seed_from is None or cm.seed_from in pools,
+               f"cost_model.seed_from: {cm.seed_from!r} is not a pool; pools are {pools}")
+        if self.scheduler.kind == "fifo":
+            return
+        runner = self._runner
+        where = "scheduler.kind: mo_successive_halving"
+        _check(getattr(runner, "supports_scheduler", False),
+               f"{where} needs a trial runner that measures first and reports rungs; {self.trial_fn} does not "
+               "(use omninet.trial:run_trial, or kind: fifo)")
+        steps = runner.max_steps(self.trial)
+        _check(steps is not None, f"{where} needs a step budget: set trial.train.steps (rungs are training steps)")
+        rungs = self.scheduler.rungs(steps)
+        _check(bool(rungs), f"scheduler.grace_period {self.scheduler.grace_period} is not below the budget of {steps} "
+                            f"steps; lower it so that at least one rung falls before the end")
+        costs = set(getattr(runner, "cost_keys", ()))
+        late = [o.key for o in self.objectives[1:] if o.key not in costs]
+        _check(not late, f"{where}: objective(s) {late} are not measured before training; cost objectives must be "
+                         f"among {', '.join(sorted(costs))}")
 
     def _check_values(self) -> None:
         """Every searched value at its range ends / choices makes a valid trial config, so an
@@ -554,6 +648,7 @@ def _one_line(message: str) -> str:
     for cls_name, section in (("SweepConfig.", ""), ("SweepConfig:", "config:"), ("SamplerSpec", "sampler"),
                               ("BudgetSpec", "budget"), ("StorageSpec", "storage"), ("PoolSpec", "pools[]"),
                               ("PoolConstraints", "constraints"), ("ObjectiveSpec", "objectives[]"),
-                              ("ParamSpec", "search_space")):
+                              ("ParamSpec", "search_space"), ("SchedulerSpec", "scheduler"),
+                              ("CostModelSpec", "cost_model")):
         message = message.replace(cls_name, section)
     return message

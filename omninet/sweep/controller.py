@@ -4,6 +4,13 @@ Loop: keep every pool's ``concurrency`` trials in flight (``study.ask`` -> sampl
 space -> memory estimate -> Ray task with the pool's resources), ``ray.wait`` for the next
 finished one, record it (Parquet -> Optuna ``tell`` -> MLflow), refill, log progress.
 
+With ``scheduler.kind: mo_successive_halving`` every trial gets a rung client
+(:mod:`omninet.sweep.scheduler`): it measures first, may be ``screened``, and reports its rungs
+to one rung-book actor, which may stop it as ``pruned``; both are told to Optuna as PRUNED.
+With ``cost_model.enabled`` each proposal is predicted before it is sent
+(:mod:`omninet.sweep.costmodel`; screened unrun when predicted infeasible) and each measured
+trial joins the model's fit or held-out split.
+
 Faults, and why the controller owns them (Optuna's heartbeat does not cover ask-and-tell):
 - worker or node death: Ray re-executes the task (``max_retries`` per pool) on any node with
   the pool's resources; after that the trial is recorded as ``crashed`` with Ray's reason.
@@ -58,6 +65,7 @@ class _Running:
     trial_config: Any  # the runner's typed config, parsed once here and sent to the worker as is
     started: float = field(default_factory=time.time)
     repeat_of: int | None = None
+    prediction: dict[str, Any] | None = None  # the cost model's, made before the trial measured anything
 
 
 @dataclass
@@ -71,6 +79,8 @@ class _PoolState:
     done: int = 0
     failed: int = 0
     infeasible: int = 0
+    screened: int = 0
+    pruned: int = 0
     durations: list[float] = field(default_factory=list)
     best: tuple[float, int] | None = None
     params: list = field(default_factory=list)  # the search space as this pool's hardware can run it
@@ -114,6 +124,12 @@ class SweepController:
         self._pool_params: dict[str, list] = {}
         self._started = time.monotonic()
         self._last_progress = 0.0
+        self._book = None  # the rung book actor (scheduler mo_successive_halving)
+        self.cost_model = None
+        if self.config.cost_model.enabled:
+            from omninet.sweep.costmodel import CostModel
+
+            self.cost_model = CostModel(self.config.cost_model, [p.name for p in self.config.pools])
         self.identity = ControllerId()
         self.lock: SweepLock | None = None
         self._gate = contextlib.nullcontext  # DriverGate.shared once Ray runs (isolate_measurements)
@@ -163,6 +179,11 @@ class SweepController:
             self._owns_ray = True
         self._remote = ray.remote(execute_trial)
         self._probe_pools(ray.remote(probe), embedded=not (self.address or os.environ.get("RAY_ADDRESS")))
+        if self.config.scheduler.kind == "mo_successive_halving":
+            from omninet.sweep.scheduler import RungBook
+
+            # owned by this driver: it goes when the controller goes, and a resumed one rebuilds it from Parquet
+            self._book = ray.remote(RungBook).options(num_cpus=0, max_concurrency=1).remote(self._rules())
 
     def _embedded_args(self) -> dict[str, Any]:
         cfg = self.config
@@ -273,6 +294,104 @@ class SweepController:
         info["search_space_notes"] = notes
         return out
 
+    # -- scheduler and cost model ---------------------------------------------------------------
+    def _rules(self) -> dict[str, Any]:
+        from omninet.sweep.scheduler import PoolRules
+
+        spec, first = self.config.scheduler, self.config.objectives[0]
+        steps = self.config.runner.max_steps(self.config.trial)
+        out = {}
+        for p in self.config.pools:
+            c = self.config.constraints_for(p.name)
+            limits = {k: v for k, v in (("peak_memory_train_mb", c.max_memory_mb), ("latency_p50_ms", c.max_latency_ms))
+                      if v}
+            out[p.name] = PoolRules(rungs=spec.rungs(steps), reduction_factor=spec.reduction_factor,
+                                    maximize=first.direction == "maximize",
+                                    cost_keys=[o.key for o in self.config.objectives[1:]], limits=limits,
+                                    screen_dominated_by=spec.screen_dominated_by, cost_margin=spec.cost_margin)
+        return out
+
+    def _scheduler_for(self, ps: _PoolState, run: _Running):
+        """The trial's rung client, or None (fifo; repeats always train to the budget)."""
+        if self._book is None or run.repeat_of is not None:
+            return None
+        from omninet.sweep.scheduler import RungClient
+
+        spec = self.config.scheduler
+        c = self.config.constraints_for(ps.spec.name)
+        return RungClient(self._book, ps.spec.name, run.number, spec.rungs(self.config.runner.max_steps(run.trial_config)),
+                          remeasure=spec.remeasure, limits={"latency_p50_ms": c.max_latency_ms} if c.max_latency_ms else {})
+
+    def _features(self, params: dict[str, Any], trial_config: Any) -> dict[str, dict[str, float]]:
+        from omninet.sweep.costmodel import param_features
+
+        runner = self.config.runner
+        if hasattr(runner, "cost_features"):
+            return runner.cost_features(trial_config)
+        return param_features(params)
+
+    def _restore(self, pool: str, rows: dict[tuple[str, int], dict[str, Any]]) -> None:
+        """A resumed controller's rung book and cost model, from the pool's Parquet rows."""
+        import ray
+
+        records = trials = 0
+        for (p, number), row in sorted(rows.items()):
+            if p != pool:
+                continue
+            result = json.loads(row.get("result_json") or "{}")
+            if self._book is not None and row.get("repeat_of") is None:
+                steps = result.get("rung_steps") or []
+                ray.get(self._book.restore.remote(pool, number, row, steps, result.get("rung_accuracy") or []))
+                records, trials = records + len(steps), trials + 1
+            if self.cost_model is not None and row.get("screened_by") != "cost_model" and row.get("cost_split"):
+                config = self.config.runner.parse(json.loads(row["config_json"]))
+                params = {k[len("param."):]: v for k, v in row.items() if k.startswith("param.") and v is not None}
+                self.cost_model.observe(pool, number, self._features(params, config), row, split=row["cost_split"])
+        if self._book is not None and trials:
+            log.info("pool %s: rung book restored from Parquet: %d rung record(s) of %d trial(s)", pool, records, trials)
+
+    def _predict(self, ps: _PoolState, run: _Running) -> dict[str, Any] | None:
+        """The cost model's prediction for a proposal, with the model's held-out error then."""
+        if self.cost_model is None or run.repeat_of is not None:
+            return None
+        try:
+            features = self._features(run.params, run.trial_config)
+        except Exception as exc:  # noqa: BLE001 -- a config the features cannot describe is run, not screened
+            log.debug("cost features failed: %s", exc)
+            return None
+        pred = self.cost_model.predict(ps.spec.name, features)
+        if pred is None:
+            return None
+        errors = self.cost_model.validation(ps.spec.name)
+        pred["mape"] = {t: v["mape"] for t, v in errors.items()}
+        return pred
+
+    def _screen_by_prediction(self, ps: _PoolState, run: _Running) -> str | None:
+        """Why the prediction says the proposal is infeasible (beyond the tolerance), or None."""
+        pred, spec = run.prediction, self.config.cost_model
+        if pred is None or not spec.screen or not pred.get("trusted"):
+            return None
+        c = self.config.constraints_for(ps.spec.name)
+        for key, limit in (("peak_memory_train_mb", c.max_memory_mb), ("latency_p50_ms", c.max_latency_ms)):
+            value = pred.get(key)
+            if limit and value is not None and value * (1.0 - spec.screen_tolerance) > limit:
+                mape = pred["mape"].get(key)
+                return (f"screened by the cost model: predicted {key} {value:.4g} > the pool's limit {limit:.4g} by more "
+                        f"than {spec.screen_tolerance:.0%} ({pred['source']} model on {pred['fit_trials']} trials, held-out "
+                        f"MAPE {'n/a' if mape is None else f'{mape:.1%}'}); not run")
+        return None
+
+    def _write_cost_model(self) -> None:
+        if self.cost_model is None:
+            return
+        report = {p: {"validation": self.cost_model.validation(p),
+                      "fit_trials": [s.trial for s in self.cost_model.fit_split(p)],
+                      "holdout_trials": [s.trial for s in self.cost_model.holdout_split(p)],
+                      "seed_from": self.config.cost_model.seed_from,
+                      "scale": self.cost_model.scale(p) if self.config.cost_model.seed_from not in (None, p) else None}
+                  for p in self.cost_model.pools}
+        (self.results_dir / "cost_model.json").write_text(json.dumps(report, indent=2, default=str))
+
     # -- studies and resume -------------------------------------------------------------------
     def _open(self) -> None:
         cfg = self.config
@@ -316,11 +435,13 @@ class SweepController:
                         ps.requeue.append(t)
                 elif t.state in FINISHED_STATES:
                     self._count(ps, rows.get((p.name, t.number)), t)
+            self._restore(p.name, rows)
             ps.created = sum(1 for t in study.get_trials(deepcopy=False)
                              if t.state != TrialState.WAITING and "repeat_of" not in t.user_attrs)
             if ps.created:
                 log.info("pool %s: resuming study %r: %d finished, %d requeued from a previous controller%s",
-                         p.name, study.study_name, ps.done + ps.failed + ps.infeasible, len(ps.requeue),
+                         p.name, study.study_name, ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned,
+                         len(ps.requeue),
                          f", {repaired} repaired from Parquet" if repaired else "")
         (self.results_dir / "probe.json").write_text(json.dumps(self._probes, indent=2, default=str))
         backfilled = self.mlflow.sync((pool, row) for (pool, _), row in sorted(rows.items()))
@@ -373,6 +494,12 @@ class SweepController:
                     ps.best = (score, int(row["trial_number"]))
         elif status == "infeasible":
             ps.infeasible += 1
+        elif status == "screened":
+            ps.screened += 1
+        elif status == "pruned":
+            ps.pruned += 1
+            if row and row.get("duration_s"):
+                ps.durations.append(float(row["duration_s"]))
         else:
             ps.failed += 1
             if row and row.get("duration_s"):
@@ -461,13 +588,19 @@ class SweepController:
                           "error": f"estimated {estimate:.0f} MB > pool budget {limits.max_memory_mb:.0f} MB; not run"}
                 self._finish(ps, run, result)
                 continue
+            run.prediction = self._predict(ps, run)
+            reason = self._screen_by_prediction(ps, run)
+            if reason is not None:  # the record keeps the prediction and the model's held-out error
+                self._finish(ps, run, {"status": "screened", "screened_by": "cost_model", "error": reason})
+                continue
             opts = {**ps.spec.ray_options(), "max_retries": ps.spec.max_retries, "retry_exceptions": False,
                     "name": f"trial {ps.spec.name}#{run.number}"}
             ref = self._remote.options(**opts).remote(
                 self.config.runner, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
                 simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
                 num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}",
-                isolate=self.config.isolate_measurements, keep_model=self.config.keep_models != "none")
+                isolate=self.config.isolate_measurements, keep_model=self.config.keep_models != "none",
+                scheduler=self._scheduler_for(ps, run))
             ps.inflight[ref] = run
 
     def _estimate_mb(self, trial_config: Any) -> float | None:
@@ -514,7 +647,16 @@ class SweepController:
             "config_json": json.dumps(self.config.runner.to_dict(run.trial_config), sort_keys=True),
             "repeat_of": run.repeat_of, "config_key": params_key(run.params),
             "result_json": json.dumps(scalars, sort_keys=True, default=str),
+            "screened_by": result.get("screened_by") or ("measure_first" if status == "screened" else None),
         }
+        pred = run.prediction or {}
+        for column, target in (("predicted_latency_ms", "latency_p50_ms"), ("predicted_memory_infer_mb", "peak_memory_infer_mb"),
+                               ("predicted_memory_train_mb", "peak_memory_train_mb")):
+            row[column] = pred.get(target)
+        if pred:
+            row["cost_model_source"] = pred.get("source")
+            row["cost_model_mape_latency"] = pred.get("mape", {}).get("latency_p50_ms")
+            row["cost_model_mape_memory"] = pred.get("mape", {}).get("peak_memory_infer_mb")
         for key in self.store.file_schema.names:
             if key not in row and key in result and not key.startswith("param."):
                 row[key] = result[key] if _finite(result[key]) or not isinstance(result[key], float) else None
@@ -550,6 +692,8 @@ class SweepController:
             else:  # never ran: worst possible values; the constraint already ranks it below every feasible trial
                 values = [-math.inf if o.direction == "maximize" else math.inf for o in self.config.objectives]
             study.tell(trial, values)
+        elif status in ("screened", "pruned"):  # the scheduler stopped it: Optuna's own word for that
+            study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, state=TrialState.FAIL)
 
@@ -564,6 +708,7 @@ class SweepController:
                               identity=trial_identity(sweep=self.config.name, pool=ps.spec.name, trial=run.number,
                                                       trial_config=config),
                               metrics={k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+        self._learn(ps, run, row, result)
         self._retry(lambda: self.store.write(ps.spec.name, row), "writing the Parquet record")  # 1. the durable record
         self._tell(ps, run.trial_id, row)  # 2. the search state
         self.mlflow.log_trial(ps.spec.name, row)  # 3. best effort, backfilled later
@@ -574,6 +719,22 @@ class SweepController:
                  f", infeasible" if row["status"] == "ok" and not row["feasible"] else "")
         if row["error"] and row["status"] != "infeasible":
             log.info("  reason: %s", row["error"].splitlines()[0][:300])
+
+    def _learn(self, ps: _PoolState, run: _Running, row: dict[str, Any], result: dict[str, Any]) -> None:
+        """A finished trial teaches the rung book (its full-budget costs) and the cost model (what
+        it measured; ``row['cost_split']`` records which split it joined)."""
+        if self._book is not None and row["status"] == "ok" and run.repeat_of is None:
+            import ray
+
+            ray.get(self._book.finish.remote(ps.spec.name, run.number,
+                                             {k: row.get(k) for k in (o.key for o in self.config.objectives[1:])}))
+        if self.cost_model is not None and row.get("screened_by") != "cost_model":
+            try:
+                features = self._features(run.params, run.trial_config)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("cost features failed: %s", exc)
+                return
+            row["cost_split"] = self.cost_model.observe(ps.spec.name, run.number, features, result)
 
     def _collect(self, ref: Any, ps: _PoolState) -> tuple[_Running, dict[str, Any]]:
         import ray
@@ -597,11 +758,12 @@ class SweepController:
         obj = self.config.objectives[0]
         parts, eta = [], 0.0
         for name, ps in self._pools.items():
-            finished = ps.done + ps.failed + ps.infeasible - ps.repeat_runs
+            finished = ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned - ps.repeat_runs
             best = f", best {obj.key} {abs(ps.best[0]):.4g} (#{ps.best[1]})" if ps.best else ""
             repeats = f", {ps.repeat_runs} repeat runs" if ps.repeat_runs else ""
+            stopped = f", {ps.screened} screened, {ps.pruned} pruned" if self._book is not None or self.cost_model else ""
             parts.append(f"{name}: {finished}/{ps.budget} done ({ps.done} ok, {len(ps.inflight)} running, "
-                         f"{ps.failed} failed, {ps.infeasible} infeasible{repeats}){best}")
+                         f"{ps.failed} failed, {ps.infeasible} infeasible{stopped}{repeats}){best}")
             if ps.durations:
                 mean = sum(ps.durations) / len(ps.durations)
                 left = max(0, ps.budget - finished - len(ps.inflight)) + 0.5 * len(ps.inflight)
@@ -630,6 +792,7 @@ class SweepController:
                      self.optuna_url, self.mlflow_uri)
             self._loop()
             self._progress(force=True)
+            self._write_cost_model()
             result = SweepResult.load(self.results_dir)
             self._keep_models(result)
             artifacts = write_artifacts(result, self.results_dir / "artifacts")

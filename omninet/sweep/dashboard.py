@@ -444,7 +444,23 @@ def unfinished_table(sweep: _Sweep) -> pd.DataFrame:
         "status": df["status"].tolist(),
         "configuration": [config_label(sweep.params_of(row)) for _, row in df.iterrows()],
         "reason": [str(e).splitlines()[0][:300] if _present(e) else "" for e in df["error"]],
+        "predicted latency p50 (ms)": [_fmt(v) if _present(v) else "" for v in df.get("predicted_latency_ms", [None] * len(df))],
     })
+
+
+def cost_model_table(sweep: _Sweep) -> pd.DataFrame:
+    """Per pool and predicted figure: the cost model's error on held-out trials (never fitted),
+    for the final model and for the predictions each held-out trial got before it ran."""
+    rows = []
+    for pool in sweep.pools:
+        report = sweep.result.cost_model(pool)
+        for kind in ("validation", "online"):
+            for target, v in (report.get(kind) or {}).items():
+                rows.append({"pool": sweep.pool_title(pool), "figure": label(target),
+                             "model": "final (fit split)" if kind == "validation" else "as predicted before running",
+                             "held-out trials": v["n"], "MAPE": f"{v['mape']:.1%}", "within ±10%": f"{v['within_10']:.0%}",
+                             "within ±15%": f"{v['within_15']:.0%}", "screened on a prediction": report.get("screened", 0)})
+    return pd.DataFrame(rows)
 
 
 def serving_table(sweep: _Sweep) -> tuple[str, pd.DataFrame]:
@@ -566,8 +582,12 @@ configuration run once borrows the pooled spread of the repeated ones).</p>
 {_table_html(noise_table(sweep), "No configuration was repeated (set repeats.count >= 2).")}
 <h2 id="conditions">Measurement conditions</h2>
 {_table_html(conditions_table(sweep), "No pools.")}
-<h2 id="unfinished">Trials without measurements (failed, crashed, infeasible)</h2>
+<h2 id="unfinished">Trials that did not finish (failed, crashed, infeasible, screened, pruned)</h2>
+<p class="meta">screened: stopped before training (measured first, or predicted by the cost model); pruned: stopped
+at a rung of successive halving, with its accuracy at that rung.</p>
 {_table_html(unfinished_table(sweep), "Every trial finished and was measured.")}
+<h2 id="cost-model">Cost model</h2>
+{_table_html(cost_model_table(sweep), "No cost model (cost_model.enabled: false).")}
 {_serving_html(sweep)}
 </body></html>
 """

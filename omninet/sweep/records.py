@@ -59,6 +59,15 @@ _BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("constraint_latency", pa.float64()),
     ("repeat_of", pa.int64()),  # the trial whose configuration this run repeats with another seed
     ("config_key", pa.string()),  # the searched parameters, canonical JSON: runs of one configuration share it
+    ("screened_by", pa.string()),  # 'measure_first' (measured, then stopped) or 'cost_model' (predicted; never ran)
+    # the cost model's prediction, made before the trial measured anything, and its held-out error then
+    ("predicted_latency_ms", pa.float64()),
+    ("predicted_memory_infer_mb", pa.float64()),
+    ("predicted_memory_train_mb", pa.float64()),
+    ("cost_model_source", pa.string()),  # 'own' or 'seeded:<pool>'
+    ("cost_model_mape_latency", pa.float64()),
+    ("cost_model_mape_memory", pa.float64()),
+    ("cost_split", pa.string()),  # 'fit' or 'holdout': which split of the cost model this measured trial joined
 ]
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
@@ -356,7 +365,7 @@ class MlflowRecorder:
         number = int(row["trial_number"])
         trial_config = json.loads(row["config_json"])
         params = {k[len("param."):]: v for k, v in row.items() if k.startswith("param.") and v is not None}
-        ok = row["status"] in ("ok", "infeasible")
+        ok = row["status"] in ("ok", "infeasible", "screened", "pruned")  # decisions, not failures
         tags = {
             "mlflow.parentRunId": self.parent_run_id,  # explicit: trials finish in another process
             self.ROLE: "trial", self.SWEEP: self.config.name, self.KEY: self.trial_key(pool, number),
@@ -367,6 +376,9 @@ class MlflowRecorder:
         if self.controller is not None:
             tags.update({self.CONTROLLER: self.controller.id, f"{self.CONTROLLER}_host": self.controller.host,
                          f"{self.CONTROLLER}_pid": str(self.controller.pid)})
+        for key in ("screened_by", "cost_split", "cost_model_source"):
+            if row.get(key):
+                tags[key] = str(row[key])
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
         ms = int((row.get("finished_at") or time.time()) * 1000)
@@ -376,7 +388,8 @@ class MlflowRecorder:
         run_id = run.info.run_id
         metrics = [Metric(k, float(v), ms, 0) for k, v in row.items()
                    if (k in RESULT_COLUMNS and RESULT_COLUMNS[k] in (pa.int64(), pa.float64()))
-                   or k in ("duration_s", "constraint_memory", "constraint_latency")
+                   or k in ("duration_s", "constraint_memory", "constraint_latency", "predicted_latency_ms",
+                            "predicted_memory_infer_mb", "predicted_memory_train_mb")
                    or k in {o.key for o in self.config.objectives}
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import SweepConfig, load_config
+from omninet.sweep.config import SchedulerSpec, SweepConfig, load_config
 
 __all__ = ["SweepResult", "write_artifacts"]
 
@@ -44,8 +44,13 @@ class SweepResult:
         data = yaml.safe_load(manifest.read_text())
         # Reading results must not need the sweep's trial function (or torch-heavy runner) to
         # import: validate with the dependency-free toy function, then restore the recorded names.
-        config = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None})
+        # The scheduler is checked against the runner it needs, so it is restored the same way.
+        scheduler = data.get("scheduler")
+        config = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None,
+                              "scheduler": {"kind": "fifo"}})
         config.trial_fn, config.estimate_fn = data.get("trial_fn", config.trial_fn), data.get("estimate_fn")
+        if scheduler is not None:
+            config.scheduler = SchedulerSpec.from_dict(scheduler)
         return cls(results_dir, config)
 
     # -- tables -----------------------------------------------------------------------------
@@ -228,8 +233,11 @@ class SweepResult:
                     problems.append(f"{key}: {t.state.name} in Optuna (rerun the sweep to finish it)")
                     continue
                 row = rows.pop((pool, t.number), None)
+                expected = _OPTUNA_STATE.get(row["status"], "FAIL") if row is not None else None
                 if row is None:
                     problems.append(f"{key}: in Optuna, not in Parquet")
+                elif t.state.name != expected:
+                    problems.append(f"{key}: {t.state.name} in Optuna for a {row['status']!r} trial (expected {expected})")
                 elif t.user_attrs.get("status") != row["status"]:
                     problems.append(f"{key}: status {t.user_attrs.get('status')!r} in Optuna, {row['status']!r} in Parquet")
                 elif row["status"] == "ok" and not all(
@@ -260,9 +268,36 @@ class SweepResult:
         problems += [f"{key}: in MLflow, not in Parquet" for key in by_key]
         return problems
 
+    def cost_model(self, pool: str) -> dict[str, Any]:
+        """The pool's cost-model figures: ``validation`` (the final model, fitted on the fit split,
+        on the held-out split: n, MAPE, shares within +-10% / +-15% per target; written by the
+        controller to ``cost_model.json``), ``online`` (the same figures for the predictions each
+        held-out trial got before it was measured, from the Parquet table) and ``screened``
+        (trials screened on a prediction, never run). Empty without a cost model."""
+        self._check_pool(pool)
+        path = self.results_dir / "cost_model.json"
+        saved = json.loads(path.read_text()).get(pool, {}) if path.is_file() else {}
+        df = self.trials(pool)
+        if "cost_split" not in df or df["cost_split"].isna().all():
+            return dict(saved)
+        online = {}
+        held = df[df["cost_split"] == "holdout"]
+        for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb"),
+                               ("peak_memory_train_mb", "predicted_memory_train_mb")):
+            pairs = held[[target, column]].apply(pd.to_numeric, errors="coerce").dropna()
+            pairs = pairs[pairs[target] > 0]
+            if len(pairs):
+                err = ((pairs[column] - pairs[target]).abs() / pairs[target])
+                online[target] = {"n": int(len(err)), "mape": float(err.mean()), "within_10": float((err <= 0.10).mean()),
+                                  "within_15": float((err <= 0.15).mean())}
+        return {**saved, "online": online, "screened": int((df["screened_by"] == "cost_model").sum())}
+
     def __repr__(self) -> str:
         return f"SweepResult({self.config.name!r}, results_dir={str(self.results_dir)!r}, pools={self.pools})"
 
+
+# The Optuna state each recorded status is told as (omninet.sweep.controller._tell_once).
+_OPTUNA_STATE = {"ok": "COMPLETE", "infeasible": "COMPLETE", "screened": "PRUNED", "pruned": "PRUNED"}
 
 # 0.975 quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

@@ -125,3 +125,68 @@ class GateProbe(FunctionRunner):
 
 
 gate_probe = GateProbe()
+
+
+class RungToy(FunctionRunner):
+    """The toy trade-off (:func:`toy_trial`) as a runner the sweep scheduler can drive: it
+    "measures first" (the closed-form costs), asks the scheduler to screen it, then "trains"
+    ``toy.steps`` steps of ``toy.step_s`` seconds, reporting ``accuracy(step) = (1 -
+    exp(-3xy)) * sqrt(step / steps)`` at the scheduler's rungs. Known objective values, so a
+    test can say which trial a rung must stop. ``toy.pause_file`` holds every step while it
+    exists; ``toy.started_dir`` is touched at the start as in :func:`toy_trial`."""
+
+    name = "rung-toy"
+    supports_scheduler = True
+    cost_keys = ("peak_memory_infer_mb", "latency_p50_ms", "peak_memory_train_mb")
+
+    def __init__(self) -> None:
+        super().__init__(self.run)
+        self.result_fields = frozenset(toy_trial.result_fields)
+
+    def on_cpu(self, config):
+        return config
+
+    def max_steps(self, config) -> int:
+        return int(_toy(config).get("steps", 27))
+
+    def cost_features(self, config) -> dict[str, dict[str, float]]:
+        toy = _toy(config)
+        xy = float(toy.get("x", 0.5)) * float(toy.get("y", 1))
+        return {t: {"xy": xy} for t in ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb")}
+
+    def run(self, config, *, memory_budget_mb=None, context=None):
+        toy = _toy(config)
+        if toy.get("started_dir"):
+            Path(toy["started_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(toy["started_dir"]) / f"{os.getpid()}-{time.time_ns()}").touch()
+        x, y = float(toy.get("x", 0.5)), float(toy.get("y", 1))
+        steps, step_s = self.max_steps(config), float(toy.get("step_s", 0.0))
+        out = {"status": "ok", "error": None, "peak_memory_train_mb": toy_estimate(config),
+               "peak_memory_infer_mb": 50.0 + 100.0 * x * y, "latency_p50_ms": 1.0 + 4.0 * x * y,
+               "estimated_memory_mb": toy_estimate(config), "steps": 0, "rung_steps": [], "rung_accuracy": [],
+               "device": "cpu", "device_name": "toy"}
+        scheduler = context.scheduler if context is not None else None
+        if scheduler is not None:
+            out["cost_measured_first"] = True
+            reason = scheduler.screen(out)
+            if reason is not None:
+                return {**out, "status": "screened", "error": reason}
+        final = 1.0 - math.exp(-3.0 * x * y)
+        rungs = set(scheduler.rungs) if scheduler is not None else set()
+        for step in range(1, steps + 1):
+            while toy.get("pause_file") and os.path.exists(toy["pause_file"]):
+                time.sleep(0.02)
+            time.sleep(step_s)
+            out["steps"] = step
+            if step in rungs:
+                accuracy = final * math.sqrt(step / steps)
+                out["rung_steps"].append(step)
+                out["rung_accuracy"].append(accuracy)
+                out["accuracy"] = accuracy
+                reason = scheduler.report(step, accuracy)
+                if reason is not None:
+                    return {**out, "status": "pruned", "error": reason}
+        return {**out, "accuracy": final}
+
+
+rung_toy = RungToy()

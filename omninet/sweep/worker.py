@@ -63,11 +63,12 @@ def probe(accelerator: str | None, device: str = "auto") -> dict[str, Any]:
 
 def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,
                   memory_budget_mb: float | None, num_cpus: float = 1.0, trial_key: str | None = None,
-                  isolate: bool = True, keep_model: bool = False) -> dict[str, Any]:
+                  isolate: bool = True, keep_model: bool = False, scheduler=None) -> dict[str, Any]:
     """Runs one trial on this node. A pool accelerator that is not physically here runs on
     CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error. Under
     Ray with ``isolate``, the trial gets ``num_cpus`` cores of its own and the node's
-    measurement gate (``omninet.sweep.isolation``)."""
+    measurement gate (``omninet.sweep.isolation``). ``scheduler``: the trial's rung client
+    (``omninet.sweep.scheduler.RungClient``), or None to train to the budget."""
     from omninet.trial.runner import RunContext
 
     started = time.time()
@@ -81,12 +82,13 @@ def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulat
     if simulated:
         config = runner.on_cpu(config)
     gate = None
-    context = RunContext(keep_model=keep_model)
+    context = RunContext(keep_model=keep_model, scheduler=scheduler)
     if isolate and info["node_id"]:
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 
         gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
-        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate, keep_model=keep_model)
+        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate, keep_model=keep_model,
+                             scheduler=scheduler)
     try:
         result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
     finally:

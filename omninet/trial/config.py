@@ -25,7 +25,10 @@ from omninet.tasks.base import TASKS, TaskConfig
 __all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "HardwareConfig", "MeasureConfig", "ModelOverrides",
            "TrialConfig", "TrialResult", "parse_count"]
 
-STATUSES = ("ok", "oom", "diverged", "infeasible", "invalid", "error")
+# screened: measured first (untrained model at the deployment shape) and stopped before training;
+# pruned: stopped at a rung of successive halving (partial record). Both are the sweep
+# scheduler's decisions (omninet.sweep.scheduler); a trial run on its own never gets them.
+STATUSES = ("ok", "oom", "diverged", "infeasible", "invalid", "error", "screened", "pruned")
 
 # A trial's model starts from these (not from ModelConfig's GPT-2-size defaults): a small
 # dense encoder that trains in about a minute on a laptop CPU. The trial's ``model`` section
@@ -373,6 +376,13 @@ class TrialResult:
     seed: int | None = None
     task: str | None = None
     notes: str | None = None
+    # measure first (sweep scheduler): latency and memory were measured on the untrained model
+    # before training; they equal the trained model's (they depend on shapes, kernels and
+    # precision, not on weight values), so they are the recorded figures unless re-measured
+    cost_measured_first: bool | None = None
+    measure_first_seconds: float | None = None
+    rung_steps: list[int] = field(default_factory=list)  # training steps at which the scheduler ranked the trial
+    rung_accuracy: list[float] = field(default_factory=list)  # the first objective at each of those rungs
     loss_curve: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,6 +392,7 @@ class TrialResult:
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = None
         out["loss_curve"] = [float(x) for x in self.loss_curve if math.isfinite(x)]
+        out["rung_accuracy"] = [float(x) if math.isfinite(x) else None for x in self.rung_accuracy]
         return out
 
     @classmethod

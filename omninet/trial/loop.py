@@ -248,10 +248,12 @@ def training_monitor(model, hw: HardwareConfig, plan: Plan):
                          read=lambda: memory_pressure(plan.backend, index)[0], mode="training")
 
 
-def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None) -> None:
+def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None, after_step=None) -> bool:
+    """Trains to the budget; True when it got there. ``after_step(steps)`` (a rung of the sweep
+    scheduler) runs after every step and stops training early by returning False."""
     model.train()
     stream = train_batches(task, tc)
-    tokens = 0
+    tokens, stopped = 0, False
     start = time.perf_counter()
     while True:
         elapsed = time.perf_counter() - start
@@ -270,8 +272,12 @@ def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None
             res.train_seconds = time.perf_counter() - start
             raise Diverged(f"training loss became {loss} at step {res.steps} (lr={tc.lr})")
         res.loss_curve.append(loss)
+        if after_step is not None and not after_step(res.steps):
+            stopped = True
+            break
     res.train_seconds = time.perf_counter() - start
     res.train_tokens_s = tokens / res.train_seconds if res.train_seconds > 0 else None
+    return not stopped
 
 
 @torch.no_grad()

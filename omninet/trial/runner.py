@@ -47,8 +47,8 @@ from torch import nn
 from omninet.trial import limits, loop, measure
 from omninet.trial.config import TrialConfig, TrialResult
 
-__all__ = ["run_trial", "estimate_memory_mb", "OmniNetRunner", "FunctionRunner", "RunContext", "resolve_runner",
-           "trial_main"]
+__all__ = ["run_trial", "estimate_memory_mb", "OmniNetRunner", "FunctionRunner", "RunContext", "Stopped",
+           "resolve_runner", "trial_main", "measures_first_exactly"]
 
 MB = 2**20
 
@@ -61,6 +61,19 @@ class RunContext:
     cores: list[int] | None = None
     gate: Any = None
     keep_model: bool = False  # return the trained model's files (``model_files``) with the result
+    # The sweep scheduler's client (``omninet.sweep.scheduler.RungClient``): with one, the trial
+    # measures first and reports its rungs; ``screen(costs)`` / ``report(step, value)`` return
+    # the reason to stop, or None to go on. None: train to the budget, measure after.
+    scheduler: Any = None
+
+
+class Stopped(Exception):
+    """The sweep scheduler stopped the trial: ``status`` 'screened' (before training) or
+    'pruned' (at a rung); ``reason`` says why."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
 # ---- memory estimate --------------------------------------------------------------------
@@ -237,7 +250,10 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         with limits.pinned(context.cores, cfg.hardware.num_threads) as (cores, threads), \
                 limits.memory_limit(device, budget, notes):
             res.cores, res.num_threads = (",".join(map(str, cores)) if cores else None), threads
-            _run(cfg, plan, res, gate, keep_model=context.keep_model)
+            _run(cfg, plan, res, gate, keep_model=context.keep_model, scheduler=context.scheduler)
+    except Stopped as exc:
+        limits.clean_state(plan.backend)
+        return _finish(res, wall, notes, status=exc.status, error=exc.reason)
     except loop.Diverged as exc:
         limits.clean_state(plan.backend)
         return _finish(res, wall, notes, status="diverged", error=str(exc))
@@ -252,30 +268,10 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     return _finish(res, wall, notes, status="ok")
 
 
-def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_model: bool = False) -> None:
-    """train -> training-step memory -> prune heads -> (keep the model) -> mixed plan / int8 ->
-    evaluate -> inference figures. An int8 or mixed trial keeps its fp32 weights (int8 packed
-    weights are not plain tensors; quantize or plan again after loading)."""
-    from omninet.model import OmniNetModel
-
+def _post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, keep_model: bool = False):
+    """prune heads -> (keep the model's files) -> mixed plan / int8 / QAT conversion: the model
+    as it is evaluated and measured. Returns the model (int8 and QAT conversion replace it)."""
     tc, task, device = cfg.train, cfg.task_obj, plan.device
-    torch.manual_seed(tc.seed)
-    model = plan.placement.apply(OmniNetModel(cfg.model_config))
-    if plan.post == "qat_int8":  # trains with fake-quantized Linear layers, converted to int8 after training
-        from omninet.hardware import prepare_qat
-
-        prepare_qat(model)
-    res.num_params = model.num_parameters()
-    opt = loop.make_optimizer(model, tc)
-    monitor = loop.training_monitor(model, cfg.hardware, plan)
-    try:
-        loop.train(model, opt, task, tc, plan, res, gate, monitor)
-        if cfg.measure.memory:
-            _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
-    finally:
-        res.memory_actions = _memory_actions(monitor, model)
-    del opt  # inference needs neither gradients nor optimizer state
-    model.zero_grad(set_to_none=True)
     loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
     if keep_model and plan.post != "qat_int8":  # a QAT model holds fake-quant modules, not plain Linear weights
@@ -298,12 +294,139 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
         from omninet.hardware import convert_qat
 
         model = convert_qat(model)
+    return model
+
+
+def _build(cfg: TrialConfig, plan: loop.Plan):
+    from omninet.model import OmniNetModel
+
+    torch.manual_seed(cfg.train.seed)
+    model = plan.placement.apply(OmniNetModel(cfg.model_config))
+    if plan.post == "qat_int8":  # trains with fake-quantized Linear layers, converted to int8 after training
+        from omninet.hardware import prepare_qat
+
+        prepare_qat(model)
+    return model
+
+
+def measures_first_exactly(plan: loop.Plan) -> bool:
+    """Whether the untrained model's latency and memory are the trained model's: they depend
+    on shapes, kernels, head counts and precision, not on weight values, except for the
+    ``mixed`` precision plan, which is chosen from the trained weights (measured again)."""
+    return plan.post != "mixed"
+
+
+PROBE_CALLS = 3  # latency calls of the measure-first probe
+PROBE_OVER = 1.25  # the probe's median must exceed the latency limit by this factor to skip the full measurement
+
+
+def _latency_probe(model, cfg: TrialConfig, plan: loop.Plan, gate) -> float:
+    """Median ms of a few batch-1 calls at the deployment length (isolated like every measurement)."""
+    one = plan.batch(cfg.task_obj.measurement_batch(1, cfg.seq_length))
+    model.eval()
+
+    @torch.no_grad()
+    def infer():
+        with plan.autocast():
+            return model(one["input_ids"], attention_mask=one["attention_mask"]).logits
+
+    with gate.exclusive():
+        times = measure.time_fn(infer, device=plan.device, warmup=1, reps=PROBE_CALLS)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, latency_limit: float | None = None) -> None:
+    """Latency and memory of the untrained model at the deployment shape, with the same
+    post-passes and isolation as after training, on a throwaway copy built from the same seed
+    (training then starts from the same weights as without measuring first). With a
+    ``latency_limit``, a short probe comes first: a configuration whose probe is already
+    ``PROBE_OVER`` x over the limit is recorded with the probe (``latency_reps`` says how many
+    calls) and not measured further, since it will be screened anyway."""
+    start = time.perf_counter()
+    if latency_limit is not None:
+        probe = _post_passes(_build(cfg, plan), cfg, plan, TrialResult(status="ok"))
+        p50 = _latency_probe(probe, cfg, plan, gate)
+        del probe
+        if p50 > PROBE_OVER * latency_limit:
+            res.latency_p50_ms, res.latency_reps, res.latency_rounds = p50, PROBE_CALLS, 1
+            res.cost_measured_first = True
+            res.measure_first_seconds = time.perf_counter() - start
+            return
+    model = _build(cfg, plan)
+    res.num_params = model.num_parameters()
+    if cfg.measure.memory:
+        opt = loop.make_optimizer(model, cfg.train)
+        _measure_train_memory(model, opt, cfg.task_obj, cfg, plan, res, gate)
+        del opt
+        model.zero_grad(set_to_none=True)
+    model = _post_passes(model, cfg, plan, res)
+    _measure_inference(model, cfg.task_obj, cfg, plan, res, gate)
+    del model
+    limits.clean_state(plan.backend, plan.device.index or 0)
+    res.cost_measured_first = True
+    res.measure_first_seconds = time.perf_counter() - start
+
+
+def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, scheduler, stop: list[str]):
+    """``after_step`` for training: at each of the scheduler's rungs, evaluate, report the
+    first objective and stop (``stop`` gets the reason) when the scheduler says so."""
+    rungs = set(scheduler.rungs)
+
+    def after_step(steps: int) -> bool:
+        if steps not in rungs:
+            return True
+        metrics = loop.evaluate(model, cfg.task_obj, cfg.train, plan, gate)
+        model.train()
+        res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]  # the partial record, if stopped here
+        res.rung_steps.append(steps)
+        res.rung_accuracy.append(float(metrics["accuracy"]))
+        reason = scheduler.report(steps, float(metrics["accuracy"]))
+        if reason is not None:
+            stop.append(reason)
+        return reason is None
+
+    return after_step
+
+
+def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_model: bool = False,
+         scheduler=None) -> None:
+    """(measure first -> screen) -> train (rungs) -> training-step memory -> prune heads ->
+    (keep the model) -> mixed plan / int8 -> evaluate -> inference figures. An int8 or mixed
+    trial keeps its fp32 weights (int8 packed weights are not plain tensors; quantize or plan
+    again after loading). With a scheduler, the measure-first figures are the record unless
+    ``measures_first_exactly`` is False or the scheduler asks to measure again."""
+    tc, task, device = cfg.train, cfg.task_obj, plan.device
+    remeasure = True  # without a scheduler nothing was measured yet
+    if scheduler is not None:
+        _measure_first(cfg, plan, res, gate, latency_limit=getattr(scheduler, "limits", {}).get("latency_p50_ms"))
+        reason = scheduler.screen(res.to_dict())
+        if reason is not None:
+            raise Stopped("screened", reason)
+        remeasure = scheduler.remeasure or not measures_first_exactly(plan)
+    model = _build(cfg, plan)
+    res.num_params = model.num_parameters()
+    opt = loop.make_optimizer(model, tc)
+    monitor = loop.training_monitor(model, cfg.hardware, plan)
+    stop: list[str] = []
+    after_step = None if scheduler is None else _rung_hook(model, cfg, plan, res, gate, scheduler, stop)
+    try:
+        loop.train(model, opt, task, tc, plan, res, gate, monitor, after_step=after_step)
+        if stop:  # the partial record: accuracy at the rung, the measure-first costs
+            raise Stopped("pruned", stop[0])
+        if cfg.measure.memory and remeasure:
+            _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
+    finally:
+        res.memory_actions = _memory_actions(monitor, model)
+    del opt  # inference needs neither gradients nor optimizer state
+    model.zero_grad(set_to_none=True)
+    model = _post_passes(model, cfg, plan, res, keep_model=keep_model)
     if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
         limits.clean_state(plan.backend, device.index or 0)
     try:
         metrics = loop.evaluate(model, task, tc, plan, gate)
         res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
-        _measure_inference(model, task, cfg, plan, res, gate)
+        if remeasure:
+            _measure_inference(model, task, cfg, plan, res, gate)
     finally:
         res.memory_actions = _memory_actions(monitor, model)
 
@@ -335,6 +458,18 @@ class OmniNetRunner:
 
     name = "omninet"
     result_fields = frozenset(TrialResult.numeric_fields())
+    supports_scheduler = True  # measures first and reports rungs (RunContext.scheduler)
+    cost_keys = ("latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
+                 "peak_memory_infer_mb", "peak_memory_train_mb", "peak_rss_infer_mb", "peak_rss_train_mb",
+                 "throughput_tokens_s", "num_params")  # what it measures before training
+
+    def max_steps(self, config: TrialConfig) -> int | None:
+        return config.train.steps
+
+    def cost_features(self, config: TrialConfig) -> dict[str, dict[str, float]]:
+        from omninet.trial.cost import cost_features
+
+        return cost_features(config)
 
     def parse(self, data: dict[str, Any]) -> TrialConfig:
         return data if isinstance(data, TrialConfig) else TrialConfig.from_dict(data)

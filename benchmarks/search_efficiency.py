@@ -1,0 +1,262 @@
+"""Search efficiency: the same wall-clock budget, seeds and search space for a plain sweep (fifo:
+every trial trains to its budget, then is measured) and for measure first + multi-objective
+successive halving + the cost model. Real ListOps trials, measured at 1024 tokens, where the
+attention knobs matter.
+
+    python benchmarks/search_efficiency.py [--budget-s 300] [--repeats 3] [--steps 200] [--quick] [--out FILE]
+
+With 200 training steps (the quickstart's budget) training dominates a trial, which is the case
+the scheduler is for; with a few dozen steps a trial is mostly its measurement, which both
+schedulers pay once per measured configuration.
+
+Per sweep, the hypervolume of the feasible Pareto front (accuracy max, inference peak memory
+min, latency p50 min; Optuna's hypervolume utility; fixed reference point: accuracy 0, the
+memory bound below, the pool's latency limit) over time, from each trial's finish time. Figures:
+
+- ``hv_ratio_at_budget``: hypervolume of the new scheduler / the plain sweep's, at the budget
+  (target >= 1.5, median over repeats);
+- ``time_ratio``: the time the new scheduler took to reach the plain sweep's final hypervolume /
+  the budget (target <= 0.5);
+- the cost model on held-out trials (never fitted): share within +-15% for latency and +-10%
+  for memory, pooled over repeats (target >= 0.9 each), for the final model and for the
+  predictions each held-out trial got before it ran;
+- ``measurement_reproducibility``: the same shares between two measurements of one
+  configuration (the noise floor any cost model is held to).
+
+Repeats interleave the two schedulers so drifting background load hits both alike. JSON on
+stdout (and --out), with the machine and the load average around every sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omninet.sweep import run_sweep  # noqa: E402
+from omninet.sweep.controller import log  # noqa: E402
+from omninet.trial.measure import machine_facts  # noqa: E402
+
+MAX_LATENCY_MS = 50.0
+MEMORY_REF_MB = 12.0  # above every inference peak of this space at the measured shape (about 5-8 MB)
+
+SPACE = {
+    "model.attention.kernel": {"choices": ["sdpa", "block_sparse", "linformer"]},
+    "model.attention.block_sparse.sparsity_factor": {"low": 0.5, "high": 0.9,
+                                                     "when": {"model.attention.kernel": "block_sparse"}},
+    "model.attention.linformer.k": {"low": 16, "high": 128, "log": True, "when": {"model.attention.kernel": "linformer"}},
+    "model.heads.prune_ratio": {"choices": [0.0, 0.25, 0.5]},
+    "hardware.precision": {"choices": ["fp32", "bf16"]},
+}
+
+
+def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, steps: int, seq: int, seed: int) -> dict:
+    trial = {
+        "task": {"name": "listops", "preset": "quickstart", "num_train": 2000, "num_eval": 256},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                  "attention": {"block_sparse": {"min_seq_length": 0, "block_size": 64}, "linformer": {"min_seq_length": 0}}},
+        "train": {"steps": steps, "batch_size": 16, "lr": 2.0e-3, "warmup_steps": max(1, steps // 10),
+                  "eval_max_examples": 256, "seed": 0},
+        "measure": {"seq_length": seq, "batch_size": 1, "latency_reps": 20, "throughput_reps": 20, "warmup": 2,
+                    "min_seconds": 0.2},
+    }
+    cfg = {
+        "name": name, "results_dir": str(root / name), "trial": trial, "search_space": copy.deepcopy(SPACE),
+        "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1, "trials": 1000}],
+        "constraints": {"cpu": {"max_latency_ms": MAX_LATENCY_MS}},
+        "budget": {"wall_clock_s": budget_s},
+        "sampler": {"kind": "tpe", "seed": seed, "n_startup_trials": 4},
+        "storage": {"mlflow_uri": f"sqlite:///{root / name / 'mlflow.db'}"},
+        "keep_models": "none", "progress_interval_s": 30.0,
+    }
+    if scheduler == "mosh":
+        cfg["scheduler"] = {"kind": "mo_successive_halving"}
+        cfg["cost_model"] = {"enabled": True}
+    return cfg
+
+
+def hypervolume(df, until: float) -> float:
+    """Hypervolume of the feasible Pareto front of the ``ok`` trials finished by ``until``."""
+    from optuna._hypervolume import compute_hypervolume
+
+    done = df[(df["status"] == "ok") & df["feasible"].astype(bool) & (df["finished_at"] <= until)]
+    if done.empty:
+        return 0.0
+    points = np.stack([-done["accuracy"].to_numpy(float), done["peak_memory_infer_mb"].to_numpy(float),
+                       done["latency_p50_ms"].to_numpy(float)], axis=1)
+    ref = np.array([0.0, MEMORY_REF_MB, MAX_LATENCY_MS])
+    points = points[(points < ref).all(axis=1)]
+    return float(compute_hypervolume(points, ref)) if len(points) else 0.0
+
+
+def run_one(root: Path, scheduler: str, rep: int, args) -> dict:
+    name = f"{scheduler}-{rep}"
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    result = run_sweep(sweep_config(name, root, scheduler=scheduler, budget_s=args.budget_s, steps=args.steps,
+                                    seq=args.seq, seed=rep))
+    wall = time.time() - start
+    df = result.trials()
+    curve = [(float(t - start), hypervolume(df, t)) for t in sorted(df["finished_at"])]
+    out = {
+        "scheduler": scheduler, "repeat": rep, "wall_s": wall, "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg()[0], "trials": int(len(df)),
+        "statuses": {k: int(v) for k, v in df["status"].value_counts().items()},
+        "hv_at_budget": hypervolume(df, start + args.budget_s), "hv_final": hypervolume(df, start + wall + 1),
+        "hv_curve": curve, "audit_problems": len(result.audit()), "_trials": df,
+        "training_steps_spent": int(df["steps"].fillna(0).sum()),
+    }
+    if scheduler == "mosh":
+        report = result.cost_model("cpu")
+        out["cost_model"] = {"validation": report.get("validation", {}), "online": report.get("online", {}),
+                             "screened_on_prediction": report.get("screened", 0)}
+        out["cost_model_errors"] = _errors(df)
+    return out
+
+
+def _errors(df) -> dict:
+    """Held-out relative errors of the predictions made before each trial ran (for pooling)."""
+    held = df[df["cost_split"] == "holdout"]
+    out = {}
+    for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb")):
+        pairs = held[[target, column]].dropna()
+        out[target] = [float(abs(p - m) / m) for m, p in zip(pairs[target], pairs[column]) if m > 0]
+    return out
+
+
+def reproducibility(frames) -> dict:
+    """The measurement's own noise floor: for every configuration measured more than once in
+    these sweeps (the same sampler seed proposes the same first configurations to both
+    schedulers), the relative difference of each pair of measurements (full measurements only,
+    not latency probes). No cost model can be more accurate than this."""
+    import itertools
+
+    import pandas as pd
+
+    df = pd.concat(frames)
+    df = df[df["latency_p50_ms"].notna() & (df["latency_reps"].fillna(0) >= 20)]
+    out = {}
+    for column, tol in (("latency_p50_ms", 0.15), ("peak_memory_infer_mb", 0.10)):
+        diffs = sorted(abs(a - b) / min(a, b) for _, g in df.groupby("config_key")
+                       for a, b in itertools.combinations(g[column].dropna().tolist(), 2) if min(a, b) > 0)
+        if diffs:
+            out[column] = {"pairs": len(diffs), "median_rel_diff": diffs[len(diffs) // 2], "max_rel_diff": diffs[-1],
+                           f"share_within_{int(tol * 100)}": sum(d <= tol for d in diffs) / len(diffs)}
+    return out
+
+
+def time_to(curve: list[tuple[float, float]], level: float) -> float | None:
+    for t, hv in curve:
+        if hv >= level > 0:
+            return t
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget per sweep")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=200,
+                        help="training steps of a full trial (the quickstart's budget: training dominates a trial)")
+    parser.add_argument("--seq", type=int, default=1024, help="the deployment length latency and memory are measured at")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 1 repeat, 60 s, 9 steps, 256 tokens")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.budget_s, args.repeats, args.steps, args.seq = 60.0, 1, 9, 256
+
+    import ray
+
+    log.disabled = True  # keep stdout for the JSON
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(args.repeats):  # interleaved
+                for scheduler in ("plain", "mosh"):
+                    runs.append(run_one(Path(tmp), scheduler, rep, args))
+                    print(f"{scheduler} repeat {rep}: hv {runs[-1]['hv_at_budget']:.4g}, {runs[-1]['statuses']}",
+                          file=sys.stderr, flush=True)
+    finally:
+        ray.shutdown()
+
+    noise = reproducibility([r.pop("_trials") for r in runs])
+    by = {s: [r for r in runs if r["scheduler"] == s] for s in ("plain", "mosh")}
+    hv_ratios, time_ratios = [], []
+    for plain, mosh in zip(by["plain"], by["mosh"]):
+        hv_ratios.append(mosh["hv_at_budget"] / plain["hv_at_budget"] if plain["hv_at_budget"] > 0 else None)
+        reached = time_to(mosh["hv_curve"], plain["hv_at_budget"])
+        time_ratios.append(None if reached is None else reached / args.budget_s)
+    pooled = {t: [e for r in by["mosh"] for e in r["cost_model_errors"][t]] for t in ("latency_p50_ms", "peak_memory_infer_mb")}
+    final = {t: [v for r in by["mosh"] for v in [r["cost_model"]["validation"].get(t)] if v] for t in pooled}
+
+    def share(errors, tol):
+        return sum(e <= tol for e in errors) / len(errors) if errors else None
+
+    def pooled_final(target, key):
+        items = final[target]
+        n = sum(v["n"] for v in items)
+        return sum(v[key] * v["n"] for v in items) / n if n else None
+
+    hv_ok = [r for r in hv_ratios if r is not None]
+    t_ok = [r for r in time_ratios if r is not None]
+    summary = {
+        "hv_ratio_at_budget_per_repeat": hv_ratios, "hv_ratio_at_budget_median": statistics.median(hv_ok) if hv_ok else None,
+        "time_ratio_per_repeat": time_ratios,
+        "time_ratio_median": statistics.median(t_ok) if len(t_ok) == len(time_ratios) else None,
+        "cost_model_final": {
+            "latency_within_15": pooled_final("latency_p50_ms", "within_15"),
+            "memory_within_10": pooled_final("peak_memory_infer_mb", "within_10"),
+            "latency_mape": pooled_final("latency_p50_ms", "mape"), "memory_mape": pooled_final("peak_memory_infer_mb", "mape"),
+            "holdout_trials": sum(v["n"] for v in final["latency_p50_ms"]),
+        },
+        "cost_model_online": {
+            "latency_within_15": share(pooled["latency_p50_ms"], 0.15),
+            "memory_within_10": share(pooled["peak_memory_infer_mb"], 0.10),
+            "holdout_trials": len(pooled["latency_p50_ms"]),
+        },
+        "measurement_reproducibility": noise,
+        "targets": {"hv_ratio": 1.5, "time_ratio": 0.5, "latency_within_15": 0.9, "memory_within_10": 0.9},
+    }
+    cm = summary["cost_model_final"]
+    summary["targets_met"] = {
+        "hv_ratio": bool(summary["hv_ratio_at_budget_median"] and summary["hv_ratio_at_budget_median"] >= 1.5),
+        "time_ratio": bool(summary["time_ratio_median"] is not None and summary["time_ratio_median"] <= 0.5),
+        "cost_model": bool(cm["latency_within_15"] is not None and cm["latency_within_15"] >= 0.9
+                           and cm["memory_within_10"] is not None and cm["memory_within_10"] >= 0.9),
+    }
+    report = {
+        "benchmark": "search_efficiency",
+        "machine": {**machine_facts(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "setup": {"budget_s": args.budget_s, "repeats": args.repeats, "steps": args.steps, "seq_length": args.seq,
+                  "search_space": SPACE, "max_latency_ms": MAX_LATENCY_MS,
+                  "hv_reference_point": {"accuracy": 0.0, "peak_memory_infer_mb": MEMORY_REF_MB,
+                                         "latency_p50_ms": MAX_LATENCY_MS}, "quick": args.quick},
+        "load_average": {"min": min(min(r["load_avg_before"], r["load_avg_after"]) for r in runs),
+                         "max": max(max(r["load_avg_before"], r["load_avg_after"]) for r in runs),
+                         "at_end": os.getloadavg()[0]},
+        "summary": summary,
+        "runs": runs,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
