@@ -21,7 +21,7 @@ SMOKE = {
     "head_pruning": ["--smoke"],
     "precision": ["--smoke"],
     "int8_accuracy": ["--steps", "3", "--eval-examples", "32"],
-    "platform_overhead": ["--trials", "4", "--burn-s", "0.2", "--reps", "1"],
+    "platform_overhead": ["--trials", "2", "--burn-s", "0.2", "--reps", "1"],
     "measurement_fidelity": ["--quick"],
     "qat": ["--quick"],
     "records_soak": ["--quick"],
