@@ -47,6 +47,7 @@ from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_atten
 from omninet.trial.measure import peak_memory_mb  # noqa: E402
 from omninet.attention.linformer import LinformerProjection, linformer_core  # noqa: E402
 from omninet.config import BlockSparseConfig, LinformerConfig  # noqa: E402
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 DENSITIES = (0.5, 0.25, 0.125)
 RANKS = (128, 256)
@@ -357,11 +358,7 @@ def main(argv=None) -> dict | None:
         "targets": targets,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(doc, args.out)
     return doc
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from omninet.config import ModelConfig, PositionConfig
 from omninet.trial.measure import machine_facts, peak_memory_mb, summarize, time_fn
 from omninet.model import Stack
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def build_pair(hidden, heads, ff, layers):
@@ -69,11 +70,7 @@ def main(argv=None) -> int:
         "targets": {"time_ratio_max": 1.10, "memory_ratio_max": 1.0},
         "pass": all(r["time_ratio"] <= 1.10 and (r["memory_ratio"] or 0) <= 1.0 for r in rows),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(result, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ counts the projections, not the flash-SDPA op).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from omninet import ModelConfig, OmniNetModel
 from omninet.trial.measure import machine_facts
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def build_block(args, *, keep: int, gated: bool):
@@ -130,11 +130,7 @@ def main(argv=None) -> dict:
             "gated_half_speedup_target": 1.4,
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -15,6 +15,7 @@ import json
 
 from omninet.trial import run_trial
 from omninet.trial.measure import machine_facts
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def main(argv=None) -> int:
@@ -41,11 +42,7 @@ def main(argv=None) -> int:
               "rows": rows, "accuracy_change_points": 100 * delta,
               "latency_speedup": rows["fp32"]["latency_p50_ms"] / rows["int8"]["latency_p50_ms"],
               "target": "|accuracy change| <= 1 point", "met": abs(100 * delta) <= 1.0}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(result, args.out)
     return 0
 
 

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from omninet.trial.measure import load_average, machine_facts  # noqa: E402
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def trial_config(quick: bool) -> dict:
@@ -190,10 +191,7 @@ def main() -> None:
             "standalone_cv_at_most_5pct": all(v <= 0.05 for v in cv_by_core.values()),
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_kernels import cpu_info, median_ms  # noqa: E402
 from omninet.advanced import AdvancedTransformer  # noqa: E402
 from omninet.trial.measure import peak_memory_mb  # noqa: E402
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 VARIANTS = {"dense": (False, False), "block_sparse": (True, False), "linformer": (False, True), "hybrid": (True, True)}
 
@@ -130,11 +131,7 @@ def main(argv=None) -> dict | None:
                            "load_avg_before": load_before, "load_avg_after": os.getloadavg()},
            "rows": rows, "speedup_vs_dense": speedups, "targets": targets,
            "wall_seconds": round(time.perf_counter() - t0, 1)}
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(doc, args.out)
     return doc
 
 

@@ -32,6 +32,7 @@ import ray
 from omninet.sweep import run_sweep
 from omninet.sweep.controller import log
 from omninet.trial.measure import machine_facts
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def toy_sweep(name: str, root: Path, *, trials: int, concurrency: int, toy: dict) -> dict:
@@ -107,10 +108,7 @@ def main() -> int:
         },
         "targets_met": {"overhead": bool(over["median_s"] <= 0.3), "throughput": bool(statistics.median(ratios) >= 1.8)},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

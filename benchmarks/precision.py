@@ -14,7 +14,6 @@ with weights stored in bf16 in the low-precision blocks (inference). JSON on std
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,6 +37,7 @@ from omninet.hardware import (  # noqa: E402
     set_block_precision,
 )
 from omninet.trial.measure import machine_facts  # noqa: E402
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def timed(fn, reps: int, warmup: int) -> list[float]:
@@ -122,10 +122,7 @@ def main() -> None:
                     "bf16_speedup>=2": bf16_ok and results["bf16_autocast"]["speedup_vs_fp32"] >= 2.0},
         "note": "shared 2-core CPU: other jobs run concurrently, so latencies are noisy (see load averages)",
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def build(args):
@@ -120,11 +120,7 @@ def main(argv=None) -> int:
         "int8_engine": int8_engine(), "train_seconds_total": train_s, "rows": rows,
         "conditions": {"machine": measure.machine_facts(), "load_avg_before": load_before, "load_avg_after": load_after},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(result, args.out)
     return 0
 
 

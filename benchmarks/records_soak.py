@@ -42,6 +42,7 @@ from omninet.sweep import run_sweep
 from omninet.sweep.controller import log
 from omninet.sweep.localservers import LocalMlflowServer, LocalPostgres
 from omninet.trial.measure import machine_facts
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 def sweep_config(name: str, root: Path, trials: int, storage: dict) -> dict:
@@ -161,10 +162,7 @@ def main() -> int:
                                "records": bool(b["lost_or_duplicated"] == 0),
                                "memory": bool(b["rss_growth_pct"] <= 10.0)} for name, b in backends.items()},
     }
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from omninet.sweep import run_sweep  # noqa: E402
 from omninet.sweep.controller import log  # noqa: E402
 from omninet.trial.measure import machine_facts  # noqa: E402
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 MAX_LATENCY_MS = 50.0
 MEMORY_REF_MB = 12.0  # above every inference peak of this space at the measured shape (about 5-8 MB)
@@ -250,11 +250,7 @@ def main() -> int:
         "summary": summary,
         "runs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -51,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -363,10 +364,7 @@ def main() -> int:
         uri = SweepResult.load(args.results_dir).mlflow_uri
     if uri:
         report["mlflow_run_id"] = log_to_mlflow(report, uri, trained.identity.get("sweep") or "serving")
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
