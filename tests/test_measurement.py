@@ -49,6 +49,62 @@ def test_latency_loop_remeasures_and_tags_noise():
     assert steady.rounds == 1 and not steady.noisy
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_calibration_takes_the_machines_drift_out_of_the_latency():
+    """A machine that runs at full speed, then at 60% for a while, then full again (what the
+    host did to the VM this was built on): the raw times spread, the ratio to the reference
+    call timed right after each call does not."""
+    state = {"calls": 0, "slow": 1.0}
+
+    def call():  # 3 ms of work at full speed; the machine slows down for calls 40-99
+        state["calls"] += 1
+        state["slow"] = 1 / 0.6 if 40 <= state["calls"] < 100 else 1.0
+        _spin(0.003 * state["slow"])
+
+    def reference():  # 1 ms of work at the same moment's speed
+        _spin(0.001 * state["slow"])
+
+    stats = measure.latency(call, warmup=1, min_reps=140, min_seconds=0.0, max_cv=0.05, max_rounds=1,
+                            calibrate=reference)
+    assert stats.cv > 0.2  # the raw times carry the drift
+    assert stats.rel_cv < 0.05 and not stats.noisy, stats  # the ratios do not: not noisy
+    assert stats.rel_p50 == pytest.approx(3.0, rel=0.1) and stats.calibration_ms == pytest.approx(1.0, rel=0.3)
+
+    state["calls"] = 0  # the same drift again, without the reference
+    uncalibrated = measure.latency(call, warmup=1, min_reps=140, min_seconds=0.0, max_cv=0.05, max_rounds=1)
+    assert uncalibrated.noisy and uncalibrated.rel_p50 is None
+
+
+def test_a_trial_reports_its_latency_against_the_reference():
+    from omninet.trial import RunContext, run_trial
+
+    cfg = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "num_eval": 16},
+           "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2}, "train": {"steps": 1, "batch_size": 8},
+           "measure": {"seq_length": 128, "batch_size": 2, "min_seconds": 0.05, "max_rounds": 1, "memory": False}}
+    r = run_trial(cfg, context=RunContext(calibration_ref_ms=2.0)).to_dict()
+    assert r["status"] == "ok", r["error"]
+    assert r["latency_calibration_ref_ms"] == 2.0 and r["latency_calibration_ms"] > 0
+    assert r["latency_p50_norm_ms"] == pytest.approx(r["latency_p50_rel"] * 2.0)
+    alone = run_trial({**cfg, "measure": {**cfg["measure"], "calibrate": False}}).to_dict()
+    assert alone["status"] == "ok" and alone["latency_p50_rel"] is None and alone["latency_p50_ms"] > 0
+
+
+def test_a_resumed_sweep_keeps_the_pools_first_reference(tmp_path):
+    from omninet.sweep.controller import SweepController
+
+    (tmp_path / "probe.json").write_text(json.dumps({"cpu": {"calibration_ms": 1.25}}))
+    owner = type("C", (), {"results_dir": tmp_path})()
+    kept = SweepController._keep_reference(owner, "cpu", {"calibration_ms": 1.9, "cores": 2})
+    assert kept["calibration_ms"] == 1.25 and kept["calibration_ms_now"] == 1.9 and kept["cores"] == 2
+    fresh = SweepController._keep_reference(owner, "gpu", {"calibration_ms": 1.9})
+    assert fresh == {"calibration_ms": 1.9}
+
+
 # ---- memory -----------------------------------------------------------------------------
 def test_track_memory_reports_tensor_peak_and_process_rss():
     from omninet.trial.limits import clean_state

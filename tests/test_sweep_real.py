@@ -3,6 +3,7 @@ shrunk to a few short trials, on an embedded local Ray with a simulated GPU pool
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     shown = ok_shape[["pool", "trial_number", "measure_co_running", "measure_wait_s", "cores"]].to_string()
     assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all(), shown
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
+    # calibrated latency: every trial of a pool on the scale of the pool's probed reference
+    probes = json.loads((tmp_path / "quickstart" / "probe.json").read_text())
+    for pool, rows in ok_shape.groupby("pool"):
+        assert probes[pool]["calibration_ms"] > 0 and (rows.latency_calibration_ref_ms == probes[pool]["calibration_ms"]).all()
+        assert (rows.latency_p50_norm_ms - rows.latency_p50_rel * rows.latency_calibration_ref_ms).abs().max() < 1e-9
+        assert (rows.latency_calibration_ms > 0).all() and rows.latency_rel_cv.notna().all()
     assert ok_shape.memory_method.str.contains("rss").all()
     # keep_models: pareto -> the front trials' trained weights, the served model is the trained one
     reopened = SweepResult.load(tmp_path / "quickstart")

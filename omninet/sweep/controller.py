@@ -222,7 +222,8 @@ class SweepController:
                                        f"{_fmt_resources(have)}); {hint}")
             if missing:
                 log.warning("pool %s: no node offers %s yet; waiting for one (autoscaler?)", p.name, missing)
-            refs[p.name] = remote_probe.options(**p.ray_options(), max_retries=1).remote(p.accelerator)
+            refs[p.name] = remote_probe.options(**p.ray_options(), max_retries=1).remote(
+                p.accelerator, threads=max(1, int(p.resources.get("CPU", 1))))
         for name, ref in refs.items():
             pool = self.config.pool(name)
             try:
@@ -234,9 +235,20 @@ class SweepController:
                 raise SweepConfigError(
                     f"pools[{name}]: needs a {pool.accelerator} but node {info['node']} has none ({info['detail']}); "
                     "run on a node with one, or set simulate_accelerators: true to run it on CPU (tagged simulated)")
-            self._probes[name] = info
+            self._probes[name] = self._keep_reference(name, info)
             self._pool_params[name] = self._space_for(pool, info)
         self._check_cores(embedded)
+
+    def _keep_reference(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        """A resumed sweep keeps the pool's first reference speed (probe.json), so every trial
+        of the pool, before and after the resume, has its normalized latency on one scale."""
+        try:
+            earlier = json.loads((self.results_dir / "probe.json").read_text()).get(name, {})
+        except (OSError, ValueError):
+            earlier = {}
+        if earlier.get("calibration_ms"):
+            info = {**info, "calibration_ms_now": info.get("calibration_ms"), "calibration_ms": earlier["calibration_ms"]}
+        return info
 
     def _check_cores(self, embedded: bool) -> None:
         """Concurrent trials get disjoint cores: a pool (or, on one embedded node, all pools)
@@ -600,7 +612,8 @@ class SweepController:
                 simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
                 num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}",
                 isolate=self.config.isolate_measurements, keep_model=self.config.keep_models != "none",
-                scheduler=self._scheduler_for(ps, run))
+                scheduler=self._scheduler_for(ps, run),
+                calibration_ref_ms=self._probes.get(ps.spec.name, {}).get("calibration_ms"))
             ps.inflight[ref] = run
 
     def _estimate_mb(self, trial_config: Any) -> float | None:

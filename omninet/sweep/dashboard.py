@@ -411,7 +411,9 @@ def baseline_table(sweep: _Sweep) -> pd.DataFrame:
 
 def conditions_table(sweep: _Sweep) -> pd.DataFrame:
     """How each pool's numbers were measured: the search space its hardware could run,
-    latency spread, trials re-measured as noisy, other trials active during measurements
+    latency spread (raw, and against the reference workload timed beside every call), the
+    machine's speed during the measurements (the reference's time) against the probe's, trials
+    re-measured as noisy, other trials active during measurements
     (0 under isolation), the load average, and the memory counters' agreement between a first
     and a later call."""
     rows = []
@@ -427,6 +429,11 @@ def conditions_table(sweep: _Sweep) -> pd.DataFrame:
                 return pd.to_numeric(ran[name], errors="coerce") if name in ran else pd.Series(dtype=float)
 
             row["latency cv (median)"] = _fmt(col("latency_cv").median())
+            # calibrated: the per-call ratio to the reference workload, the machine's drift taken out
+            row["latency / reference cv (median)"] = _fmt(col("latency_rel_cv").median())
+            cal = col("latency_calibration_ms")
+            row["machine speed during measures (reference ms, min-max)"] = (
+                f"{_fmt(cal.min())}-{_fmt(cal.max())} (probe {_fmt(probe.get('calibration_ms'))})" if cal.notna().any() else "")
             row["noisy"] = int(ran["latency_noisy"].fillna(False).astype(bool).sum()) if "latency_noisy" in ran else ""
             row["co-running during measure (max)"] = _fmt(col("measure_co_running").max())
             row["load avg"] = f"{_fmt(col('load_avg_before').min())}-{_fmt(col('load_avg_after').max())}"

@@ -40,10 +40,15 @@ def node_info() -> dict[str, str]:
     return info
 
 
-def probe(accelerator: str | None, device: str = "auto") -> dict[str, Any]:
+def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> dict[str, Any]:
     """What the pool's node offers: the accelerator's presence and the device's capabilities
-    (native precisions, int8 engine, memory, CPU model and flags), and the node's cores."""
+    (native precisions, int8 engine, memory, CPU model and flags), the node's cores, and the
+    reference workload's time with the pool's trial threads (``calibration_ms``: the speed every
+    trial of the pool scales its calibrated latency to)."""
+    import torch
+
     from omninet.hardware import probe_capabilities
+    from omninet.trial.measure import CALIBRATION, calibration_ms
 
     present, detail = device_present(accelerator)
     try:
@@ -57,13 +62,21 @@ def probe(accelerator: str | None, device: str = "auto") -> dict[str, Any]:
         physical = psutil.cpu_count(logical=False) or cores
     except ImportError:
         physical = cores
+    torch.set_num_threads(max(1, threads))
+    try:
+        ref = calibration_ms(device=torch.device("cpu"))  # trials of a simulated or CPU pool run there
+    except Exception as exc:  # noqa: BLE001 -- without a reference, each trial uses its own reading
+        log.warning("probe: calibration failed: %s", exc)
+        ref = None
     return {"present": present, "detail": detail, "capabilities": caps, "cores": cores,
-            "physical_cores": min(physical, cores), **node_info()}
+            "physical_cores": min(physical, cores), "calibration_ms": ref, "calibration": CALIBRATION,
+            "calibration_threads": max(1, threads), **node_info()}
 
 
 def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,
                   memory_budget_mb: float | None, num_cpus: float = 1.0, trial_key: str | None = None,
-                  isolate: bool = True, keep_model: bool = False, scheduler=None) -> dict[str, Any]:
+                  isolate: bool = True, keep_model: bool = False, scheduler=None,
+                  calibration_ref_ms: float | None = None) -> dict[str, Any]:
     """Runs one trial on this node. A pool accelerator that is not physically here runs on
     CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error. Under
     Ray with ``isolate``, the trial gets ``num_cpus`` cores of its own and the node's
@@ -82,13 +95,13 @@ def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulat
     if simulated:
         config = runner.on_cpu(config)
     gate = None
-    context = RunContext(keep_model=keep_model, scheduler=scheduler)
+    context = RunContext(keep_model=keep_model, scheduler=scheduler, calibration_ref_ms=calibration_ref_ms)
     if isolate and info["node_id"]:
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 
         gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
         context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate, keep_model=keep_model,
-                             scheduler=scheduler)
+                             scheduler=scheduler, calibration_ref_ms=calibration_ref_ms)
     try:
         result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
     finally:

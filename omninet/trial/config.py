@@ -122,7 +122,13 @@ class MeasureConfig(ConfigBase):
     real task tokens at exactly that length. Latency is at batch 1: after ``warmup`` untimed
     calls, at least ``latency_reps`` calls AND at least ``min_seconds`` of calls; when their
     coefficient of variation exceeds ``max_cv`` the loop runs again, at most ``max_rounds``
-    times, and the result is tagged ``latency_noisy`` if it stays above."""
+    times, and the result is tagged ``latency_noisy`` if it stays above.
+
+    ``calibrate`` (default on): every timed latency call is followed by a fixed reference
+    workload (``omninet.trial.measure.calibration``), so the result also carries the latency in
+    units of the reference (``latency_p50_rel``), free of the machine's speed drift, and in ms at
+    a reference speed (``latency_p50_norm_ms``; in a sweep, the pool's probed reference, so all
+    trials of a pool are on one scale). ``max_cv`` then judges the per-call ratios."""
 
     latency_reps: int = 30
     throughput_reps: int = 20
@@ -133,6 +139,7 @@ class MeasureConfig(ConfigBase):
     seq_length: int | None = None
     batch_size: int | None = None
     memory: bool = True
+    calibrate: bool = True
 
     def validate(self) -> None:
         for name in ("latency_reps", "throughput_reps"):
@@ -345,7 +352,12 @@ class TrialResult:
     latency_cv: float | None = None  # std / mean of the timed calls of the last round
     latency_reps: int | None = None
     latency_rounds: int | None = None
-    latency_noisy: bool | None = None  # cv stayed above measure.max_cv after max_rounds
+    latency_noisy: bool | None = None  # cv (calibrated: of the ratios) stayed above measure.max_cv after max_rounds
+    latency_calibration_ms: float | None = None  # the reference workload's median time during the latency loop
+    latency_p50_rel: float | None = None  # median per-call latency / reference time: free of the machine's drift
+    latency_rel_cv: float | None = None
+    latency_calibration_ref_ms: float | None = None  # the reference time latency_p50_norm_ms is scaled to
+    latency_p50_norm_ms: float | None = None  # latency_p50_rel x latency_calibration_ref_ms
     throughput_tokens_s: float | None = None
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
     num_params: int | None = None  # after head pruning

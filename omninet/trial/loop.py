@@ -50,6 +50,7 @@ class Plan:
     emulated_reason: str | None = None
     buckets: list[int] | None = None  # static-shape buckets every batch is padded to (omninet.shapes)
     pad_id: int = 0
+    calibration_ref_ms: float | None = None  # the sweep pool's reference speed (RunContext), for latency_p50_norm_ms
 
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On the device, padded (and masked) to its shape bucket when there are buckets."""

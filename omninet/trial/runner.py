@@ -65,6 +65,10 @@ class RunContext:
     # measures first and reports its rungs; ``screen(costs)`` / ``report(step, value)`` return
     # the reason to stop, or None to go on. None: train to the budget, measure after.
     scheduler: Any = None
+    # The reference workload's time (ms) on this pool's node, from the sweep's probe: every
+    # trial of the pool scales its calibrated latency to it (``latency_p50_norm_ms``). None:
+    # the trial's own reading.
+    calibration_ref_ms: float | None = None
 
 
 class Stopped(Exception):
@@ -188,10 +192,15 @@ def _measure_inference(model, task, cfg: TrialConfig, plan: loop.Plan, res: Tria
             res.peak_memory_infer_mb, res.peak_rss_infer_mb, res.memory_method = (
                 first.tensor_peak_mb, first.rss_peak_mb, first.method)
         lat = measure.latency(lambda: infer(one), device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps,
-                              min_seconds=mcfg.min_seconds, max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds)
+                              min_seconds=mcfg.min_seconds, max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds,
+                              calibrate=measure.calibration(device) if mcfg.calibrate else None)
         res.latency_p50_ms, res.latency_p90_ms, res.latency_p95_ms = lat.p50_ms, lat.p90_ms, lat.p95_ms
         res.latency_p99_ms, res.latency_mean_ms, res.latency_cv = lat.p99_ms, lat.mean_ms, lat.cv
         res.latency_reps, res.latency_rounds, res.latency_noisy = lat.reps, lat.rounds, lat.noisy
+        if lat.rel_p50 is not None:
+            res.latency_calibration_ms, res.latency_p50_rel, res.latency_rel_cv = lat.calibration_ms, lat.rel_p50, lat.rel_cv
+            res.latency_calibration_ref_ms = plan.calibration_ref_ms or lat.calibration_ms
+            res.latency_p50_norm_ms = lat.rel_p50 * res.latency_calibration_ref_ms
         thr = measure.summarize(measure.time_fn(lambda: infer(many), device=device, warmup=mcfg.warmup,
                                                 reps=mcfg.throughput_reps))
         res.throughput_tokens_s = b * n / thr["median_s"]
@@ -230,6 +239,7 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         notes.append(plan.emulated_reason)
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
     plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
+    plan.calibration_ref_ms = context.calibration_ref_ms
     res.shape_buckets = None if plan.buckets is None else ",".join(map(str, plan.buckets))
     res.seed = cfg.train.seed
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
