@@ -8,7 +8,9 @@ One fixed configuration (quickstart-sized ListOps encoder, measured at 4 x 1024 
 1. **standalone**: ``run_trial`` alone, pinned to one core with one thread, 5 times on each
    core the concurrent trials use, each run in a fresh interpreter: the per-core median latency p50 and the tensor peak are the
    reference; the coefficient of variation of a core's 5 latency p50s is the run-to-run noise
-   (target <= 5%).
+   (target <= 5%). Latency targets are judged on the calibrated figure (``latency_p50_rel``:
+   latency over a reference workload timed beside every call, which takes this VM's speed
+   drift out); the raw-ms figures and their targets are reported beside them (``raw_*``).
 2. **concurrent, isolated**: a sweep of two pools (one core each) running the same
    configuration 3 times each, concurrently, with the node's measurement isolation: every
    latency p50 within 15% of the standalone median on the same core, every peak within 5%.
@@ -158,12 +160,19 @@ def main() -> None:
     ref_by_core = {str(c): statistics.median(r["latency_p50_ms"] for r in runs) for c, runs in by_core.items()}
     ref_lat = statistics.median(r["latency_p50_ms"] for runs in by_core.values() for r in runs)
     ref_mem = statistics.median(r["peak_memory_infer_mb"] for r in alone)
+    # calibrated: latency in units of the reference workload timed beside every call
+    rel_by_core = {str(c): statistics.median(r["latency_p50_rel"] for r in runs) for c, runs in by_core.items()}
+    rel_all = statistics.median(r["latency_p50_rel"] for runs in by_core.values() for r in runs)
 
     def compare(rows: list[dict]) -> dict:  # against the standalone median on the trial's own core
         lat = [r["latency_p50_ms"] / ref_by_core.get(str(r.get("cores")), ref_lat) for r in rows]
         mem = [r["peak_memory_infer_mb"] / ref_mem for r in rows]
+        rel = [r["latency_p50_rel"] / rel_by_core.get(str(r.get("cores")), rel_all) for r in rows]
         return {"latency_ratio_to_standalone": lat, "memory_ratio_to_standalone": mem,
                 "max_latency_deviation": max(abs(x - 1) for x in lat), "max_memory_deviation": max(abs(x - 1) for x in mem),
+                "latency_rel_ratio_to_standalone": rel, "max_latency_rel_deviation": max(abs(x - 1) for x in rel),
+                "latency_p50_rel": [r["latency_p50_rel"] for r in rows],
+                "calibration_ms": [r["latency_calibration_ms"] for r in rows],
                 "latency_p50_ms": [r["latency_p50_ms"] for r in rows], "cores": [r.get("cores") for r in rows],
                 "co_running": [r.get("measure_co_running") for r in rows],
                 "wait_s": [r.get("measure_wait_s") for r in rows], "latency_cv": [r.get("latency_cv") for r in rows]}
@@ -171,6 +180,7 @@ def main() -> None:
     iso_cmp, noiso_cmp = compare(iso), compare(noiso)
     alone_p50 = [r["latency_p50_ms"] for r in alone]
     cv_by_core = {str(c): _cv([r["latency_p50_ms"] for r in runs]) for c, runs in by_core.items()}
+    rel_cv_by_core = {str(c): _cv([r["latency_p50_rel"] for r in runs]) for c, runs in by_core.items()}
     result = {
         "benchmark": "measurement_fidelity", "quick": args.quick, "machine": machine_facts(), "load_avg": load,
         "config": cfg,
@@ -178,6 +188,9 @@ def main() -> None:
                        "median_latency_p50_ms_by_core": ref_by_core, "cv_of_p50_by_core": cv_by_core,
                        "latency_p50_ms": alone_p50, "median_latency_p50_ms": ref_lat, "cv_of_p50": _cv(alone_p50),
                        "within_run_cv": [r["latency_cv"] for r in alone],
+                       "latency_p50_rel_by_core": {str(c): [r["latency_p50_rel"] for r in runs] for c, runs in by_core.items()},
+                       "calibration_ms_by_core": {str(c): [r["latency_calibration_ms"] for r in runs] for c, runs in by_core.items()},
+                       "cv_of_rel_by_core": rel_cv_by_core,
                        "peak_memory_infer_mb": [r["peak_memory_infer_mb"] for r in alone],
                        "peak_memory_infer_later_mb": [r["peak_memory_infer_later_mb"] for r in alone],
                        "peak_rss_infer_mb": [r["peak_rss_infer_mb"] for r in alone]},
@@ -185,10 +198,14 @@ def main() -> None:
         "concurrent_not_isolated": noiso_cmp,
         "history_1st_vs_10th_call": hist,
         "targets": {
-            "isolated_latency_within_15pct": iso_cmp["max_latency_deviation"] <= 0.15,
+            # latency targets on the calibrated figure (latency / reference workload, per call);
+            # the raw-ms figures are kept beside them (raw_*)
+            "isolated_latency_within_15pct": iso_cmp["max_latency_rel_deviation"] <= 0.15,
+            "standalone_cv_at_most_5pct": all(v <= 0.05 for v in rel_cv_by_core.values()),
+            "raw_isolated_latency_within_15pct": iso_cmp["max_latency_deviation"] <= 0.15,
             "isolated_memory_within_5pct": iso_cmp["max_memory_deviation"] <= 0.05,
             "history_within_5pct_every_kernel": all(v.get("within_5pct") for v in hist.values()),
-            "standalone_cv_at_most_5pct": all(v <= 0.05 for v in cv_by_core.values()),
+            "raw_standalone_cv_at_most_5pct": all(v <= 0.05 for v in cv_by_core.values()),
         },
     }
     emit(result, args.out)
