@@ -130,9 +130,11 @@ def _errors(df) -> dict:
     """Held-out relative errors of the predictions made before each trial ran (for pooling)."""
     held = df[df["cost_split"] == "holdout"]
     out = {}
+    from omninet.sweep.costmodel import measured_value
+
     for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb")):
-        pairs = held[[target, column]].dropna()
-        out[target] = [float(abs(p - m) / m) for m, p in zip(pairs[target], pairs[column]) if m > 0]
+        pairs = [(measured_value(row, target), row[column]) for _, row in held.iterrows()]
+        out[target] = [float(abs(p - m) / m) for m, p in pairs if m and p == p]
     return out
 
 
@@ -148,7 +150,9 @@ def reproducibility(frames) -> dict:
     df = pd.concat(frames)
     df = df[df["latency_p50_ms"].notna() & (df["latency_reps"].fillna(0) >= 20)]
     out = {}
-    for column, tol in (("latency_p50_ms", 0.15), ("peak_memory_infer_mb", 0.10)):
+    for column, tol in (("latency_p50_ms", 0.15), ("latency_p50_norm_ms", 0.15), ("peak_memory_infer_mb", 0.10)):
+        if column not in df:
+            continue
         diffs = sorted(abs(a - b) / min(a, b) for _, g in df.groupby("config_key")
                        for a, b in itertools.combinations(g[column].dropna().tolist(), 2) if min(a, b) > 0)
         if diffs:

@@ -84,6 +84,20 @@ def toy_features(x: float, scale: float = 1.0) -> tuple[dict, dict]:
                    "peak_memory_train_mb": scale * (40.0 + 4 * x * x)}
 
 
+def test_cost_model_learns_the_calibrated_latency_when_a_trial_has_it() -> None:
+    """The raw p50 carries the machine's speed at the moment of measuring; the model fits the
+    latency at the pool's reference speed instead, and falls back to the raw one."""
+    cm = CostModel(CostModelSpec(enabled=True, min_fit=3, holdout_every=4), ["cpu"])
+    for t in range(8):
+        feats, values = toy_features(0.1 + 0.3 * t)
+        drifted = values["latency_p50_ms"] * (1.45 if t % 2 else 1.0)  # slow phases of the host
+        cm.observe("cpu", t, feats, {**values, "latency_p50_ms": drifted, "latency_p50_norm_ms": values["latency_p50_ms"]})
+    assert cm.validation("cpu")["latency_p50_ms"]["mape"] < 0.02  # the drift never reached the model
+    feats, values = toy_features(5.0)
+    cm.observe("cpu", 50, feats, {**values, "latency_p50_norm_ms": float("nan")})
+    assert next(s for s in cm.pools["cpu"].samples if s.trial == 50).measured["latency_p50_ms"] == values["latency_p50_ms"]
+
+
 def test_cost_model_validation_split_never_holds_predicted_trials() -> None:
     cm = CostModel(CostModelSpec(enabled=True, min_fit=3, holdout_every=4), ["cpu"])
     splits = {}

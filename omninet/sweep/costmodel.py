@@ -7,6 +7,8 @@ on the pool's measured trials (``cost_model:`` in the sweep YAML).
 - **Regressor**: scikit-learn, a non-negative ridge regression on those features (a roofline: the
   weights are this pool's seconds per multiply-add and bytes per counted byte), fitted to
   relative error (weights 1 / y^2), so a pool is described by a handful of trials.
+- **Latency** is learned from and judged against the calibrated latency at the pool's reference
+  speed when trials record it (``MEASURED_AS``): the raw p50 carries the host's speed drift.
 - **Validation**: every ``holdout_every``-th measured trial of a pool is held out: never fitted,
   only predicted. ``validation()`` fits on the fit split and reports, per target, the mean
   absolute percentage error and the shares within +-10% and +-15% on the held-out split (the
@@ -26,9 +28,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CostModel", "Sample", "param_features"]
+__all__ = ["CostModel", "Sample", "measured_value", "param_features"]
 
 TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb")
+# What a target is learned from and judged against, first available: latency at the pool's
+# reference speed (calibrated, ``latency_p50_norm_ms``), so the model fits the configuration and
+# not the machine's speed drift at the moment each trial measured; else the raw p50.
+MEASURED_AS = {"latency_p50_ms": ("latency_p50_norm_ms", "latency_p50_ms")}
+
+
+def measured_value(measured, target: str) -> float | None:
+    """The measured value of ``target`` in a result (dict or row), see ``MEASURED_AS``."""
+    for key in MEASURED_AS.get(target, (target,)):
+        v = measured.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+    return None
 RIDGE_ALPHA = 1e-3  # on max-abs-scaled counts with weights 1 / y^2: a light pull toward the shared weights
 
 
@@ -75,8 +90,7 @@ class CostModel:
                 split: str | None = None) -> str | None:
         """Adds a measured trial (``split`` as recorded when restoring); returns its split, or
         None when it measured nothing the model predicts."""
-        values = {t: float(measured[t]) for t in TARGETS
-                  if isinstance(measured.get(t), (int, float)) and math.isfinite(measured[t]) and measured[t] > 0}
+        values = {t: v for t in TARGETS if (v := measured_value(measured, t)) is not None}
         if not values:
             return None
         ps = self.pools[pool]

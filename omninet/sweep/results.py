@@ -284,7 +284,11 @@ class SweepResult:
         held = df[df["cost_split"] == "holdout"]
         for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb"),
                                ("peak_memory_train_mb", "predicted_memory_train_mb")):
-            pairs = held[[target, column]].apply(pd.to_numeric, errors="coerce").dropna()
+            from omninet.sweep.costmodel import measured_value
+
+            measured = held.apply(lambda row: measured_value(row, target), axis=1) if len(held) else pd.Series(dtype=float)
+            pairs = pd.DataFrame({target: pd.to_numeric(measured, errors="coerce"),
+                                  column: pd.to_numeric(held[column], errors="coerce")}).dropna()
             pairs = pairs[pairs[target] > 0]
             if len(pairs):
                 err = ((pairs[column] - pairs[target]).abs() / pairs[target])
