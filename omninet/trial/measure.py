@@ -135,7 +135,7 @@ def calibration(device=torch.device("cpu")) -> Callable[[], object]:
     return run
 
 
-def calibration_ms(*, device=torch.device("cpu"), seconds: float = 1.0) -> float:
+def calibration_ms(*, device=torch.device("cpu"), seconds: float = 0.3) -> float:
     """The reference workload's median time (ms) on this machine now, over ``seconds`` of calls
     with the current torch threads: a sweep pool's reference speed (its probe)."""
     run = calibration(device)
