@@ -24,6 +24,7 @@ SMOKE = {
     "platform_overhead": ["--trials", "2", "--burn-s", "0.2", "--reps", "1"],
     "measurement_fidelity": ["--quick"],
     "qat": ["--quick"],
+    "machine_drift": ["--quick"],
     "records_soak": ["--quick"],
 }
 

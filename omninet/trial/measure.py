@@ -15,8 +15,8 @@ of one configuration a minute apart differed by up to 50%. With ``calibrate``, e
 is followed by one call of a fixed reference workload (four fp32 256x256 matmuls on the same
 device and threads), and the loop reports the median of the per-call ratios (``rel_p50``: the
 latency in units of the reference) next to the raw times. On that machine the run-to-run
-variation of ``rel_p50`` was 2.5% where the raw p50's was 17% (80 rounds across the speed
-phases). A ratio tracks the host's speed for compute-bound work; time spent in Python
+variation of ``rel_p50`` was 2.5-4.5% where the raw p50's was 17-19% (80 rounds across the
+speed phases, ``benchmarks/machine_drift.py``). A ratio tracks the host's speed for compute-bound work; time spent in Python
 overhead scales differently, so it is a correction, not an identity. The raw figures are
 always recorded beside it.
 
