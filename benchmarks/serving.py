@@ -7,8 +7,8 @@ Both servers run side by side in one Serve instance (apps ``/b1``: ``max_batch_s
 replica each, same model, same torch threads; they are measured one after the other with the
 same request stream. A third app, ``/stack``, is the same stack with no model (validation, then
 a constant answer): its best rate bounds what any batching could reach here
-(``headline.max_possible_speedup`` = stack / batch-1). Request bodies are ListOps expressions drawn like LRA's (depth 10, up to 10
-arguments) with lengths 16..512 tokens, sent as token ids.
+(``headline.max_possible_speedup`` = stack / batch-1). Request bodies are ListOps expressions
+drawn like LRA's (depth 10, up to 10 arguments) with lengths 16..512 tokens, sent as token ids.
 
 1. closed loop: ``c`` clients each send a request and wait for its answer, for each ``c`` in
    ``--concurrency``, ``--duration-s`` each;
@@ -210,8 +210,7 @@ def stack_ceiling_app(model_dir: Path, actor_options: dict[str, Any]):
 
             self.predictor, self.error = Predictor(load_trial_model(model_dir)), RequestError
             n = self.predictor.trained.model.config.num_classes
-            self.answer = {"prediction": 0, "probabilities": [1.0 / n] * n}
-            self.requests = 0
+            self.probabilities, self.requests = [1.0 / n] * n, 0
 
         async def __call__(self, request):
             if request.url.path.rstrip("/").endswith("/stats"):
@@ -222,7 +221,7 @@ def stack_ceiling_app(model_dir: Path, actor_options: dict[str, Any]):
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             self.requests += len(inputs.sequences)
             return JSONResponse({"predictions": [0] * len(inputs.sequences),
-                                 "probabilities": [self.answer["probabilities"]] * len(inputs.sequences),
+                                 "probabilities": [self.probabilities] * len(inputs.sequences),
                                  "truncated": inputs.truncated, "model": self.predictor.identity})
 
     return StackCeiling.options(max_ongoing_requests=128, ray_actor_options=actor_options).bind(str(model_dir))

@@ -35,6 +35,7 @@ TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb")
 # reference speed (calibrated, ``latency_p50_norm_ms``), so the model fits the configuration and
 # not the machine's speed drift at the moment each trial measured; else the raw p50.
 MEASURED_AS = {"latency_p50_ms": ("latency_p50_norm_ms", "latency_p50_ms")}
+RIDGE_ALPHA = 1e-3  # on max-abs-scaled counts with weights 1 / y^2: a light pull toward the shared weights
 
 
 def measured_value(measured, target: str) -> float | None:
@@ -44,7 +45,6 @@ def measured_value(measured, target: str) -> float | None:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
             return float(v)
     return None
-RIDGE_ALPHA = 1e-3  # on max-abs-scaled counts with weights 1 / y^2: a light pull toward the shared weights
 
 
 def param_features(params: dict[str, Any]) -> dict[str, dict[str, float]]:

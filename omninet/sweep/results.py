@@ -280,12 +280,12 @@ class SweepResult:
         df = self.trials(pool)
         if "cost_split" not in df or df["cost_split"].isna().all():
             return dict(saved)
+        from omninet.sweep.costmodel import measured_value
+
         online = {}
         held = df[df["cost_split"] == "holdout"]
         for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb"),
                                ("peak_memory_train_mb", "predicted_memory_train_mb")):
-            from omninet.sweep.costmodel import measured_value
-
             measured = held.apply(lambda row: measured_value(row, target), axis=1) if len(held) else pd.Series(dtype=float)
             pairs = pd.DataFrame({target: pd.to_numeric(measured, errors="coerce"),
                                   column: pd.to_numeric(held[column], errors="coerce")}).dropna()

@@ -7,6 +7,7 @@ Kept free of controller state so it can be called directly in tests; the control
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
     import torch
 
     from omninet.hardware import probe_capabilities
+    from omninet.trial.limits import pinned
     from omninet.trial.measure import CALIBRATION, calibration_ms
 
     present, detail = device_present(accelerator)
@@ -62,9 +64,9 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
         physical = psutil.cpu_count(logical=False) or cores
     except ImportError:
         physical = cores
-    torch.set_num_threads(max(1, threads))
     try:
-        ref = calibration_ms(device=torch.device("cpu"))  # trials of a simulated or CPU pool run there
+        with pinned(None, max(1, threads)):  # the trials' threads, restored after: Ray reuses this worker
+            ref = calibration_ms(device=torch.device("cpu"))  # trials of a simulated or CPU pool run there
     except Exception as exc:  # noqa: BLE001 -- without a reference, each trial uses its own reading
         log.warning("probe: calibration failed: %s", exc)
         ref = None
@@ -100,8 +102,7 @@ def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulat
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 
         gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
-        context = RunContext(cores=gate.start(max(1, int(num_cpus))), gate=gate, keep_model=keep_model,
-                             scheduler=scheduler, calibration_ref_ms=calibration_ref_ms)
+        context = dataclasses.replace(context, cores=gate.start(max(1, int(num_cpus))), gate=gate)
     try:
         result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
     finally:

@@ -16,9 +16,9 @@ is followed by one call of a fixed reference workload (four fp32 256x256 matmuls
 device and threads), and the loop reports the median of the per-call ratios (``rel_p50``: the
 latency in units of the reference) next to the raw times. On that machine the run-to-run
 variation of ``rel_p50`` was 2.5-4.5% where the raw p50's was 17-19% (80 rounds across the
-speed phases, ``benchmarks/machine_drift.py``). A ratio tracks the host's speed for compute-bound work; time spent in Python
-overhead scales differently, so it is a correction, not an identity. The raw figures are
-always recorded beside it.
+speed phases, ``benchmarks/machine_drift.py``). A ratio tracks the host's speed for
+compute-bound work; time spent in Python overhead scales differently, so it is a correction,
+not an identity. The raw figures are always recorded beside it.
 
 Memory (``track_memory``), measured from a clean state (``limits.clean_state``: garbage
 collected, C allocator trimmed, accelerator cache emptied), two counters reported side by side:
@@ -138,12 +138,7 @@ def calibration(device=torch.device("cpu")) -> Callable[[], object]:
 def calibration_ms(*, device=torch.device("cpu"), seconds: float = 0.3) -> float:
     """The reference workload's median time (ms) on this machine now, over ``seconds`` of calls
     with the current torch threads: a sweep pool's reference speed (its probe)."""
-    run = calibration(device)
-    times = time_fn(run, device=device, warmup=3, reps=20)
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        times.extend(time_fn(run, device=device, warmup=0, reps=20))
-    return statistics.median(times) * 1e3
+    return latency(calibration(device), device=device, min_seconds=seconds, max_rounds=1).p50_ms
 
 
 def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int = 3, min_reps: int = 20,
@@ -179,11 +174,12 @@ def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int
             ratios = [t / c for t, c in zip(times, cal)]
             r = summarize(ratios)
             s.update(cal_ms=statistics.median(cal) * 1e3, rel_p50=r["median_s"], rel_cv=r["cv"])
-        if s.get("rel_cv", s["cv"]) <= max_cv:
+        judged_cv = s.get("rel_cv", s["cv"])  # calibrated: the ratios' variation, the drift taken out
+        if judged_cv <= max_cv:
             break
     return LatencyStats(p50_ms=s["median_s"] * 1e3, p90_ms=s["p90_s"] * 1e3, p95_ms=s["p95_s"] * 1e3,
                         p99_ms=s["p99_s"] * 1e3, mean_ms=s["mean_s"] * 1e3, cv=s["cv"], reps=s["reps"],
-                        rounds=rounds, noisy=s.get("rel_cv", s["cv"]) > max_cv, calibration_ms=s.get("cal_ms"),
+                        rounds=rounds, noisy=judged_cv > max_cv, calibration_ms=s.get("cal_ms"),
                         rel_p50=s.get("rel_p50"), rel_cv=s.get("rel_cv"))
 
 
