@@ -243,14 +243,23 @@ def test_postgres_restarted_mid_sweep(stack, tmp_path) -> None:
     results, seen = tmp_path / "r", []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("omninet.sweep").addHandler(handler)
+    sweep_log = logging.getLogger("omninet.sweep")
+    level = sweep_log.level
+    sweep_log.setLevel(logging.INFO)  # "held again" is INFO, whatever level earlier tests left
+    sweep_log.addHandler(handler)
     try:
         thread, box = in_thread(config(stack, "pg-restart", results, trials=10, concurrency=2, sleep_s=0.3))
         wait_for(lambda: parquet_count(results) >= 3, 120, "three trials")
-        stack.pg.restart(down_s=2.0)
+        stack.pg.stop()
+        try:  # down until the controller has met it down (a fixed pause can fall between its calls)
+            wait_for(lambda: any("store unavailable" in m for m in seen), 60, "a store call while down")
+            time.sleep(1.0)
+        finally:
+            stack.pg.start()
         result = joined(thread, box)
     finally:
-        logging.getLogger("omninet.sweep").removeHandler(handler)
+        sweep_log.removeHandler(handler)
+        sweep_log.setLevel(level)
     assert any("store unavailable" in m for m in seen) and any("sweep lock: held again" in m for m in seen), seen[-20:]
     assert result.audit() == []
     trials = optuna.load_study(study_name="pg-restart.cpu", storage=stack.optuna_url).trials
