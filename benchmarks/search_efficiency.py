@@ -50,6 +50,10 @@ from omninet.trial.measure import machine_facts  # noqa: E402
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 MAX_LATENCY_MS = 50.0
+# Both schedulers optimize the calibrated latency (in ms at the pool's probed reference speed),
+# so neither sweep's choices or rung decisions follow the host's speed drift (issue 12).
+OBJECTIVES = [{"key": "accuracy", "direction": "maximize"}, {"key": "peak_memory_infer_mb", "direction": "minimize"},
+              {"key": "latency_p50_norm_ms", "direction": "minimize"}]
 MEMORY_REF_MB = 12.0  # above every inference peak of this space at the measured shape (about 5-8 MB)
 
 SPACE = {
@@ -78,6 +82,7 @@ def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, step
         "constraints": {"cpu": {"max_latency_ms": MAX_LATENCY_MS}},
         "budget": {"wall_clock_s": budget_s},
         "sampler": {"kind": "tpe", "seed": seed, "n_startup_trials": 4},
+        "objectives": OBJECTIVES,
         "storage": {"mlflow_uri": f"sqlite:///{root / name / 'mlflow.db'}"},
         "keep_models": "none", "progress_interval_s": 30.0,
     }
@@ -87,15 +92,18 @@ def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, step
     return cfg
 
 
-def hypervolume(df, until: float) -> float:
-    """Hypervolume of the feasible Pareto front of the ``ok`` trials finished by ``until``."""
+def hypervolume(df, until: float, reference_ms: float) -> float:
+    """Hypervolume of the feasible Pareto front of the ``ok`` trials finished by ``until``.
+    Latency is each trial's calibrated ratio (``latency_p50_rel``) times one reference time
+    measured at the start of the benchmark: every sweep on one scale, whatever the host's speed
+    was while it ran (each sweep's own probe differs by a few percent)."""
     from optuna._hypervolume import compute_hypervolume
 
     done = df[(df["status"] == "ok") & df["feasible"].astype(bool) & (df["finished_at"] <= until)]
     if done.empty:
         return 0.0
     points = np.stack([-done["accuracy"].to_numpy(float), done["peak_memory_infer_mb"].to_numpy(float),
-                       done["latency_p50_ms"].to_numpy(float)], axis=1)
+                       done["latency_p50_rel"].to_numpy(float) * reference_ms], axis=1)
     ref = np.array([0.0, MEMORY_REF_MB, MAX_LATENCY_MS])
     points = points[(points < ref).all(axis=1)]
     return float(compute_hypervolume(points, ref)) if len(points) else 0.0
@@ -109,12 +117,15 @@ def run_one(root: Path, scheduler: str, rep: int, args) -> dict:
                                     seq=args.seq, seed=rep))
     wall = time.time() - start
     df = result.trials()
-    curve = [(float(t - start), hypervolume(df, t)) for t in sorted(df["finished_at"])]
+    ref = args.reference_ms
+    curve = [(float(t - start), hypervolume(df, t, ref)) for t in sorted(df["finished_at"])]
     out = {
         "scheduler": scheduler, "repeat": rep, "wall_s": wall, "load_avg_before": load_before,
         "load_avg_after": os.getloadavg()[0], "trials": int(len(df)),
         "statuses": {k: int(v) for k, v in df["status"].value_counts().items()},
-        "hv_at_budget": hypervolume(df, start + args.budget_s), "hv_final": hypervolume(df, start + wall + 1),
+        "hv_at_budget": hypervolume(df, start + args.budget_s, ref), "hv_final": hypervolume(df, start + wall + 1, ref),
+        "probe_reference_ms": float(df["latency_calibration_ref_ms"].dropna().iloc[0])
+        if df["latency_calibration_ref_ms"].notna().any() else None,
         "hv_curve": curve, "audit_problems": len(result.audit()), "_trials": df,
         "training_steps_spent": int(df["steps"].fillna(0).sum()),
     }
@@ -150,7 +161,8 @@ def reproducibility(frames) -> dict:
     df = pd.concat(frames)
     df = df[df["latency_p50_ms"].notna() & (df["latency_reps"].fillna(0) >= 20)]
     out = {}
-    for column, tol in (("latency_p50_ms", 0.15), ("latency_p50_norm_ms", 0.15), ("peak_memory_infer_mb", 0.10)):
+    for column, tol in (("latency_p50_ms", 0.15), ("latency_p50_norm_ms", 0.15), ("latency_p50_rel", 0.15),
+                        ("peak_memory_infer_mb", 0.10)):
         if column not in df:
             continue
         diffs = sorted(abs(a - b) / min(a, b) for _, g in df.groupby("config_key")
@@ -183,6 +195,11 @@ def main() -> int:
 
     import ray
 
+    from omninet.trial import limits
+    from omninet.trial.measure import calibration_ms
+
+    with limits.pinned(None, 1):  # one thread, like the pool's trials
+        args.reference_ms = calibration_ms(seconds=1.0)
     log.disabled = True  # keep stdout for the JSON
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     runs = []
@@ -245,7 +262,8 @@ def main() -> int:
         "benchmark": "search_efficiency",
         "machine": {**machine_facts(), "python": sys.version.split()[0], "platform": platform.platform()},
         "setup": {"budget_s": args.budget_s, "repeats": args.repeats, "steps": args.steps, "seq_length": args.seq,
-                  "search_space": SPACE, "max_latency_ms": MAX_LATENCY_MS,
+                  "search_space": SPACE, "objectives": OBJECTIVES, "max_latency_ms": MAX_LATENCY_MS,
+                  "hv_latency": "latency_p50_rel x reference_ms", "reference_ms": args.reference_ms,
                   "hv_reference_point": {"accuracy": 0.0, "peak_memory_infer_mb": MEMORY_REF_MB,
                                          "latency_p50_ms": MAX_LATENCY_MS}, "quick": args.quick},
         "load_average": {"min": min(min(r["load_avg_before"], r["load_avg_after"]) for r in runs),

@@ -57,6 +57,17 @@ def test_a_misspelt_objective_is_an_error_at_load_time():
         load_config(data)
 
 
+def test_a_calibrated_latency_objective_needs_calibration():
+    norm = [{"key": "accuracy", "direction": "maximize"}, {"key": "latency_p50_norm_ms", "direction": "minimize"}]
+    assert [o.key for o in load_config(_quick(objectives=norm)).objectives][1] == "latency_p50_norm_ms"
+    data = _quick(objectives=norm)
+    data["trial"]["measure"] = {**data["trial"].get("measure", {}), "calibrate": False}
+    with pytest.raises(SweepConfigError, match="'latency_p50_norm_ms' is a calibrated latency, but "
+                                               "trial.measure.calibrate is false") as info:
+        load_config(data)
+    assert "\n" not in str(info.value)
+
+
 def test_a_bad_value_in_the_search_space_is_caught_without_parsing_every_trial():
     before = trial_config.parse_count()
     load_config(_quick())

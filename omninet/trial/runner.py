@@ -470,11 +470,18 @@ class OmniNetRunner:
     result_fields = frozenset(TrialResult.numeric_fields())
     supports_scheduler = True  # measures first and reports rungs (RunContext.scheduler)
     cost_keys = ("latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
+                 "latency_p50_rel", "latency_p50_norm_ms",
                  "peak_memory_infer_mb", "peak_memory_train_mb", "peak_rss_infer_mb", "peak_rss_train_mb",
                  "throughput_tokens_s", "num_params")  # what it measures before training
+    calibrated_keys = ("latency_p50_rel", "latency_p50_norm_ms", "latency_rel_cv", "latency_calibration_ms",
+                       "latency_calibration_ref_ms")
 
     def max_steps(self, config: TrialConfig) -> int | None:
         return config.train.steps
+
+    def unmeasured_keys(self, config: TrialConfig) -> set[str]:
+        """Results this config will not produce: the calibrated latency without ``measure.calibrate``."""
+        return set() if config.measure.calibrate else set(self.calibrated_keys)
 
     def cost_features(self, config: TrialConfig) -> dict[str, dict[str, float]]:
         from omninet.trial.cost import cost_features
