@@ -68,6 +68,17 @@ def test_a_calibrated_latency_objective_needs_calibration():
     assert "\n" not in str(info.value)
 
 
+def test_results_load_whatever_objectives_the_sweep_recorded(tmp_path):
+    """A manifest is validated without the sweep's runner: objectives such as the calibrated
+    latency or p99 (real-runner results only) must not make its results unreadable."""
+    keys = ["accuracy", "latency_p50_norm_ms", "latency_p99_ms", "peak_rss_infer_mb"]
+    cfg = load_config(_quick(objectives=[{"key": k, "direction": "maximize" if k == "accuracy" else "minimize"}
+                                         for k in keys]))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg.to_plain(), sort_keys=False))  # as the controller writes it
+    loaded = SweepResult.load(tmp_path)
+    assert loaded.objectives == keys and loaded.config.trial_fn == cfg.trial_fn
+
+
 def test_a_bad_value_in_the_search_space_is_caught_without_parsing_every_trial():
     before = trial_config.parse_count()
     load_config(_quick())

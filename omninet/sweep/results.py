@@ -25,6 +25,12 @@ __all__ = ["SweepResult", "write_artifacts"]
 log = logging.getLogger("omninet.sweep")
 
 
+def recorded_trial(config: dict) -> dict:
+    """The trial function a loaded ``SweepResult`` validates its manifest with: reading records
+    never runs a trial."""
+    raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
+
+
 class SweepResult:
     """Trials (from the Parquet table) and Pareto fronts (from the Optuna studies) of a sweep."""
 
@@ -43,10 +49,11 @@ class SweepResult:
             raise ValueError(f"results_dir: {results_dir} has no sweep.yaml; is it a sweep's results directory?")
         data = yaml.safe_load(manifest.read_text())
         # Reading results must not need the sweep's trial function (or torch-heavy runner) to
-        # import: validate with the dependency-free toy function, then restore the recorded names.
-        # The scheduler is checked against the runner it needs, so it is restored the same way.
+        # import: validate with a stand-in that declares no result keys (so any objective the
+        # sweep recorded is accepted), then restore the recorded names. The scheduler is checked
+        # against the runner it needs, so it is restored the same way.
         scheduler = data.get("scheduler")
-        config = load_config({**data, "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None,
+        config = load_config({**data, "trial_fn": "omninet.sweep.results:recorded_trial", "estimate_fn": None,
                               "scheduler": {"kind": "fifo"}})
         config.trial_fn, config.estimate_fn = data.get("trial_fn", config.trial_fn), data.get("estimate_fn")
         if scheduler is not None:
