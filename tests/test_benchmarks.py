@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -48,12 +49,29 @@ def _numbers(tree) -> list[float]:
     return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
+def _run_smoke(name: str, out: Path) -> subprocess.CompletedProcess:
+    # One torch thread each: two smokes share the two cores instead of oversubscribing them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMOKE[name], "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def smokes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every smoke, two at a time (most of a smoke is interpreter and Ray start-up, imports and
+    one-thread compute; run one by one they were the suite's largest cost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("smokes")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run_smoke, name, root / f"{name}.json") for name in sorted(SMOKE)}
+        return {name: (f.result(), root / f"{name}.json") for name, f in futures.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMOKE))
-def test_benchmark_smoke_mode_writes_json(name, tmp_path):
-    out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMOKE[name], "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+def test_benchmark_smoke_mode_writes_json(name, smokes):
+    proc, out = smokes[name]
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     result = json.loads(text)
