@@ -28,14 +28,17 @@ load generator sharing the same cores. JSON on stdout (and --out); with ``--resu
 ``<results_dir>/serving.json`` (shown by the dashboard) and an MLflow ``serving`` run under the
 sweep's experiment. Without a model, one is trained first (``omninet.serve.testing``).
 
-Measured (benchmarks/results/serving.json, 2-core Xeon KVM, quiet before the run): p99 < 200 ms
-up to 60 req/s for batch-1 and 30 req/s for dynamic batching in this run (0.5x; an earlier run
-under load gave 1.5x, so this figure moves a lot between runs). The 2x target is out of reach
-on this machine whatever the batching: the same stack with no model at all (``/stack``) keeps
-p99 < 200 ms only up to 80 req/s (1.31x batch-1) and peaks at 120 req/s closed-loop (1.6x). HTTP,
-the Serve proxy, the replica's request path and the load generator on the same two cores cost
-more per request than the 1-6 ms forward that batching can share (``forward_ceiling``: 3-13x
-at 16-64 tokens, none at 512, with request lengths of median 174 tokens).
+Measured (benchmarks/results/serving.json, 2-core Xeon KVM, load 0.73 before, 3.0 after, one run).
+With the forward on the replica's event loop (the next batch takes everything that queued during
+it), p99 < 200 ms holds up to 80 req/s for batch-1 and for dynamic batching alike (0.99x). The
+closed-loop peaks are 117 req/s (batch-1) and 134 req/s (dynamic, 1.14x). Before that change, the
+forward ran on a worker thread and batches stayed at 1-2 items: 30 against 60 req/s, 0.5x.
+The 2x target is out of reach on this machine whatever the batching. The same stack with no
+model at all (``/stack``) also stops at 80 req/s (1.0x batch-1), with a closed-loop peak of
+151 req/s (1.3x). HTTP, the Serve proxy, the replica's request path and the load generator
+share the same two cores. Per request they cost more than the 1-5 ms forward that batching can
+share (``forward_ceiling``: 3-11x at 16-64 tokens, none at 512; request lengths have a median
+of 174 tokens).
 ``--quick`` takes ~40 s (Ray and Serve start-up), too long for the CI smoke list.
 """
 

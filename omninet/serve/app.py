@@ -10,9 +10,12 @@ request (``omninet.serve.predictor``: 400 for malformed input, 413 for too long)
 inputs are ever batched. Each input then goes to the batch queue of its length bucket
 (``omninet.buckets``): one ``@serve.batch`` queue per bucket, so a batch pads to its bucket, not
 to the longest request in flight; a bucket's batch holds at most ``max_batch_tokens`` tokens
-(``max_batch_size`` rows at most). Forwards run one at a time on a worker thread, so the event
-loop keeps collecting the next batch while the model computes. ``max_batch_size=1`` is plain
-batch-1 serving through the same path.
+(``max_batch_size`` rows at most). A forward runs on the replica's event loop and holds it:
+requests that arrive meanwhile wait at the replica, and the next batch takes all of them.
+Ray Serve forms a batch when its wait ends, not when the model is free. So with the forward on a
+worker thread, as before, the loop kept cutting batches of one or two every
+``batch_wait_timeout_s`` while they queued behind the model, even under overload.
+``max_batch_size=1`` is plain batch-1 serving through the same path.
 
 On a cluster: ``ray job submit -- omninet serve RESULTS_DIR --pool P --host 0.0.0.0``, or
 ``omninet serve ... --write-config serve.yaml`` then ``serve deploy serve.yaml`` (the file
@@ -25,7 +28,6 @@ import asyncio
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,6 @@ class OmniNetServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor(load_trial_model(model_dir, device=device))
         self.max_batch_size = max_batch_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omninet-forward")
         self._batch_sizes: dict[int, int] = {}  # batch size -> count, for the benchmark's histogram
         self.batch_limits = {b: max(1, min(max_batch_size, (max_batch_tokens or b * max_batch_size) // b))
                              for b in self.predictor.buckets}
@@ -85,9 +86,8 @@ class OmniNetServer:
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
         async def run(sequences: list[list[int]]) -> list[Any]:
             self._batch_sizes[len(sequences)] = self._batch_sizes.get(len(sequences), 0) + 1
-            loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(self._executor, self.predictor.run_batch, sequences)
+            try:  # on the loop, on purpose (see the module docstring)
+                return self.predictor.run_batch(sequences)
             except Exception as exc:  # noqa: BLE001 -- a lone item's failure goes back to its own request
                 return [exc] * len(sequences)
 
