@@ -33,12 +33,15 @@ With the forward on the replica's event loop (the next batch takes everything th
 it), p99 < 200 ms holds up to 80 req/s for batch-1 and for dynamic batching alike (0.99x). The
 closed-loop peaks are 117 req/s (batch-1) and 134 req/s (dynamic, 1.14x). Before that change, the
 forward ran on a worker thread and batches stayed at 1-2 items: 30 against 60 req/s, 0.5x.
-The 2x target is out of reach on this machine whatever the batching. The same stack with no
-model at all (``/stack``) also stops at 80 req/s (1.0x batch-1), with a closed-loop peak of
-151 req/s (1.3x). HTTP, the Serve proxy, the replica's request path and the load generator
-share the same two cores. Per request they cost more than the 1-5 ms forward that batching can
-share (``forward_ceiling``: 3-11x at 16-64 tokens, none at 512; request lengths have a median
-of 174 tokens).
+The 2x target was not reached. The same stack with no model at all (``/stack``) stopped at
+80 req/s in this run (1.0x batch-1; closed-loop peak 151 req/s). In a second run with
+``--batch-wait-timeout-s 0.005`` (``results/serving_wait5ms.json``) it reached 160 req/s, while
+batch-1 and dynamic batching again stopped at 80. In that run dynamic batching's p99 at 80
+req/s was 51 ms against 67 ms, and at 90 req/s 210 ms against 557 ms. Its p50 at 20 req/s was
+23 ms, against 39 ms with the 20 ms wait. HTTP, the Serve proxy, the replica's request path and
+the load generator share the same two cores. Per request they cost as much as the 1-4 ms
+forward, or more (``forward_ceiling``: batching gains of 3-11x at 16-64 tokens, none at 512;
+request lengths have a median of 174 tokens). At these rates batches stay at 1-2 items.
 ``--quick`` takes ~40 s (Ray and Serve start-up), too long for the CI smoke list.
 """
 
