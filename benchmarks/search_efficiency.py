@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from omninet.sweep import run_sweep  # noqa: E402
 from omninet.sweep.controller import log  # noqa: E402
+from omninet.sweep.costmodel import measured_value  # noqa: E402
 from omninet.trial.measure import machine_facts  # noqa: E402
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
@@ -96,7 +97,7 @@ def hypervolume(df, until: float, reference_ms: float) -> float:
     """Hypervolume of the feasible Pareto front of the ``ok`` trials finished by ``until``.
     Latency is each trial's calibrated ratio (``latency_p50_rel``) times one reference time
     measured at the start of the benchmark: every sweep on one scale, whatever the host's speed
-    was while it ran (each sweep's own probe differs by a few percent)."""
+    was while it ran (each sweep's own probe is one sample of it: 0.87-1.63 ms over six sweeps)."""
     from optuna._hypervolume import compute_hypervolume
 
     done = df[(df["status"] == "ok") & df["feasible"].astype(bool) & (df["finished_at"] <= until)]
@@ -141,8 +142,6 @@ def _errors(df) -> dict:
     """Held-out relative errors of the predictions made before each trial ran (for pooling)."""
     held = df[df["cost_split"] == "holdout"]
     out = {}
-    from omninet.sweep.costmodel import measured_value
-
     for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb")):
         pairs = [(measured_value(row, target), row[column]) for _, row in held.iterrows()]
         out[target] = [float(abs(p - m) / m) for m, p in pairs if m and p == p]

@@ -64,15 +64,16 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
         physical = psutil.cpu_count(logical=False) or cores
     except ImportError:
         physical = cores
+    threads = max(1, threads)
     try:
-        with pinned(None, max(1, threads)):  # the trials' threads, restored after: Ray reuses this worker
+        with pinned(None, threads):  # the trials' threads, restored after: Ray reuses this worker
             ref = calibration_ms(device=torch.device("cpu"))  # trials of a simulated or CPU pool run there
     except Exception as exc:  # noqa: BLE001 -- without a reference, each trial uses its own reading
         log.warning("probe: calibration failed: %s", exc)
         ref = None
     return {"present": present, "detail": detail, "capabilities": caps, "cores": cores,
             "physical_cores": min(physical, cores), "calibration_ms": ref, "calibration": CALIBRATION,
-            "calibration_threads": max(1, threads), **node_info()}
+            "calibration_threads": threads, **node_info()}
 
 
 def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,

@@ -479,9 +479,13 @@ class OmniNetRunner:
     def max_steps(self, config: TrialConfig) -> int | None:
         return config.train.steps
 
-    def unmeasured_keys(self, config: TrialConfig) -> set[str]:
-        """Results this config will not produce: the calibrated latency without ``measure.calibrate``."""
-        return set() if config.measure.calibrate else set(self.calibrated_keys)
+    def unmeasured_keys(self, config: TrialConfig) -> dict[str, str]:
+        """Results this config will not produce, each with why: the calibrated latency without
+        ``measure.calibrate``."""
+        if config.measure.calibrate:
+            return {}
+        why = "is a calibrated latency, but trial.measure.calibrate is false; set it true or use latency_p50_ms"
+        return dict.fromkeys(self.calibrated_keys, why)
 
     def cost_features(self, config: TrialConfig) -> dict[str, dict[str, float]]:
         from omninet.trial.cost import cost_features
