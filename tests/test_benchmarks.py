@@ -16,17 +16,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# name -> (smoke arguments, seconds it took alone with one thread on the 2-core CI machine; the
+# fixture starts the longest first so the two lanes end together)
 SMOKE = {
-    "dense_vs_torch": ["--quick", "--reps", "2"],
-    "model_sparse": ["--quick"],
-    "head_pruning": ["--smoke"],
-    "precision": ["--smoke"],
-    "int8_accuracy": ["--steps", "3", "--eval-examples", "32"],
-    "platform_overhead": ["--trials", "2", "--burn-s", "0.2", "--reps", "1"],
-    "measurement_fidelity": ["--quick"],
-    "qat": ["--quick"],
-    "machine_drift": ["--quick"],
-    "records_soak": ["--quick"],
+    "dense_vs_torch": (["--quick", "--reps", "2"], 4),
+    "model_sparse": (["--quick"], 12),
+    "head_pruning": (["--smoke"], 3),
+    "precision": (["--smoke"], 2),
+    "int8_accuracy": (["--steps", "3", "--eval-examples", "32"], 12),
+    "platform_overhead": (["--trials", "2", "--burn-s", "0.2", "--reps", "1"], 26),
+    "measurement_fidelity": (["--quick"], 33),
+    "qat": (["--quick"], 12),
+    "machine_drift": (["--quick"], 3),
+    "records_soak": (["--quick"], 21),
+    "attention_kernels": (["--quick"], 17),
 }
 
 
@@ -52,7 +55,7 @@ def _numbers(tree) -> list[float]:
 def _run_smoke(name: str, out: Path) -> subprocess.CompletedProcess:
     # One torch thread each: two smokes share the two cores instead of oversubscribing them.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMOKE[name], "--out", str(out)],
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMOKE[name][0], "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
@@ -64,7 +67,8 @@ def smokes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pat
 
     root = tmp_path_factory.mktemp("smokes")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_run_smoke, name, root / f"{name}.json") for name in sorted(SMOKE)}
+        longest_first = sorted(SMOKE, key=lambda name: -SMOKE[name][1])
+        futures = {name: pool.submit(_run_smoke, name, root / f"{name}.json") for name in longest_first}
         return {name: (f.result(), root / f"{name}.json") for name, f in futures.items()}
 
 
@@ -79,3 +83,16 @@ def test_benchmark_smoke_mode_writes_json(name, smokes):
     assert _cpu_model() in text, "the benchmark must record the CPU it ran on"
     figures = _numbers(result)
     assert figures and all(math.isfinite(x) for x in figures) and any(x > 0 for x in figures)
+
+
+def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
+    doc = json.loads(smokes["attention_kernels"][1].read_text())
+    assert {"rows", "ratios", "targets", "environment", "config"} <= set(doc)
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    kernels = {r["kernel"] for r in ok}
+    assert {"naive", "sdpa", "block_sparse_0.125", "block_sparse_0.5", "linformer_128", "linformer_256"} <= kernels
+    assert {r["mode"] for r in ok} == {"fwd", "fwd_bwd"}
+    for r in ok:
+        assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
+    for t in doc["targets"].values():
+        assert set(t) == {"value", "target", "met", "at_n"}

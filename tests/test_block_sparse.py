@@ -1,14 +1,10 @@
 """Block-sparse attention: layout properties and equality with the eager reference given the
 equivalent dense mask (values and gradients), causality, padding, long inputs, the hybrid
-kernel, and the benchmark's smoke mode."""
+kernel (the benchmark's smoke mode runs in tests/test_benchmarks.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,6 @@ from omninet.attention.block_sparse import BACKWARD_BUDGETS, BlockSparseLayout, 
 from omninet.attention.dense import eager_attention, sdpa_attention
 from omninet.config import AttentionConfig, BlockSparseConfig, ModelConfig, PositionConfig
 from omninet.positions import Alibi, RelativeBias
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def layout(**overrides) -> BlockSparseLayout:
@@ -308,21 +302,7 @@ def test_seed_flags_build_the_documented_kernels():
         assert out.shape == x.shape and torch.isfinite(out).all() and weights is None
 
 
-# ---- the benchmark's smoke mode ---------------------------------------------------------------
-def test_benchmark_quick_mode_json(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300, cwd=ROOT)
-    doc = json.loads(out.read_text())
-    assert {"rows", "ratios", "targets", "environment", "config"} <= set(doc)
-    ok = [r for r in doc["rows"] if r["status"] == "ok"]
-    kernels = {r["kernel"] for r in ok}
-    assert {"naive", "sdpa", "block_sparse_0.125", "block_sparse_0.5", "linformer_128", "linformer_256"} <= kernels
-    assert {r["mode"] for r in ok} == {"fwd", "fwd_bwd"}
-    for r in ok:
-        assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
-    for t in doc["targets"].values():
-        assert set(t) == {"value", "target", "met", "at_n"}
+# ---- the benchmark's smoke mode: tests/test_benchmarks.py (run with the other smokes) ----------
 
 
 # ---- the chunked path: slabs, log-sum-exp merges, the recomputing backward, memory -----------
