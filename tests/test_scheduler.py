@@ -12,7 +12,7 @@ import pytest
 from omninet.sweep import SweepConfigError, load_config
 from omninet.sweep.config import CostModelSpec
 from omninet.sweep.costmodel import CostModel
-from omninet.sweep.scheduler import PoolRules, RungBook, epsilon_net, nondominated_order
+from omninet.sweep.scheduler import PoolRules, RungBook, epsilon_net, nondominated_order, tolerant_ranks
 
 COSTS = ["peak_memory_infer_mb", "latency_p50_ms"]
 
@@ -64,6 +64,46 @@ def test_epsilon_net_spreads_a_front() -> None:
     # fronts first: a dominated point comes after every point of the front
     points = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [0.5, 0.5]])
     assert nondominated_order(points)[-1] == 2
+
+
+def test_zero_tolerance_ranks_like_optunas_non_dominated_sort() -> None:
+    from optuna.study._multi_objective import _fast_non_domination_rank
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        points = rng.integers(0, 4, size=(int(rng.integers(1, 15)), 3)).astype(float)  # many ties
+        assert tolerant_ranks(points, np.zeros((len(points),) * 2)).tolist() == _fast_non_domination_rank(points).tolist()
+
+
+def test_accuracy_within_its_noise_ties_and_the_costs_decide() -> None:
+    # rung accuracies on 1000 eval examples: standard errors about 0.015, so gaps under
+    # 0.021 (one standard error of the difference) are noise
+    se = math.sqrt(0.35 * 0.65 / 1000)
+    kept = {}
+    for noise_z in (0.0, 1.0):
+        b = book(screen_dominated_by=None, noise_z=noise_z, reduction_factor=3)
+        for t, cost in enumerate([(20.0, 2.0), (10.0, 1.0), (5.0, 0.5), (30.0, 3.0)]):
+            b.screen("cpu", t, measured(*cost))
+        assert b.report("cpu", 0, 3, 0.37, se) is None
+        b.report("cpu", 1, 3, 0.36, se)
+        kept[noise_z] = b.report("cpu", 2, 3, 0.34, se)  # the cheapest; 0.02 behind #1, 0.03 behind #0
+        last = b.report("cpu", 3, 3, 0.35, se)  # dearer than all, no more accurate beyond noise
+        assert last is not None and ("standard error" in last) == (noise_z > 0)
+    # raw values: all three on the front, the epsilon-net starts at the best accuracy, #2 stops;
+    # within noise: #2 dominates #1 (cheaper, 0.02 behind), #1 dominates #0, so #2 alone is the front
+    assert kept[0.0] is not None and "ranked" in kept[0.0]
+    assert kept[1.0] is None
+    # a gap well beyond the noise still counts: 0.2 more accurate goes on though dearer
+    b = book(screen_dominated_by=None, noise_z=1.0, reduction_factor=2)
+    b.screen("cpu", 0, measured(5.0, 0.5))
+    b.screen("cpu", 1, measured(20.0, 2.0))
+    assert b.report("cpu", 0, 3, 0.30, se) is None
+    assert b.report("cpu", 1, 3, 0.50, se) is None
+    # the standard errors are kept, and a resumed book gets them back from the record
+    assert b.noise["cpu"][3] == {0: se, 1: se}
+    again = book(screen_dominated_by=None, noise_z=1.0)
+    again.restore("cpu", 0, measured(5.0, 0.5), [3], [0.30], [se])
+    assert again.noise["cpu"][3] == {0: se}
 
 
 def test_screening_before_training() -> None:
@@ -145,6 +185,7 @@ BASE = {"name": "s", "trial_fn": "omninet.sweep.testing:rung_toy", "estimate_fn"
     ({"scheduler": {"kind": "mo_successive_halving", "grace_period": 27}}, "grace_period"),
     ({"scheduler": {"kind": "mo_successive_halving", "reduction_factor": 1}}, "reduction_factor"),
     ({"scheduler": {"kind": "mo_successive_halving", "cost_margin": 1.5}}, "cost_margin"),
+    ({"scheduler": {"kind": "mo_successive_halving", "noise_z": -1}}, "noise_z"),
     ({"scheduler": {"kind": "mo_successive_halving", "rungs": [1]}}, "rungs"),
     ({"scheduler": {"kind": "mo_successive_halving"}, "trial_fn": "omninet.sweep.testing:toy_trial"}, "measures first"),
     ({"scheduler": {"kind": "mo_successive_halving"},
@@ -187,6 +228,11 @@ def test_real_trial_measures_first_then_is_screened_pruned_or_finished() -> None
     first = run_trial(REAL, context=RunContext(scheduler=RungClient(b, "cpu", 0, [2, 4])))
     assert first.status == "ok" and first.cost_measured_first and first.steps == 6
     assert first.rung_steps == [2, 4] and len(first.rung_accuracy) == 2
+    n = REAL["train"]["eval_max_examples"]
+    assert len(first.rung_noise) == 2
+    for acc, se in zip(first.rung_accuracy, first.rung_noise):  # the binomial standard error, told to the book
+        assert se == pytest.approx(math.sqrt(acc * (1 - acc) / n))
+    assert b.noise["cpu"][2][0] == pytest.approx(first.rung_noise[0])
     assert first.latency_p50_ms > 0 and first.peak_memory_infer_mb > 0 and first.peak_memory_train_mb > 0
     plain = run_trial(REAL)  # the same trial without a scheduler: same training (the probe model is a copy)
     assert plain.loss_curve == pytest.approx(first.loss_curve) and plain.accuracy == pytest.approx(first.accuracy)

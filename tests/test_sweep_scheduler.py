@@ -36,7 +36,7 @@ def cluster():
 def sweep_config(name: str, results: Path, **overrides) -> dict:
     cfg = {
         "name": name, "results_dir": str(results), "trial_fn": "omninet.sweep.testing:rung_toy", "estimate_fn": None,
-        "trial": {"toy": {"steps": 27, "step_s": 0.0}},
+        "trial": {"toy": {"steps": 27, "step_s": 0.0, "rung_noise": 0.001}},
         "search_space": {"toy.x": {"low": 0.05, "high": 1.0}, "toy.y": {"choices": [1, 2, 3]}},
         "pools": [{"name": "cpu", "resources": {"CPU": 1}, "trials": 16}],
         "constraints": {"cpu": {"max_latency_ms": 6.0}},
@@ -69,6 +69,8 @@ def test_screened_and_pruned_trials_agree_across_records(cluster, tmp_path) -> N
     for _, row in pruned.iterrows():
         rungs = json.loads(row.result_json)
         assert row.steps == rungs["rung_steps"][-1] < 27 and row.accuracy == pytest.approx(rungs["rung_accuracy"][-1])
+        assert rungs["rung_noise"] == [0.001] * len(rungs["rung_steps"])  # told to the book with each rung
+        assert "standard error" in row.error
         assert row.latency_p50_ms == pytest.approx(1.0 + 4.0 * row["param.toy.x"] * row["param.toy.y"])
     # finished trials trained to the budget; front trials are feasible and ok
     assert (df[df.status == "ok"].steps == 27).all()

@@ -130,6 +130,8 @@ def test_ok_result_is_flat_json_with_the_contract_keys(ok_result):
     for key, value in d.items():
         if key in ("loss_curve", "rung_steps", "rung_accuracy"):  # the numeric series: flat lists of finite numbers
             assert all(isinstance(x, (int, float)) and math.isfinite(x) for x in value), key
+        elif key == "rung_noise":  # standard errors, None where the meter counted nothing
+            assert all(x is None or (isinstance(x, float) and math.isfinite(x)) for x in value), key
         else:
             assert value is None or isinstance(value, (bool, int, float, str)), key
     json.loads(json.dumps(d, allow_nan=False))

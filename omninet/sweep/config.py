@@ -326,7 +326,9 @@ class SchedulerSpec(ConfigBase):
     ``grace_period * reduction_factor**k`` steps, where it is ranked among the pool's trials at
     that rung by non-dominated sorting on (first objective, costs) with an epsilon-net
     tie-break (MOASHA), and only the top ``1/reduction_factor`` go on (the rest are ``pruned``,
-    with a partial record). Asynchronous: a trial is judged against whoever reached the rung
+    with a partial record). First objectives within ``noise_z`` standard errors of their
+    difference (the trial reports the binomial standard error of its eval accuracy) tie at a
+    rung and the costs decide; ``noise_z: 0`` ranks the raw values. Asynchronous: a trial is judged against whoever reached the rung
     before it; nothing waits. ``grace_period`` null: ``ceil(steps / reduction_factor**2)`` (two rungs
     below the full budget); the reduction factor 3 is Hyperband's and Syne Tune's MOASHA's."""
 
@@ -335,6 +337,7 @@ class SchedulerSpec(ConfigBase):
     reduction_factor: int = 3
     screen_dominated_by: int | None = 3  # null: screen on constraints only
     cost_margin: float = 0.05
+    noise_z: float = 1.0
     remeasure: bool = False  # measure again after training (the measure-first figures are exact: see the runner)
 
     def validate(self) -> None:
@@ -345,6 +348,8 @@ class SchedulerSpec(ConfigBase):
                f"scheduler.screen_dominated_by must be >= 1 (or null to screen on constraints only), got "
                f"{self.screen_dominated_by}")
         _check(0.0 <= self.cost_margin < 1.0, f"scheduler.cost_margin must be in [0, 1), got {self.cost_margin}")
+        _check(0.0 <= self.noise_z <= 5.0,
+               f"scheduler.noise_z must be in [0, 5] standard errors (0: rank raw values), got {self.noise_z}")
 
     def rungs(self, max_steps: int) -> list[int]:
         """Rung levels in training steps below ``max_steps`` (the full budget is no rung)."""

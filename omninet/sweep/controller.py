@@ -320,7 +320,8 @@ class SweepController:
             out[p.name] = PoolRules(rungs=spec.rungs(steps), reduction_factor=spec.reduction_factor,
                                     maximize=first.direction == "maximize",
                                     cost_keys=[o.key for o in self.config.objectives[1:]], limits=limits,
-                                    screen_dominated_by=spec.screen_dominated_by, cost_margin=spec.cost_margin)
+                                    screen_dominated_by=spec.screen_dominated_by, cost_margin=spec.cost_margin,
+                                    noise_z=spec.noise_z)
         return out
 
     def _scheduler_for(self, ps: _PoolState, run: _Running):
@@ -353,7 +354,8 @@ class SweepController:
             result = json.loads(row.get("result_json") or "{}")
             if self._book is not None and row.get("repeat_of") is None:
                 steps = result.get("rung_steps") or []
-                ray.get(self._book.restore.remote(pool, number, row, steps, result.get("rung_accuracy") or []))
+                ray.get(self._book.restore.remote(pool, number, row, steps, result.get("rung_accuracy") or [],
+                                                  result.get("rung_noise")))
                 records, trials = records + len(steps), trials + 1
             if self.cost_model is not None and row.get("screened_by") != "cost_model" and row.get("cost_split"):
                 config = self.config.runner.parse(json.loads(row["config_json"]))

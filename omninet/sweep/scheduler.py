@@ -10,6 +10,13 @@ selection spread along the front; the top ``1 / reduction_factor`` go on. Asynch
 ASHA: a trial is judged when it arrives, against whoever is there; nobody waits for a rung to
 fill.
 
+The first objective at a rung is an estimate (accuracy on a finite eval split), so the ranking
+only counts differences beyond its noise: with standard errors reported, two trials whose first
+objectives are within ``noise_z`` standard errors of their difference tie on it, and the costs
+decide (:func:`tolerant_ranks`). Without that, a rung ranks eval noise whenever the
+configurations learn alike at that budget, and prunes cheap configurations for a 1-2 point
+accuracy gap no larger than the split's sampling error.
+
 Before a trial trains, it measures its untrained model (the cost objectives do not depend on
 training) and asks :meth:`RungBook.screen`: a configuration that violates the pool's
 constraints, or that ``screen_dominated_by`` finished trials beat in every cost objective, stops
@@ -27,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PoolRules", "RungBook", "RungClient", "nondominated_order", "epsilon_net"]
+__all__ = ["PoolRules", "RungBook", "RungClient", "nondominated_order", "epsilon_net", "tolerant_ranks"]
 
 
 def epsilon_net(points: np.ndarray) -> list[int]:
@@ -48,16 +55,44 @@ def epsilon_net(points: np.ndarray) -> list[int]:
     return chosen
 
 
-def nondominated_order(points: np.ndarray) -> list[int]:
+def tolerant_ranks(points: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """Non-domination ranks (0 = the front) of ``points`` (n, m; every objective minimized) when
+    the first objective only counts beyond its noise: ``a`` dominates ``b`` when ``a`` is no
+    worse in every other objective, its first objective is not worse than ``b``'s by more than
+    ``tolerance[a, b]``, and it is better somewhere (in the first objective by more than the
+    tolerance, or in another objective). With zero tolerance this is Pareto dominance. The
+    relation has no cycles (one would need equal costs and each first objective beyond the
+    next by more than the tolerance), so peeling off fronts ends."""
+    p = np.asarray(points, dtype=float)
+    tol = np.nan_to_num(np.asarray(tolerance, dtype=float), nan=0.0)
+    first, costs = p[:, :1], p[:, 1:]
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(-1)
+    cheaper = (costs[:, None, :] < costs[None, :, :]).any(-1)
+    within = first <= first.T + tol
+    clearly_better = first < first.T - tol
+    dominates = no_worse & within & (clearly_better | cheaper)  # [a, b]: a dominates b
+    np.fill_diagonal(dominates, False)
+    ranks = np.full(len(p), -1)
+    remaining, rank = np.ones(len(p), dtype=bool), 0
+    while remaining.any():
+        front = remaining & ~dominates[remaining].any(axis=0)
+        ranks[front] = rank
+        remaining &= ~front
+        rank += 1
+    return ranks
+
+
+def nondominated_order(points: np.ndarray, tolerance: np.ndarray | None = None) -> list[int]:
     """Indices of ``points`` (n, m; every objective minimized) best first: by non-dominated
-    front (Optuna's fast non-dominated sort), within a front by :func:`epsilon_net` on values
-    normalized to [0, 1] over all points."""
+    front (Optuna's fast non-dominated sort; :func:`tolerant_ranks` with a ``tolerance`` (n, n)
+    on the first objective), within a front by :func:`epsilon_net` on values normalized to
+    [0, 1] over all points."""
     from optuna.study._multi_objective import _fast_non_domination_rank
 
     points = np.asarray(points, dtype=float)
     if len(points) == 0:
         return []
-    ranks = _fast_non_domination_rank(points)
+    ranks = _fast_non_domination_rank(points) if tolerance is None else tolerant_ranks(points, tolerance)
     span = points.max(axis=0) - points.min(axis=0)
     normalized = (points - points.min(axis=0)) / np.where(span > 0, span, 1.0)
     order: list[int] = []
@@ -80,6 +115,7 @@ class PoolRules:
     limits: dict[str, float] = field(default_factory=dict)  # measured key -> upper bound
     screen_dominated_by: int | None = 3
     cost_margin: float = 0.05
+    noise_z: float = 1.0  # first objectives within this many standard errors of their difference tie at a rung
 
 
 class RungBook:
@@ -89,6 +125,7 @@ class RungBook:
         self.rules = rules
         self.costs: dict[str, dict[int, tuple[float, ...]]] = {p: {} for p in rules}
         self.rung: dict[str, dict[int, dict[int, float]]] = {p: {} for p in rules}  # pool -> step -> trial -> value
+        self.noise: dict[str, dict[int, dict[int, float]]] = {p: {} for p in rules}  # ... -> its standard error
         self.finished: dict[str, set[int]] = {p: set() for p in rules}  # trials that trained to the budget
 
     # -- measure first --------------------------------------------------------------------------
@@ -114,22 +151,32 @@ class RungBook:
         return None
 
     # -- rungs ----------------------------------------------------------------------------------
-    def report(self, pool: str, trial: int, step: int, value: float) -> str | None:
-        """Records ``trial``'s first objective at rung ``step``; the reason to stop it, or None
-        when it is among the top ``1 / reduction_factor`` of the trials at this rung."""
+    def report(self, pool: str, trial: int, step: int, value: float, noise: float | None = None) -> str | None:
+        """Records ``trial``'s first objective at rung ``step`` (and its standard error
+        ``noise``, when known); the reason to stop it, or None when it is among the top
+        ``1 / reduction_factor`` of the trials at this rung."""
         rules = self.rules[pool]
         records = self.rung[pool].setdefault(int(step), {})
         records[trial] = float(value)
+        errors = self.noise[pool].setdefault(int(step), {})
+        if _finite(noise):
+            errors[trial] = float(noise)
         trials = sorted(records)
         points = np.array([[(-records[t] if rules.maximize else records[t])
                             if math.isfinite(records[t]) else math.inf, *self.costs[pool].get(t, ())] for t in trials])
-        order = [trials[i] for i in nondominated_order(points)]
+        tolerance = None
+        if rules.noise_z > 0 and errors:
+            se = np.array([errors.get(t, 0.0) for t in trials])
+            tolerance = rules.noise_z * np.sqrt(se[:, None] ** 2 + se[None, :] ** 2)
+        order = [trials[i] for i in nondominated_order(points, tolerance)]
         keep = max(1, math.ceil(len(trials) / rules.reduction_factor))
         position = order.index(trial)
         if position < keep:
             return None
+        ties = "" if tolerance is None else (f"; first objectives within {rules.noise_z:g} standard error(s) of their "
+                                             f"difference tie (this one's: {errors.get(trial, 0.0):.3g})")
         return (f"pruned at rung {step} steps: ranked {position + 1} of {len(trials)} by non-dominated sorting on "
-                f"(first objective {value:.4g}, {', '.join(rules.cost_keys)}); the top {keep} go on")
+                f"(first objective {value:.4g}, {', '.join(rules.cost_keys)}){ties}; the top {keep} go on")
 
     def finish(self, pool: str, trial: int, costs: dict[str, Any] | None = None) -> None:
         """``trial`` trained to the full budget (its costs, when the book has not seen them)."""
@@ -139,13 +186,17 @@ class RungBook:
                                             for k in rules.cost_keys)
         self.finished[pool].add(trial)
 
-    def restore(self, pool: str, trial: int, row: dict[str, Any], steps: list[int], values: list[float]) -> None:
+    def restore(self, pool: str, trial: int, row: dict[str, Any], steps: list[int], values: list[float],
+                noises: list[float | None] | None = None) -> None:
         """A recorded trial, from its Parquet row (a resumed controller's new book)."""
         rules = self.rules[pool]
         if all(_finite(row.get(k)) for k in rules.cost_keys):
             self.costs[pool][trial] = tuple(float(row[k]) for k in rules.cost_keys)
-        for step, value in zip(steps, values):
+        for i, (step, value) in enumerate(zip(steps, values)):
             self.rung[pool].setdefault(int(step), {})[trial] = float(value) if value is not None else math.nan
+            noise = noises[i] if noises and i < len(noises) else None
+            if _finite(noise):
+                self.noise[pool].setdefault(int(step), {})[trial] = float(noise)
         if row.get("status") == "ok":
             self.finished[pool].add(trial)
 
@@ -178,8 +229,10 @@ class RungClient:
         plain = {k: v for k, v in measured.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return self._call("screen", self.pool, self.trial, plain)
 
-    def report(self, step: int, value: float) -> str | None:
-        return self._call("report", self.pool, self.trial, int(step), float(value))
+    def report(self, step: int, value: float, noise: float | None = None) -> str | None:
+        """``noise``: the standard error of ``value`` (the binomial one of an accuracy on n eval examples)."""
+        return self._call("report", self.pool, self.trial, int(step), float(value),
+                          None if noise is None else float(noise))
 
 
 def _finite(v: Any) -> bool:

@@ -133,7 +133,8 @@ class RungToy(FunctionRunner):
     ``toy.steps`` steps of ``toy.step_s`` seconds, reporting ``accuracy(step) = (1 -
     exp(-3xy)) * sqrt(step / steps)`` at the scheduler's rungs. Known objective values, so a
     test can say which trial a rung must stop. ``toy.pause_file`` holds every step while it
-    exists; ``toy.started_dir`` is touched at the start as in :func:`toy_trial`."""
+    exists; ``toy.started_dir`` is touched at the start as in :func:`toy_trial`; ``toy.rung_noise``
+    is reported as each rung accuracy's standard error (none by default)."""
 
     name = "rung-toy"
     supports_scheduler = True
@@ -164,7 +165,7 @@ class RungToy(FunctionRunner):
         out = {"status": "ok", "error": None, "peak_memory_train_mb": toy_estimate(config),
                "peak_memory_infer_mb": 50.0 + 100.0 * x * y, "latency_p50_ms": 1.0 + 4.0 * x * y,
                "estimated_memory_mb": toy_estimate(config), "steps": 0, "rung_steps": [], "rung_accuracy": [],
-               "device": "cpu", "device_name": "toy"}
+               "rung_noise": [], "device": "cpu", "device_name": "toy"}
         scheduler = context.scheduler if context is not None else None
         if scheduler is not None:
             out["cost_measured_first"] = True
@@ -183,7 +184,9 @@ class RungToy(FunctionRunner):
                 out["rung_steps"].append(step)
                 out["rung_accuracy"].append(accuracy)
                 out["accuracy"] = accuracy
-                reason = scheduler.report(step, accuracy)
+                noise = toy.get("rung_noise")
+                out["rung_noise"].append(noise)
+                reason = scheduler.report(step, accuracy, noise)
                 if reason is not None:
                     return {**out, "status": "pruned", "error": reason}
         return {**out, "accuracy": final}

@@ -395,6 +395,7 @@ class TrialResult:
     measure_first_seconds: float | None = None
     rung_steps: list[int] = field(default_factory=list)  # training steps at which the scheduler ranked the trial
     rung_accuracy: list[float] = field(default_factory=list)  # the first objective at each of those rungs
+    rung_noise: list[float | None] = field(default_factory=list)  # its standard error there (binomial, eval split)
     loss_curve: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,6 +406,7 @@ class TrialResult:
                 out[key] = None
         out["loss_curve"] = [float(x) for x in self.loss_curve if math.isfinite(x)]
         out["rung_accuracy"] = [float(x) if math.isfinite(x) else None for x in self.rung_accuracy]
+        out["rung_noise"] = [float(x) if x is not None and math.isfinite(x) else None for x in self.rung_noise]
         return out
 
     @classmethod

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -377,6 +378,17 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
     res.measure_first_seconds = time.perf_counter() - start
 
 
+def accuracy_standard_error(metrics: dict[str, float]) -> float | None:
+    """The binomial standard error of an eval accuracy, ``sqrt(p (1 - p) / n)`` over the ``n``
+    scored examples (``count``), or tokens for a language model (``tokens``: not independent, so
+    a lower bound there); None when the meter counted nothing."""
+    n = metrics.get("count") or metrics.get("tokens")
+    p = metrics.get("accuracy")
+    if not n or p is None or not math.isfinite(p):
+        return None
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
 def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, scheduler, stop: list[str]):
     """``after_step`` for training: at each of the scheduler's rungs, evaluate, report the
     first objective and stop (``stop`` gets the reason) when the scheduler says so."""
@@ -390,7 +402,9 @@ def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate,
         res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]  # the partial record, if stopped here
         res.rung_steps.append(steps)
         res.rung_accuracy.append(float(metrics["accuracy"]))
-        reason = scheduler.report(steps, float(metrics["accuracy"]))
+        noise = accuracy_standard_error(metrics)
+        res.rung_noise.append(noise)
+        reason = scheduler.report(steps, float(metrics["accuracy"]), noise)
         if reason is not None:
             stop.append(reason)
         return reason is None
