@@ -129,8 +129,8 @@ def accuracy_signal(frames, eval_examples: int) -> dict:
     acc = ok["accuracy"].astype(float)
     p = float(acc.mean())
     kernel = ok.get("param.model.attention.kernel")
-    return {"ok_trials": int(len(ok)), "mean": p, "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max()),
-            "eval_examples": eval_examples, "binomial_standard_error": math.sqrt(p * (1 - p) / eval_examples),
+    return {"ok_trials": int(len(ok)), "mean": p, "std": float(acc.std()), "min": float(acc.min()),
+            "max": float(acc.max()), "eval_examples": eval_examples, "binomial_standard_error": math.sqrt(p * (1 - p) / eval_examples),
             "mean_by_kernel": {} if kernel is None else {k: float(v) for k, v in acc.groupby(kernel).mean().items()}}
 
 

@@ -72,7 +72,8 @@ def test_zero_tolerance_ranks_like_optunas_non_dominated_sort() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
         points = rng.integers(0, 4, size=(int(rng.integers(1, 15)), 3)).astype(float)  # many ties
-        assert tolerant_ranks(points, np.zeros((len(points),) * 2)).tolist() == _fast_non_domination_rank(points).tolist()
+        zero = np.zeros((len(points), len(points)))
+        assert tolerant_ranks(points, zero).tolist() == _fast_non_domination_rank(points).tolist()
 
 
 def test_accuracy_within_its_noise_ties_and_the_costs_decide() -> None:

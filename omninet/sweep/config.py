@@ -328,8 +328,8 @@ class SchedulerSpec(ConfigBase):
     tie-break (MOASHA), and only the top ``1/reduction_factor`` go on (the rest are ``pruned``,
     with a partial record). First objectives within ``noise_z`` standard errors of their
     difference (the trial reports the binomial standard error of its eval accuracy) tie at a
-    rung and the costs decide; ``noise_z: 0`` ranks the raw values. Asynchronous: a trial is judged against whoever reached the rung
-    before it; nothing waits. ``grace_period`` null: ``ceil(steps / reduction_factor**2)`` (two rungs
+    rung and the costs decide; ``noise_z: 0`` ranks the raw values. Asynchronous: a trial is
+    judged against whoever reached the rung before it; nothing waits. ``grace_period`` null: ``ceil(steps / reduction_factor**2)`` (two rungs
     below the full budget); the reduction factor 3 is Hyperband's and Syne Tune's MOASHA's."""
 
     kind: Literal["fifo", "mo_successive_halving"] = "fifo"

@@ -192,9 +192,9 @@ class RungBook:
         rules = self.rules[pool]
         if all(_finite(row.get(k)) for k in rules.cost_keys):
             self.costs[pool][trial] = tuple(float(row[k]) for k in rules.cost_keys)
-        for i, (step, value) in enumerate(zip(steps, values)):
+        noises = [*(noises or []), *[None] * len(steps)]  # records written before rung_noise have none
+        for step, value, noise in zip(steps, values, noises):
             self.rung[pool].setdefault(int(step), {})[trial] = float(value) if value is not None else math.nan
-            noise = noises[i] if noises and i < len(noises) else None
             if _finite(noise):
                 self.noise[pool].setdefault(int(step), {})[trial] = float(noise)
         if row.get("status") == "ok":
