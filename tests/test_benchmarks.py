@@ -96,3 +96,23 @@ def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
         assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
     for t in doc["targets"].values():
         assert set(t) == {"value", "target", "met", "at_n"}
+
+
+def test_serving_bounds_weigh_each_request_by_its_bucket(monkeypatch) -> None:
+    """The serving headline's bounds: the forward's batching gain over the request stream's own
+    lengths (not the buckets' plain mean), and the same with the model-free stack's cost added."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    ceiling = [{"bucket": 16, "ms_per_seq_batch_1": 1.0, "ms_per_seq_full_batch": 0.1},
+               {"bucket": 512, "ms_per_seq_batch_1": 5.0, "ms_per_seq_full_batch": 5.0}]
+    # three long requests and one short: (3*5 + 1) / (3*5 + 0.1)
+    bounds = serving.batching_bounds(ceiling, [300, 400, 512, 10], stack_peak_rps=200.0)
+    assert bounds["request_share_per_bucket"] == {"16": 0.25, "512": 0.75}
+    assert bounds["forward_bound_speedup"] == round(16 / 15.1, 2)
+    assert bounds["stack_ms_per_request"] == 5.0
+    assert bounds["amdahl_bound_speedup"] == round((5 + 4.0) / (5 + 15.1 / 4), 2)
+    assert "amdahl_bound_speedup" not in serving.batching_bounds(ceiling, [16], stack_peak_rps=None)

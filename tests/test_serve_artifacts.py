@@ -139,12 +139,14 @@ def test_dashboard_shows_the_serving_benchmark(model_dir, tmp_path) -> None:
     assert "id='serving'" not in build_dashboard(tmp_path / "sweep").read_text()
     level = {"rate_rps": 50, "throughput_rps": 49.5, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": 30.0, "errors": {},
              "batch_sizes": {"1": 10, "4": 10}}
-    report = {"headline": {"target_p99_ms": 200, "b1_throughput_rps": 49.5, "dyn_throughput_rps": 99.0, "speedup": 2.0},
+    report = {"headline": {"target_p99_ms": 200, "b1_throughput_rps": 49.5, "dyn_throughput_rps": 99.0, "speedup": 2.0,
+                           "bounds": {"forward_bound_speedup": 1.27, "amdahl_bound_speedup": 1.08}},
               "model": {"pool": "cpu", "trial": 1}, "conditions": {"cpu_model": "x"},
               "modes": {"b1": {"open_loop": [level]}, "dyn": {"open_loop": [level]}}}
     (tmp_path / "sweep" / "serving.json").write_text(json.dumps(report))
     page = build_dashboard(tmp_path / "sweep").read_text()
     assert "id='serving'" in page and "dynamic" in page and "2.5" in page  # mean batch (10*1 + 10*4) / 20
+    assert "x1.27 with a free HTTP path" in page and "x1.08" in page  # the bounds on what batching could give
 
 
 def test_task_encode_uses_the_tasks_own_tokenizer() -> None:

@@ -48,6 +48,12 @@ DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
+def batch_limits(buckets: list[int], max_batch_size: int, max_batch_tokens: int | None) -> dict[int, int]:
+    """Rows per forward for each length bucket: ``max_batch_size`` capped at ``max_batch_tokens``
+    tokens (rows x bucket length), at least one row."""
+    return {b: max(1, min(max_batch_size, (max_batch_tokens or b * max_batch_size) // b)) for b in buckets}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
 
@@ -73,8 +79,7 @@ class OmniNetServer:
         self.predictor = Predictor(load_trial_model(model_dir, device=device))
         self.max_batch_size = max_batch_size
         self._batch_sizes: dict[int, int] = {}  # batch size -> count, for the benchmark's histogram
-        self.batch_limits = {b: max(1, min(max_batch_size, (max_batch_tokens or b * max_batch_size) // b))
-                             for b in self.predictor.buckets}
+        self.batch_limits = batch_limits(self.predictor.buckets, max_batch_size, max_batch_tokens)
         self._queues = {b: self._make_queue(n, batch_wait_timeout_s) for b, n in self.batch_limits.items()}
         # Warm every bucket once so the first request of each length is not the slow one.
         for b in self.predictor.buckets:

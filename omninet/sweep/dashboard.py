@@ -482,6 +482,10 @@ def serving_table(sweep: _Sweep) -> tuple[str, pd.DataFrame]:
             f"{h.get('target_p99_ms')} ms: batch-1 {h.get('b1_throughput_rps')} req/s, dynamic batching "
             f"{h.get('dyn_throughput_rps')} req/s (x{h.get('speedup')}). CPU: {report.get('conditions', {}).get('cpu_model')}, "
             f"load average {report.get('conditions', {}).get('load_average_before')}.")
+    bounds = h.get("bounds") or {}
+    if bounds.get("forward_bound_speedup") is not None:
+        head += (f" Most batching could give for these request lengths: x{bounds['forward_bound_speedup']} with a free "
+                 f"HTTP path, about x{bounds.get('amdahl_bound_speedup')} with this stack's cost per request.")
     rows = []
     for mode, loops in report.get("modes", {}).items():
         for lv in loops.get("open_loop", []):
