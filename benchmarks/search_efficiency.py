@@ -21,7 +21,12 @@ memory bound below, the pool's latency limit) over time, from each trial's finis
   for memory, pooled over repeats (target >= 0.9 each), for the final model and for the
   predictions each held-out trial got before it ran;
 - ``measurement_reproducibility``: the same shares between two measurements of one
-  configuration (the noise floor any cost model is held to).
+  configuration (the noise floor any cost model is held to);
+- ``headroom``: how much hypervolume there was to win, at the fixed reference point and at one
+  just past the worst measured costs: the union of every sweep's front over each plain front,
+  and a made-up utopia point (best accuracy, least memory, least latency of anything measured)
+  over each plain front, which bounds what any scheduler could reach in the measured ranges;
+- ``accuracy_signal``: the spread of final accuracy against the eval split's standard error.
 
 Repeats interleave the two schedulers so drifting background load hits both alike. JSON on
 stdout (and --out), with the machine and the load average around every sweep.
@@ -97,7 +102,10 @@ def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, step
     return cfg
 
 
-def hypervolume(df, until: float, reference_ms: float) -> float:
+FIXED_REFERENCE = (0.0, MEMORY_REF_MB, MAX_LATENCY_MS)  # accuracy, memory MB, latency ms
+
+
+def hypervolume(df, until: float, reference_ms: float, reference=FIXED_REFERENCE) -> float:
     """Hypervolume of the feasible Pareto front of the ``ok`` trials finished by ``until``.
     Latency is each trial's calibrated ratio (``latency_p50_rel``) times one reference time
     measured at the start of the benchmark: every sweep on one scale, whatever the host's speed
@@ -109,7 +117,7 @@ def hypervolume(df, until: float, reference_ms: float) -> float:
         return 0.0
     points = np.stack([-done["accuracy"].to_numpy(float), done["peak_memory_infer_mb"].to_numpy(float),
                        done["latency_p50_rel"].to_numpy(float) * reference_ms], axis=1)
-    ref = np.array([0.0, MEMORY_REF_MB, MAX_LATENCY_MS])
+    ref = np.array([-reference[0], reference[1], reference[2]])
     points = points[(points < ref).all(axis=1)]
     return float(compute_hypervolume(points, ref)) if len(points) else 0.0
 
@@ -135,17 +143,44 @@ def accuracy_signal(frames, eval_examples: int) -> dict:
 
 
 def headroom(runs, reference_ms: float) -> dict:
-    """How much hypervolume there was to win: the front of the union of every sweep's feasible
-    ``ok`` trials (the best anyone found in this space, on the common latency scale) against
-    each plain sweep's. ``union / plain`` bounds the ratio a scheduler could have reached by
-    finding exactly that front."""
+    """How much hypervolume there was to win, at the fixed reference point and again at a
+    reference just past the worst measured costs (``nadir``: accuracy 0, 1.1 x the largest
+    memory and latency of any measured trial of any sweep), where the hypervolume weighs the
+    cost trade-offs inside the measured range instead of the distance to the pool's limits:
+
+    - ``union / plain``: the front of every sweep's feasible ``ok`` trials together (the best
+      anyone found here) against each plain sweep's;
+    - ``utopia / plain``: one made-up point with the best accuracy of any ``ok`` trial and the
+      least memory and latency of any measured trial (``ok``, ``pruned`` or ``screened``). No
+      front of configurations inside these measured ranges exceeds it, so it bounds what any
+      scheduler could reach unless it finds a configuration more accurate or cheaper than every
+      one measured in all the sweeps."""
     import pandas as pd
 
     union = pd.concat([r["_trials"] for r in runs])
-    everything = hypervolume(union, math.inf, reference_ms)
-    plain = [r["hv_at_budget"] for r in runs if r["scheduler"] == "plain"]
-    return {"union_hv": everything, "plain_hv": plain,
-            "union_over_plain": [everything / h if h > 0 else None for h in plain]}
+    measured = union[union["peak_memory_infer_mb"].notna() & union["latency_p50_rel"].notna()]
+    ok = union[union["status"] == "ok"]
+    out: dict = {}
+    if ok.empty or measured.empty:
+        return out
+    utopia = {"accuracy": float(ok["accuracy"].max()), "peak_memory_infer_mb": float(measured["peak_memory_infer_mb"].min()),
+              "latency_ms": float(measured["latency_p50_rel"].min()) * reference_ms,
+              "finished_at": 0.0, "status": "ok", "feasible": True}
+    point = pd.DataFrame([{**utopia, "latency_p50_rel": utopia["latency_ms"] / reference_ms}])
+    nadir = (0.0, 1.1 * float(measured["peak_memory_infer_mb"].max()),
+             1.1 * float(measured["latency_p50_rel"].max()) * reference_ms)
+    for name, ref in (("fixed_reference", FIXED_REFERENCE), ("nadir_reference", nadir)):
+        plain = [hypervolume(r["_trials"], math.inf, reference_ms, ref) for r in runs if r["scheduler"] == "plain"]
+        new = [hypervolume(r["_trials"], math.inf, reference_ms, ref) for r in runs if r["scheduler"] == "mosh"]
+        union_hv = hypervolume(union, math.inf, reference_ms, ref)
+        utopia_hv = hypervolume(point, math.inf, reference_ms, ref)
+        out[name] = {"reference": list(ref), "plain_hv": plain, "new_hv": new, "union_hv": union_hv,
+                     "utopia_hv": utopia_hv,
+                     "new_over_plain": [n / p if p > 0 else None for n, p in zip(new, plain)],
+                     "union_over_plain": [union_hv / p if p > 0 else None for p in plain],
+                     "utopia_over_plain": [utopia_hv / p if p > 0 else None for p in plain]}
+    out["utopia_point"] = {k: utopia[k] for k in ("accuracy", "peak_memory_infer_mb", "latency_ms")}
+    return out
 
 
 def trial_rows(df) -> list[dict]:
@@ -217,6 +252,26 @@ def reproducibility(frames) -> dict:
         if diffs:
             out[column] = {"pairs": len(diffs), "median_rel_diff": diffs[len(diffs) // 2], "max_rel_diff": diffs[-1],
                            f"share_within_{int(tol * 100)}": sum(d <= tol for d in diffs) / len(diffs)}
+            out[column]["of_config_mean"] = _within_config_mean(df, column, tol)
+    return out
+
+
+def _within_config_mean(df, column: str, tol: float) -> dict:
+    """Each measurement of a configuration measured more than once against that configuration's
+    mean: the share within ``tol``, overall and per precision. A cost model that predicted every
+    configuration's true mean exactly would score about this on held-out trials."""
+    rows = []
+    for _, g in df.groupby("config_key"):
+        xs = g[column].dropna()
+        if len(xs) < 2 or xs.mean() <= 0:
+            continue
+        precision = g.get("param.hardware.precision", g.get("precision"))
+        tag = str(precision.iloc[0]) if precision is not None else "all"
+        rows += [(abs(x - xs.mean()) / xs.mean() <= tol, tag) for x in xs]
+    out = {"measurements": len(rows), "share": sum(ok for ok, _ in rows) / len(rows) if rows else None}
+    for tag in sorted({t for _, t in rows}):
+        picked = [ok for ok, t in rows if t == tag]
+        out[f"share_{tag}"], out[f"measurements_{tag}"] = sum(picked) / len(picked), len(picked)
     return out
 
 
