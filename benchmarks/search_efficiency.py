@@ -164,22 +164,22 @@ def headroom(runs, reference_ms: float) -> dict:
     if ok.empty or measured.empty:
         return out
     utopia = {"accuracy": float(ok["accuracy"].max()), "peak_memory_infer_mb": float(measured["peak_memory_infer_mb"].min()),
-              "latency_ms": float(measured["latency_p50_rel"].min()) * reference_ms,
-              "finished_at": 0.0, "status": "ok", "feasible": True}
-    point = pd.DataFrame([{**utopia, "latency_p50_rel": utopia["latency_ms"] / reference_ms}])
+              "latency_ms": float(measured["latency_p50_rel"].min()) * reference_ms}
     nadir = (0.0, 1.1 * float(measured["peak_memory_infer_mb"].max()),
              1.1 * float(measured["latency_p50_rel"].max()) * reference_ms)
     for name, ref in (("fixed_reference", FIXED_REFERENCE), ("nadir_reference", nadir)):
         plain = [hypervolume(r["_trials"], math.inf, reference_ms, ref) for r in runs if r["scheduler"] == "plain"]
         new = [hypervolume(r["_trials"], math.inf, reference_ms, ref) for r in runs if r["scheduler"] == "mosh"]
         union_hv = hypervolume(union, math.inf, reference_ms, ref)
-        utopia_hv = hypervolume(point, math.inf, reference_ms, ref)
+        # one point: its hypervolume is the box between it and the reference
+        utopia_hv = math.prod(max(0.0, d) for d in (utopia["accuracy"] - ref[0], ref[1] - utopia["peak_memory_infer_mb"],
+                                                   ref[2] - utopia["latency_ms"]))
         out[name] = {"reference": list(ref), "plain_hv": plain, "new_hv": new, "union_hv": union_hv,
                      "utopia_hv": utopia_hv,
                      "new_over_plain": [n / p if p > 0 else None for n, p in zip(new, plain)],
                      "union_over_plain": [union_hv / p if p > 0 else None for p in plain],
                      "utopia_over_plain": [utopia_hv / p if p > 0 else None for p in plain]}
-    out["utopia_point"] = {k: utopia[k] for k in ("accuracy", "peak_memory_infer_mb", "latency_ms")}
+    out["utopia_point"] = utopia
     return out
 
 
@@ -265,9 +265,8 @@ def _within_config_mean(df, column: str, tol: float) -> dict:
         xs = g[column].dropna()
         if len(xs) < 2 or xs.mean() <= 0:
             continue
-        precision = g.get("param.hardware.precision", g.get("precision"))
-        tag = str(precision.iloc[0]) if precision is not None else "all"
-        rows += [(abs(x - xs.mean()) / xs.mean() <= tol, tag) for x in xs]
+        mean, tag = xs.mean(), str(g["precision"].iloc[0]) if "precision" in g else "all"
+        rows += [(abs(x - mean) / mean <= tol, tag) for x in xs]
     out = {"measurements": len(rows), "share": sum(ok for ok, _ in rows) / len(rows) if rows else None}
     for tag in sorted({t for _, t in rows}):
         picked = [ok for ok, t in rows if t == tag]

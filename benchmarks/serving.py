@@ -278,10 +278,11 @@ def batching_bounds(ceiling: list[dict[str, Any]], lengths: list[int], stack_pea
     from omninet.buckets import bucket_for
 
     rows = {r["bucket"]: r for r in ceiling}
-    picked = [rows[bucket_for(n, sorted(rows))] for n in lengths]
+    buckets = sorted(rows)
+    picked = [rows[bucket_for(n, buckets)] for n in lengths]
     f1 = statistics.fmean(r["ms_per_seq_batch_1"] for r in picked)
     full = statistics.fmean(r["ms_per_seq_full_batch"] for r in picked)
-    share = {str(b): round(sum(r["bucket"] == b for r in picked) / len(picked), 3) for b in sorted(rows)}
+    share = {str(b): round(sum(r["bucket"] == b for r in picked) / len(picked), 3) for b in buckets}
     out: dict[str, Any] = {"request_share_per_bucket": share, "forward_ms_per_request_batch_1": round(f1, 3),
                            "forward_ms_per_request_full_batches": round(full, 3),
                            "forward_bound_speedup": round(f1 / full, 2)}

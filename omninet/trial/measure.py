@@ -143,11 +143,12 @@ def calibration_ms(*, device=torch.device("cpu"), seconds: float = 0.3, windows:
     workers at a sweep's start) can only slow a window, so one busy moment no longer sets the
     scale of every trial of the pool (one 0.3 s window read 6.7 ms against 1.5 ms in the other
     five sweeps of a search_efficiency run)."""
-    fn, best = calibration(device), math.inf
-    for i in range(max(1, windows)):
+    fn, n = calibration(device), max(1, windows)
+    best = math.inf
+    for i in range(n):
         if i:
             time.sleep(gap_s)
-        best = min(best, latency(fn, device=device, warmup=1, min_seconds=seconds / max(1, windows), max_rounds=1).p50_ms)
+        best = min(best, latency(fn, device=device, warmup=1, min_seconds=seconds / n, max_rounds=1).p50_ms)
     return best
 
 
