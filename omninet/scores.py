@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["UNITS", "UnitScores", "PairedDifference", "paired_difference", "mcnemar_exact", "combine_seeds",
-           "clustered_se", "eval_hash", "BOOTSTRAP_SAMPLES"]
+           "clustered_se", "clustered_se_from_totals", "eval_hash", "BOOTSTRAP_SAMPLES"]
 
 UNITS = ("example", "token", "query")
 BOOTSTRAP_SAMPLES = 2000
@@ -57,9 +57,15 @@ def clustered_se(values: np.ndarray, row: np.ndarray) -> float:
     if values.size == 0:
         return math.nan
     rows = int(row.max()) + 1
-    n = np.bincount(row, minlength=rows).astype(np.float64)  # [R] units per row
+    return clustered_se_from_totals(_row_sums(values, row, rows), np.bincount(row, minlength=rows))
+
+
+def clustered_se_from_totals(sums: np.ndarray, counts: np.ndarray) -> float:
+    """``clustered_se`` from per-row totals: ``sums[r]`` of the values and ``counts[r]`` units
+    of row r (rows without units are left out). What a running evaluation checks per batch."""
+    n = np.asarray(counts, dtype=np.float64)
     keep = n > 0
-    s, n = _row_sums(values, row, rows)[keep], n[keep]
+    s, n = np.asarray(sums, dtype=np.float64)[keep], n[keep]
     r = int(keep.sum())
     if r < 2:
         return math.nan
