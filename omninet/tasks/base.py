@@ -5,19 +5,25 @@ so that trial and sweep configs can carry it through YAML. Every task exposes
 
 * ``name``, ``kind`` (``'classification'`` or ``'lm'``), ``vocab_size``, ``pad_id``,
   ``num_classes`` (``None`` for lm) and ``max_length`` (longest ``input_ids`` row it yields);
+* ``unit``, what it scores once (``'example'``, ``'token'`` or ``'query'``, see
+  ``omninet.scores``), ``causal`` (next-token prediction: the model must not look ahead) and
+  ``default_arch`` (``'encoder'`` or ``'decoder'``, the architecture it is meant for);
 * ``split('train' | 'eval')``: a ``torch.utils.data.Dataset`` of examples
   ``{'input_ids': LongTensor[N], 'labels': LongTensor[] or LongTensor[N]}``; the two splits
   come from disjoint generation seeds (or a deterministic hash split of the data) and share
   no example;
 * ``batches(split, batch_size, *, seed, shuffle, drop_last, pad_to)``: one pass over a split
   as dict batches, see ``Task.collate`` for the exact tensors;
-* ``metrics(logits, batch)`` for one batch, or ``new_meter()`` to accumulate over many;
+* ``metrics(logits, batch)`` for one batch, or ``new_meter()`` to accumulate over many (its
+  ``scores()`` are the per-unit ``omninet.scores.UnitScores``; ``eval_rows_hash(rows)`` names
+  the first ``rows`` eval rows they came from);
 * ``majority_baseline`` (classification): accuracy on ``eval`` of always predicting the most
   common label of ``train``.
 
-Labels for ``lm`` tasks are already shifted: ``labels[b, i]`` is the target for the model's
-output at position ``i`` (the token after ``input_ids[b, i]``), ``-100`` where nothing is scored.
-The model must not shift them again.
+Labels for ``lm`` tasks are already aligned with the output: ``labels[b, i]`` is the target for
+the model's output at position ``i``, ``-100`` where nothing is scored. For a causal task that is
+the token after ``input_ids[b, i]`` (shifted); for a masked one (``causal = False``) it is the
+token hidden at position ``i`` itself. The model must not shift them again.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from omninet.config import ConfigBase
+from omninet.scores import UNITS, UnitScores, eval_hash
 
 __all__ = [
     "IGNORE_INDEX",
@@ -43,6 +51,7 @@ __all__ = [
     "Task",
     "TaskSplit",
     "GeneratedTask",
+    "UnitMeter",
     "ClassificationMeter",
     "LMMeter",
     "TASKS",
@@ -55,6 +64,10 @@ SPLITS = ("train", "eval")
 # The majority label is the mode of at most this many train examples (enough to pin the mode of
 # any of our label distributions; the accuracy of that label is then measured on all of eval).
 BASELINE_TRAIN_EXAMPLES = 5000
+# (unit, default_arch, causal) of a task that does not declare its own: a task whose kind comes
+# from its config (Parquet) or one written before tasks declared them (ListOps).
+KIND_DEFAULTS: dict[str, tuple[str, str, bool]] = {"classification": ("example", "encoder", False),
+                                                   "lm": ("token", "decoder", True)}
 
 
 @dataclass(kw_only=True)
@@ -137,10 +150,54 @@ class TaskSplit(torch.utils.data.Dataset):
         return {"input_ids": ids.long(), "labels": torch.as_tensor(label).long()}
 
 
-class ClassificationMeter:
-    """Accumulates accuracy and mean cross-entropy over batches; logits ``[B, C]``, labels ``[B]``."""
+class UnitMeter:
+    """The per-unit record both meters keep: for each scored ``unit`` (one of
+    ``omninet.scores.UNITS``), in eval order, whether the argmax was right, its cross-entropy
+    (nats) and the eval row it belongs to (rows counted across ``update`` calls in the order they
+    came). Each batch adds three small CPU tensors; they are concatenated only when read."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"meter unit must be one of {', '.join(map(repr, UNITS))}; got {unit!r}")
+        self.unit = unit
+        self.rows = 0  # eval rows seen, scored or not
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._arrays = (np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32))
+
+    def _record(self, correct: torch.Tensor, loss: torch.Tensor, row: torch.Tensor, batch_rows: int) -> None:
+        """``correct`` [U] bool, ``loss`` [U] and ``row`` [U] (the row within this batch) of one batch."""
+        self._pending.append((correct.cpu(), loss.float().cpu(), (row + self.rows).to(torch.int32).cpu()))
+        self.rows += batch_rows
+
+    def _gathered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._pending:
+            parts = [self._arrays, *((c.numpy(), lo.numpy(), r.numpy()) for c, lo, r in self._pending)]
+            self._arrays = tuple(np.concatenate(column) for column in zip(*parts))
+            self._pending = []
+        return self._arrays
+
+    def unit_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(correct, row)`` so far: [U] bool and [U] int32 (cheap to call after every batch)."""
+        correct, _, row = self._gathered()
+        return correct, row
+
+    def scores(self, eval_hash: str | None = None) -> UnitScores:
+        """The per-unit scores so far; ``eval_hash`` names the eval rows (``Task.eval_rows_hash``)."""
+        correct, loss, row = self._gathered()
+        return UnitScores(self.unit, correct, loss, row, eval_hash)
+
+    def _unit_metrics(self) -> dict[str, float]:
+        s = self.scores()
+        return {"units": float(s.units), "rows": float(self.rows), "accuracy_se": s.accuracy_se,
+                "eval_loss_se": s.loss_se}
+
+
+class ClassificationMeter(UnitMeter):
+    """Accumulates accuracy and mean cross-entropy over batches; logits ``[B, C]``, labels ``[B]``.
+    One unit per row (``unit``: 'example' unless the task says otherwise)."""
+
+    def __init__(self, unit: str = "example") -> None:
+        super().__init__(unit)
         self.correct = 0
         self.count = 0
         self.loss_sum = 0.0
@@ -151,54 +208,69 @@ class ClassificationMeter:
             raise ValueError(f"classification metrics need logits [B, num_classes] with B = {labels.shape[0]}; "
                              f"got {tuple(logits.shape)}")
         logits = logits.detach().float()
-        self.correct += int((logits.argmax(-1) == labels).sum())
+        hit = logits.argmax(-1) == labels  # [B]
+        loss = F.cross_entropy(logits, labels, reduction="none")  # [B]
+        self.correct += int(hit.sum())
         self.count += int(labels.numel())
-        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        self.loss_sum += float(loss.double().sum())
+        self._record(hit, loss, torch.arange(labels.shape[0], device=labels.device), labels.shape[0])
 
     def compute(self) -> dict[str, float]:
+        """``accuracy``, ``loss``, ``count``, and the per-unit facts: ``units``, ``rows``,
+        ``accuracy_se``, ``eval_loss_se`` (clustered by row; NaN below two rows)."""
         n = max(self.count, 1)
-        return {"accuracy": self.correct / n, "loss": self.loss_sum / n, "count": float(self.count)}
+        return {"accuracy": self.correct / n, "loss": self.loss_sum / n, "count": float(self.count),
+                **self._unit_metrics()}
 
 
-class LMMeter:
+class LMMeter(UnitMeter):
     """Accumulates next-token metrics over the positions whose label is not ``-100``.
 
     ``loss`` is the mean cross-entropy in nats per scored token; ``bits_per_byte`` is that
     divided by ln 2 (every lm task here scores byte tokens, so bits per token are bits per
     byte); ``next_byte_accuracy`` (alias ``accuracy``) is the argmax hit rate;
-    ``sequence_accuracy`` is the fraction of rows with every scored token right.
+    ``sequence_accuracy`` is the fraction of rows with every scored token right. Each scored
+    position is a unit (``unit``: 'token' unless the task says otherwise, e.g. 'query').
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "token") -> None:
+        super().__init__(unit)
         self.correct = 0
         self.tokens = 0
         self.loss_sum = 0.0
         self.rows_right = 0
-        self.rows = 0
+        self.rows_scored = 0
 
     def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         labels = batch["labels"]  # [B, N]
         if logits.dim() != 3 or logits.shape[:2] != labels.shape:
             raise ValueError(f"lm metrics need logits [B, N, vocab] with [B, N] = {list(labels.shape)}; "
                              f"got {tuple(logits.shape)}")
-        logits = logits.detach().float()
+        b = labels.shape[0]
         scored = labels != IGNORE_INDEX  # [B, N]
-        hit = (logits.argmax(-1) == labels) & scored  # [B, N]
+        logits = logits.detach()[scored].float()  # [U, vocab] only the scored positions, row-major = eval order
+        targets = labels[scored]  # [U]
+        row = torch.arange(b, device=labels.device)[:, None].expand_as(labels)[scored]  # [U]
+        hit = logits.argmax(-1) == targets  # [U]
+        loss = F.cross_entropy(logits, targets, reduction="none")  # [U]
         self.correct += int(hit.sum())
-        self.tokens += int(scored.sum())
-        self.loss_sum += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="sum"))
+        self.tokens += int(targets.numel())
+        self.loss_sum += float(loss.double().sum())
+        wrong = torch.bincount(row[~hit], minlength=b)  # [B] misses per row
         rows = scored.any(-1)  # [B] rows with something to score
-        self.rows_right += int(((hit == scored).all(-1) & rows).sum())
-        self.rows += int(rows.sum())
+        self.rows_right += int(((wrong == 0) & rows).sum())
+        self.rows_scored += int(rows.sum())
+        self._record(hit, loss, row, b)
 
     def compute(self) -> dict[str, float]:
+        """The keys above plus ``tokens`` and the per-unit facts: ``units`` (= ``tokens``),
+        ``rows`` (every row seen), ``accuracy_se``, ``eval_loss_se`` (clustered by row)."""
         n = max(self.tokens, 1)
         loss = self.loss_sum / n
         acc = self.correct / n
         return {"loss": loss, "bits_per_byte": loss / math.log(2), "next_byte_accuracy": acc,
-                "accuracy": acc, "sequence_accuracy": self.rows_right / max(self.rows, 1),
-                "tokens": float(self.tokens)}
+                "accuracy": acc, "sequence_accuracy": self.rows_right / max(self.rows_scored, 1),
+                "tokens": float(self.tokens), **self._unit_metrics()}
 
 
 class Task(ABC):
@@ -207,6 +279,8 @@ class Task(ABC):
     name: ClassVar[str]
     kind: ClassVar[Literal["classification", "lm"]]
     config_class: ClassVar[type[TaskConfig]]
+    # Each task class declares these three as class attributes (``unit = "token"``), which take
+    # the place of the properties below; those give ``KIND_DEFAULTS`` to a task that does not.
 
     vocab_size: int
     pad_id: int
@@ -219,6 +293,21 @@ class Task(ABC):
         self.config = config
         self._splits: dict[str, TaskSplit] = {}
         self._baseline: float | None = None
+
+    @property
+    def unit(self) -> str:
+        """What one score is of: 'example', 'token' or 'query' (``omninet.scores.UNITS``)."""
+        return KIND_DEFAULTS[self.kind][0]
+
+    @property
+    def default_arch(self) -> str:
+        """'encoder' (bidirectional) or 'decoder' (causal): the architecture the task is meant for."""
+        return KIND_DEFAULTS[self.kind][1]
+
+    @property
+    def causal(self) -> bool:
+        """Next-token prediction: the output at position i may only see positions <= i."""
+        return KIND_DEFAULTS[self.kind][2]
 
     @abstractmethod
     def _make_split(self, name: str) -> TaskSplit:
@@ -300,7 +389,17 @@ class Task(ABC):
             yield self.collate([data[i] for i in order[start:start + batch_size]], pad_to=pad_to)
 
     def new_meter(self) -> ClassificationMeter | LMMeter:
-        return ClassificationMeter() if self.kind == "classification" else LMMeter()
+        """A meter for this task's kind that records per-unit scores in ``self.unit``."""
+        return ClassificationMeter(self.unit) if self.kind == "classification" else LMMeter(self.unit)
+
+    def eval_rows_hash(self, rows: int) -> str:
+        """``omninet.scores.eval_hash`` of the ``input_ids`` of the first ``rows`` eval examples in
+        eval order (the rows an evaluation of ``rows`` examples scored)."""
+        data = self.split("eval")
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= len(data):
+            raise ValueError(f"eval_rows_hash: rows must be an integer in [0, {len(data)}] (the eval split's size), "
+                             f"got {rows!r}")
+        return eval_hash(data[i]["input_ids"].numpy() for i in range(rows))
 
     def metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics of one batch. classification: ``accuracy``, ``loss``, ``count``; lm: ``loss``,
@@ -343,7 +442,8 @@ class Task(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Flat facts for logging next to a trial's results."""
-        return {"task": self.name, "kind": self.kind, "vocab_size": self.vocab_size, "pad_id": self.pad_id,
+        return {"task": self.name, "kind": self.kind, "unit": self.unit, "causal": self.causal,
+                "default_arch": self.default_arch, "vocab_size": self.vocab_size, "pad_id": self.pad_id,
                 "num_classes": self.num_classes, "max_length": self.max_length}
 
 

@@ -56,19 +56,20 @@ class ByteLMConfig(TaskConfig):
     max_length: int = 256
 
     def validate(self) -> None:
+        where = type(self).__name__  # also the masked-byte task's config, which extends this one
         if self.max_length < 1:
-            raise ValueError(f"ByteLMConfig.max_length must be >= 1, got {self.max_length}")
+            raise ValueError(f"{where}.max_length must be >= 1, got {self.max_length}")
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"ByteLMConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            raise ValueError(f"{where}.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.max_bytes * min(self.eval_fraction, 1 - self.eval_fraction) < self.max_length + 1:
-            raise ValueError(f"ByteLMConfig.max_bytes={self.max_bytes} leaves a split fewer than max_length + 1 = "
+            raise ValueError(f"{where}.max_bytes={self.max_bytes} leaves a split fewer than max_length + 1 = "
                              f"{self.max_length + 1} bytes; raise max_bytes or lower max_length")
         if not self.pattern:
-            raise ValueError("ByteLMConfig.pattern must be a non-empty glob such as '**/*.txt'")
+            raise ValueError(f"{where}.pattern must be a non-empty glob such as '**/*.txt'")
         parts = PurePath(self.pattern).parts
         if PurePath(self.pattern).is_absolute() or PureWindowsPath(self.pattern).is_absolute() or ".." in parts \
                 or ".." in PureWindowsPath(self.pattern).parts:
-            raise ValueError(f"ByteLMConfig.pattern={self.pattern!r} reaches outside root; use a relative glob without "
+            raise ValueError(f"{where}.pattern={self.pattern!r} reaches outside root; use a relative glob without "
                              "'..' such as '**/*.txt', and point root at the folder to read")
 
 
@@ -79,6 +80,9 @@ class ByteLMTask(Task):
     name = "byte_lm"
     kind = "lm"
     config_class = ByteLMConfig
+    unit: ClassVar[str] = "token"
+    default_arch: ClassVar[str] = "decoder"
+    causal: ClassVar[bool] = True
 
     def __init__(self, config: ByteLMConfig):
         super().__init__(config)
@@ -89,7 +93,8 @@ class ByteLMTask(Task):
         self.max_length = config.max_length
         self.root = Path(config.root if config.root is not None else default_corpus_root()).expanduser()
         if not self.root.is_dir():
-            raise ValueError(f"ByteLMConfig.root={str(self.root)!r} is not a directory; point it at a folder of text files")
+            raise ValueError(f"{type(config).__name__}.root={str(self.root)!r} is not a directory; "
+                             "point it at a folder of text files")
         self.files = self._find_files()
         self.bytes_read: dict[str, int] = {}
         self.files_read: dict[str, int] = {}
@@ -109,8 +114,9 @@ class ByteLMTask(Task):
             found["eval" if fraction < self.config.eval_fraction else "train"].append((fraction, rel))
         for name, files in found.items():
             if not files:
-                raise ValueError(f"ByteLMConfig: no file under {str(self.root)!r} matching {self.config.pattern!r} fell "
-                                 f"in the {name} split; use a corpus with more files or change eval_fraction")
+                raise ValueError(f"{type(self.config).__name__}: no file under {str(self.root)!r} matching "
+                                 f"{self.config.pattern!r} fell in the {name} split; use a corpus with more files "
+                                 "or change eval_fraction")
             files.sort()
         return found
 

@@ -67,6 +67,9 @@ class AssociativeRecallTask(GeneratedTask):
     name = "associative_recall"
     kind = "classification"
     config_class = AssociativeRecallConfig
+    unit: ClassVar[str] = "example"
+    default_arch: ClassVar[str] = "encoder"
+    causal: ClassVar[bool] = False
     SEP = 1
     FIRST_KEY = 2
 
@@ -120,6 +123,9 @@ class CopyTask(GeneratedTask):
     name = "copy"
     kind = "lm"
     config_class = CopyConfig
+    unit: ClassVar[str] = "token"
+    default_arch: ClassVar[str] = "decoder"
+    causal: ClassVar[bool] = True
 
     def __init__(self, config: CopyConfig):
         super().__init__(config)

@@ -10,9 +10,13 @@ id      meaning
 2       ``EOS``  end of a document (byte LM puts one between files)
 3       ``SEP``  separator (the copy task puts one between the copies)
 4..259  the bytes 0..255, shifted by ``NUM_SPECIAL = 4``
+260     ``MASK`` a hidden byte; only in the masked vocabulary
 ======  =====================================================
 
 Specials come first so that ``PAD = 0`` matches ``ModelConfig.pad_token_id``'s default.
+``MASK`` comes last so that adding it moved no id: the masked-byte task uses the masked
+vocabulary (``ByteTokenizer(mask=True)``, ``MASKED_VOCAB_SIZE = 261`` ids); every other byte
+task keeps the 260 ids, and its tokenizer rejects 260 as outside its vocabulary.
 Text is UTF-8 encoded; decoding replaces invalid sequences and drops specials by default.
 """
 
@@ -27,8 +31,10 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "SEP_ID",
+    "MASK_ID",
     "NUM_SPECIAL",
     "BYTE_VOCAB_SIZE",
+    "MASKED_VOCAB_SIZE",
     "SPECIAL_TOKENS",
     "ByteTokenizer",
 ]
@@ -39,17 +45,23 @@ EOS_ID = 2
 SEP_ID = 3
 NUM_SPECIAL = 4
 BYTE_VOCAB_SIZE = 256 + NUM_SPECIAL
-SPECIAL_TOKENS = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID, "<sep>": SEP_ID}
+MASK_ID = BYTE_VOCAB_SIZE
+MASKED_VOCAB_SIZE = BYTE_VOCAB_SIZE + 1
+SPECIAL_TOKENS = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID, "<sep>": SEP_ID, "<mask>": MASK_ID}
 
 
 class ByteTokenizer:
-    """UTF-8 bytes <-> ids ``byte + NUM_SPECIAL``; see the module docstring for the layout."""
+    """UTF-8 bytes <-> ids ``byte + NUM_SPECIAL``; see the module docstring for the layout.
+    ``mask=True``: the masked vocabulary, which adds ``MASK_ID`` (``mask_id`` is None without)."""
 
-    vocab_size = BYTE_VOCAB_SIZE
     pad_id = PAD_ID
     bos_id = BOS_ID
     eos_id = EOS_ID
     sep_id = SEP_ID
+
+    def __init__(self, *, mask: bool = False):
+        self.vocab_size = MASKED_VOCAB_SIZE if mask else BYTE_VOCAB_SIZE
+        self.mask_id = MASK_ID if mask else None
 
     def encode(self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -76,9 +88,9 @@ class ByteTokenizer:
         names = {v: k for k, v in SPECIAL_TOKENS.items()}
         out = bytearray()
         for i in ids:
-            if not 0 <= i < BYTE_VOCAB_SIZE:
-                raise ValueError(f"ByteTokenizer.decode: id {i} is outside the byte vocabulary [0, {BYTE_VOCAB_SIZE})")
-            if i >= NUM_SPECIAL:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"ByteTokenizer.decode: id {i} is outside the byte vocabulary [0, {self.vocab_size})")
+            if NUM_SPECIAL <= i < BYTE_VOCAB_SIZE:
                 out.append(i - NUM_SPECIAL)
             elif not skip_special:
                 out.extend(names[i].encode())
