@@ -46,7 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
 from omninet.sweep.lock import ControllerId, SweepLock, sweep_lock
-from omninet.sweep.records import MlflowRecorder, ParquetStore, params_key
+from omninet.sweep.records import RESULT_COLUMNS, MlflowRecorder, ParquetStore, ScoreStore, params_key
 from omninet.sweep.storage import optuna_storage, with_retry
 
 __all__ = ["SweepController", "run_sweep"]
@@ -66,6 +66,8 @@ class _Running:
     started: float = field(default_factory=time.time)
     repeat_of: int | None = None
     prediction: dict[str, Any] | None = None  # the cost model's, made before the trial measured anything
+    seed_key: str | None = None  # the sampled parameters and the training seed (equal: the same run)
+    duplicate_of: int | None = None  # an earlier trial of the pool with this seed_key: not trained again
 
 
 @dataclass
@@ -87,19 +89,27 @@ class _PoolState:
     repeats: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # (params, repeat_of, index)
     repeats_planned: bool = False
     repeat_runs: int = 0  # finished repeat runs (beyond the pool's trial budget)
+    duplicates: int = 0  # proposals equal to an earlier trial: told its outcome, never trained
+    seed_keys: dict[str, int] = field(default_factory=dict)  # seed_key -> the first trial number that ran it
+    parked: dict[int, list[_Running]] = field(default_factory=dict)  # duplicates of a trial still running
+    reference: int | None = None  # the trial every other is paired against (omninet.scores)
 
 
-def _make_sampler(config: SweepConfig, budget: int) -> optuna.samplers.BaseSampler:
+def _make_sampler(config: SweepConfig, budget: int, pool_index: int = 0) -> optuna.samplers.BaseSampler:
+    """The pool's sampler. Each pool draws from its own seed (``sampler.seed`` + the pool's
+    index): two pools on the same hardware (a simulated accelerator pool on the CPU node) would
+    otherwise propose the same configurations in the same order and measure nothing new."""
     s = config.sampler
+    seed = None if s.seed is None else s.seed + pool_index
     if s.kind == "tpe":
         kw = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
-        return optuna.samplers.TPESampler(seed=s.seed, **kw)  # constant_liar on: parallel asks spread out
+        return optuna.samplers.TPESampler(seed=seed, **kw)  # constant_liar on: parallel asks spread out
     if s.kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size or min(50, max(4, budget)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size or min(50, max(4, budget)))
     if s.kind == "gp":
         kw = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
-        return optuna.samplers.GPSampler(seed=s.seed, **kw)
-    return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.GPSampler(seed=seed, **kw)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 class SweepController:
@@ -418,6 +428,7 @@ class SweepController:
         manifest = cfg.to_plain()
         (self.results_dir / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
         self.store = ParquetStore(self.results_dir / "trials", cfg)
+        self.scores = ScoreStore(self.results_dir / "scores")
         local_mlflow = self.mlflow_uri.startswith("sqlite:") or "://" not in self.mlflow_uri
         artifacts = cfg.storage.artifact_location or ((self.results_dir / "mlartifacts").as_uri() if local_mlflow else None)
         self.mlflow = MlflowRecorder(self.mlflow_uri, cfg, artifacts, controller=self.identity,
@@ -450,11 +461,18 @@ class SweepController:
                 elif t.state in FINISHED_STATES:
                     self._count(ps, rows.get((p.name, t.number)), t)
             self._restore(p.name, rows)
+            for (pool, number), row in sorted(rows.items()):
+                if pool != p.name:
+                    continue
+                if row.get("seed_key") and row.get("status") != "duplicate":
+                    ps.seed_keys.setdefault(row["seed_key"], number)
+                if row.get("role") == "reference":
+                    ps.reference = number
             ps.created = sum(1 for t in study.get_trials(deepcopy=False)
                              if t.state != TrialState.WAITING and "repeat_of" not in t.user_attrs)
             if ps.created:
                 log.info("pool %s: resuming study %r: %d finished, %d requeued from a previous controller%s",
-                         p.name, study.study_name, ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned,
+                         p.name, study.study_name, ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned + ps.duplicates,
                          len(ps.requeue),
                          f", {repaired} repaired from Parquet" if repaired else "")
         (self.results_dir / "probe.json").write_text(json.dumps(self._probes, indent=2, default=str))
@@ -464,8 +482,9 @@ class SweepController:
 
     def _open_study(self, storage, p, budget: int) -> optuna.Study:
         cfg = self.config
+        index = [q.name for q in cfg.pools].index(p.name)
         study = optuna.create_study(storage=storage, study_name=cfg.study_name(p.name),
-                                    sampler=_make_sampler(cfg, budget), directions=[o.direction for o in cfg.objectives],
+                                    sampler=_make_sampler(cfg, budget, index), directions=[o.direction for o in cfg.objectives],
                                     load_if_exists=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -510,6 +529,8 @@ class SweepController:
             ps.infeasible += 1
         elif status == "screened":
             ps.screened += 1
+        elif status == "duplicate":
+            ps.duplicates += 1
         elif status == "pruned":
             ps.pruned += 1
             if row and row.get("duration_s"):
@@ -550,13 +571,27 @@ class SweepController:
         else:
             return None
         values = dict(params)
+        seed = self._base_seed()
         if repeat_of is not None:  # the same configuration, another training seed
-            base_seed = self.config.runner.to_dict(self.config.trial)
+            seed = (seed if isinstance(seed, int) else 0) + index
+            values[self.config.repeats.seed_path] = seed
+        run = _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(values), repeat_of=repeat_of)
+        run.seed_key = params_key({**params, self.config.repeats.seed_path: seed})
+        first = ps.seed_keys.get(run.seed_key)
+        if first is not None and first != number:
+            run.duplicate_of = first
+        else:
+            ps.seed_keys[run.seed_key] = number
+        return run
+
+    def _base_seed(self) -> Any:
+        if not hasattr(self, "_seed_cache"):
             from omninet.paths import get_path
 
-            seed = get_path(base_seed, self.config.repeats.seed_path)
-            values[self.config.repeats.seed_path] = (seed if isinstance(seed, int) else 0) + index
-        return _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(values), repeat_of=repeat_of)
+            path = self.config.repeats.seed_path
+            params = {q.path for q in self.config.params}
+            self._seed_cache = None if path in params else get_path(self.config.runner.to_dict(self.config.trial), path)
+        return self._seed_cache
 
     def _plan_repeats(self, ps: _PoolState) -> bool:
         """After the pool's main budget: queue the runs that bring each configuration of the
@@ -570,13 +605,17 @@ class SweepController:
             ps.repeats_planned = True
             trials = [t for t in ps.study.get_trials(deepcopy=False) if t.state in FINISHED_STATES]
             if spec.scope == "pareto":
-                chosen = [t for t in ps.study.best_trials if "repeat_of" not in t.user_attrs]
+                chosen = [t for t in ps.study.best_trials if "repeat_of" not in t.user_attrs
+                          and "duplicate_of" not in t.user_attrs]
             else:
-                chosen = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
+                chosen = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs
+                          and "duplicate_of" not in t.user_attrs]
             first = self.config.objectives[0]
             chosen = sorted(chosen, key=lambda t: t.values[0], reverse=first.direction == "maximize")[:spec.top]
             runs: dict[str, int] = {}
             for t in trials + [t for t in ps.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
+                if "duplicate_of" in t.user_attrs:  # never trained: not a run of its configuration
+                    continue
                 key = params_key(t.params)
                 runs[key] = runs.get(key, 0) + 1
             for t in sorted(chosen, key=lambda t: t.number):
@@ -596,6 +635,9 @@ class SweepController:
             run = self._next(ps)
             if run is None:
                 return
+            if run.duplicate_of is not None:
+                self._duplicate(ps, run)
+                continue
             estimate = self._estimate_mb(run.trial_config) if limits.max_memory_mb else None
             if estimate is not None and estimate > limits.max_memory_mb:
                 result = {"status": "infeasible", "estimated_memory_mb": estimate,
@@ -617,6 +659,24 @@ class SweepController:
                 scheduler=self._scheduler_for(ps, run),
                 calibration_ref_ms=self._probes.get(ps.spec.name, {}).get("calibration_ms"))
             ps.inflight[ref] = run
+
+    def _duplicate(self, ps: _PoolState, run: _Running) -> None:
+        """A proposal equal to an earlier trial (parameters and seed): not trained again. It is
+        recorded as 'duplicate' with that trial's outcome (Optuna's pattern for repeated
+        parameters), and counts against the budget only as a proposal. When the earlier trial is
+        still running, the duplicate waits for it."""
+        original = ps.seed_keys[run.seed_key]
+        row = self.store.row(ps.spec.name, original)
+        if row is None:  # still running: recorded when it finishes
+            ps.parked.setdefault(original, []).append(run)
+            log.info("trial %s#%d proposes the configuration of running trial #%d; not trained, waits for it",
+                     ps.spec.name, run.number, original)
+            return
+        keep = set(RESULT_COLUMNS) | {o.key for o in self.config.objectives}
+        copied = {k: v for k, v in row.items() if k in keep and k != "status"}
+        self._finish(ps, run, {**copied, "status": "duplicate", "duplicate_of": original,
+                               "error": f"same parameters and seed as trial #{original} ({row['status']}); not trained "
+                                        "again, told to Optuna with its outcome"})
 
     def _estimate_mb(self, trial_config: Any) -> float | None:
         try:
@@ -663,6 +723,7 @@ class SweepController:
             "repeat_of": run.repeat_of, "config_key": params_key(run.params),
             "result_json": json.dumps(scalars, sort_keys=True, default=str),
             "screened_by": result.get("screened_by") or ("measure_first" if status == "screened" else None),
+            "duplicate_of": run.duplicate_of, "seed_key": run.seed_key,
         }
         pred = run.prediction or {}
         for column, target in (("predicted_latency_ms", "latency_p50_ms"), ("predicted_memory_infer_mb", "peak_memory_infer_mb"),
@@ -697,6 +758,14 @@ class SweepController:
         if row.get("error"):
             trial.set_user_attr("error", str(row["error"])[:1000])
         status = row["status"]
+        if status == "duplicate":  # the earlier trial's outcome, as Optuna's duplicate pattern tells it
+            original = study._storage.get_trial(ps_trial_id(study, int(row["duplicate_of"])))
+            trial.set_user_attr("duplicate_of", int(row["duplicate_of"]))
+            if original.state == TrialState.COMPLETE:
+                study.tell(trial, original.values)
+            else:
+                study.tell(trial, state=original.state if original.state.is_finished() else TrialState.FAIL)
+            return
         if status in ("ok", "infeasible"):
             for name in ("memory", "latency"):
                 c = row.get(f"constraint_{name}")
@@ -714,7 +783,11 @@ class SweepController:
 
     def _finish(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> None:
         files = result.pop("_model_files", None)
+        scores = result.pop("_scores", None)
         row = self._row(ps, run, result)
+        if scores is not None and row["status"] in ("ok", "pruned"):
+            self.scores.write(ps.spec.name, run.number, scores)
+            self._pair_with_reference(ps, run, row)
         if files and row["status"] == "ok":  # the trained model, next to the records (policy: keep_models)
             from omninet.serve.artifacts import model_subdir, trial_identity, write_trial_model
 
@@ -728,12 +801,44 @@ class SweepController:
         self._tell(ps, run.trial_id, row)  # 2. the search state
         self.mlflow.log_trial(ps.spec.name, row)  # 3. best effort, backfilled later
         self._count(ps, row)
+        for parked in ps.parked.pop(run.number, []):  # duplicates that waited for this trial
+            self._duplicate(ps, parked)
         shown = " ".join(f"{o.key}={row.get(o.key):.4g}" for o in self.config.objectives if _finite(row.get(o.key)))
         log.info("trial %s#%d %s %s(%.1f s%s%s)", ps.spec.name, run.number, row["status"], f"{shown} " if shown else "",
                  row["duration_s"], ", simulated" if row["simulated"] else "",
                  f", infeasible" if row["status"] == "ok" and not row["feasible"] else "")
         if row["error"] and row["status"] != "infeasible":
             log.info("  reason: %s", row["error"].splitlines()[0][:300])
+
+    def _is_reference(self, ps: _PoolState, run: _Running) -> bool:
+        """The pool's reference run: its first run of the sweep's first ``enqueue`` point (the dense
+        baseline), trained with the base seed."""
+        if ps.reference is not None or run.repeat_of is not None or not self.config.enqueue:
+            return False
+        point = {k: v for k, v in self.config.enqueue[0].items() if k in {q.path for q in ps.params}}
+        return all(run.params.get(k) == v for k, v in point.items())
+
+    def _pair_with_reference(self, ps: _PoolState, run: _Running, row: dict[str, Any]) -> None:
+        """``row['role']`` for the reference; for every other run with scores, its paired
+        accuracy difference to the reference on the eval rows both scored (95% paired bootstrap
+        interval, McNemar's p; it covers the eval draw, one training run each)."""
+        if row["status"] == "ok" and self._is_reference(ps, run):
+            ps.reference, row["role"] = run.number, "reference"
+            return
+        if ps.reference is None:
+            return
+        from omninet.scores import paired_difference
+
+        mine, ref = self.scores.read(ps.spec.name, run.number), self.scores.read(ps.spec.name, ps.reference)
+        if mine is None or ref is None:
+            return
+        try:
+            d = paired_difference(mine, ref)
+        except ValueError as exc:  # not the same eval set: say so in the log, record nothing paired
+            log.info("trial %s#%d: no paired difference to reference #%d (%s)", ps.spec.name, run.number, ps.reference, exc)
+            return
+        row.update(accuracy_diff_ref=d.diff, accuracy_diff_ref_lo=d.lo, accuracy_diff_ref_hi=d.hi,
+                   accuracy_diff_ref_p=d.p_value, accuracy_diff_ref_covers=d.covers)
 
     def _learn(self, ps: _PoolState, run: _Running, row: dict[str, Any], result: dict[str, Any]) -> None:
         """A finished trial teaches the rung book (its full-budget costs) and the cost model (what
@@ -773,12 +878,13 @@ class SweepController:
         obj = self.config.objectives[0]
         parts, eta = [], 0.0
         for name, ps in self._pools.items():
-            finished = ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned - ps.repeat_runs
+            finished = ps.done + ps.failed + ps.infeasible + ps.screened + ps.pruned + ps.duplicates - ps.repeat_runs
             best = f", best {obj.key} {abs(ps.best[0]):.4g} (#{ps.best[1]})" if ps.best else ""
             repeats = f", {ps.repeat_runs} repeat runs" if ps.repeat_runs else ""
+            dups = f", {ps.duplicates} duplicate proposals not trained" if ps.duplicates else ""
             stopped = f", {ps.screened} screened, {ps.pruned} pruned" if self._book is not None or self.cost_model else ""
             parts.append(f"{name}: {finished}/{ps.budget} done ({ps.done} ok, {len(ps.inflight)} running, "
-                         f"{ps.failed} failed, {ps.infeasible} infeasible{stopped}{repeats}){best}")
+                         f"{ps.failed} failed, {ps.infeasible} infeasible{stopped}{repeats}{dups}){best}")
             if ps.durations:
                 mean = sum(ps.durations) / len(ps.durations)
                 left = max(0, ps.budget - finished - len(ps.inflight)) + 0.5 * len(ps.inflight)
@@ -882,6 +988,11 @@ class SweepController:
             self._progress()
         if self._out_of_time():
             log.info("wall-clock budget of %.0f s reached: no new trials started", self.config.budget.wall_clock_s)
+
+
+def ps_trial_id(study: optuna.Study, number: int) -> int:
+    """The storage id of trial ``number`` of ``study``."""
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
 def _finite(v: Any) -> bool:

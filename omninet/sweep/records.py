@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from omninet.paths import flatten
 from omninet.sweep.config import SweepConfig
 
-__all__ = ["RESULT_COLUMNS", "ParquetStore", "MlflowRecorder", "flatten", "run_name", "params_key"]
+__all__ = ["RESULT_COLUMNS", "ParquetStore", "ScoreStore", "MlflowRecorder", "flatten", "run_name", "params_key"]
 
 log = logging.getLogger("omninet.sweep")
 
@@ -68,6 +68,16 @@ _BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("cost_model_mape_latency", pa.float64()),
     ("cost_model_mape_memory", pa.float64()),
     ("cost_split", pa.string()),  # 'fit' or 'holdout': which split of the cost model this measured trial joined
+    ("duplicate_of", pa.int64()),  # status 'duplicate': the trial of the pool with the same parameters and seed
+    ("seed_key", pa.string()),  # config_key plus the training seed: two runs with equal seed_key are one run
+    ("role", pa.string()),  # 'reference': the run every trial of the pool is paired against
+    # the paired difference of accuracy to the pool's reference run on the eval rows both scored
+    # (omninet.scores.paired_difference): value, 95% interval, McNemar p, and what it covers
+    ("accuracy_diff_ref", pa.float64()),
+    ("accuracy_diff_ref_lo", pa.float64()),
+    ("accuracy_diff_ref_hi", pa.float64()),
+    ("accuracy_diff_ref_p", pa.float64()),
+    ("accuracy_diff_ref_covers", pa.string()),
 ]
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
@@ -119,6 +129,13 @@ class ParquetStore:
         os.replace(tmp, final)
         return final
 
+    def row(self, pool: str, number: int) -> dict[str, Any] | None:
+        """The recorded row of one trial, or None."""
+        path = self.path(pool, number)
+        if not path.is_file():
+            return None
+        return {**pq.read_table(path, schema=self.file_schema).to_pylist()[0], "pool": pool}
+
     def read(self) -> pa.Table:
         if not self.root.is_dir():
             return self.schema.empty_table()
@@ -147,6 +164,33 @@ def run_name(pool: str, number: int, params: dict[str, Any], trial_config: dict[
     keys = [(p.rsplit(".", 1)[-1], v) for p, v in params.items() if p != "model.attention.kernel"]
     detail = " ".join(f"{k}={_short(v)}" for k, v in keys[:4])
     return f"{pool} {kernel} {detail} #{number}".replace("  ", " ").strip()
+
+
+class ScoreStore:
+    """``<results>/scores/pool=<pool>/trial-<number>.npz``: each trial's per-unit eval scores
+    (``omninet.scores.UnitScores``: bit-packed correctness, float16 loss, units per eval row),
+    written next to its Parquet row, read by ``SweepResult`` for paired comparisons."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, pool: str, number: int) -> Path:
+        return self.root / f"pool={pool}" / f"trial-{number:06d}.npz"
+
+    def write(self, pool: str, number: int, data: bytes) -> Path:
+        final = self.path(pool, number)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+        return final
+
+    def read(self, pool: str, number: int):
+        """The trial's ``UnitScores``, or None when it kept none."""
+        from omninet.scores import UnitScores
+
+        path = self.path(pool, number)
+        return UnitScores.load(path) if path.is_file() else None
 
 
 class MlflowRecorder:
@@ -376,7 +420,7 @@ class MlflowRecorder:
         if self.controller is not None:
             tags.update({self.CONTROLLER: self.controller.id, f"{self.CONTROLLER}_host": self.controller.host,
                          f"{self.CONTROLLER}_pid": str(self.controller.pid)})
-        for key in ("screened_by", "cost_split", "cost_model_source"):
+        for key in ("screened_by", "cost_split", "cost_model_source", "role", "accuracy_diff_ref_covers"):
             if row.get(key):
                 tags[key] = str(row[key])
         if row.get("error"):
@@ -389,7 +433,8 @@ class MlflowRecorder:
         metrics = [Metric(k, float(v), ms, 0) for k, v in row.items()
                    if (k in RESULT_COLUMNS and RESULT_COLUMNS[k] in (pa.int64(), pa.float64()))
                    or k in ("duration_s", "constraint_memory", "constraint_latency", "predicted_latency_ms",
-                            "predicted_memory_infer_mb", "predicted_memory_train_mb")
+                            "predicted_memory_infer_mb", "predicted_memory_train_mb", "duplicate_of",
+                            "accuracy_diff_ref", "accuracy_diff_ref_lo", "accuracy_diff_ref_hi", "accuracy_diff_ref_p")
                    or k in {o.key for o in self.config.objectives}
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])

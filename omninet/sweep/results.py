@@ -35,11 +35,12 @@ class SweepResult:
     """Trials (from the Parquet table) and Pareto fronts (from the Optuna studies) of a sweep."""
 
     def __init__(self, results_dir: Path, config: SweepConfig) -> None:
-        from omninet.sweep.records import ParquetStore
+        from omninet.sweep.records import ParquetStore, ScoreStore
 
         self.results_dir = Path(results_dir)
         self.config = config
         self._store = ParquetStore(self.results_dir / "trials", config)
+        self._scores = ScoreStore(self.results_dir / "scores")
 
     @classmethod
     def load(cls, results_dir: str | os.PathLike) -> "SweepResult":
@@ -98,11 +99,52 @@ class SweepResult:
     def pareto_front(self, pool: str) -> pd.DataFrame:
         """The pool's feasible Pareto front (Optuna's ``study.best_trials``, which excludes
         trials violating the pool's constraints), as rows of :meth:`trials`."""
-        numbers = [t.number for t in self.study(pool).best_trials]
+        numbers = [t.number for t in self.study(pool).best_trials if "duplicate_of" not in t.user_attrs]
         df = self.trials(pool)
         first = self.config.objectives[0]
-        front = df[df["trial_number"].isin(numbers)]
+        front = df[df["trial_number"].isin(numbers) & (df["status"] != "duplicate")]
         return front.sort_values(first.key, ascending=first.direction == "minimize").reset_index(drop=True)
+
+    # -- paired comparisons on the shared eval set --------------------------------------------
+    def scores(self, pool: str, trial: int):
+        """The per-unit eval scores of ``trial`` (``omninet.scores.UnitScores``), or None when it
+        kept none (a runner without per-unit scores, or a trial that never evaluated)."""
+        self._check_pool(pool)
+        return self._scores.read(pool, int(trial))
+
+    def reference_trial(self, pool: str) -> int | None:
+        """The run every trial of ``pool`` is paired against (``role == 'reference'``: the pool's
+        first run of the sweep's first ``enqueue`` point, or the trained base), or None."""
+        df = self.trials(pool)
+        if "role" not in df:
+            return None
+        ref = df[(df["role"] == "reference") & (df["status"] == "ok")]
+        return int(ref["trial_number"].iloc[0]) if len(ref) else None
+
+    def paired(self, pool: str, a: int, b: int | None = None, *, metric: str = "accuracy"):
+        """``a - b`` (``b`` default: the pool's reference) on the eval rows both scored: an
+        ``omninet.scores.PairedDifference`` (95% paired bootstrap interval; McNemar's exact p for
+        0/1 scores; ``covers == 'eval'``). ValueError when either kept no scores."""
+        from omninet.scores import paired_difference
+
+        b = self.reference_trial(pool) if b is None else b
+        if b is None:
+            raise ValueError(f"pool {pool!r} has no reference run; pass b= (another trial number)")
+        sa, sb = self.scores(pool, a), self.scores(pool, b)
+        missing = [n for n, sc in ((a, sa), (b, sb)) if sc is None]
+        if missing:
+            raise ValueError(f"trial(s) {missing} of pool {pool!r} kept no per-unit scores; paired comparisons need "
+                             "the trial runner's scores (omninet.trial.run_trial keeps them)")
+        return paired_difference(sa, sb, metric=metric)
+
+    def paired_config(self, pool: str, runs_a: list[int], runs_b: list[int], *, metric: str = "accuracy"):
+        """A configuration's runs against another's (each a list of trial numbers with distinct
+        seeds): run i of ``a`` is paired with run i of ``b`` (or b's only run), then the seeds
+        combine (``omninet.scores.combine_seeds``: 'eval+seed' with more than one)."""
+        from omninet.scores import combine_seeds
+
+        pairs = [(x, runs_b[i] if i < len(runs_b) else runs_b[0]) for i, x in enumerate(runs_a)]
+        return combine_seeds([self.paired(pool, x, y, metric=metric) for x, y in pairs if x != y])
 
     def aggregate(self, pool: str) -> pd.DataFrame:
         """One row per configuration of ``pool`` (its runs share ``config_key``: the original
@@ -112,9 +154,12 @@ class SweepResult:
         borrows the pooled within-configuration spread of those run several times (``noise``
         says which: 'measured', 'pooled' or 'unknown' when nothing was repeated)."""
         df = self.trials(pool)
+        reference = self.reference_trial(pool)
         df = df[(df["status"] == "ok") & df["feasible"].astype(bool)].copy()
         if df.empty:
             return pd.DataFrame()
+        if "seed_key" in df:  # runs with the same parameters and seed are one run, never independent evidence
+            df = df[df["seed_key"].isna() | ~df["seed_key"].duplicated()]
         key = df["config_key"].fillna(df["trial_number"].astype(str)) if "config_key" in df else df["trial_number"].astype(str)
         df["_key"] = key
         rows = []
@@ -123,6 +168,7 @@ class SweepResult:
             first = (first if not first.empty else group).sort_values("trial_number").iloc[0]
             row = {"trial_number": int(first["trial_number"]), "runs": len(group), "config_json": first["config_json"],
                    "config_key": first["_key"], "trials": sorted(int(n) for n in group["trial_number"])}
+            row.update(self._paired_columns(pool, row["trials"], reference))
             for o in self.config.objectives:
                 values = pd.to_numeric(group[o.key], errors="coerce").dropna()
                 row[f"{o.key}_mean"] = float(values.mean()) if len(values) else math.nan
@@ -145,6 +191,28 @@ class SweepResult:
             del out[f"{o.key}_n"]
         return out
 
+    def _paired_columns(self, pool: str, trials: list[int], reference: int | None) -> dict[str, Any]:
+        """``accuracy_diff`` to the reference with its 95% interval and what it covers, or NaN
+        when there is no reference or no scores."""
+        out = {"accuracy_diff": math.nan, "accuracy_diff_lo": math.nan, "accuracy_diff_hi": math.nan,
+               "accuracy_diff_p": math.nan, "accuracy_diff_covers": None, "is_reference": reference in trials}
+        if reference is None:
+            return out
+        ref_runs = [reference]
+        if reference in trials:  # the reference configuration itself: its other seeds against the reference run
+            others = [n for n in trials if n != reference]
+            if not others:
+                out.update(accuracy_diff=0.0, accuracy_diff_lo=0.0, accuracy_diff_hi=0.0, accuracy_diff_covers="reference")
+                return out
+            trials = others
+        try:
+            d = self.paired_config(pool, trials, ref_runs)
+        except ValueError:
+            return out
+        out.update(accuracy_diff=d.diff, accuracy_diff_lo=d.lo, accuracy_diff_hi=d.hi,
+                   accuracy_diff_p=math.nan if d.p_value is None else d.p_value, accuracy_diff_covers=d.covers)
+        return out
+
     def recommend(self, pool: str, *, max_latency_ms: float | None = None, max_memory_mb: float | None = None,
                   min_accuracy: float | None = None) -> dict[str, Any]:
         """The best trial config for ``pool`` under the sweep's constraints and these limits
@@ -156,9 +224,10 @@ class SweepResult:
         best = self._recommend_row(pool, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb,
                                    min_accuracy=min_accuracy)
         if best.get("indistinguishable_from"):
-            log.warning("recommend(%s): trial #%d is not distinguishable from #%s within the 95%% intervals of %s; "
-                        "more repeats (repeats.count) would separate them", pool, int(best["trial_number"]),
-                        ", #".join(map(str, best["indistinguishable_from"])), self.config.objectives[0].key)
+            log.warning("recommend(%s): trial #%d is not distinguishable from #%s (%s 95%% intervals of %s hold 0); "
+                        "a larger eval (train.eval_target_se) or more repeats would separate them", pool,
+                        int(best["trial_number"]), ", #".join(map(str, best["indistinguishable_from"])),
+                        best.get("indistinguishable_by", "paired"), self.config.objectives[0].key)
         return json.loads(best["config_json"])
 
     def _recommend_row(self, pool: str, **limits: float | None) -> pd.Series:
@@ -180,8 +249,18 @@ class SweepResult:
         ascending = [False] + [o.direction == "minimize" for o in self.config.objectives[1:]]
         df = df.sort_values(order, ascending=ascending)
         best = df.iloc[0].copy()
-        overlap = df.iloc[1:][(df.iloc[1:]["_lo"] <= best["_hi"]) & (df.iloc[1:]["_hi"] >= best["_lo"])]
-        best["indistinguishable_from"] = [int(n) for n in overlap["trial_number"]] if (ci > 0).any() else []
+        same, how = [], "paired"
+        for _, other in df.iloc[1:].iterrows():
+            try:  # paired on the shared eval rows: indistinguishable when the 95% interval holds 0
+                d = self.paired_config(pool, list(other["trials"]), list(best["trials"]))
+                if not d.distinguishable:
+                    same.append(int(other["trial_number"]))
+            except ValueError:  # no per-unit scores: fall back to overlapping seed intervals
+                how = "intervals"
+                if (ci > 0).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
+                    same.append(int(other["trial_number"]))
+        best["indistinguishable_from"] = same
+        best["indistinguishable_by"] = how
         return best
 
     def load_model(self, pool: str, trial: int | None = None, *, device: str = "cpu"):
@@ -216,6 +295,9 @@ class SweepResult:
                 "ci95": {k: _num(row[f"{k}_ci95"]) for k in self.objectives},
                 "noise": row["noise"],
                 "indistinguishable_from": list(row["indistinguishable_from"]),
+                "accuracy_diff_to_reference": {k: _num(row.get(f"accuracy_diff{s}")) for k, s in
+                                               (("diff", ""), ("lo", "_lo"), ("hi", "_hi"), ("p", "_p"))}
+                if "accuracy_diff" in row else None,
                 "config": json.loads(row["config_json"]),
             }
         return out
@@ -241,6 +323,9 @@ class SweepResult:
                     continue
                 row = rows.pop((pool, t.number), None)
                 expected = _OPTUNA_STATE.get(row["status"], "FAIL") if row is not None else None
+                if row is not None and row["status"] == "duplicate":
+                    original = self._store.row(pool, int(row["duplicate_of"]))
+                    expected = _OPTUNA_STATE.get(original["status"], "FAIL") if original else "FAIL"
                 if row is None:
                     problems.append(f"{key}: in Optuna, not in Parquet")
                 elif t.state.name != expected:
@@ -309,6 +394,7 @@ class SweepResult:
 
 # The Optuna state each recorded status is told as (omninet.sweep.controller._tell_once).
 _OPTUNA_STATE = {"ok": "COMPLETE", "infeasible": "COMPLETE", "screened": "PRUNED", "pruned": "PRUNED"}
+# status 'duplicate' is told with its original's state (omninet.sweep.controller._tell_once)
 
 # 0.975 quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

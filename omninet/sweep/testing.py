@@ -13,6 +13,7 @@ The trial reads the ``toy`` section of its trial config::
       crash_always: false    # os._exit the worker on every attempt
       started_dir: /tmp/s    # touch <started_dir>/<pid> when the trial starts
       pause_file: /tmp/p     # while this file exists the trial waits before it starts (at most 300 s)
+      scores: 500            # also return per-unit eval scores (omninet.scores) over this many eval rows
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
             iterations += 1
     accuracy = 1.0 - math.exp(-3.0 * x * y)
     loss_curve = [2.0 * math.exp(-0.3 * step * x) + 0.1 for step in range(20)]
-    return {
+    extra = _toy_scores(int(toy["scores"]), accuracy, int(toy.get("seed", 0))) if toy.get("scores") else {}
+    if extra:
+        accuracy = extra["accuracy"]
+    return {**extra,
         "status": "ok", "error": None, "accuracy": accuracy, "eval_loss": loss_curve[-1],
         "peak_memory_train_mb": estimate, "peak_memory_infer_mb": 50.0 + 100.0 * x * y,
         "latency_p50_ms": 1.0 + 4.0 * x * y, "latency_p95_ms": 1.5 + 5.0 * x * y,
@@ -77,9 +81,26 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
     }
 
 
+def _toy_scores(rows: int, accuracy: float, seed: int) -> dict[str, Any]:
+    """Per-unit scores of ``rows`` one-example rows: row r is right when a fixed per-row
+    difficulty (the same for every configuration: the eval set) is below ``accuracy``, with a
+    little seed noise. Two configurations then differ on exactly the rows between their
+    accuracies, as paired evaluations of real models do."""
+    import numpy as np
+
+    from omninet.scores import UnitScores
+
+    difficulty = np.random.default_rng(12345).random(rows)  # [R] the eval set
+    jitter = np.random.default_rng(seed).normal(0.0, 0.01, rows)
+    correct = difficulty + jitter < accuracy
+    loss = np.where(correct, 0.1, 2.0).astype(np.float32)
+    scores = UnitScores("example", correct, loss, np.arange(rows), eval_hash="toy")
+    return {"accuracy": scores.accuracy, "_scores": scores.to_bytes(), **scores.summary()}
+
+
 toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "peak_memory_infer_mb", "latency_p50_ms",
                            "latency_p95_ms", "throughput_tokens_s", "num_params", "train_seconds", "wall_seconds",
-                           "steps", "estimated_memory_mb", "burn_iterations")
+                           "steps", "estimated_memory_mb", "burn_iterations", "accuracy_se", "eval_units", "eval_rows")
 
 
 class GateProbe(FunctionRunner):

@@ -28,7 +28,9 @@ __all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "HardwareConfig", "MeasureC
 # screened: measured first (untrained model at the deployment shape) and stopped before training;
 # pruned: stopped at a rung of successive halving (partial record). Both are the sweep
 # scheduler's decisions (omninet.sweep.scheduler); a trial run on its own never gets them.
-STATUSES = ("ok", "oom", "diverged", "infeasible", "invalid", "error", "screened", "pruned")
+# duplicate: a sweep proposal equal (all sampled parameters and the seed) to a trial already run
+# or running in its pool; not trained again, told to Optuna with that trial's outcome.
+STATUSES = ("ok", "oom", "diverged", "infeasible", "invalid", "error", "screened", "pruned", "duplicate")
 
 # A trial's model starts from these (not from ModelConfig's GPT-2-size defaults): a small
 # dense encoder that trains in about a minute on a laptop CPU. The trial's ``model`` section
@@ -67,6 +69,15 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     eval_batch_size: int = 128
     eval_max_examples: int | None = None  # None: the whole eval split
+    # Eval sized by a target standard error (omninet.scores, clustered by eval row): evaluation
+    # runs the eval split in its fixed order and stops after the first batch at which the
+    # accuracy's standard error is at most eval_target_se (and at least eval_min_examples rows
+    # were scored), or when eval_max_seconds or eval_max_examples is reached; the record says
+    # which SE it reached. Every trial of a sweep scores a prefix of the same rows, so any two
+    # are paired on the rows both scored. None: the whole split (or eval_max_examples).
+    eval_target_se: float | None = None
+    eval_min_examples: int = 64
+    eval_max_seconds: float | None = None
 
     def validate(self) -> None:
         _check(self.steps is not None or self.max_seconds is not None,
@@ -84,6 +95,11 @@ class TrainConfig(ConfigBase):
         _check(self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip must be > 0 (or null), got {self.grad_clip}")
         _check(self.eval_max_examples is None or self.eval_max_examples >= 1,
                f"train.eval_max_examples must be >= 1 (or null for the whole split), got {self.eval_max_examples}")
+        _check(self.eval_target_se is None or 0.0 < self.eval_target_se < 0.5,
+               f"train.eval_target_se must be in (0, 0.5) such as 0.005 (or null), got {self.eval_target_se}")
+        _check(self.eval_min_examples >= 2, f"train.eval_min_examples must be >= 2, got {self.eval_min_examples}")
+        _check(self.eval_max_seconds is None or self.eval_max_seconds > 0,
+               f"train.eval_max_seconds must be > 0 (or null), got {self.eval_max_seconds}")
 
 
 @dataclass(kw_only=True)
@@ -140,6 +156,11 @@ class MeasureConfig(ConfigBase):
     batch_size: int | None = None
     memory: bool = True
     calibrate: bool = True
+    # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
+    # other than the task's max_length is refused unless this says so explicitly; the result
+    # then records measure_other_length and the trial logs a warning (accuracy was judged at
+    # another length than cost).
+    allow_other_length: bool = False
 
     def validate(self) -> None:
         for name in ("latency_reps", "throughput_reps"):
@@ -230,6 +251,11 @@ class TrialConfig(ConfigBase):
     def validate(self) -> None:
         _PARSES[0] += 1
         object.__setattr__(self, "model_config", self._resolve_model(self.model))
+        n, task_n = self.measure.seq_length, self.task_obj.max_length
+        _check(n is None or n == task_n or self.measure.allow_other_length,
+               f"measure.seq_length={n} differs from the task's length ({task_n} tokens), so accuracy would be judged "
+               f"at another length than latency and memory; make the task produce {n}-token examples (e.g. "
+               f"task.max_length), drop measure.seq_length, or set measure.allow_other_length: true")
         if self.hardware.shape_buckets is not None:
             buckets = self.buckets
             longest = max(self.task_obj.max_length, self.measure.seq_length or 0)
@@ -245,9 +271,13 @@ class TrialConfig(ConfigBase):
             if key in given and given[key] != facts[key]:
                 raise ValueError(f"model.{key}={given[key]!r} conflicts with task {task.name!r} ({facts[key]!r}); "
                                  f"remove model.{key}: the task sets it")
-        arch = given.get("arch", "encoder" if task.kind == "classification" else "decoder")
-        _check(task.kind != "lm" or arch == "decoder",
+        causal = getattr(task, "causal", task.kind == "lm")
+        arch = given.get("arch", getattr(task, "default_arch", "encoder" if task.kind == "classification" else "decoder"))
+        _check(task.kind != "lm" or not causal or arch == "decoder",
                f"model.arch={arch!r} cannot be trained on the language-modelling task {task.name!r}; use arch 'decoder'")
+        _check(task.kind != "lm" or causal or arch == "encoder",
+               f"model.arch={arch!r} cannot be trained on the masked task {task.name!r} (it needs both sides of every "
+               f"masked position); use arch 'encoder'")
         _check(task.kind != "classification" or arch != "encoder_decoder",
                f"model.arch='encoder_decoder' has no classification path; use 'encoder' for task {task.name!r}")
         n = max(task.max_length, self.measure.seq_length or 0)
@@ -298,8 +328,14 @@ class TrialConfig(ConfigBase):
 
     @property
     def seq_length(self) -> int:
-        """The deployment length that latency and memory are measured at."""
+        """The deployment length that latency and memory are measured at: the task's length
+        unless ``measure.seq_length`` says otherwise (with ``measure.allow_other_length``)."""
         return self.measure.seq_length or self.task_obj.max_length
+
+    @property
+    def other_length(self) -> bool:
+        """Measured at another length than the task trains and evaluates at."""
+        return self.seq_length != self.task_obj.max_length
 
     @property
     def measure_batch_size(self) -> int:
@@ -338,6 +374,18 @@ class TrialResult:
     error: str | None = None
     accuracy: float | None = None  # the task metric, higher is better
     eval_loss: float | None = None
+    # the eval's power (omninet.scores): what one scored unit is, how many were scored over how
+    # many eval rows, the accuracy's and loss's standard errors clustered by row, and the hash of
+    # the ordered eval rows (trials with equal hashes scored the same rows: they pair)
+    eval_unit: str | None = None
+    eval_units: int | None = None
+    eval_rows: int | None = None
+    accuracy_se: float | None = None
+    eval_loss_se: float | None = None
+    eval_hash: str | None = None
+    eval_seconds: float | None = None
+    bits_per_byte: float | None = None  # byte tasks: the eval loss in bits per scored byte
+    measure_other_length: bool | None = None  # measured at measure.seq_length != the task's length (explicit)
     majority_baseline: float | None = None
     peak_memory_train_mb: float | None = None  # tensor peak of one training step (allocator / profiler timeline)
     peak_memory_infer_mb: float | None = None  # tensor peak of one inference forward, first call in a clean state

@@ -23,7 +23,7 @@ from torch import nn
 from omninet.trial.config import HardwareConfig, TrainConfig
 
 __all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
-           "to_device", "training_monitor", "native_refusal"]
+           "to_device", "training_monitor", "native_refusal", "Evaluation"]
 
 PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
 
@@ -281,23 +281,58 @@ def train(model, opt, task, tc: TrainConfig, plan: Plan, res, gate, monitor=None
     return not stopped
 
 
+@dataclass
+class Evaluation:
+    """One evaluation: the meter's metrics (``accuracy``, ``loss``, ``accuracy_se``, ``units``,
+    ``rows``, ...), the per-unit ``scores`` (``omninet.scores.UnitScores``) and why it stopped
+    (``'split'``: every eval row; ``'target_se'``, ``'max_examples'``, ``'max_seconds'``)."""
+
+    metrics: dict[str, float]
+    scores: Any
+    stopped_by: str
+    seconds: float
+
+    def __getitem__(self, key: str) -> float:  # metrics["accuracy"] reads as before
+        return self.metrics[key]
+
+
 @torch.no_grad()
-def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> dict[str, float]:
+def evaluate(model, task, tc: TrainConfig, plan: Plan, gate, *, logits_fn=None) -> Evaluation:
+    """Scores the eval split in its fixed order (every trial of a sweep sees the same rows in
+    the same order, so two evaluations pair on the rows both scored) until one of: the split
+    ends; ``eval_max_examples`` rows; ``eval_max_seconds``; or, with ``eval_target_se``, the
+    first batch after which at least ``eval_min_examples`` rows are scored and the accuracy's
+    standard error (clustered by row) is at most the target. ``logits_fn(batch)`` replaces the
+    model's forward (a caller that evaluates something else on the same rows)."""
+    from omninet.scores import clustered_se
+
     model.eval()
     meter = task.new_meter()
-    seen = 0
+    seen, stopped_by = 0, "split"
+    start = time.perf_counter()
     for batch in task.batches("eval", tc.eval_batch_size, shuffle=False):
         if tc.eval_max_examples is not None:
             if seen >= tc.eval_max_examples:
+                stopped_by = "max_examples"
                 break
             batch = {k: v[: tc.eval_max_examples - seen] for k, v in batch.items()}
+        if tc.eval_max_seconds is not None and seen and time.perf_counter() - start >= tc.eval_max_seconds:
+            stopped_by = "max_seconds"
+            break
         gate.checkpoint()
         batch = plan.batch(batch)
         with plan.autocast():
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits if logits_fn is None \
+                else logits_fn(batch)
         meter.update(logits.float(), batch)
         seen += batch["input_ids"].shape[0]
-    return meter.compute()
+        if tc.eval_target_se is not None and seen >= tc.eval_min_examples:
+            if clustered_se(*meter.unit_arrays()) <= tc.eval_target_se:
+                stopped_by = "target_se"
+                break
+    seconds = time.perf_counter() - start
+    scores = meter.scores(eval_hash=task.eval_rows_hash(seen))
+    return Evaluation(meter.compute(), scores, stopped_by, seconds)
 
 
 def prune_heads(model, task, tc: TrainConfig, device, res) -> None:

@@ -49,7 +49,7 @@ from omninet.trial import limits, loop, measure
 from omninet.trial.config import TrialConfig, TrialResult
 
 __all__ = ["run_trial", "estimate_memory_mb", "OmniNetRunner", "FunctionRunner", "RunContext", "Stopped",
-           "resolve_runner", "trial_main", "measures_first_exactly"]
+           "resolve_runner", "trial_main", "measures_first_exactly", "record_evaluation"]
 
 MB = 2**20
 
@@ -239,6 +239,14 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     if plan.emulated:
         notes.append(plan.emulated_reason)
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
+    res.measure_other_length = cfg.other_length
+    if cfg.other_length:
+        import logging
+
+        note = (f"measured at {cfg.seq_length} tokens but trained and evaluated at the task's {cfg.task_obj.max_length} "
+                f"(measure.allow_other_length): accuracy and cost are judged at different lengths")
+        logging.getLogger("omninet.trial").warning(note)
+        notes.append(note)
     plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
     plan.calibration_ref_ms = context.calibration_ref_ms
     res.shape_buckets = None if plan.buckets is None else ",".join(map(str, plan.buckets))
@@ -378,15 +386,19 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
     res.measure_first_seconds = time.perf_counter() - start
 
 
-def accuracy_standard_error(metrics: dict[str, float]) -> float | None:
-    """The binomial standard error of an eval accuracy, ``sqrt(p (1 - p) / n)`` over the ``n``
-    scored examples (``count``), or tokens for a language model (``tokens``: not independent, so
-    a lower bound there); None when the meter counted nothing."""
-    n = metrics.get("count") or metrics.get("tokens")
-    p = metrics.get("accuracy")
-    if not n or p is None or not math.isfinite(p):
-        return None
-    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+def record_evaluation(res: TrialResult, ev: loop.Evaluation, *, keep_scores: bool = True) -> None:
+    """An evaluation's figures on the result: the metric with its power (units, rows, clustered
+    standard errors, the eval rows' hash) and, with ``keep_scores``, the per-unit scores that
+    travel with the result (``res.scores``) for paired comparisons."""
+    m = ev.metrics
+    res.accuracy, res.eval_loss = m["accuracy"], m["loss"]
+    summary = ev.scores.summary()
+    res.eval_unit, res.eval_units, res.eval_rows = summary["eval_unit"], summary["eval_units"], summary["eval_rows"]
+    res.accuracy_se, res.eval_loss_se, res.eval_hash = summary["accuracy_se"], summary["eval_loss_se"], summary["eval_hash"]
+    res.eval_seconds = ev.seconds
+    res.bits_per_byte = m.get("bits_per_byte")
+    if keep_scores:
+        res.scores = ev.scores
 
 
 def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, scheduler, stop: list[str]):
@@ -397,14 +409,14 @@ def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate,
     def after_step(steps: int) -> bool:
         if steps not in rungs:
             return True
-        metrics = loop.evaluate(model, cfg.task_obj, cfg.train, plan, gate)
+        ev = loop.evaluate(model, cfg.task_obj, cfg.train, plan, gate)
         model.train()
-        res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]  # the partial record, if stopped here
+        record_evaluation(res, ev)  # the partial record, if stopped here
         res.rung_steps.append(steps)
-        res.rung_accuracy.append(float(metrics["accuracy"]))
-        noise = accuracy_standard_error(metrics)
+        res.rung_accuracy.append(float(res.accuracy))
+        noise = res.accuracy_se
         res.rung_noise.append(noise)
-        reason = scheduler.report(steps, float(metrics["accuracy"]), noise)
+        reason = scheduler.report(steps, float(res.accuracy), noise)
         if reason is not None:
             stop.append(reason)
         return reason is None
@@ -447,8 +459,7 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
     if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
         limits.clean_state(plan.backend, device.index or 0)
     try:
-        metrics = loop.evaluate(model, task, tc, plan, gate)
-        res.accuracy, res.eval_loss = metrics["accuracy"], metrics["loss"]
+        record_evaluation(res, loop.evaluate(model, task, tc, plan, gate))
         if remeasure:
             _measure_inference(model, task, cfg, plan, res, gate)
     finally:
@@ -535,6 +546,8 @@ class OmniNetRunner:
         out = result.to_dict()
         if result.status == "ok" and getattr(result, "model_files", None):
             out["_model_files"] = result.model_files  # popped by the controller, never recorded
+        if getattr(result, "scores", None) is not None:
+            out["_scores"] = result.scores.to_bytes()  # per-unit eval scores: written next to the record
         return out
 
 
