@@ -1,5 +1,6 @@
 """Tests for omninet.tasks: ListOps labels against an independent evaluator, splits, batches,
-metrics, byte LM windows, synthetic tasks, Parquet datasets and config validation."""
+metrics and per-unit scores, byte LM windows, masked bytes, synthetic tasks (MQAR among them),
+Parquet datasets and config validation."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from omninet.tasks import (BYTE_VOCAB_SIZE, EOS_ID, IGNORE_INDEX, LISTOPS_PRESETS, NUM_SPECIAL, SEP_ID, TASKS,
-                           ByteTokenizer, ListOpsConfig, build_task, evaluate_listops)
+from omninet.scores import eval_hash
+from omninet.tasks import (BYTE_VOCAB_SIZE, EOS_ID, IGNORE_INDEX, LISTOPS_PRESETS, MASK_ID, MASKED_VOCAB_SIZE,
+                           NUM_SPECIAL, SEP_ID, TASKS, ByteTokenizer, ListOpsConfig, build_task, evaluate_listops)
+from omninet.tasks.masked_bytes import mask_positions
 
 # ----------------------------------------------------------------------------- ListOps
 
@@ -197,6 +200,81 @@ def test_bits_per_byte_known_cases():
     assert sharp["next_byte_accuracy"] == 1.0 and sharp["sequence_accuracy"] == 1.0 and sharp["bits_per_byte"] < 1e-6
 
 
+def _check_scores_agree(task, meter, rows):
+    m, s = meter.compute(), meter.scores(task.eval_rows_hash(rows))
+    assert s.unit == task.unit and s.rows == rows == m["rows"] and s.units == m["units"]
+    assert s.accuracy == pytest.approx(m["accuracy"], abs=1e-12)
+    assert s.loss_mean == pytest.approx(m["loss"], rel=1e-5)
+    assert s.accuracy_se == pytest.approx(m["accuracy_se"]) and s.loss_se == pytest.approx(m["eval_loss_se"])
+    correct, row = meter.unit_arrays()
+    assert (correct == s.correct).all() and (row == s.row).all()
+    data = task.split("eval")
+    assert s.eval_hash == eval_hash(data.raw(i)[0] for i in range(rows)) != task.eval_rows_hash(rows - 1)
+    return m, s
+
+
+def test_classification_meter_scores(quickstart):
+    torch.manual_seed(0)
+    meter = quickstart.new_meter()
+    rows = 0
+    for batch in quickstart.batches("eval", 64):
+        logits = torch.randn(batch["labels"].shape[0], 10)
+        logits[torch.arange(len(logits)), batch["labels"]] += 1.0  # better than chance
+        meter.update(logits, batch)
+        rows += len(logits)
+        if rows >= 320:
+            break
+    m, s = _check_scores_agree(quickstart, meter, 320)
+    assert m["units"] == m["count"] == 320 and (s.row == torch.arange(320).numpy()).all()  # one unit per row
+    assert 0.2 < m["accuracy"] < 0.8 and 0 < m["accuracy_se"] < 0.05
+    with pytest.raises(ValueError, match="rows"):
+        quickstart.eval_rows_hash(len(quickstart.split("eval")) + 1)
+
+
+def test_lm_meter_scores_rows_and_units():
+    task = build_task({"name": "copy", "length": 4, "num_eval": 10})
+    v = task.vocab_size
+    meter = task.new_meter()
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX] * 4, [8, IGNORE_INDEX, 9, IGNORE_INDEX]])
+    logits = torch.zeros(3, 4, v)
+    logits[0, 1, 5] = logits[0, 2, 6] = logits[2, 0, 8] = 20.0  # right: 2 of row 0, 1 of row 2
+    meter.update(logits, {"labels": labels})
+    meter.update(torch.zeros(1, 4, v), {"labels": labels[:1]})  # row 3: 3 units, all wrong (argmax 0)
+    m, s = meter.compute(), meter.scores()
+    assert s.row.tolist() == [0, 0, 0, 2, 2, 3, 3, 3]  # row 1 had nothing to score but still counts
+    assert s.correct.tolist() == [True, True, False, True, False, False, False, False]
+    assert m["rows"] == 4 and m["units"] == m["tokens"] == 8 and m["accuracy"] == 3 / 8
+    assert m["sequence_accuracy"] == 0.0
+    assert s.loss[4] == pytest.approx(math.log(v)) and s.loss[0] < 1e-3  # nats per unit
+    assert m["loss"] == pytest.approx(float(s.loss.astype("float64").mean()))
+
+
+def test_unit_declarations_and_meters():
+    cases = [({"name": "listops", "num_eval": 10}, "example", "encoder", False),
+             ({"name": "associative_recall", "num_eval": 10}, "example", "encoder", False),
+             ({"name": "copy", "num_eval": 10}, "token", "decoder", True),
+             ({"name": "mqar", "num_eval": 10}, "query", "decoder", True),
+             ({"name": "mqar", "num_eval": 10, "causal": False}, "query", "encoder", False),
+             ({"name": "masked_bytes", "max_bytes": 50_000}, "token", "encoder", False)]
+    for config, unit, arch, causal in cases:
+        task = build_task(config)
+        assert (task.unit, task.default_arch, task.causal) == (unit, arch, causal), config
+        assert task.new_meter().unit == unit and task.describe()["unit"] == unit
+    for name in ("associative_recall", "copy", "byte_lm", "mqar", "masked_bytes"):  # declared on the class
+        cls = TASKS[name]
+        assert isinstance(cls.unit, str) and isinstance(cls.default_arch, str) and isinstance(cls.causal, bool)
+
+
+def test_mqar_meter_scores_queries():
+    task = build_task({"name": "mqar", "seq_length": 64, "num_pairs": 8, "num_queries": 5, "num_eval": 40})
+    meter = task.new_meter()
+    torch.manual_seed(0)
+    for batch in task.batches("eval", 16):
+        meter.update(torch.randn(*batch["labels"].shape, task.vocab_size), batch)
+    m, s = _check_scores_agree(task, meter, 40)
+    assert m["units"] == 40 * 5 and (torch.from_numpy(s.row).bincount() == 5).all()
+
+
 # ----------------------------------------------------------------------------- byte LM
 
 
@@ -276,6 +354,75 @@ def test_byte_tokenizer_round_trip():
         tok.decode([BYTE_VOCAB_SIZE])
 
 
+# ----------------------------------------------------------------------------- masked bytes
+
+
+def _masked(root, **over):
+    return build_task({"name": "masked_bytes", "root": str(root), "pattern": "**/*.txt", "max_length": 32,
+                       "max_bytes": 100_000, "eval_fraction": 0.25, **over})
+
+
+def _expected_masked(n_bytes, rate):
+    return min(max(1, round(rate * n_bytes)), n_bytes - 1)
+
+
+@pytest.mark.parametrize("span", [1.0, 3.0])
+def test_masked_bytes_scores_what_it_masks(corpus, span):
+    root, _ = corpus
+    task = _masked(root, mask_rate=0.2, mask_span=span)
+    plain = build_task({"name": "byte_lm", "root": str(root), "pattern": "**/*.txt", "max_length": 32,
+                        "max_bytes": 100_000, "eval_fraction": 0.25})
+    assert task.vocab_size == MASKED_VOCAB_SIZE and task.kind == "lm" and task.max_length == 32
+    assert task.tokenizer.decode([MASK_ID, NUM_SPECIAL + 65], skip_special=False) == "<mask>A"
+    for name in ("train", "eval"):
+        data = task.split(name)
+        for i in range(min(len(data), len(plain.split(name)))):
+            ex = data[i]
+            ids, labels = ex["input_ids"], ex["labels"]
+            original = plain.split(name)[i]["input_ids"]  # the same window of the same stream
+            scored = labels != IGNORE_INDEX
+            bytes_ = original >= NUM_SPECIAL
+            assert int(scored.sum()) == _expected_masked(int(bytes_.sum()), 0.2)
+            assert (labels[scored] == original[scored]).all() and bytes_[scored].all()  # only bytes are scored
+            assert (ids[scored] == MASK_ID).all() and (ids[~scored] == original[~scored]).all()
+    again = _masked(root, mask_rate=0.2, mask_span=span)
+    assert all(again.split("eval").raw(i) == task.split("eval").raw(i) for i in range(len(again.split("eval"))))
+    other = _masked(root, mask_rate=0.2, mask_span=span, seed=1)
+    assert any(other.split("train").raw(i) != task.split("train").raw(i) for i in range(5))
+    assert not {rel for _, rel in task.files["train"]} & {rel for _, rel in task.files["eval"]}
+
+
+def test_mask_positions_spans():
+    for length, rate, span in [(100, 0.15, 3.0), (256, 0.15, 1.0), (64, 0.5, 4.0), (10, 0.9, 2.0), (2, 0.1, 5.0)]:
+        for seed in range(20):
+            pos = mask_positions(random.Random(seed), length, rate, span)
+            k = _expected_masked(length, rate)
+            assert len(pos) == len(set(pos)) == k and pos == sorted(pos) and 0 <= pos[0] and pos[-1] < length
+            if span > 1:
+                spans = 1 + sum(b != a + 1 for a, b in zip(pos, pos[1:]))
+                assert spans == min(max(1, round(k / span)), length - k + 1)
+    starts = collections.Counter(mask_positions(random.Random(s), 50, 0.1, 1.0)[0] for s in range(500))
+    assert starts[0] > 0  # the first position can be masked
+
+
+def test_masked_bytes_bert_rule(corpus):
+    root, _ = corpus
+    task = _masked(root, replace="bert", mask_rate=0.3)
+    counts = collections.Counter()
+    for i in range(len(task.split("train"))):
+        ex = task.split("train")[i]
+        scored = ex["labels"] != IGNORE_INDEX
+        ids, labels = ex["input_ids"][scored], ex["labels"][scored]
+        counts["mask"] += int((ids == MASK_ID).sum())
+        counts["same"] += int((ids == labels).sum())
+        counts["other"] += int(((ids != MASK_ID) & (ids != labels)).sum())
+        assert ((ids == MASK_ID) | (ids >= NUM_SPECIAL)).all()
+    total = sum(counts.values())
+    assert total > 500
+    assert abs(counts["mask"] / total - 0.8) < 0.05 and abs(counts["same"] / total - 0.1) < 0.04
+    assert abs(counts["other"] / total - 0.1) < 0.04
+
+
 # ----------------------------------------------------------------------------- synthetic tasks
 
 
@@ -306,6 +453,67 @@ def test_copy_task_labels():
         assert ids[20] == SEP_ID and ids[21:] == s[:-1]
         assert labels[:20] == [IGNORE_INDEX] * 20 and labels[20:] == s
         assert set(s) <= set(ByteTokenizer().encode("abcd"))
+
+
+def _check_mqar(task, count):
+    cfg = task.config
+    queries = cfg.num_pairs if cfg.num_queries is None else cfg.num_queries
+    for split in ("eval", "train"):
+        for i in range(count):
+            ids, labels = task.split(split).raw(i)
+            assert len(ids) == len(labels) == cfg.seq_length == task.max_length
+            keys, values = ids[0:2 * cfg.num_pairs:2], ids[1:2 * cfg.num_pairs:2]
+            assert len(set(keys)) == cfg.num_pairs and all(task.FIRST_KEY <= k < task.first_value for k in keys)
+            bound = dict(zip(keys, values))
+            assert all(x == IGNORE_INDEX for x in labels[:2 * cfg.num_pairs])
+            scored = [p for p, x in enumerate(labels) if x != IGNORE_INDEX]
+            assert len(scored) == queries
+            for p in scored:
+                q = p if cfg.causal else p - 1  # the query key's position
+                assert (q - 2 * cfg.num_pairs) % 2 == 0 and ids[q] in bound
+                assert labels[p] == bound[ids[q]]
+                if cfg.causal:
+                    assert ids[q + 1] == labels[p]  # the next token: a causal model sees it only after
+                else:
+                    assert ids[p] == task.MASK and labels[p] not in ids[2 * cfg.num_pairs:]  # never visible
+            rest = [t for p, t in enumerate(ids[2 * cfg.num_pairs:], 2 * cfg.num_pairs)
+                    if p not in scored and (p - 1 if cfg.causal else p + 1) not in scored]
+            assert set(rest) <= {task.FILL}
+
+
+@pytest.mark.parametrize("config", [
+    {"seq_length": 64, "num_pairs": 8},
+    {"seq_length": 65, "num_pairs": 4, "num_queries": 3, "distance": "uniform", "value_vocab": 2},
+    {"seq_length": 64, "num_pairs": 8, "causal": False},
+    {"seq_length": 40, "num_pairs": 10, "key_vocab": 10, "distance": "power", "power_a": 2.0},
+])
+def test_mqar_labels(config):
+    task = build_task({"name": "mqar", "num_eval": 300, **config})
+    assert task.kind == "lm" and task.unit == "query"
+    assert task.vocab_size == 3 + task.config.key_vocab + task.config.value_vocab
+    _check_mqar(task, 300)
+    batch = next(task.batches("eval", 8))
+    assert batch["input_ids"].shape == (8, task.config.seq_length) and batch["attention_mask"].all()
+
+
+def test_mqar_determinism_splits_and_distance():
+    base = {"name": "mqar", "seq_length": 128, "num_pairs": 8, "num_eval": 500}
+    task = build_task(base)
+    same = build_task(base)
+    assert [task.split("eval").raw(i) for i in range(500)] == [same.split("eval").raw(i) for i in range(500)]
+    assert task.split("train").raw(77) == same.split("train").raw(77)
+    assert build_task({**base, "seed": 1}).split("eval").raw(0) != task.split("eval").raw(0)
+    evals = {tuple(task.split("eval").raw(i)[0]) for i in range(500)}
+    assert len(evals) == 500 and not evals & {tuple(task.split("train").raw(i)[0]) for i in range(1000)}
+
+    def mean_slot(**over):
+        t = build_task({**base, **over})
+        slots = [(p - 16) // 2 for i in range(500) for p, x in enumerate(t.split("eval").raw(i)[1]) if x != IGNORE_INDEX]
+        return sum(slots) / len(slots)
+
+    uniform = mean_slot(distance="uniform")
+    assert abs(uniform - 27.5) < 1.5  # 8 of 56 slots, equally likely: mean 27.5
+    assert mean_slot(distance="power", power_a=0.01) < uniform - 5 < uniform + 5 < mean_slot(power_a=3.0)
 
 
 # ----------------------------------------------------------------------------- Parquet
@@ -401,10 +609,26 @@ def test_parquet_errors(tmp_path):
     ({"name": "copy", "alphabet_size": 100}, "alphabet_size"),
     ({"name": "copy", "length": 3, "alphabet_size": 4}, "distinct strings"),
     ({"name": "byte_lm", "eval_fraction": 1.5}, "eval_fraction"),
+    ({"name": "mqar", "num_pairs": 0}, r"MQARConfig\.num_pairs must be >= 1"),
+    ({"name": "mqar", "num_pairs": 16, "key_vocab": 8}, r"MQARConfig\.key_vocab=8 .*raise key_vocab"),
+    ({"name": "mqar", "num_queries": 17}, r"MQARConfig\.num_queries must be in \[1, num_pairs=16\]"),
+    ({"name": "mqar", "seq_length": 40, "num_pairs": 16}, r"MQARConfig\.seq_length=40 .*seq_length >= 64"),
+    ({"name": "mqar", "power_a": 0.0}, r"MQARConfig\.power_a must be"),
+    ({"name": "mqar", "distance": "log"}, r"MQARConfig\.distance.*'uniform', 'power'"),
+    ({"name": "mqar", "value_vocab": 1}, r"MQARConfig\.value_vocab must be >= 2"),
+    ({"name": "mqar", "num_eval": 0}, r"MQARConfig\.num_eval must be >= 1"),
+    ({"name": "mqar", "causal": "yes"}, r"MQARConfig\.causal.*true or false"),
+    ({"name": "masked_bytes", "mask_rate": 0.0}, r"MaskedBytesConfig\.mask_rate must be in \(0, 1\)"),
+    ({"name": "masked_bytes", "mask_rate": 1.0}, r"MaskedBytesConfig\.mask_rate"),
+    ({"name": "masked_bytes", "mask_span": 0.5}, r"MaskedBytesConfig\.mask_span must be >= 1"),
+    ({"name": "masked_bytes", "replace": "random"}, r"MaskedBytesConfig\.replace.*'mask', 'bert'"),
+    ({"name": "masked_bytes", "max_length": 1}, r"MaskedBytesConfig\.max_length must be >= 2"),
+    ({"name": "masked_bytes", "eval_fraction": 0.0}, r"MaskedBytesConfig\.eval_fraction"),
 ])
 def test_config_validation(config, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         build_task(config)
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_config_presets_and_round_trip():
