@@ -6,10 +6,12 @@ Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
-from omninet.attention.registry import AttentionMemory, register_kernel
+from omninet.attention.registry import AttentionMemory, AttentionWork, register_kernel
 from omninet.config import ModelConfig
 
 
@@ -49,7 +51,12 @@ def sdpa_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, 
     return AttentionMemory(transient=0.0, saved=B * config.num_heads * N * 4)
 
 
-@register_kernel("eager", memory=eager_memory)
+def dense_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool, kernel: str = "sdpa") -> AttentionWork:
+    """Every query attends to all N keys (causal calls too: the cost counts the full square)."""
+    return AttentionWork(kernel, float(N))
+
+
+@register_kernel("eager", memory=eager_memory, work=partial(dense_work, kernel="eager"))
 def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Nq, Nk)
     if bias is not None:
@@ -68,7 +75,7 @@ def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropo
     return out, (weights if need_weights else None)
 
 
-@register_kernel("sdpa", forms_weights=False, memory=sdpa_memory)
+@register_kernel("sdpa", forms_weights=False, memory=sdpa_memory, work=dense_work)
 def sdpa_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
     nq, nk = q.shape[-2], k.shape[-2]
     if bias is None and mask is None and (not causal or nq == nk):

@@ -33,8 +33,9 @@ from torch import nn
 
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention, make_block_sparse_state
 from omninet.attention.linformer import (LinformerProjection, check_linformer_call, check_linformer_layers,
-                                         linformer_core, linformer_layers, linformer_memory, make_linformer_state)
-from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
+                                         linformer_core, linformer_layers, linformer_memory, linformer_work,
+                                         make_linformer_state)
+from omninet.attention.registry import AttentionMemory, AttentionWork, get_kernel, register_kernel
 from omninet.config import ModelConfig
 
 __all__ = ["HybridState", "hybrid_attention"]
@@ -86,16 +87,28 @@ def _linformer_layer(config: ModelConfig, layer_idx: int, cross: bool) -> bool:
             and layer_idx in linformer_layers(config, default_all=False))
 
 
-def hybrid_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool) -> AttentionMemory:
-    """Per layer, the path ``hybrid_attention`` takes for N keys: Linformer on its layers past
+def _linformer_call(config: ModelConfig, N: int, *, layer_idx: int, cross: bool) -> bool:
+    """The path ``hybrid_attention`` takes for N keys: Linformer on its layers past
     ``linformer.min_seq_length`` (non-causal by construction), else block-sparse (which is dense
     SDPA at or below ``block_sparse.min_seq_length`` and for cross-attention)."""
-    if _linformer_layer(config, layer_idx, cross) and config.attention.linformer.min_seq_length < N <= config.max_seq_length:
+    return _linformer_layer(config, layer_idx, cross) and config.attention.linformer.min_seq_length < N <= config.max_seq_length
+
+
+def hybrid_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool) -> AttentionMemory:
+    """Per layer, the memory of the path the layer takes for N keys (``_linformer_call``)."""
+    if _linformer_call(config, N, layer_idx=layer_idx, cross=cross):
         return linformer_memory(config, B, N, s, layer_idx=layer_idx, cross=cross, default_all=False)
     return get_kernel("block_sparse").estimate(config, B, N, s, layer_idx=layer_idx, cross=cross)
 
 
-@register_kernel("hybrid", make_state=make_hybrid_state, exact=False, memory=hybrid_memory,
+def hybrid_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool) -> AttentionWork:
+    """Per layer, the work of the path the layer takes for N keys (``_linformer_call``)."""
+    if _linformer_call(config, N, layer_idx=layer_idx, cross=cross):
+        return linformer_work(config, N, layer_idx=layer_idx, cross=cross, default_all=False)
+    return get_kernel("block_sparse").attention_work(config, N, layer_idx=layer_idx, cross=cross)
+
+
+@register_kernel("hybrid", make_state=make_hybrid_state, exact=False, memory=hybrid_memory, work=hybrid_work,
                  check_config=check_linformer_layers)
 def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                      state=None):

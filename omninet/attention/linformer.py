@@ -28,10 +28,13 @@ n_max = ModelConfig.max_seq_length.
 - Sequences of at most ``min_seq_length`` keys use dense SDPA; a layer not listed in
   ``LinformerConfig.layers`` has state None and always uses dense SDPA.
 - ``need_weights``: the effective (B, H, Nq, N) weights P @ F[:k, :N] (out = weights @ V).
+- Search spaces: a searched ``model.attention.linformer.k`` range is clipped to the measured
+  length (``fit_linformer_rank``, the spec's ``search_space`` rule): ranks above N all run as k = N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 
@@ -40,11 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omninet.attention.dense import eager_attention, sdpa_attention
-from omninet.attention.registry import AttentionMemory, get_kernel, register_kernel
+from omninet.attention.registry import AttentionMemory, AttentionWork, get_kernel, register_kernel
 from omninet.config import LinformerConfig, ModelConfig
 
 __all__ = ["LinformerProjection", "linformer_attention", "linformer_layers", "make_linformer_state", "projected_length",
-           "check_linformer_config", "linformer_memory"]
+           "check_linformer_config", "linformer_memory", "linformer_work", "fit_linformer_rank"]
 
 
 class LinformerProjection(nn.Module):
@@ -196,21 +199,47 @@ def check_linformer_config(config: ModelConfig) -> None:
                          "cannot apply; use position.kind 'learned' or 'rotary'")
 
 
+def _projects(config: ModelConfig, N: int, *, layer_idx: int, cross: bool, default_all: bool) -> bool:
+    """Whether the layer runs the projected computation for N keys (else dense SDPA)."""
+    return (not cross and N > config.attention.linformer.min_seq_length
+            and layer_idx in linformer_layers(config, default_all=default_all))
+
+
+def linformer_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool, default_all: bool = True) -> AttentionWork:
+    """A query attends to the k projected keys; E and F project keys and values along N
+    ((k, N) @ (N, hidden) each). Dense SDPA's work on layers or lengths that do not project."""
+    if not _projects(config, N, layer_idx=layer_idx, cross=cross, default_all=default_all):
+        return get_kernel("sdpa").attention_work(config, N, layer_idx=layer_idx, cross=cross)
+    k = projected_length(config.attention.linformer, N)
+    return AttentionWork("linformer", float(k), 2.0 * k * N * config.hidden_size)
+
+
+def fit_linformer_rank(param, seq_length: int):
+    """A searched ``model.attention.linformer.k`` range clipped to the measured length (a rank
+    above N runs as k = N: ``projected_length``), with a note; other parameters unchanged."""
+    if param.path != "model.attention.linformer.k" or param.kind == "categorical" or param.high <= seq_length:
+        return param, None
+    if param.low >= seq_length:
+        raise ValueError(f"low {param.low} is above the measured length {seq_length}; Linformer's rank cannot exceed "
+                         "the sequence length")
+    return (dataclasses.replace(param, high=seq_length),
+            f"clipped {param.path} high {param.high:g} -> {seq_length} (the measured length)")
+
+
 def linformer_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool,
                      default_all: bool = True):
     """Per layer: the (B, H, N, k) scores in fp32 (and their low-precision copy saved for backward)
     plus the projected K', V'; dense SDPA's cost on layers or lengths that do not project."""
-    lcfg = config.attention.linformer
-    if cross or N <= lcfg.min_seq_length or layer_idx not in linformer_layers(config, default_all=default_all):
+    if not _projects(config, N, layer_idx=layer_idx, cross=cross, default_all=default_all):
         return get_kernel("sdpa").memory(config, B, N, s, layer_idx=layer_idx, cross=cross)
-    k, H, C = projected_length(lcfg, N), config.num_heads, config.hidden_size
+    k, H, C = projected_length(config.attention.linformer, N), config.num_heads, config.hidden_size
     return AttentionMemory(transient=2 * B * H * N * k * 4 + 2 * B * k * C * s,
                            saved=B * H * N * k * s + 2 * B * k * C * s)
 
 
 @register_kernel("linformer", make_state=make_linformer_state, supports_causal=False, supports_bias=False, exact=False,
                  memory=linformer_memory, supports_cross=False, cross_fallback="sdpa",
-                 check_config=check_linformer_config)
+                 check_config=check_linformer_config, work=linformer_work, search_space=fit_linformer_rank)
 def linformer_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                         state=None):
     if state is None or k.shape[-2] <= state.config.min_seq_length:

@@ -1,5 +1,5 @@
-"""The kernel registry: each kernel's spec (function, state, memory cost, model rules,
-cross-attention fallback) and the lookups. Kept apart from ``omninet/attention/__init__.py``
+"""The kernel registry: each kernel's spec (function, state, memory cost, work per query, model
+rules, search-space rule, cross-attention fallback) and the lookups. Kept apart from ``omninet/attention/__init__.py``
 so kernel modules import the registry, not the package that imports them (no import circle);
 the package re-exports every name here.
 """
@@ -7,11 +7,12 @@ the package re-exports every name here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from omninet.config import ModelConfig, register_kernel_rules
 
-__all__ = ["AttentionMemory", "KernelSpec", "KERNELS", "register_kernel", "get_kernel", "check_kernel_config"]
+__all__ = ["AttentionMemory", "AttentionWork", "KernelSpec", "KERNELS", "register_kernel", "get_kernel",
+           "check_kernel_config", "fit_search_param", "block_keys_per_query"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,29 @@ class AttentionMemory:
 # (model_config, B, N, elem_bytes, *, layer_idx, cross) -> AttentionMemory, for the layer that
 # make_state(model_config, layer_idx, cross) builds; omninet.hardware.memory sums it over layers.
 MemoryFn = Callable[..., AttentionMemory]
+
+
+@dataclass(frozen=True)
+class AttentionWork:
+    """What one attention layer computes for N keys (self-attention, N queries): ``kernel``, the
+    path that actually runs (a kernel below its cutover runs 'sdpa'); ``keys``, the key positions
+    one query attends to on average (N for dense); ``projection``, multiply-adds per sequence
+    beyond Q K^T and P V (Linformer's E and F along the sequence)."""
+
+    kernel: str
+    keys: float
+    projection: float = 0.0
+
+
+# (model_config, N, *, layer_idx, cross) -> AttentionWork, for the layer that
+# make_state(model_config, layer_idx, cross) builds; omninet.trial.cost counts it per layer.
+WorkFn = Callable[..., AttentionWork]
+
+# (param, seq_length) -> (param, note or None): a kernel's rule for one searched parameter of its
+# config at the measured length (Linformer: rank k <= N). ``param`` is a sweep ``ParamSpec`` (path,
+# kind, low, high), returned unchanged when the rule does not concern it; a one-line ValueError when
+# no value of its range can run.
+SearchSpaceFn = Callable[[Any, int], tuple[Any, str | None]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,8 @@ class KernelSpec:
     supports_cross: bool = True
     cross_fallback: str | None = None  # the kernel cross-attention layers use instead of this one
     check_config: Callable[[ModelConfig], None] | None = None  # raises a one-line ValueError
+    work: WorkFn | None = None  # None: dense, every layer attends to all N keys under the kernel's own name
+    search_space: SearchSpaceFn | None = None  # None: no rule for searched parameters
 
     def for_layer(self, cross: bool) -> "KernelSpec":
         """The spec an attention layer actually runs (cross-attention may fall back)."""
@@ -62,20 +88,28 @@ class KernelSpec:
         fn = spec.memory or get_kernel("sdpa").memory
         return fn(config, B, N, elem_bytes, layer_idx=layer_idx, cross=cross)
 
+    def attention_work(self, config: ModelConfig, N: int, *, layer_idx: int, cross: bool = False) -> AttentionWork:
+        """What the layer computes for N keys (see ``AttentionWork``)."""
+        spec = self.for_layer(cross)
+        if spec.work is None:
+            return AttentionWork(spec.name, float(N))
+        return spec.work(config, N, layer_idx=layer_idx, cross=cross)
+
 
 KERNELS: dict[str, KernelSpec] = {}
 
 
 def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True,
                     forms_weights=True, memory: MemoryFn | None = None, supports_cross=True,
-                    cross_fallback: str | None = None, check_config: Callable[[ModelConfig], None] | None = None):
+                    cross_fallback: str | None = None, check_config: Callable[[ModelConfig], None] | None = None,
+                    work: WorkFn | None = None, search_space: SearchSpaceFn | None = None):
     """Decorator: ``@register_kernel("mine")`` makes ``AttentionConfig(kernel="mine")`` valid."""
 
     def wrap(fn):
         if name in KERNELS:
             raise ValueError(f"attention kernel {name!r} is already registered")
         spec = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact, forms_weights, memory,
-                          supports_cross, cross_fallback, check_config)
+                          supports_cross, cross_fallback, check_config, work, search_space)
         KERNELS[name] = spec
         register_kernel_rules(name, lambda config: check_kernel_config(spec, config))
         return fn
@@ -104,3 +138,30 @@ def check_kernel_config(spec: KernelSpec, config: ModelConfig) -> None:
     if not spec.supports_cross and spec.cross_fallback is None and config.arch == "encoder_decoder":
         raise ValueError(f"attention.kernel={name!r} cannot run cross-attention and names no fallback; "
                          "use arch='encoder' or 'decoder'")
+
+
+def fit_search_param(param: Any, seq_length: int) -> tuple[Any, list[str]]:
+    """``param`` after every registered kernel's search-space rule at the measured length, and
+    one note per change (ValueError, one line, when no value of its range can run)."""
+    notes = []
+    for spec in KERNELS.values():
+        if spec.search_space is not None:
+            param, note = spec.search_space(param, seq_length)
+            notes += [note] if note else []
+    return param, notes
+
+
+def block_keys_per_query(blocks, block_size: int, n: int, *, causal: bool) -> float:
+    """Keys per query of a block layout over ``n`` positions: ``blocks`` (nb, nb) bool, query block
+    i may see key block j (blocks of ``block_size`` positions, the last one cut at n); causal
+    layouts keep no block above the diagonal, and a kept diagonal block is its lower triangle.
+    Counted per block, so long sequences never build the (n, n) mask."""
+    import torch
+
+    nb = blocks.shape[0]
+    size = torch.tensor([min(block_size, n - i * block_size) for i in range(nb)], dtype=torch.float64)  # (nb,)
+    kept = blocks.to(torch.float64)
+    if not causal:
+        return float(size @ kept @ size) / n
+    diagonal = kept.diagonal() * size * (size + 1) / 2  # query r of a block sees its keys 0..r
+    return float(size @ kept.tril(-1) @ size + diagonal.sum()) / n

@@ -304,12 +304,14 @@ class SweepController:
                     raise SweepConfigError(f"pools[{pool.name}]: no hardware.precision choice runs natively on "
                                            f"{caps.get('device_name')} ({reasons}); add fp32 or set allow_emulated: true")
                 param = dataclasses.replace(param, choices=keep) if dropped else param
-            if param.path == "model.attention.linformer.k" and seq and param.kind != "categorical" and param.high > seq:
-                if param.low >= seq:
-                    raise SweepConfigError(f"search_space.{param.path}: low {param.low} is above the measured length "
-                                           f"{seq}; Linformer's rank cannot exceed the sequence length")
-                notes.append(f"clipped {param.path} high {param.high:g} -> {seq} (the measured length)")
-                param = dataclasses.replace(param, high=seq)
+            if seq:  # each kernel's own rule at the measured length (Linformer: k <= N)
+                from omninet.attention.registry import fit_search_param
+
+                try:
+                    param, fitted = fit_search_param(param, seq)
+                except ValueError as exc:
+                    raise SweepConfigError(f"search_space.{param.path}: {exc}") from None
+                notes += fitted
             out.append(param)
         for note in notes:
             log.info("pool %s: %s", pool.name, note)
