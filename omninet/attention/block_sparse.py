@@ -84,7 +84,6 @@ class _Slab:
     step: int = 0
     diag: bool = False  # the query block's own causal block, square and aligned: the kernel's top-left is_causal
     masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
-    pad: bool = False  # one key block that is part padding (a hole, not a row's end): the key mask applies here only
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,6 @@ class _Plan:
 
     offset: int  # Nk - Nq: absolute position of query 0
     groups: tuple[_Group, ...]
-    dead: tuple[tuple[int, int], ...] = ()  # query rows [a, b) of blocks that are all padding: zeros, no work
 
 
 def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward: bool) -> bool:
@@ -119,7 +117,7 @@ def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward
         return False
     for g, s in zip(group.slabs, row.slabs):
         step = s.k0 - (g.k0 + (group.c - 1) * g.step) if group.c > 1 else s.k0 - g.k0
-        if (s.k1 - s.k0, s.diag, s.masked, s.pad) != (g.k1 - g.k0, g.diag, g.masked, g.pad) or step < 0 or (
+        if (s.k1 - s.k0, s.diag, s.masked) != (g.k1 - g.k0, g.diag, g.masked) or step < 0 or (
                 group.c > 1 and step != g.step):
             return False
     return True
@@ -127,24 +125,8 @@ def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward
 
 def _extend(group: _Group, row: _Group) -> _Group:
     slabs = group.slabs if group.c > 1 else tuple(
-        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked, g.pad) for g, s in zip(group.slabs, row.slabs))
+        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked) for g, s in zip(group.slabs, row.slabs))
     return _Group(group.q0, group.c + 1, group.r, slabs)
-
-
-def _pieces(a: int, b: int, max_blocks: int, classes: tuple[int, ...] | None):
-    """Blocks [a, b) as slabs (j0, j1, mixed) of at most ``max_blocks`` blocks; a block that is
-    only partly padding (``classes[j] == _MIXED``) is a slab of its own."""
-    j = a
-    while j < b:
-        if classes is not None and classes[j] == _MIXED:
-            yield j, j + 1, True
-            j += 1
-            continue
-        e = min(j + max_blocks, b)
-        if classes is not None:
-            e = next((t for t in range(j, e) if classes[t] == _MIXED), e)
-        yield j, e, False
-        j = e
 
 
 def _runs(blocks) -> list[tuple[int, int]]:
@@ -264,74 +246,36 @@ class BlockSparseLayout(nn.Module):
             out &= torch.arange(nk - nq, nk)[:, None] >= torch.arange(nk)[None, :]
         return out
 
-    def equivalent_mask(self, mask: torch.Tensor | None, nq: int, nk: int, *, causal: bool | None = None):
-        """The bool mask, broadcastable to (B, H, Nq, Nk), under which the eager reference equals
-        this kernel called with ``mask``: ``mask & dense_mask``; with a key-padding mask
-        (B|1, 1, 1, Nk) on the sparse path, also minus the query blocks that are all padding
-        (the kernel returns zeros there without computing them; see ``_row_padding``)."""
-        causal = self.causal if causal is None else causal
-        device = "cpu" if mask is None else mask.device
-        dm = self.dense_mask(nq, nk, causal=causal).to(device)
-        if mask is None:
-            return dm
-        out = mask & dm
-        if self.cross or self.dense_below(nk, causal) or not _is_key_padding(mask, nk):
-            return out
-        rows = mask.reshape(-1, nk)  # (B|1, Nk)
-        return out & _alive_queries(rows, nq, nk, self.block_size)[:, None, :, None]
-
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool,
-             pad: int | tuple[int, ...] | None = None) -> _Plan:
-        """The cached plan of one batch row; ``pad`` is the row's key padding (``_row_padding``)."""
-        key = (nq, nk, causal, max_blocks, budget_tokens, backward, pad)
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool) -> _Plan:
+        key = (nq, nk, causal, max_blocks, budget_tokens, backward)
         return self._plans.get_or(key, lambda: self._build_plan(*key))
 
     def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
-                    backward: bool, pad: int | tuple[int, ...] | None = None) -> _Plan:
+                    backward: bool) -> _Plan:
         """Every query block (global and prefix rows included: their keys are simply all
         blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
         slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
-        rows of temporaries allow (0: one block per group).
-
-        Padding folded in (``pad``: the row's real length, or per-block classes): key blocks
-        that are all padding are left out of every row, query blocks that are all padding are
-        ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no mask
-        at all), and a key block that is only partly padding (a hole) is a slab of its own
-        that applies the key mask (``pad``)."""
+        rows of temporaries allow (0: one block per group)."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
-        end_key = pad if isinstance(pad, int) else nk  # keys at or past a row's length are padding
-        classes = pad if isinstance(pad, tuple) else None
-        layout, groups, dead = self.rows(nb, causal), [], []
+        layout, groups = self.rows(nb, causal), []
         for i in range(offset // bs, nb):
-            q0 = max(i * bs, offset) - offset
-            q1 = min((i + 1) * bs, nk) - offset
-            if i * bs >= end_key or (classes is not None and classes[i] == _EMPTY):
-                if dead and dead[-1][1] == q0:
-                    dead[-1] = (dead[-1][0], q1)
-                else:
-                    dead.append((q0, q1))
-                continue
             blocks = layout[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
-            if pad is not None:
-                blocks = [j for j in blocks if j * bs < end_key and (classes is None or classes[j] != _EMPTY)]
             slabs = []
             for a, b in _runs(blocks):
                 diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
                 end = i if diag else b
-                slabs += [_Slab(j0 * bs, min(j1 * bs, nk, end_key), pad=mixed)
-                          for j0, j1, mixed in _pieces(a, end, max_blocks, classes)]
+                slabs += [_Slab(j * bs, min(min(j + max_blocks, end) * bs, nk)) for j in range(a, end, max_blocks)]
                 if diag:
                     aligned = i * bs >= offset
-                    mixed = classes is not None and classes[i] == _MIXED
-                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk, end_key), diag=aligned and not mixed,
-                                       masked=not aligned or mixed, pad=mixed))
-            row = _Group(q0, 1, q1 - q0, tuple(slabs))
+                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
+            q0 = max(i * bs, offset) - offset
+            row = _Group(q0, 1, min((i + 1) * bs, nk) - offset - q0, tuple(slabs))
             if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
                 groups[-1] = _extend(groups[-1], row)
             else:
                 groups.append(row)
-        return _Plan(offset=offset, groups=tuple(groups), dead=tuple(dead))
+        return _Plan(offset=offset, groups=tuple(groups))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
