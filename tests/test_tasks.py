@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from omninet.scores import eval_hash
+from omninet.scores import clustered_se_from_totals, eval_hash
 from omninet.tasks import (BYTE_VOCAB_SIZE, EOS_ID, IGNORE_INDEX, LISTOPS_PRESETS, MASK_ID, MASKED_VOCAB_SIZE,
                            NUM_SPECIAL, SEP_ID, TASKS, ByteTokenizer, ListOpsConfig, build_task, evaluate_listops)
 from omninet.tasks.masked_bytes import mask_positions
@@ -208,8 +208,12 @@ def _check_scores_agree(task, meter, rows):
     assert s.accuracy_se == pytest.approx(m["accuracy_se"]) and s.loss_se == pytest.approx(m["eval_loss_se"])
     correct, row = meter.unit_arrays()
     assert (correct == s.correct).all() and (row == s.row).all()
+    right, units = meter.row_totals()
+    assert right.size == units.size == rows and units.sum() == s.units and right.sum() == s.correct.sum()
+    assert clustered_se_from_totals(right, units) == pytest.approx(s.accuracy_se)
     data = task.split("eval")
     assert s.eval_hash == eval_hash(data.raw(i)[0] for i in range(rows)) != task.eval_rows_hash(rows - 1)
+    assert task.eval_rows_hash() == task.eval_rows_hash(len(data)) == eval_hash(data.raw(i)[0] for i in range(len(data)))
     return m, s
 
 
@@ -247,6 +251,8 @@ def test_lm_meter_scores_rows_and_units():
     assert m["sequence_accuracy"] == 0.0
     assert s.loss[4] == pytest.approx(math.log(v)) and s.loss[0] < 1e-3  # nats per unit
     assert m["loss"] == pytest.approx(float(s.loss.astype("float64").mean()))
+    right, units = meter.row_totals()
+    assert right.tolist() == [2, 0, 1, 0] and units.tolist() == [3, 0, 2, 3]
 
 
 def test_unit_declarations_and_meters():

@@ -154,36 +154,46 @@ class UnitMeter:
     """The per-unit record both meters keep: for each scored ``unit`` (one of
     ``omninet.scores.UNITS``), in eval order, whether the argmax was right, its cross-entropy
     (nats) and the eval row it belongs to (rows counted across ``update`` calls in the order they
-    came). Each batch adds three small CPU tensors; they are concatenated only when read."""
+    came). Each batch adds a few small CPU tensors; they are concatenated only when read."""
 
     def __init__(self, unit: str) -> None:
         if unit not in UNITS:
             raise ValueError(f"meter unit must be one of {', '.join(map(repr, UNITS))}; got {unit!r}")
         self.unit = unit
         self.rows = 0  # eval rows seen, scored or not
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._arrays = (np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32))
+        # per batch: correct [U], loss [U], row [U], then right units [B] and units [B] per row
+        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._arrays = (np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32),
+                        np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     def _record(self, correct: torch.Tensor, loss: torch.Tensor, row: torch.Tensor, batch_rows: int) -> None:
         """``correct`` [U] bool, ``loss`` [U] and ``row`` [U] (the row within this batch) of one batch."""
-        self._pending.append((correct.cpu(), loss.float().cpu(), (row + self.rows).to(torch.int32).cpu()))
+        right = torch.bincount(row[correct], minlength=batch_rows)  # [B]
+        units = torch.bincount(row, minlength=batch_rows)  # [B]
+        self._pending.append(tuple(t.cpu() for t in (correct, loss.float(), (row + self.rows).to(torch.int32),
+                                                     right, units)))
         self.rows += batch_rows
 
-    def _gathered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _gathered(self) -> tuple[np.ndarray, ...]:
         if self._pending:
-            parts = [self._arrays, *((c.numpy(), lo.numpy(), r.numpy()) for c, lo, r in self._pending)]
+            parts = [self._arrays, *(tuple(t.numpy() for t in p) for p in self._pending)]
             self._arrays = tuple(np.concatenate(column) for column in zip(*parts))
             self._pending = []
         return self._arrays
 
+    def row_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(right, units)`` per eval row seen, [R] each: what ``omninet.scores.clustered_se_from_totals``
+        needs to check the accuracy's standard error after every batch."""
+        return self._gathered()[3:]
+
     def unit_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(correct, row)`` so far: [U] bool and [U] int32 (cheap to call after every batch)."""
-        correct, _, row = self._gathered()
+        correct, _, row = self._gathered()[:3]
         return correct, row
 
     def scores(self, eval_hash: str | None = None) -> UnitScores:
         """The per-unit scores so far; ``eval_hash`` names the eval rows (``Task.eval_rows_hash``)."""
-        correct, loss, row = self._gathered()
+        correct, loss, row = self._gathered()[:3]
         return UnitScores(self.unit, correct, loss, row, eval_hash)
 
     def _unit_metrics(self) -> dict[str, float]:
@@ -392,10 +402,14 @@ class Task(ABC):
         """A meter for this task's kind that records per-unit scores in ``self.unit``."""
         return ClassificationMeter(self.unit) if self.kind == "classification" else LMMeter(self.unit)
 
-    def eval_rows_hash(self, rows: int) -> str:
+    def eval_rows_hash(self, rows: int | None = None) -> str:
         """``omninet.scores.eval_hash`` of the ``input_ids`` of the first ``rows`` eval examples in
-        eval order (the rows an evaluation of ``rows`` examples scored)."""
+        eval order (the rows an evaluation of ``rows`` examples scored); ``None``: the whole eval
+        split, which names the order itself (equal for two evaluations that stopped after
+        different numbers of rows, so they can be paired on the rows both scored)."""
         data = self.split("eval")
+        if rows is None:
+            rows = len(data)
         if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= len(data):
             raise ValueError(f"eval_rows_hash: rows must be an integer in [0, {len(data)}] (the eval split's size), "
                              f"got {rows!r}")
