@@ -30,19 +30,20 @@ def qkv(nq, nk, *, b=2, h=4, d=16, seed=0):
     return q, k, v
 
 
-def compare_with_eager(state, nq, nk, *, causal=False, mask=None, bias=None):
-    """block_sparse(q, k, v, mask) == eager(q, k, v, mask & dense_mask), values and grads."""
-    q, k, v = qkv(nq, nk)
+def compare_with_eager(state, nq, nk, *, causal=False, mask=None, bias=None, b=2):
+    """block_sparse(q, k, v, mask) == eager(q, k, v, equivalent_mask): mask & dense_mask, and for
+    key padding minus the all-padding query blocks (zeros); values and grads."""
+    q, k, v = qkv(nq, nk, b=b)
     scale = 0.25
     out, _ = block_sparse_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, state=state)
-    dm = state.dense_mask(nq, nk, causal=causal)
-    ref, _ = eager_attention(q.float(), k.float(), v.float(), mask=dm if mask is None else mask & dm,
+    dm = state.equivalent_mask(mask, nq, nk, causal=causal)
+    ref, _ = eager_attention(q.float(), k.float(), v.float(), mask=dm,
                              bias=None if bias is None else (lambda a, b: bias(a, b).float()), causal=causal, scale=scale)
     torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
     g_out = torch.autograd.grad(out, (q, k, v), grad)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref, _ = eager_attention(qf, kf, vf, mask=dm if mask is None else mask & dm,
+    ref, _ = eager_attention(qf, kf, vf, mask=dm,
                              bias=None if bias is None else (lambda a, b: bias(a, b).float()), causal=causal, scale=scale)
     g_ref = torch.autograd.grad(ref, (qf, kf, vf), grad.float())
     for a, b in zip(g_out, g_ref):

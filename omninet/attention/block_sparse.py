@@ -71,7 +71,7 @@ from omninet.config import BlockSparseConfig, ModelConfig
 
 __all__ = ["BlockSparseLayout", "block_sparse_attention", "make_block_sparse_state"]
 
-_CACHE_SIZE = 64  # plans per layer (decoding creates one per generated length)
+_CACHE_SIZE = 256  # plans per layer (decoding creates one per generated length; padding one per row length)
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class _Slab:
     step: int = 0
     diag: bool = False  # the query block's own causal block, square and aligned: the kernel's top-left is_causal
     masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
+    pad: bool = False  # one key block that is part padding (a hole, not a row's end): the key mask applies here only
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class _Plan:
 
     offset: int  # Nk - Nq: absolute position of query 0
     groups: tuple[_Group, ...]
+    dead: tuple[tuple[int, int], ...] = ()  # query rows [a, b) of blocks that are all padding: zeros, no work
 
 
 def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward: bool) -> bool:
@@ -117,7 +119,7 @@ def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward
         return False
     for g, s in zip(group.slabs, row.slabs):
         step = s.k0 - (g.k0 + (group.c - 1) * g.step) if group.c > 1 else s.k0 - g.k0
-        if (s.k1 - s.k0, s.diag, s.masked) != (g.k1 - g.k0, g.diag, g.masked) or step < 0 or (
+        if (s.k1 - s.k0, s.diag, s.masked, s.pad) != (g.k1 - g.k0, g.diag, g.masked, g.pad) or step < 0 or (
                 group.c > 1 and step != g.step):
             return False
     return True
@@ -125,8 +127,24 @@ def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward
 
 def _extend(group: _Group, row: _Group) -> _Group:
     slabs = group.slabs if group.c > 1 else tuple(
-        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked) for g, s in zip(group.slabs, row.slabs))
+        _Slab(g.k0, g.k1, s.k0 - g.k0, g.diag, g.masked, g.pad) for g, s in zip(group.slabs, row.slabs))
     return _Group(group.q0, group.c + 1, group.r, slabs)
+
+
+def _pieces(a: int, b: int, max_blocks: int, classes: tuple[int, ...] | None):
+    """Blocks [a, b) as slabs (j0, j1, mixed) of at most ``max_blocks`` blocks; a block that is
+    only partly padding (``classes[j] == _MIXED``) is a slab of its own."""
+    j = a
+    while j < b:
+        if classes is not None and classes[j] == _MIXED:
+            yield j, j + 1, True
+            j += 1
+            continue
+        e = min(j + max_blocks, b)
+        if classes is not None:
+            e = next((t for t in range(j, e) if classes[t] == _MIXED), e)
+        yield j, e, False
+        j = e
 
 
 def _runs(blocks) -> list[tuple[int, int]]:
@@ -246,36 +264,74 @@ class BlockSparseLayout(nn.Module):
             out &= torch.arange(nk - nq, nk)[:, None] >= torch.arange(nk)[None, :]
         return out
 
+    def equivalent_mask(self, mask: torch.Tensor | None, nq: int, nk: int, *, causal: bool | None = None):
+        """The bool mask, broadcastable to (B, H, Nq, Nk), under which the eager reference equals
+        this kernel called with ``mask``: ``mask & dense_mask``; with a key-padding mask
+        (B|1, 1, 1, Nk) on the sparse path, also minus the query blocks that are all padding
+        (the kernel returns zeros there without computing them; see ``_row_padding``)."""
+        causal = self.causal if causal is None else causal
+        device = "cpu" if mask is None else mask.device
+        dm = self.dense_mask(nq, nk, causal=causal).to(device)
+        if mask is None:
+            return dm
+        out = mask & dm
+        if self.cross or self.dense_below(nk, causal) or not _is_key_padding(mask, nk):
+            return out
+        rows = mask.reshape(-1, nk)  # (B|1, Nk)
+        return out & _alive_queries(rows, nq, nk, self.block_size)[:, None, :, None]
+
     # ---- plans ----------------------------------------------------------------------------
-    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool) -> _Plan:
-        key = (nq, nk, causal, max_blocks, budget_tokens, backward)
+    def plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int, backward: bool,
+             pad: int | tuple[int, ...] | None = None) -> _Plan:
+        """The cached plan of one batch row; ``pad`` is the row's key padding (``_row_padding``)."""
+        key = (nq, nk, causal, max_blocks, budget_tokens, backward, pad)
         return self._plans.get_or(key, lambda: self._build_plan(*key))
 
     def _build_plan(self, nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
-                    backward: bool) -> _Plan:
+                    backward: bool, pad: int | tuple[int, ...] | None = None) -> _Plan:
         """Every query block (global and prefix rows included: their keys are simply all
         blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
         slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
-        rows of temporaries allow (0: one block per group)."""
+        rows of temporaries allow (0: one block per group).
+
+        Padding folded in (``pad``: the row's real length, or per-block classes): key blocks
+        that are all padding are left out of every row, query blocks that are all padding are
+        ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no mask
+        at all), and a key block that is only partly padding (a hole) is a slab of its own
+        that applies the key mask (``pad``)."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
-        layout, groups = self.rows(nb, causal), []
+        end_key = pad if isinstance(pad, int) else nk  # keys at or past a row's length are padding
+        classes = pad if isinstance(pad, tuple) else None
+        layout, groups, dead = self.rows(nb, causal), [], []
         for i in range(offset // bs, nb):
+            q0 = max(i * bs, offset) - offset
+            q1 = min((i + 1) * bs, nk) - offset
+            if i * bs >= end_key or (classes is not None and classes[i] == _EMPTY):
+                if dead and dead[-1][1] == q0:
+                    dead[-1] = (dead[-1][0], q1)
+                else:
+                    dead.append((q0, q1))
+                continue
             blocks = layout[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
+            if pad is not None:
+                blocks = [j for j in blocks if j * bs < end_key and (classes is None or classes[j] != _EMPTY)]
             slabs = []
             for a, b in _runs(blocks):
                 diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
                 end = i if diag else b
-                slabs += [_Slab(j * bs, min(min(j + max_blocks, end) * bs, nk)) for j in range(a, end, max_blocks)]
+                slabs += [_Slab(j0 * bs, min(j1 * bs, nk, end_key), pad=mixed)
+                          for j0, j1, mixed in _pieces(a, end, max_blocks, classes)]
                 if diag:
                     aligned = i * bs >= offset
-                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk), diag=aligned, masked=not aligned))
-            q0 = max(i * bs, offset) - offset
-            row = _Group(q0, 1, min((i + 1) * bs, nk) - offset - q0, tuple(slabs))
+                    mixed = classes is not None and classes[i] == _MIXED
+                    slabs.append(_Slab(i * bs, min((i + 1) * bs, nk, end_key), diag=aligned and not mixed,
+                                       masked=not aligned or mixed, pad=mixed))
+            row = _Group(q0, 1, q1 - q0, tuple(slabs))
             if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
                 groups[-1] = _extend(groups[-1], row)
             else:
                 groups.append(row)
-        return _Plan(offset=offset, groups=tuple(groups))
+        return _Plan(offset=offset, groups=tuple(groups), dead=tuple(dead))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
@@ -299,6 +355,62 @@ def _as_4d(mask: torch.Tensor, nk: int) -> torch.Tensor:
     """A broadcastable bool mask as (B|1, H|1, Nq|1, Nk)."""
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return mask.expand(*mask.shape[:3], nk)
+
+
+# ---- key padding --------------------------------------------------------------------------
+_EMPTY, _MIXED, _FULL = 0, 1, 2  # a key block's padding class: all padding, part padding, all real
+
+
+def _is_key_padding(mask: torch.Tensor, nk: int) -> bool:
+    """A key-padding mask: one key row per sequence, (B|1, 1, 1, Nk) (or fewer leading dims)."""
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and shape[3] == nk
+
+
+def key_lengths(mask: torch.Tensor) -> tuple[int, ...] | None:
+    """Real length of each row of a key-padding mask (B|1, 1, 1, Nk) that is True on a prefix
+    of every row (padding only at the end), else None. Stored on the mask (with its version),
+    so the model computes it once per forward (``OmniNetModel`` calls this at its entry) and
+    every layer reads it."""
+    cached = mask.__dict__.get("_omninet_key_lengths")
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    rows = mask.reshape(-1, mask.shape[-1])  # (B|1, Nk)
+    lengths = rows.sum(-1)
+    prefix = torch.arange(rows.shape[-1], device=rows.device)[None, :] < lengths[:, None]
+    out = tuple(lengths.tolist()) if torch.equal(prefix, rows) else None
+    mask._omninet_key_lengths = (mask._version, out)
+    return out
+
+
+def _block_classes(rows: torch.Tensor, bs: int) -> torch.Tensor:
+    """(B|1, nb) padding class of every key block of key rows (B|1, Nk)."""
+    nk = rows.shape[-1]
+    extra = -nk % bs
+    real_any = F.pad(rows, (0, extra), value=False).view(rows.shape[0], -1, bs).any(-1)
+    real_all = F.pad(rows, (0, extra), value=True).view(rows.shape[0], -1, bs).all(-1)
+    return real_any.to(torch.int8) + real_all.to(torch.int8)  # _EMPTY, _MIXED or _FULL
+
+
+def _row_padding(mask: torch.Tensor, B: int, nk: int, bs: int) -> tuple | None:
+    """Per batch row, the key padding a plan folds in: None (no padding), the row's real length
+    (padding only at its end: the common case, from ``key_lengths``), or the class of every key
+    block (padding anywhere). None overall when no row is padded (an all-True mask is no mask)."""
+    lengths = key_lengths(mask)
+    if lengths is not None:
+        pads = tuple(None if n == nk else n for n in lengths)
+    else:
+        classes = _block_classes(mask.reshape(-1, nk), bs).tolist()
+        pads = tuple(None if all(c == _FULL for c in row) else tuple(row) for row in classes)
+    if all(p is None for p in pads):
+        return None
+    return pads * B if len(pads) == 1 else pads
+
+
+def _alive_queries(rows: torch.Tensor, nq: int, nk: int, bs: int) -> torch.Tensor:
+    """(B|1, Nq) bool: the query's block holds a real position (the others are zero rows)."""
+    alive = _block_classes(rows, bs) != _EMPTY  # (B|1, nb)
+    return alive[:, torch.arange(nk - nq, nk, device=rows.device) // bs]
 
 
 # Working-set budget: the bytes of temporaries one group of query blocks may hold at once
@@ -330,9 +442,10 @@ def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> tor
 class _Call:
     """What every slab of one call shares (forward and the recomputing backward alike)."""
 
-    plan: _Plan
-    backward_plan: _Plan  # the fused backward may cut slabs and groups finer than the forward
-    mask: torch.Tensor | None  # (B|1, H|1, Nq|1, Nk) bool
+    plans: tuple[_Plan, ...]  # per batch row (rows with the same padding share one cached plan)
+    backward_plans: tuple[_Plan, ...]  # the fused backward may cut slabs and groups finer than the forward
+    mask: torch.Tensor | None  # a general mask (B|1, H|1, Nq|1, Nk) bool, sliced per slab; None with key padding
+    keys: torch.Tensor | None  # key padding (B|1, Nk) bool, read only on slabs of part-padding blocks (pad)
     bias: object  # bias(q_pos, k_pos) -> (H, r, L), or None
     scale: float
     dropout_p: float
@@ -340,24 +453,32 @@ class _Call:
     fused: bool  # the CPU flash kernel (no dropout); otherwise eager math per slab
 
 
-def _slab_mask(call: _Call, g: _Group, slab: _Slab, b: int, dtype, device):
-    """Additive mask (H|1, 1, r|1, L) for a one-block group's slab, or None; and has_key
-    (H|1, 1, r|1) marking rows that see a key of the slab (None: every row does). The fused
-    kernel applies a diagonal slab's causality itself (is_causal); eager math gets it here."""
+def _slab_mask(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, dtype, device):
+    """Additive mask (H|1, c|1, r|1, L) for a group's slab, or None; and has_key
+    (H|1, c|1, r|1) marking rows that see a key of the slab (None: every row does). The fused
+    kernel applies a diagonal slab's causality itself (is_causal); eager math gets it here.
+    A general mask or a bias comes with one-block groups; key padding (``slab.pad``) is a
+    strided view of the row's key mask under each block's keys."""
     explicit_causal = slab.masked or (slab.diag and not call.fused)
-    if call.mask is None and call.bias is None and not explicit_causal:
+    if call.mask is None and call.bias is None and not explicit_causal and not slab.pad:
         return None, None
-    offset, visible, has_key, am = call.plan.offset, None, None, None
+    offset, visible, am, L = plan.offset, None, None, slab.k1 - slab.k0
     q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=device)
     k_pos = torch.arange(slab.k0, slab.k1, device=device)
     if call.mask is not None:
         m = call.mask[b if call.mask.shape[0] > 1 else 0]  # (H|1, Nq|1, Nk)
         visible = (m[:, g.q0 : g.q0 + g.r] if m.shape[1] > 1 else m)[:, None, :, slab.k0 : slab.k1]
+    if slab.pad:
+        keys = call.keys[b if call.keys.shape[0] > 1 else 0]  # (Nk,)
+        st = keys.stride(0)
+        kv = keys.as_strided((1, g.c, 1, L), (0, slab.step * st, 0, st), keys.storage_offset() + slab.k0 * st)
+        visible = kv if visible is None else visible & kv
     if explicit_causal:
-        causal = k_pos[None, :] <= q_pos[:, None]  # (r, L)
+        causal = k_pos[None, :] <= q_pos[:, None]  # (r, L); the same for every block of a group (step bs)
         visible = causal if visible is None else visible & causal
     if call.bias is not None:
         am = call.bias(q_pos, k_pos).to(dtype)[:, None]  # (H, 1, r, L)
+    has_key = None
     if visible is not None:
         has_key = visible.any(dim=-1)
         am = torch.zeros(visible.shape, dtype=dtype, device=device) if am is None else am
@@ -407,13 +528,13 @@ def _forward(call: _Call, q, k, v):
     out = q.new_empty(B, nq, H, D).transpose(1, 2)
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     index = 0
-    for g in call.plan.groups:
-        for b in range(B):
+    for b, plan in enumerate(call.plans):
+        for g in plan.groups:
             qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
             dest = _view(out, b, g.q0, g.c, g.r, g.r)
             for n, slab in enumerate(g.slabs):
                 ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
-                am, has_key = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
                 o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
                 index += 1
                 if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
@@ -423,24 +544,46 @@ def _forward(call: _Call, q, k, v):
             if len(g.slabs) == 1:
                 dest.copy_(acc[0])
             _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
+        for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
+            out[b, :, a:e] = 0
+            lse[b, :, a:e] = float("-inf")
     return out, lse
 
 
+def _add_windows(dst: torch.Tensor, b: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
+    """dst[b, :, k0 + j * step + [0, L)] += src[:, j] for every block j of a group (src
+    (H, c, L, D)). Overlapping windows (0 < step < L: a sliding window) are added in L / step
+    strided passes that each touch every block once, not one block at a time."""
+    k0, L, step = slab.k0, slab.k1 - slab.k0, slab.step
+    if c == 1:
+        dst[b, :, k0 : k0 + L] += src[:, 0]
+    elif step == 0:  # one shared slab (global keys)
+        dst[b, :, k0 : k0 + L] += src.sum(1)
+    elif step >= L:
+        _view(dst, b, k0, c, L, step).add_(src)
+    elif L % step == 0:
+        for t in range(0, L, step):
+            _view(dst, b, k0 + t, c, step, step).add_(src[:, :, t : t + step])
+    else:
+        for j in range(c):
+            dst[b, :, k0 + j * step : k0 + j * step + L] += src[:, j]
+
+
 def _backward(call: _Call, q, k, v, out, lse, grad_out):
-    """Flash-style backward over ``call.backward_plan``: each slab's probabilities are recomputed
-    from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's)."""
+    """Flash-style backward over ``call.backward_plans``: each slab's probabilities are recomputed
+    from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's).
+    Dead query blocks contribute nothing (their dq rows stay zero)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
     index = 0
-    for g in call.backward_plan.groups:
-        for b in range(q.shape[0]):
+    for b, plan in enumerate(call.backward_plans):
+        for g in plan.groups:
             qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (H, c, r, D)
             ls = _view(lse, b, g.q0, g.c, g.r, g.r)
             delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
             for slab in g.slabs:
-                k0, L = slab.k0, slab.k1 - slab.k0
-                ks, vs = (_view(t, b, k0, g.c, L, slab.step) for t in (k, v))
-                am, _ = _slab_mask(call, g, slab, b, q.dtype, q.device)
+                ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))
+                am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
                 if call.fused:
                     gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
                 else:
@@ -448,13 +591,8 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out):
                 index += 1
                 dqs += gq
                 del gq
-                if slab.step == 0:  # one shared slab (global keys)
-                    dk[b, :, k0 : k0 + L] += gk.sum(1)
-                    dv[b, :, k0 : k0 + L] += gv.sum(1)
-                else:  # windows may overlap: one at a time
-                    for j in range(g.c):
-                        dk[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gk[:, j]
-                        dv[b, :, k0 + j * slab.step : k0 + j * slab.step + L] += gv[:, j]
+                _add_windows(dk, b, slab, g.c, gk)
+                _add_windows(dv, b, slab, g.c, gv)
                 del gk, gv
     return dq, dk, dv
 
@@ -475,7 +613,7 @@ def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
 
 
 class _BlockSparseFunction(torch.autograd.Function):
-    """Saves q, k, v, the output and the log-sum-exp (and the plan); the backward recomputes
+    """Saves q, k, v, the output and the log-sum-exp (and the plans); the backward recomputes
     each slab's probabilities, as flash attention does."""
 
     @staticmethod
@@ -499,45 +637,57 @@ def _bias_needs_grad(bias, device) -> bool:
     return bias(p, p).requires_grad
 
 
-def _traced_rows(call: _Call, q, k, v):
+def _traced_rows(plan: _Plan, mask, bias, scale, dropout_p, q, k, v):
     """A bias that needs gradients (learned relative positions): per query block, eager
-    attention on its concatenated slabs under autograd (saves each block's scores)."""
-    outs, offset = [], call.plan.offset
-    for g in call.plan.groups:  # one block each: such calls are planned unbatched
+    attention on its concatenated slabs under autograd (saves each block's scores). ``plan``
+    is the unpadded one-block-per-group plan; ``mask`` (B|1, H|1, Nq|1, Nk) or None."""
+    outs, offset = [], plan.offset
+    for g in plan.groups:
         qs = q[:, :, g.q0 : g.q0 + g.r]
         ks = torch.cat([k[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
         vs = torch.cat([v[:, :, s.k0 : s.k1] for s in g.slabs], dim=2)
         q_pos = torch.arange(g.q0 + offset, g.q0 + g.r + offset, device=q.device)
         k_pos = torch.cat([torch.arange(s.k0, s.k1, device=q.device) for s in g.slabs])
         visible = k_pos[None, :] <= q_pos[:, None] if any(s.diag or s.masked for s in g.slabs) else None
-        if call.mask is not None:
-            m = call.mask[:, :, g.q0 : g.q0 + g.r] if call.mask.shape[2] > 1 else call.mask
+        if mask is not None:
+            m = mask[:, :, g.q0 : g.q0 + g.r] if mask.shape[2] > 1 else mask
             visible = m[..., k_pos] if visible is None else m[..., k_pos] & visible
-        bias = call.bias
-        outs.append(eager_attention(qs, ks, vs, mask=visible, bias=lambda *_: bias(q_pos, k_pos), scale=call.scale,
-                                    dropout_p=call.dropout_p)[0])
+        outs.append(eager_attention(qs, ks, vs, mask=visible, bias=lambda *_: bias(q_pos, k_pos), scale=scale,
+                                    dropout_p=dropout_p)[0])
     return torch.cat(outs, dim=2)
 
 
 def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, scale, dropout_p):
-    """Every query block against its slabs (see the module docstring)."""
-    nq, nk = q.shape[-2], k.shape[-2]
+    """Every query block against its slabs, plans per batch row (see the module docstring)."""
+    B, nq, nk, bs = q.shape[0], q.shape[-2], k.shape[-2], state.block_size
     fused = q.device.type == "cpu" and not dropout_p
-    tokens, bwd_blocks = _budget(q, state.block_size, state.chunk_bytes)
-    batched = fused and mask is None and bias is None
+    tokens, bwd_blocks = _budget(q, bs, state.chunk_bytes)
+    padding = mask is not None and _is_key_padding(mask, nk)
+    pads = _row_padding(mask, B, nk, bs) if padding else None
+    if padding and pads is None:
+        mask, padding = None, False  # an all-True key mask is no mask
+    general = None if mask is None or padding else _as_4d(mask, nk)
+    if _bias_needs_grad(bias, q.device):
+        plan = state.plan(nq, nk, causal, bwd_blocks, 0, False)
+        out = _traced_rows(plan, general if not padding else _as_4d(mask, nk), bias, scale, dropout_p, q, k, v)
+        if padding:  # the same zero rows as the slab path
+            out = out * _alive_queries(mask.reshape(-1, nk), nq, nk, bs)[:, None, :, None].to(out.dtype)
+        return out
+    batched = fused and general is None and bias is None
     # One block per group where a slab needs its own mask; eager math (dropout, other devices)
     # materializes a slab's scores and draws its dropout per slab, so its slabs are cut at the
     # budget and both passes share one plan. The fused forward streams a slab's keys itself
     # (its temporaries do not grow with the slab), so its slabs are whole runs of key blocks;
     # the backward's dk, dv do grow with a slab: cut at the budget, groups within
     # BACKWARD_BUDGETS budgets.
-    plan = state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, tokens if batched else 0, False)
-    backward_plan = state.plan(nq, nk, causal, bwd_blocks, BACKWARD_BUDGETS * tokens if batched else 0, True) \
-        if fused else plan
+    rows = pads or (None,) * B
+    plans = tuple(state.plan(nq, nk, causal, 1 << 30 if fused else bwd_blocks, tokens if batched else 0, False, p)
+                  for p in rows)
+    backward_plans = tuple(state.plan(nq, nk, causal, bwd_blocks, BACKWARD_BUDGETS * tokens if batched else 0, True, p)
+                           for p in rows) if fused else plans
     seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
-    call = _Call(plan, backward_plan, None if mask is None else _as_4d(mask, nk), bias, scale, dropout_p, seed, fused)
-    if _bias_needs_grad(bias, q.device):
-        return _traced_rows(call, q, k, v)
+    keys = mask.reshape(-1, nk) if padding else None
+    call = _Call(plans, backward_plans, general, keys, bias, scale, dropout_p, seed, fused)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseFunction.apply(q, k, v, call)
     return _forward(call, q, k, v)[0]
@@ -608,11 +758,13 @@ def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale
         raise ValueError(f"block_sparse self-attention needs Nq <= Nk (queries are the last Nq positions); "
                          f"got Nq={nq}, Nk={nk}")
     if need_weights:  # debugging path: the same layout through the materializing reference
-        layout = state.dense_mask(nq, nk, causal=causal).to(q.device)
-        return eager_attention(q, k, v, mask=layout if mask is None else mask & layout, bias=bias, causal=causal,
-                               scale=scale, dropout_p=dropout_p, need_weights=True)
+        equivalent = state.equivalent_mask(mask, nq, nk, causal=causal).to(q.device)
+        return eager_attention(q, k, v, mask=equivalent, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
+                               need_weights=True)
     if dense:
         return sdpa_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    if mask is not None and _is_key_padding(mask, nk) and _row_padding(mask, q.shape[0], nk, state.block_size) is None:
+        mask = None  # an all-True key mask is no mask (FlexAttention and the batched slab path take it)
     if _flex_ok(q, mask, bias, dropout_p, state.config.backend):
         return _flex(q, k, v, state, causal=causal, scale=scale), None
     out = _sparse_attention(q, k, v, state, causal=causal, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
