@@ -213,7 +213,8 @@ def _check_scores_agree(task, meter, rows):
     assert clustered_se_from_totals(right, units) == pytest.approx(s.accuracy_se)
     data = task.split("eval")
     assert s.eval_hash == eval_hash(data.raw(i)[0] for i in range(rows)) != task.eval_rows_hash(rows - 1)
-    assert task.eval_rows_hash() == task.eval_rows_hash(len(data)) == eval_hash(data.raw(i)[0] for i in range(len(data)))
+    whole = eval_hash(data.raw(i)[0] for i in range(len(data)))
+    assert task.eval_rows_hash() == task.eval_rows_hash(len(data)) == whole
     return m, s
 
 
@@ -514,7 +515,8 @@ def test_mqar_determinism_splits_and_distance():
 
     def mean_slot(**over):
         t = build_task({**base, **over})
-        slots = [(p - 16) // 2 for i in range(500) for p, x in enumerate(t.split("eval").raw(i)[1]) if x != IGNORE_INDEX]
+        labels = [t.split("eval").raw(i)[1] for i in range(500)]
+        slots = [(p - 16) // 2 for row in labels for p, x in enumerate(row) if x != IGNORE_INDEX]
         return sum(slots) / len(slots)
 
     uniform = mean_slot(distance="uniform")

@@ -150,50 +150,59 @@ class TaskSplit(torch.utils.data.Dataset):
         return {"input_ids": ids.long(), "labels": torch.as_tensor(label).long()}
 
 
-class UnitMeter:
-    """The per-unit record both meters keep: for each scored ``unit`` (one of
-    ``omninet.scores.UNITS``), in eval order, whether the argmax was right, its cross-entropy
-    (nats) and the eval row it belongs to (rows counted across ``update`` calls in the order they
-    came). Each batch adds a few small CPU tensors; they are concatenated only when read."""
+class _Columns:
+    """Columns appended to per batch as CPU tensors and concatenated into numpy arrays only when read."""
 
-    def __init__(self, unit: str) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"meter unit must be one of {', '.join(map(repr, UNITS))}; got {unit!r}")
-        self.unit = unit
-        self.rows = 0  # eval rows seen, scored or not
-        # per batch: correct [U], loss [U], row [U], then right units [B] and units [B] per row
+    def __init__(self, *dtypes: type) -> None:
         self._pending: list[tuple[torch.Tensor, ...]] = []
-        self._arrays = (np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32),
-                        np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self._arrays = tuple(np.zeros(0, dtype) for dtype in dtypes)
 
-    def _record(self, correct: torch.Tensor, loss: torch.Tensor, row: torch.Tensor, batch_rows: int) -> None:
-        """``correct`` [U] bool, ``loss`` [U] and ``row`` [U] (the row within this batch) of one batch."""
-        right = torch.bincount(row[correct], minlength=batch_rows)  # [B]
-        units = torch.bincount(row, minlength=batch_rows)  # [B]
-        self._pending.append(tuple(t.cpu() for t in (correct, loss.float(), (row + self.rows).to(torch.int32),
-                                                     right, units)))
-        self.rows += batch_rows
+    def append(self, *columns: torch.Tensor) -> None:
+        self._pending.append(tuple(t.cpu() for t in columns))
 
-    def _gathered(self) -> tuple[np.ndarray, ...]:
+    def read(self) -> tuple[np.ndarray, ...]:
         if self._pending:
             parts = [self._arrays, *(tuple(t.numpy() for t in p) for p in self._pending)]
             self._arrays = tuple(np.concatenate(column) for column in zip(*parts))
             self._pending = []
         return self._arrays
 
+
+class UnitMeter:
+    """The per-unit record both meters keep: for each scored ``unit`` (one of
+    ``omninet.scores.UNITS``), in eval order, whether the argmax was right, its cross-entropy
+    (nats) and the eval row it belongs to (rows counted across ``update`` calls in the order they
+    came), and per row its right and scored units. Each batch adds a few small CPU tensors."""
+
+    def __init__(self, unit: str) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"meter unit must be one of {', '.join(map(repr, UNITS))}; got {unit!r}")
+        self.unit = unit
+        self.rows = 0  # eval rows seen, scored or not
+        self._units = _Columns(bool, np.float32, np.int32)  # correct, loss, row: [U] each
+        self._row_totals = _Columns(np.int64, np.int64)  # right, units: [R] each
+
+    def _record(self, correct: torch.Tensor, loss: torch.Tensor, row: torch.Tensor, batch_rows: int) -> None:
+        """``correct`` [U] bool, ``loss`` [U] and ``row`` [U] (the row within this batch) of one batch."""
+        self._units.append(correct, loss.float(), (row + self.rows).to(torch.int32))
+        right = torch.bincount(row[correct], minlength=batch_rows)  # [B]
+        self._row_totals.append(right, torch.bincount(row, minlength=batch_rows))
+        self.rows += batch_rows
+
     def row_totals(self) -> tuple[np.ndarray, np.ndarray]:
         """``(right, units)`` per eval row seen, [R] each: what ``omninet.scores.clustered_se_from_totals``
         needs to check the accuracy's standard error after every batch."""
-        return self._gathered()[3:]
+        right, units = self._row_totals.read()
+        return right, units
 
     def unit_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(correct, row)`` so far: [U] bool and [U] int32 (cheap to call after every batch)."""
-        correct, _, row = self._gathered()[:3]
+        """``(correct, row)`` so far: [U] bool and [U] int32."""
+        correct, _, row = self._units.read()
         return correct, row
 
     def scores(self, eval_hash: str | None = None) -> UnitScores:
         """The per-unit scores so far; ``eval_hash`` names the eval rows (``Task.eval_rows_hash``)."""
-        correct, loss, row = self._gathered()[:3]
+        correct, loss, row = self._units.read()
         return UnitScores(self.unit, correct, loss, row, eval_hash)
 
     def _unit_metrics(self) -> dict[str, float]:
