@@ -451,6 +451,7 @@ class _Call:
     dropout_p: float
     seed: int  # dropout: slab s of the call draws its mask from Generator(seed + s), forward and backward
     fused: bool  # the CPU flash kernel (no dropout); otherwise eager math per slab
+    chunk_bytes: int  # the layer's working-set budget (``BlockSparseLayout.chunk_bytes``)
 
 
 def _slab_mask(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, dtype, device):
@@ -533,9 +534,14 @@ def _forward(call: _Call, q, k, v):
             qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
             dest = _view(out, b, g.q0, g.c, g.r, g.r)
             for n, slab in enumerate(g.slabs):
-                ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
                 am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
-                o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
+                if _shared(call, g, slab, am):  # keys shared by the group: one (c * r)-row call per head
+                    ks, vs = (_view(t, b, slab.k0, 1, slab.k1 - slab.k0, 0) for t in (k, v))  # (H, 1, L, D)
+                    o, l = _slab_forward(call, index, _view(q, b, g.q0, 1, g.c * g.r, 0), ks, vs, am, slab)
+                    o, l = o.reshape(qs.shape), l.reshape(qs.shape[:-1])
+                else:
+                    ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
+                    o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
                 index += 1
                 if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
                     l = l.masked_fill(~has_key, float("-inf"))
@@ -548,6 +554,17 @@ def _forward(call: _Call, q, k, v):
             out[b, :, a:e] = 0
             lse[b, :, a:e] = float("-inf")
     return out, lse
+
+
+def _shared(call: _Call, g: _Group, slab: _Slab, am) -> bool:
+    """Whether the group's blocks all read the slab's keys (a global block) with no per-block
+    mask: computed as one call of c * r query rows per head, c times fewer kernel work units
+    (at block 16 each unit costs the CPU flash kernel ~2-4 us beyond its arithmetic). Not where
+    the flash kernel's own (query split x key split) buffer, which grows with the rows of a
+    call (a split of up to 256 rows by 512 keys, fp32), would pass a quarter of the budget."""
+    if g.c == 1 or slab.step != 0 or (am is not None and am.shape[1] != 1):
+        return False
+    return min(g.c * g.r, 256) * min(slab.k1 - slab.k0, 512) * 4 * torch.get_num_threads() <= call.chunk_bytes // 4
 
 
 def _add_windows(dst: torch.Tensor, b: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
@@ -582,17 +599,23 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out):
             ls = _view(lse, b, g.q0, g.c, g.r, g.r)
             delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
             for slab in g.slabs:
-                ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))
                 am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
+                c, r, L = g.c, g.r, slab.k1 - slab.k0
+                if _shared(call, g, slab, am):  # see _forward: (H, 1, c * r, D) against (H, 1, L, D)
+                    c, r = 1, g.c * g.r
+                ks, vs = (_view(t, b, slab.k0, c, L, slab.step) for t in (k, v))
+                qs_, gs_, os2, ls_, de = (qs, gs, os_, ls, delta) if c == g.c else (
+                    _view(q, b, g.q0, 1, r, 0), _view(grad_out, b, g.q0, 1, r, 0), _view(out, b, g.q0, 1, r, 0),
+                    _view(lse, b, g.q0, 1, r, 0), None if delta is None else delta.view(delta.shape[0], 1, r, 1))
                 if call.fused:
-                    gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+                    gq, gk, gv = _FLASH_BWD(gs_, qs_, ks, vs, os2, ls_, 0.0, slab.diag, attn_mask=am, scale=call.scale)
                 else:
-                    gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+                    gq, gk, gv = _slab_backward_eager(call, index, qs_, ks, vs, am, gs_, ls_, de)
                 index += 1
-                dqs += gq
+                dqs += gq.reshape(dqs.shape)
                 del gq
-                _add_windows(dk, b, slab, g.c, gk)
-                _add_windows(dv, b, slab, g.c, gv)
+                _add_windows(dk, b, slab, c, gk)
+                _add_windows(dv, b, slab, c, gv)
                 del gk, gv
     return dq, dk, dv
 
@@ -687,7 +710,7 @@ def _sparse_attention(q, k, v, state: BlockSparseLayout, *, causal, mask, bias, 
                            for p in rows) if fused else plans
     seed = int(torch.randint(0, 2**62, (), device="cpu")) if dropout_p else 0  # from the global generator
     keys = mask.reshape(-1, nk) if padding else None
-    call = _Call(plans, backward_plans, general, keys, bias, scale, dropout_p, seed, fused)
+    call = _Call(plans, backward_plans, general, keys, bias, scale, dropout_p, seed, fused, state.chunk_bytes)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseFunction.apply(q, k, v, call)
     return _forward(call, q, k, v)[0]
