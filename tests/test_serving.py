@@ -1,11 +1,13 @@
 """Real HTTP against a real Ray Serve deployment on 127.0.0.1 (one app for the module; every
 request with a client timeout): predictions equal the model's direct outputs, bad input is a
-one-line 400/413, bad requests batched with good ones leave them intact, and the served model
-is the trained one (its eval accuracy over HTTP is the trial's). Plus ``omninet serve``'s
-bad-input exits."""
+one-line 400/413 that quotes at most ~80 characters of it, a body past ``max_body_bytes`` is a
+413 before it is read (Content-Length) or as soon as it passes the limit (chunked), bad requests
+batched with good ones leave them intact, and the served model is the trained one (its eval
+accuracy over HTTP is the trial's). Plus ``omninet serve``'s bad-input exits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,8 @@ from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
 pytestmark = pytest.mark.slow  # ~60-75 s on a busy 2-core machine: training, Ray and Serve start-up
 TIMEOUT = 20  # seconds, every request
-TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 10}}
+TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 10},
+         "measure": {**LISTOPS_SERVE_TRIAL["measure"], "allow_other_length": True}}  # served at 512, trained shorter
 
 
 def _free_port() -> int:
@@ -61,6 +64,29 @@ def post(url: str, body) -> requests.Response:
     if isinstance(body, (dict, list)):
         return requests.post(f"{url}/predict", json=body, timeout=TIMEOUT)
     return requests.post(f"{url}/predict", data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+
+
+def raw_http(url: str, head: str, body_parts: list[bytes]) -> tuple[int, dict]:
+    """Sends a request head and body parts on a plain socket, leaving the body unfinished, and
+    reads the response: a 413 that arrives means the server answered without the rest."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode())
+        for part in body_parts:
+            sock.sendall(part)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def _length(response: bytes) -> int:
+    head = response.split(b"\r\n\r\n", 1)[0].decode().lower()
+    return next((int(line.split(":")[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
 
 
 def direct_probs(trained, seqs: list[list[int]]) -> list[list[float]]:
@@ -117,6 +143,82 @@ def test_bad_input_is_a_one_line_json_error(url, body, status, needle) -> None:
     assert set(r.json()) == {"error"} and needle in r.json()["error"] and "\n" not in r.json()["error"]
 
 
+@pytest.mark.parametrize("body, needle", [
+    ({"text": "[MAX 2 " + "z" * 200_000 + " ]"}, "unknown ListOps token"),
+    ({"input_ids": [2, 10, 5], "q" * 100_000: 1}, "unknown field"),
+    ({"input_ids": [2, 10, 5], "truncate": "y" * 100_000}, "true or false"),
+    ({"input_ids": [2, int("9" * 4000), 5]}, "outside the vocabulary"),
+])
+def test_an_error_quotes_at_most_80_characters_of_the_input(url, body, needle) -> None:
+    r = post(url, body)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert needle in error and "characters)" in error and len(error) < 300, error[:300]
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_unread(url) -> None:
+    # The head announces 5 MB and only a few bytes follow: the 413 comes without the rest.
+    head = ("POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 5000000\r\n\r\n")
+    status, out = raw_http(url, head, [b'{"text": "'])
+    assert status == 413 and "5000000 bytes" in out["error"] and "at most 1048576" in out["error"], out
+    r = post(url, json.dumps({"text": "[MAX 2 9 ]"}).ljust(5_000_000).encode())  # a whole 5 MB body, same answer
+    assert r.status_code == 413 and "at most 1048576" in r.json()["error"]
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(url) -> None:
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    piece = b" " * 65536
+    chunks = [b'%x\r\n%s\r\n' % (len(piece), piece)] * 17  # 1.06 MiB and no last chunk: the server stops reading
+    status, out = raw_http(url, head, chunks)
+    assert status == 413 and "over 1048576 bytes" in out["error"], out
+
+
+def test_bodies_under_the_limit_are_read_whole_chunked_or_not(url) -> None:
+    text = json.dumps({"input_ids": [2, 10, 17, 5]})
+    assert post(url, text.ljust(2**20 - 16).encode()).status_code == 200  # padded to just under 1 MiB
+    r = requests.post(f"{url}/predict", data=(part.encode() for part in (text[:5], text[5:])),
+                      headers={"Content-Type": "application/json"}, timeout=TIMEOUT)  # a generator: chunked
+    assert r.status_code == 200, r.text
+
+
+def test_read_body_never_reads_past_the_limit() -> None:
+    from starlette.requests import Request
+
+    from omninet.serve.app import read_body
+    from omninet.serve.predictor import RequestError
+
+    def request(headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[Request, list[int]]:
+        calls = []
+
+        async def receive():
+            calls.append(1)
+            return {"type": "http.request", "body": chunks[len(calls) - 1], "more_body": len(calls) < len(chunks)}
+
+        return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive), calls
+
+    declared, calls = request([(b"content-length", b"2000")], [b"x" * 1000] * 2)
+    with pytest.raises(RequestError, match="2000 bytes"):
+        asyncio.run(read_body(declared, 1500))
+    assert calls == []  # refused from the header alone
+    chunked, calls = request([(b"transfer-encoding", b"chunked")], [b"x" * 1000] * 10)
+    with pytest.raises(RequestError, match="over 1500 bytes") as exc:
+        asyncio.run(read_body(chunked, 1500))
+    assert exc.value.status == 413 and len(calls) == 2  # stopped at the chunk that passed the limit
+    whole, _ = request([], [b"ab", b"cd"])
+    assert asyncio.run(read_body(whole, 4)) == b"abcd"
+
+
+def test_error_messages_clip_long_runs_of_input() -> None:
+    from omninet.serve.predictor import QUOTE_CHARS, RequestError, clip
+
+    token = "q" * 10_000
+    message = RequestError(400, f"text[0]: unknown ListOps token {token!r}; known: ( ) [MAX").message
+    assert message.startswith("text[0]: unknown ListOps token 'qqq") and message.endswith("; known: ( ) [MAX")
+    assert "... (10000 characters)'" in message and len(message) < 2 * QUOTE_CHARS + 60
+    assert clip("short") == "short" and clip("x" * 81) == "x" * 80 + "... (81 characters)"
+
+
 def test_truncation_only_when_asked(url, trained) -> None:
     long = [9] * 600
     r = post(url, {"input_ids": [long, [2, 10, 5]], "truncate": True})
@@ -139,7 +241,8 @@ def test_bad_requests_batched_with_good_ones_leave_them_intact(url, trained) -> 
     eval_split = trained.task.split("eval")
     good = [eval_split[i]["input_ids"].tolist()[:30] for i in range(16)]  # one bucket, so they share batches
     want = direct_probs(trained, good)
-    bad = [{"input_ids": [2, 99, 5]}, {"input_ids": [9] * 600}, "{oops", {"text": "[MAX x ]"}]
+    bad = [{"input_ids": [2, 99, 5]}, {"input_ids": [9] * 600}, "{oops", {"text": "[MAX x ]"},
+           json.dumps({"input_ids": [2, 10, 5]}).ljust(2 * 2**20)]  # the last one past the body limit
     bodies = [({"input_ids": g}, i) for i, g in enumerate(good)] + [(b, None) for b in bad] * 2
     order = [bodies[i] for i in sorted(range(len(bodies)), key=lambda i: (i * 7) % len(bodies))]  # interleave
     before = requests.get(f"{url}/stats", timeout=TIMEOUT).json()["batch_sizes"]
@@ -195,10 +298,12 @@ def test_cli_writes_a_serve_config_for_a_cluster(model_dir, tmp_path) -> None:
     import yaml
 
     out = tmp_path / "serve.yaml"
-    assert omninet_main(["serve", str(model_dir), "--write-config", str(out), "--replicas", "2", "--num-cpus", "1"]) == 0
+    assert omninet_main(["serve", str(model_dir), "--write-config", str(out), "--replicas", "2", "--num-cpus", "1",
+                         "--max-body-bytes", "4096"]) == 0
     app = yaml.safe_load(out.read_text())["applications"][0]
     assert app["import_path"] == "omninet.serve.app:app_builder"
     assert app["args"]["model_dir"] == str(model_dir.resolve()) and app["args"]["num_replicas"] == 2
+    assert app["args"]["max_body_bytes"] == 4096
     from omninet.serve.app import app_builder
 
     assert app_builder(app["args"]) is not None  # the builder accepts the file's args

@@ -5,16 +5,19 @@
     # POST {url}/predict {"text": "[MAX 2 9 ]"} -> {"predictions": [9], "probabilities": [[...]], "model": {...}}
     # GET  {url}/health                        -> {"status": "ok", "model": {...}}
 
-One deployment (``OmniNetServer``) takes HTTP directly. Its handler parses and validates the
-request (``omninet.serve.predictor``: 400 for malformed input, 413 for too long), so only valid
-inputs are ever batched. Each input then goes to the batch queue of its length bucket
-(``omninet.buckets``): one ``@serve.batch`` queue per bucket, so a batch pads to its bucket, not
-to the longest request in flight; a bucket's batch holds at most ``max_batch_tokens`` tokens
-(``max_batch_size`` rows at most). A forward runs on the replica's event loop and holds it:
-requests that arrive meanwhile wait at the replica, and the next batch takes all of them.
-Ray Serve forms a batch when its wait ends, not when the model is free. So with the forward on a
-worker thread, as before, the loop kept cutting batches of one or two every
-``batch_wait_timeout_s`` while they queued behind the model, even under overload.
+One deployment (``OmniNetServer``) takes HTTP directly. Its handler reads the body up to
+``max_body_bytes`` (413 past it: from Content-Length before reading anything, else as soon as a
+chunked body passes it; the replica never holds more, and Ray's proxy stops reading the socket
+once the 413 is sent), then parses and validates the request (``omninet.serve.predictor``: 400
+for malformed input, 413 for too long; a message quotes at most 80 characters of any input), so
+only valid inputs are ever batched. Each input then goes to the batch queue of its length
+bucket (``omninet.buckets``): one ``@serve.batch`` queue per bucket, so a batch pads to its
+bucket, not to the longest request in flight; a bucket's batch holds at most
+``max_batch_tokens`` tokens (``max_batch_size`` rows at most). A forward runs on the replica's
+event loop and holds it: requests that arrive meanwhile wait at the replica, and the next batch
+takes all of them. Ray Serve forms a batch when its wait ends, not when the model is free. So
+with the forward on a worker thread, as before, the loop kept cutting batches of one or two
+every ``batch_wait_timeout_s`` while they queued behind the model, even under overload.
 ``max_batch_size=1`` is plain batch-1 serving through the same path.
 
 On a cluster: ``ray job submit -- omninet serve RESULTS_DIR --pool P --host 0.0.0.0``, or
@@ -35,8 +38,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-__all__ = ["DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "OmniNetServer", "app_builder", "build_app",
-           "pool_actor_options", "serve_model"]
+__all__ = ["DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_BODY_BYTES",
+           "OmniNetServer", "app_builder", "build_app", "pool_actor_options", "read_body", "serve_model"]
 
 log = logging.getLogger("omninet.serve")
 
@@ -46,6 +49,8 @@ DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 # (benchmarks/serving.py's forward_ceiling: at 512 tokens batch 32 costs more per sequence than
 # batch 1), so long buckets get smaller batches. A per-bucket cap, not a batch_size_fn.
 DEFAULT_MAX_BATCH_TOKENS = 4096
+# A full request (256 inputs of 512 token ids) is about 0.5 MB of JSON; a bigger body is refused unread.
+DEFAULT_MAX_BODY_BYTES = 2**20
 
 
 def batch_limits(buckets: list[int], max_batch_size: int, max_batch_tokens: int | None) -> dict[int, int]:
@@ -55,7 +60,28 @@ def batch_limits(buckets: list[int], max_batch_size: int, max_batch_tokens: int 
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
+    from omninet.serve.predictor import one_line
+
+    return JSONResponse({"error": one_line(message, "error")}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ``RequestError`` 413 as soon as it is known to exceed ``limit``
+    bytes: from Content-Length before reading anything, else while reading (chunked bodies),
+    so no more than ``limit`` bytes (plus one chunk) are ever held."""
+    from omninet.serve.predictor import RequestError
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {int(declared)} bytes; the server accepts at most {limit} "
+                                "(--max-body-bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body over {limit} bytes; the server accepts at most {limit} "
+                                    "(--max-body-bytes)")
+    return bytes(body)
 
 
 @serve.deployment(name="OmniNetServer", graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=10,
@@ -66,7 +92,7 @@ class OmniNetServer:
     def __init__(self, model_dir: str, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         import torch
 
         from omninet.serve.artifacts import load_trial_model
@@ -78,6 +104,7 @@ class OmniNetServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor(load_trial_model(model_dir, device=device))
         self.max_batch_size = max_batch_size
+        self.max_body_bytes = max_body_bytes
         self._batch_sizes: dict[int, int] = {}  # batch size -> count, for the benchmark's histogram
         self.batch_limits = batch_limits(self.predictor.buckets, max_batch_size, max_batch_tokens)
         self._queues = {b: self._make_queue(n, batch_wait_timeout_s) for b, n in self.batch_limits.items()}
@@ -113,7 +140,7 @@ class OmniNetServer:
         from omninet.serve.predictor import RequestError
 
         try:
-            inputs = self.predictor.parse(await request.body())
+            inputs = self.predictor.parse(await read_body(request, self.max_body_bytes))
         except RequestError as exc:
             return _error(exc.status, exc.message)
         start = time.perf_counter()
@@ -146,9 +173,10 @@ def pool_actor_options(resources: dict[str, float]) -> dict[str, Any]:
 def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options: dict[str, Any] | None = None,
               max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
               max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, max_ongoing_requests: int | None = None,
-              num_threads: int | None = None, device: str = "auto"):
+              num_threads: int | None = None, device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """The Serve application for a trial-model folder (see ``save_trial_model``)."""
-    for name, value, low in (("num_replicas", num_replicas, 1), ("max_batch_size", max_batch_size, 1)):
+    for name, value, low in (("num_replicas", num_replicas, 1), ("max_batch_size", max_batch_size, 1),
+                             ("max_body_bytes", max_body_bytes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
@@ -163,7 +191,7 @@ def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options
                                        max_ongoing_requests=ongoing, max_queued_requests=-1)
     return deployment.bind(str(Path(model_dir).resolve()), max_batch_size=max_batch_size,
                            batch_wait_timeout_s=batch_wait_timeout_s, max_batch_tokens=max_batch_tokens,
-                           num_threads=num_threads, device=device)
+                           num_threads=num_threads, device=device, max_body_bytes=max_body_bytes)
 
 
 def app_builder(args: dict[str, Any]):

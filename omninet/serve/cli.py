@@ -51,7 +51,8 @@ def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Pat
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    from omninet.serve.app import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+    from omninet.serve.app import (DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS,
+                                   DEFAULT_MAX_BODY_BYTES)
 
     parser = argparse.ArgumentParser(prog="omninet serve", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", help="a sweep's results directory, or a trial-model folder")
@@ -64,6 +65,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                         help="rows x bucket length per forward (caps batches of long inputs)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body accepted; larger ones get 413 unread (default 1 MiB)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads per replica")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default: the pool's)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: the pool's)")
@@ -84,7 +87,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         actor["num_gpus"] = args.num_gpus
     options: dict[str, Any] = {"num_replicas": args.replicas, "ray_actor_options": actor,
                                "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-                               "max_batch_tokens": args.max_batch_tokens,
+                               "max_batch_tokens": args.max_batch_tokens, "max_body_bytes": args.max_body_bytes,
                                "num_threads": args.num_threads}
     if args.write_config:
         import yaml

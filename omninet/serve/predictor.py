@@ -11,21 +11,40 @@ handler parses and validates a request here (``parse_request`` -> ``Inputs`` or
     {"input_ids": [[2, 10, 17, 5], [4, 9, 10, 5]]}  several
     optional: "truncate": true                       cut inputs longer than the model accepts
                                                      (otherwise they are refused with 413)
+
+An error message is one line and quotes at most ``QUOTE_CHARS`` characters of any input
+(``clip``): a 5 MB token is named by its start and its length, not echoed back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from omninet.buckets import bucket_for
 
-__all__ = ["MAX_INPUTS_PER_REQUEST", "Inputs", "Predictor", "RequestError", "parse_request"]
+__all__ = ["MAX_INPUTS_PER_REQUEST", "QUOTE_CHARS", "Inputs", "Predictor", "RequestError", "clip", "one_line",
+           "parse_request"]
 
 MAX_INPUTS_PER_REQUEST = 256
+QUOTE_CHARS = 80  # the most of any one input an error message quotes
 _KEYS = {"text", "input_ids", "truncate"}
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(message: str, default: str = "bad request") -> str:
+    """An error message's first line, with every run of more than ``QUOTE_CHARS`` characters
+    other than spaces and quotes clipped: a message built elsewhere (a tokenizer's, an
+    exception's) may quote an input token whole."""
+    first = message.splitlines()[0] if message and message.strip() else default
+    return re.sub(rf"[^\s'\"]{{{QUOTE_CHARS + 1},}}", lambda m: clip(m.group()), first)
 
 
 class RequestError(Exception):
@@ -34,7 +53,7 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.message = message.splitlines()[0] if message else "bad request"
+        self.message = one_line(message)
 
 
 @dataclass
@@ -60,14 +79,14 @@ def parse_request(body: bytes | str, *, encode, vocab_size: int, max_length: int
         raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise RequestError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; send 'text' or 'input_ids' "
+        raise RequestError(400, f"unknown field(s) {clip(', '.join(map(repr, unknown)))}; send 'text' or 'input_ids' "
                                 f"(and optionally 'truncate')")
     if ("text" in data) == ("input_ids" in data):
         raise RequestError(400, "send exactly one of 'text' (a string or a list of strings) or 'input_ids' "
                                 "(a list of ints or a list of lists of ints)")
     truncate = data.get("truncate", False)
     if not isinstance(truncate, bool):
-        raise RequestError(400, f"'truncate' must be true or false, got {json.dumps(truncate)}")
+        raise RequestError(400, f"'truncate' must be true or false, got {clip(json.dumps(truncate))}")
     if "text" in data:
         texts = data["text"]
         texts = [texts] if isinstance(texts, str) else texts
@@ -95,7 +114,7 @@ def parse_request(body: bytes | str, *, encode, vocab_size: int, max_length: int
             raise RequestError(400, f"input {i} is empty; send at least one token")
         bad = next((x for x in seq if not 0 <= x < vocab_size), None)
         if bad is not None:
-            raise RequestError(400, f"input {i}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise RequestError(400, f"input {i}: token id {clip(str(bad))} is outside the vocabulary [0, {vocab_size})")
         if len(seq) > max_length and not truncate:
             raise RequestError(413, f"input {i} has {len(seq)} tokens; the model accepts at most {max_length} "
                                     f"(send \"truncate\": true to cut it)")
