@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omninet.attention import get_kernel
+from omninet.attention.block_sparse import key_lengths
 from omninet import gating
 from omninet.config import ModelConfig
 from omninet.positions import Alibi, LearnedPositions, RelativeBias, Rotary
@@ -321,7 +322,7 @@ class OmniNetModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------
     def encode(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, head_mask=None, need_weights=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else self.drop(inputs_embeds)
-        mask = attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads)
+        mask = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads))
         hm = self._head_mask(head_mask)
         return self.encoder(x, mask=mask, head_mask=None if hm is None else hm[: len(self.encoder.blocks)],
                             need_weights=need_weights)
@@ -356,7 +357,7 @@ class OmniNetModel(nn.Module):
             x, mask = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask, cache)
             if attention_mask is not None and attention_mask.dim() != 2:
                 raise ValueError("encoder_decoder models take a [B, N] padding attention_mask for the encoder")
-            memory_mask = attention_mask_4d(attention_mask, enc_out, "attention_mask") if attention_mask is not None else None
+            memory_mask = kernel_mask(attention_mask_4d(attention_mask, enc_out, "attention_mask")) if attention_mask is not None else None
             h, dec_w = self.decoder(x, mask=mask, memory=enc_out, memory_mask=memory_mask, cache=cache,
                                     head_mask=None if hm is None else hm[cfg.num_layers :], need_weights=output_attentions)
             attentions = attentions + dec_w if output_attentions else None
@@ -371,8 +372,8 @@ class OmniNetModel(nn.Module):
     def _decoder_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
         offset = cache.length(self.decoder.blocks[0].attn.layer_idx) if cache is not None else 0
         x = self.embed_tokens(input_ids, offset) if inputs_embeds is None else self.drop(inputs_embeds)
-        mask = attention_mask_4d(attention_mask, x, "attention_mask", total_keys=offset + x.shape[1],
-                                  num_heads=self.config.num_heads)
+        mask = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", total_keys=offset + x.shape[1],
+                                             num_heads=self.config.num_heads))
         return x, mask
 
     def _head(self, h, attention_mask):
@@ -550,6 +551,18 @@ def attention_mask_4d(mask, x, name: str, *, total_keys: int | None = None, num_
         raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to [B, H, N, Nk]={[B, num_heads, N, Nk]}; "
                          "pass a [B, N] padding mask or a [B|1, H|1, N|1, Nk] bool mask")
     return m
+
+
+def kernel_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask every layer's kernel gets, decided once per forward: None when it is all True
+    (no padding: each kernel takes its no-mask path, SDPA its fused one), else the mask; a
+    key-padding mask (B, 1, 1, Nk) with padding only at the row ends carries its rows' lengths
+    (``key_lengths``, computed here once), which block-sparse layouts fold into their plans."""
+    if mask is None or bool(mask.all()):
+        return None
+    if mask.shape[1] == 1 and mask.shape[2] == 1:
+        key_lengths(mask)
+    return mask
 
 
 def _check_ids(ids, vocab: int, name: str) -> None:

@@ -419,3 +419,125 @@ def test_consecutive_calls_of_other_sizes_and_layers_are_independent(causal):
             out, _ = block_sparse_attention(q, k, v, causal=causal, scale=0.25, state=state)
             ref, _ = eager_attention(q, k, v, mask=state.dense_mask(n, n, causal=causal), causal=causal, scale=0.25)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- key padding folded into the layout (issue 25) --------------------------------------------
+def end_padding(b, n, lengths):
+    mask = torch.zeros(b, 1, 1, n, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, ..., :length] = True
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.875, 0.95])
+def test_padded_rows_match_eager_at_every_sparsity_and_block(sparsity, block_size, causal):
+    """End padding (lengths: a row whose last blocks are all padding, one whose length cuts a
+    block), a hole and left padding (part-padding blocks under the key mask): values and grads
+    against eager under ``equivalent_mask``, which zeroes the query blocks that are all padding."""
+    n = 4 * block_size + 37
+    state = layout(block_size=block_size, sparsity_factor=sparsity, random_blocks=1)
+    lengths = end_padding(3, n, [n, n // 2 + 3, block_size + 1])
+    holes = torch.ones(3, 1, 1, n, dtype=torch.bool)
+    holes[0, ..., block_size // 2 : block_size + 5] = False  # part of block 0 and 1
+    holes[1, ..., : 2 * block_size + 3] = False  # left padding: two whole blocks and a part
+    holes[2, ..., n - 9 :] = False  # end padding, found without lengths
+    for mask in (lengths, holes):
+        dm = compare_with_eager(state, n, n, causal=causal, mask=mask, b=3)
+        assert not bool(dm[1].all())
+    dead = state.equivalent_mask(lengths, n, n, causal=causal)[2, 0].any(-1)  # (N,) rows computed
+    assert not bool(dead[2 * block_size :].any()) and bool(dead[: block_size + 1].all())
+
+
+def test_padding_is_never_read_and_dead_blocks_are_zero():
+    """Keys and values past a row's length are not computed on (NaN there changes nothing) and
+    query blocks that are all padding return zeros (NaN queries there stay out), both passes."""
+    n, state = 200, layout(sparsity_factor=0.5)
+    mask = end_padding(2, n, [n, 90])
+    q, k, v = qkv(n, n)
+    out = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=state)[0]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for t in (k2, v2):
+        t[1, :, 90:] = float("nan")
+    q2[1, :, 96:] = float("nan")  # blocks 6.. are all padding (block 5 holds real rows 80-89)
+    q2, k2, v2 = (t.requires_grad_() for t in (q2, k2, v2))
+    out2 = block_sparse_attention(q2, k2, v2, mask=mask, scale=0.25, state=state)[0]
+    torch.testing.assert_close(out2, out)
+    assert bool((out2[1, :, 96:] == 0).all())
+    for a, b in zip(torch.autograd.grad(out2, (q2, k2, v2), g), grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_padding_skips_key_and_query_blocks_in_the_plan():
+    """The plan of a padded row computes only its real blocks: fewer (query, key) pairs, in
+    proportion, and its dead query blocks are listed, not planned."""
+    from omninet.attention.block_sparse import _budget, _row_padding
+
+    n, state = 1024, layout(sparsity_factor=0.75, random_blocks=0)
+    q = torch.randn(2, 4, n, 16)
+    tokens, _ = _budget(q, 16, state.chunk_bytes)
+    pads = _row_padding(end_padding(2, n, [n, 256]), 2, n, 16)
+    assert pads == (None, 256)
+    full, short = (state.plan(n, n, False, 1 << 30, tokens, False, p) for p in pads)
+
+    def pairs(plan):
+        return sum(g.c * g.r * (s.k1 - s.k0) for g in plan.groups for s in g.slabs)
+
+    assert short.dead == ((256, n),) and not full.dead
+    assert max(s.k1 for g in short.groups for s in g.slabs) <= 256
+    assert pairs(short) < 0.3 * pairs(full)
+
+
+def test_all_true_mask_is_no_mask():
+    state, n = layout(), 160
+    q, k, v = (t.float().detach() for t in qkv(n, n))
+    plain = block_sparse_attention(q, k, v, scale=0.25, state=state)[0]
+    ones = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    assert torch.equal(block_sparse_attention(q, k, v, mask=ones, scale=0.25, state=state)[0], plain)
+
+
+def test_key_lengths_are_cached_on_the_mask_and_follow_its_version():
+    from omninet.attention.block_sparse import key_lengths
+
+    mask = end_padding(2, 50, [50, 20])
+    assert key_lengths(mask) == (50, 20)
+    mask[1, ..., 30] = True  # a hole now: not end padding
+    assert key_lengths(mask) is None
+
+
+def test_model_drops_all_true_masks_and_passes_lengths_once():
+    """OmniNetModel decides the kernels' mask once: None for an all-True mask (every kernel),
+    and an end-padding mask reaches every layer with its lengths already computed."""
+    import dataclasses
+
+    from omninet.model import OmniNetModel
+
+    seen = []
+    for kernel in ("sdpa", "block_sparse"):
+        cfg = ModelConfig(arch="encoder", vocab_size=50, hidden_size=32, num_heads=2, num_layers=2, num_classes=3,
+                          max_seq_length=128, dropout=0.0, attention=AttentionConfig(
+                              kernel=kernel, block_sparse=BlockSparseConfig(block_size=16, min_seq_length=0)))
+        torch.manual_seed(0)
+        model = OmniNetModel(cfg).eval()
+        for m in model.modules():
+            if hasattr(m, "spec") and hasattr(m, "kernel_state"):
+                fn = m.spec.fn
+
+                def spy(*a, fn=fn, **kw):
+                    mask = kw.get("mask")
+                    seen.append(None if mask is None else mask.__dict__.get("_omninet_key_lengths"))
+                    return fn(*a, **kw)
+
+                m.spec = dataclasses.replace(m.spec, fn=spy)
+        ids = torch.randint(0, 50, (2, 100))
+        seen.clear()
+        with torch.no_grad():
+            a = model(ids, attention_mask=torch.ones(2, 100, dtype=torch.bool)).logits
+            assert seen == [None, None]
+            torch.testing.assert_close(a, model(ids).logits, rtol=0, atol=0)
+            seen.clear()
+            model(ids, attention_mask=torch.arange(100)[None, :] < torch.tensor([[100], [61]]))
+        assert len(seen) == 2 and all(s is not None and s[1] == (100, 61) for s in seen)

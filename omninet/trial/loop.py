@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omninet.trial.config import HardwareConfig, TrainConfig
@@ -51,6 +52,9 @@ class Plan:
     buckets: list[int] | None = None  # static-shape buckets every batch is padded to (omninet.shapes)
     pad_id: int = 0
     calibration_ref_ms: float | None = None  # the sweep pool's reference speed (RunContext), for latency_p50_norm_ms
+    teacher: Any = None  # a derived trial's base while it fine-tunes with distillation
+    distill: float = 0.0  # weight of the KL term to the teacher's outputs
+    temperature: float = 1.0
 
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On the device, padded (and masked) to its shape bucket when there are buckets."""
@@ -195,7 +199,11 @@ def _forward_backward(model, batch, plan: Plan, micro_batches: int) -> torch.Ten
 
     def loss_of(mb):
         with plan.autocast():
-            return model(mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"]).loss
+            out = model(mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
+        if plan.teacher is None:
+            return out.loss
+        return (1.0 - plan.distill) * out.loss + plan.distill * distillation_loss(out.logits, plan.teacher, mb,
+                                                                                   plan.temperature)
 
     backward = (lambda loss: plan.scaler.scale(loss).backward()) if plan.scaler is not None else None
     if micro_batches <= 1:
@@ -204,6 +212,23 @@ def _forward_backward(model, batch, plan: Plan, micro_batches: int) -> torch.Ten
         return loss.detach()
     keys = ("input_ids", "attention_mask", "labels")
     return accumulate(loss_of, {k: batch[k] for k in keys}, micro_batches, backward=backward)
+
+
+def distillation_loss(logits: torch.Tensor, teacher, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), averaged over
+    what the task scores: every example (logits [B, C]) or every labelled position ([B, N, V],
+    labels != -100). The teacher runs without gradients on the same batch."""
+    from omninet.tasks.base import IGNORE_INDEX
+
+    with torch.no_grad():
+        target = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    student = logits.float()
+    if student.dim() == 3:  # [B, N, V]: only the scored positions
+        scored = batch["labels"] != IGNORE_INDEX  # [B, N]
+        student, target = student[scored], target[scored]  # [S, V]
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="batchmean")
+    return kl * t * t
 
 
 def step(model, opt, batch, tc: TrainConfig, plan: Plan, monitor=None) -> torch.Tensor:
@@ -304,7 +329,7 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate, *, logits_fn=None) 
     first batch after which at least ``eval_min_examples`` rows are scored and the accuracy's
     standard error (clustered by row) is at most the target. ``logits_fn(batch)`` replaces the
     model's forward (a caller that evaluates something else on the same rows)."""
-    from omninet.scores import clustered_se
+    from omninet.scores import clustered_se_from_totals
 
     model.eval()
     meter = task.new_meter()
@@ -327,11 +352,12 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate, *, logits_fn=None) 
         meter.update(logits.float(), batch)
         seen += batch["input_ids"].shape[0]
         if tc.eval_target_se is not None and seen >= tc.eval_min_examples:
-            if clustered_se(*meter.unit_arrays()) <= tc.eval_target_se:
+            se = clustered_se_from_totals(*meter.row_totals())
+            if 0.0 < se <= tc.eval_target_se:  # 0 only when every unit so far agrees: not yet a measurement
                 stopped_by = "target_se"
                 break
     seconds = time.perf_counter() - start
-    scores = meter.scores(eval_hash=task.eval_rows_hash(seen))
+    scores = meter.scores(eval_hash=task.eval_rows_hash())  # the ordered split: every prefix of it pairs
     return Evaluation(meter.compute(), scores, stopped_by, seconds)
 
 
