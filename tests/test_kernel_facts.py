@@ -148,3 +148,27 @@ def test_kernel_modules_import_the_registry_not_the_package() -> None:
                   or isinstance(node, ast.Import) and any(a.name == "omninet.attention" for a in node.names)]
         assert not upward, f"{path.name}:{upward} imports the package omninet.attention; import its modules"
 
+
+
+def test_the_sweep_applies_the_kernels_rule_to_each_pools_space(tmp_path) -> None:
+    from omninet.sweep import SweepConfigError, SweepController
+
+    def space(low: int) -> list:
+        ctl = SweepController({
+            "name": "space", "results_dir": str(tmp_path / f"space{low}"),
+            "trial": {"task": {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 64,
+                               "num_eval": 16},
+                      "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}, "train": {"steps": 2},
+                      "measure": {"seq_length": 128, "allow_other_length": True}},
+            "search_space": {"model.attention.kernel": {"choices": ["sdpa", "linformer"]},
+                             "model.attention.linformer.k": {"low": low, "high": 512, "log": True,
+                                                             "when": {"model.attention.kernel": "linformer"}}},
+            "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1}]})
+        info: dict = {}
+        return ctl._space_for(ctl.config.pool("cpu"), info), info
+
+    params, info = space(8)
+    assert {p.path: p for p in params}["model.attention.linformer.k"].high == 128
+    assert info["search_space_notes"] == ["clipped model.attention.linformer.k high 512 -> 128 (the measured length)"]
+    with pytest.raises(SweepConfigError, match=r"search_space\.model\.attention\.linformer\.k: low 256.* above the measured"):
+        space(256)
