@@ -56,7 +56,9 @@ SearchSpaceFn = Callable[[Any, int], tuple[Any, str | None]]
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """A kernel and the facts about it: its state, its memory cost, and which models it fits.
+    """A kernel and the facts about it: its state, its memory cost, the work a layer does
+    (``attention_work``, what the sweep's cost model counts), which models it fits, and its rule
+    for searched parameters (``search_space``, applied per pool by the sweep).
 
     ``supports_causal`` / ``supports_bias`` / ``supports_cross``: whether the kernel takes causal
     calls, per-pair position biases (relative / ALiBi) and cross-attention; a model whose
