@@ -357,7 +357,7 @@ def main() -> int:
         model_dir = Path(args.model_dir)
     else:
         trial = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": args.steps},
-                 "measure": {"seq_length": args.max_len}}
+                 "measure": {"seq_length": args.max_len, "allow_other_length": True}}
         t0 = time.perf_counter()
         model_dir = quick_trained_model(trial, Path(args.save_model or Path(tmp.name) / "model"),
                                         sweep="serving-benchmark", pool="cpu")

@@ -85,7 +85,8 @@ def test_a_trial_reports_its_latency_against_the_reference():
 
     cfg = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "num_eval": 16},
            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2}, "train": {"steps": 1, "batch_size": 8},
-           "measure": {"seq_length": 128, "batch_size": 2, "min_seconds": 0.05, "max_rounds": 1, "memory": False}}
+           "measure": {"seq_length": 128, "allow_other_length": True, "batch_size": 2, "min_seconds": 0.05,
+                       "max_rounds": 1, "memory": False}}
     r = run_trial(cfg, context=RunContext(calibration_ref_ms=2.0)).to_dict()
     assert r["status"] == "ok", r["error"]
     assert r["latency_calibration_ref_ms"] == 2.0 and r["latency_calibration_ms"] > 0
@@ -314,7 +315,7 @@ def _controller(tmp_path, **overrides):
         "trial": {"task": {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 64,
                            "num_eval": 16},
                   "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}, "train": {"steps": 2},
-                  "measure": {"seq_length": 128}},
+                  "measure": {"seq_length": 128, "allow_other_length": True}},
         "search_space": {"hardware.precision": {"choices": ["fp32", "bf16"]},
                          "model.attention.kernel": {"choices": ["sdpa", "linformer"]},
                          "model.attention.linformer.k": {"low": 8, "high": 512, "log": True,

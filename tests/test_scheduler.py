@@ -214,7 +214,8 @@ def test_default_scheduler_is_fifo_and_rungs_follow_asha() -> None:
 REAL = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "num_eval": 32},
         "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
         "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "eval_max_examples": 32},
-        "measure": {"seq_length": 64, "batch_size": 1, "latency_reps": 20, "throughput_reps": 20, "warmup": 1,
+        "measure": {"seq_length": 64, "allow_other_length": True, "batch_size": 1, "latency_reps": 20,
+                    "throughput_reps": 20, "warmup": 1,
                     "min_seconds": 0.0}}
 
 

@@ -116,7 +116,7 @@ def test_estimate_grows_with_batch_and_length():
     small = estimate_memory_mb(tiny())
     assert small > 0
     assert estimate_memory_mb(tiny(measure={"batch_size": 64})) > small
-    assert estimate_memory_mb(tiny(measure={"seq_length": 400})) > small
+    assert estimate_memory_mb(tiny(measure={"seq_length": 400, "allow_other_length": True})) > small
     with pytest.raises(ValueError):
         estimate_memory_mb({"task": TINY_TASK})
 

@@ -387,6 +387,29 @@ class CostModelSpec(ConfigBase):
 
 
 @dataclass(kw_only=True)
+class BaseSpec(ConfigBase):
+    """The trained model every trial derives from (``omninet.passes``). Either ``checkpoint``: a
+    ``save_pretrained`` folder or a kept trial model, checked against the task before any trial;
+    or ``train``: the dense base (the sweep's first ``enqueue`` point) is trained once, at the
+    task's length, with the trial's ``train`` section updated by these keys (e.g. ``{steps:
+    3000}``), on ``pool`` (default: the first) with ``cpus`` cores (default: the pool's
+    ``concurrency`` x CPU, all its slots: nothing else runs yet). It is kept in
+    ``<results>/base`` (and logged to MLflow) and reused on resume."""
+
+    checkpoint: str | None = None
+    train: dict[str, Any] | None = None
+    pool: str | None = None
+    cpus: float | None = None
+
+    def validate(self) -> None:
+        _check((self.checkpoint is None) != (self.train is None),
+               "base: give exactly one of checkpoint (a saved model folder) and train (e.g. {steps: 3000})")
+        _check(self.cpus is None or self.cpus >= 1, f"base.cpus must be >= 1, got {self.cpus}")
+        _check(self.train is None or isinstance(self.train, dict),
+               "base.train must be a mapping of train keys such as {steps: 3000}")
+
+
+@dataclass(kw_only=True)
 class SweepConfig(ConfigBase):
     """A whole sweep. Build with :func:`load_config` (YAML path or dict)."""
 
@@ -410,6 +433,10 @@ class SweepConfig(ConfigBase):
     repeats: RepeatSpec = field(default_factory=RepeatSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     cost_model: CostModelSpec = field(default_factory=CostModelSpec)
+    # Tune a trained model: every trial derives from one base by its passes and a short
+    # fine-tune (``finetune``, the trial's section; given here it is merged into ``trial``).
+    base: BaseSpec | None = None
+    finetune: dict[str, Any] | None = None
     trial_fn: str = DEFAULT_TRIAL_FN
     estimate_fn: str | None = DEFAULT_ESTIMATE_FN
     progress_interval_s: float = 10.0
@@ -430,6 +457,11 @@ class SweepConfig(ConfigBase):
                "trial must be a mapping of sections such as {task: {name: listops}, train: {steps: 100}}")
         if isinstance(self.trial, dict):
             _check(isinstance(self.trial.get("task", {}), dict), "trial.task must be a mapping such as {name: listops}")
+            if self.finetune is not None:  # top-level sugar for the trial's finetune section
+                _check(isinstance(self.finetune, dict), "finetune must be a mapping such as {steps: 100, lr: 5.0e-4}")
+                _check("finetune" not in self.trial, "finetune: given both at the top level and in trial; keep one")
+                self.trial = {**self.trial, "finetune": dict(self.finetune)}
+                self.finetune = None
         self._runner = self._resolve_runner()
         try:
             self.trial = self._runner.parse(self.trial)
@@ -468,6 +500,31 @@ class SweepConfig(ConfigBase):
         self._check_result_keys()
         self._check_values()
         self._check_scheduler([p.name for p in self.pools])
+        self._check_base(names)
+
+    def _check_base(self, pools: list[str]) -> None:
+        """A base needs the omninet runner, a known pool, and (a checkpoint) a model this task's
+        trials can derive from: one line before any trial."""
+        if self.base is None:
+            return
+        _check(bool(self.enqueue), "base: enqueue the base's own configuration first (e.g. enqueue: [{model.attention.kernel: "
+                                   "sdpa, model.heads.prune_ratio: 0.0}]): it is trained as the base and is each pool's "
+                                   "reference run")
+        _check(self.base.pool is None or self.base.pool in pools, f"base.pool: {self.base.pool!r} is not a pool; pools are {pools}")
+        _check(getattr(self._runner, "name", None) == "omninet",
+               "base: trials derived from a trained model need the omninet trial runner (trial_fn: omninet.trial:run_trial)")
+        if self.base.checkpoint is not None:
+            path = os.path.expanduser(self.base.checkpoint)
+            self.trial_config({"base": path})  # parses the trial with the base: check_base's one line on a mismatch
+        else:
+            try:
+                self._runner.with_values(self.trial, {f"train.{k}": v for k, v in self.base.train.items()})
+            except ValueError as exc:
+                raise SweepConfigError(f"base.train: {_one_line(str(exc))}") from None
+
+    def base_pool(self) -> "PoolSpec":
+        name = (self.base.pool if self.base is not None else None) or self.pools[0].name
+        return next(p for p in self.pools if p.name == name)
         names = {p.path: p for p in self._params}
         for i, point in enumerate(self.enqueue):
             for key, value in point.items():

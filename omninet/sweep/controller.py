@@ -68,6 +68,7 @@ class _Running:
     prediction: dict[str, Any] | None = None  # the cost model's, made before the trial measured anything
     seed_key: str | None = None  # the sampled parameters and the training seed (equal: the same run)
     duplicate_of: int | None = None  # an earlier trial of the pool with this seed_key: not trained again
+    reference: bool = False  # the base itself (no passes, no fine-tune): what every trial is paired against
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _PoolState:
     seed_keys: dict[str, int] = field(default_factory=dict)  # seed_key -> the first trial number that ran it
     parked: dict[int, list[_Running]] = field(default_factory=dict)  # duplicates of a trial still running
     reference: int | None = None  # the trial every other is paired against (omninet.scores)
+    reference_sent: bool = False  # a sweep with a base: the pool's reference run was dispatched
 
 
 def _make_sampler(config: SweepConfig, budget: int, pool_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -143,6 +145,7 @@ class SweepController:
         self.identity = ControllerId()
         self.lock: SweepLock | None = None
         self._gate = contextlib.nullcontext  # DriverGate.shared once Ray runs (isolate_measurements)
+        self._base_path: Path | None = None  # the trained base every trial derives from (config.base)
 
     # -- paths and storage ------------------------------------------------------------------
     @property
@@ -573,12 +576,19 @@ class SweepController:
         else:
             return None
         values = dict(params)
+        reference = False
+        if self._base_path is not None:
+            values["base"] = str(self._base_path)
+            if not ps.reference_sent and ps.reference is None and repeat_of is None and self._matches_reference(ps, params):
+                ps.reference_sent = reference = True
+                values["finetune.steps"] = 0  # the base as it is: evaluated and measured on this pool
         seed = self._base_seed()
         if repeat_of is not None:  # the same configuration, another training seed
             seed = (seed if isinstance(seed, int) else 0) + index
             values[self.config.repeats.seed_path] = seed
         run = _Running(ps.spec.name, number, trial_id, params, self.config.trial_config(values), repeat_of=repeat_of)
-        run.seed_key = params_key({**params, self.config.repeats.seed_path: seed})
+        run.reference = reference
+        run.seed_key = params_key({**params, self.config.repeats.seed_path: seed, **({"role": "reference"} if reference else {})})
         first = ps.seed_keys.get(run.seed_key)
         if first is not None and first != number:
             run.duplicate_of = first
@@ -786,9 +796,12 @@ class SweepController:
     def _finish(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> None:
         files = result.pop("_model_files", None)
         scores = result.pop("_scores", None)
+        zero_shot = result.pop("_scores_zero_shot", None)
         row = self._row(ps, run, result)
         if scores is not None and row["status"] in ("ok", "pruned"):
             self.scores.write(ps.spec.name, run.number, scores)
+            if zero_shot is not None:
+                self.scores.write(ps.spec.name, run.number, zero_shot, kind="zero_shot")
             self._pair_with_reference(ps, run, row)
         if files and row["status"] == "ok":  # the trained model, next to the records (policy: keep_models)
             from omninet.serve.artifacts import model_subdir, trial_identity, write_trial_model
@@ -812,13 +825,21 @@ class SweepController:
         if row["error"] and row["status"] != "infeasible":
             log.info("  reason: %s", row["error"].splitlines()[0][:300])
 
-    def _is_reference(self, ps: _PoolState, run: _Running) -> bool:
-        """The pool's reference run: its first run of the sweep's first ``enqueue`` point (the dense
-        baseline), trained with the base seed."""
-        if ps.reference is not None or run.repeat_of is not None or not self.config.enqueue:
+    def _matches_reference(self, ps: _PoolState, params: dict[str, Any]) -> bool:
+        if not self.config.enqueue:
             return False
         point = {k: v for k, v in self.config.enqueue[0].items() if k in {q.path for q in ps.params}}
-        return all(run.params.get(k) == v for k, v in point.items())
+        return all(params.get(k) == v for k, v in point.items())
+
+    def _is_reference(self, ps: _PoolState, run: _Running) -> bool:
+        """The pool's reference run: with a base, the base itself on this pool (no passes, no
+        fine-tune); without, the pool's first run of the sweep's first ``enqueue`` point (the
+        dense baseline), trained with the base seed."""
+        if self._base_path is not None:
+            return run.reference
+        if ps.reference is not None or run.repeat_of is not None:
+            return False
+        return self._matches_reference(ps, run.params)
 
     def _pair_with_reference(self, ps: _PoolState, run: _Running, row: dict[str, Any]) -> None:
         """``row['role']`` for the reference; for every other run with scores, its paired
@@ -841,6 +862,11 @@ class SweepController:
             return
         row.update(accuracy_diff_ref=d.diff, accuracy_diff_ref_lo=d.lo, accuracy_diff_ref_hi=d.hi,
                    accuracy_diff_ref_p=d.p_value, accuracy_diff_ref_covers=d.covers)
+        zero_shot = self.scores.read(ps.spec.name, run.number, "zero_shot")
+        if zero_shot is not None:
+            z = paired_difference(zero_shot, ref)
+            row.update(accuracy_zero_shot_diff_ref=z.diff, accuracy_zero_shot_diff_ref_lo=z.lo,
+                       accuracy_zero_shot_diff_ref_hi=z.hi)
 
     def _learn(self, ps: _PoolState, run: _Running, row: dict[str, Any], result: dict[str, Any]) -> None:
         """A finished trial teaches the rung book (its full-budget costs) and the cost model (what
@@ -913,6 +939,7 @@ class SweepController:
             self.mlflow.start_background()  # MLflow writes leave the per-trial path
             log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
                      self.optuna_url, self.mlflow_uri)
+            self._prepare_base()
             self._loop()
             self._progress(force=True)
             self._write_cost_model()
@@ -927,7 +954,10 @@ class SweepController:
                 log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
             self.mlflow.stop_background()
             self.mlflow.flush(now=True)  # what the writer left, one more try even while backing off from an outage
-            if self.mlflow.finish([(artifacts, None), (self.results_dir / "trials", "trials")]):
+            logged = [(artifacts, None), (self.results_dir / "trials", "trials")]
+            if self._base_path is not None and self._base_path.is_relative_to(self.results_dir):
+                logged.append((self._base_path, "base"))
+            if self.mlflow.finish(logged):
                 log.info("MLflow: experiment %r, parent run %s", self.config.name, self.mlflow.parent_run_id)
             else:
                 log.warning("MLflow unavailable at the end; %d trial(s) will be backfilled on the next run",
@@ -943,6 +973,57 @@ class SweepController:
                 import ray
 
                 ray.shutdown()
+
+    def _prepare_base(self) -> None:
+        """``config.base``: the checkpoint as given, or the dense base trained once on the base
+        pool (its first ``enqueue`` point, the trial's train section with ``base.train``) and kept
+        in ``<results>/base``; a resumed sweep finds it there and does not train it again."""
+        spec = self.config.base
+        if spec is None:
+            return
+        if spec.checkpoint is not None:
+            self._base_path = Path(os.path.expanduser(spec.checkpoint)).resolve()
+            log.info("base: %s (checkpoint)", self._base_path)
+            return
+        out = self.results_dir / "base"
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            self._base_path = out
+            log.info("base: %s (trained by an earlier run of this sweep; not trained again)", out)
+            return
+        import ray
+
+        from omninet.serve.artifacts import write_trial_model
+
+        pool = self.config.base_pool()
+        point = dict(self.config.enqueue[0]) if self.config.enqueue else {}
+        values = {**point, **{f"train.{k}": v for k, v in (spec.train or {}).items()}}
+        trial = self.config.trial_config(values)
+        cpus = spec.cpus or pool.concurrency * pool.resources.get("CPU", 1.0)
+        opts = {**pool.ray_options(), "num_cpus": cpus, "max_retries": pool.max_retries, "retry_exceptions": False,
+                "name": f"base {pool.name}"}
+        log.info("base: training the dense base on pool %s (%g cores): %s", pool.name, cpus,
+                 ", ".join(f"{k}={v}" for k, v in values.items()))
+        started = time.time()
+        ref = self._remote.options(**opts).remote(
+            self.config.runner, trial, pool=pool.name, accelerator=pool.accelerator,
+            simulate=self.config.simulate_accelerators, memory_budget_mb=None, num_cpus=cpus,
+            trial_key=f"{self.config.name}/{pool.name}/base", isolate=self.config.isolate_measurements, keep_model=True,
+            calibration_ref_ms=self._probes.get(pool.name, {}).get("calibration_ms"))
+        result = ray.get(ref)
+        files = result.pop("_model_files", None)
+        result.pop("_scores", None)
+        if result.get("status") != "ok" or not files:
+            raise SweepConfigError(f"base: training the base failed ({result.get('status')}: "
+                                   f"{str(result.get('error') or 'no model returned').splitlines()[0][:300]}); fix the "
+                                   "trial or base.train config, or give base.checkpoint")
+        config = self.config.runner.to_dict(trial)
+        write_trial_model(files, out, trial_config=config,
+                          identity={"sweep": self.config.name, "pool": pool.name, "trial": "base"},
+                          metrics={k: v for k, v in result.items() if not isinstance(v, (list, dict, bytes))})
+        self._base_path = out
+        log.info("base: trained in %.0f s: %s %.4g (se %.2g), kept in %s", time.time() - started,
+                 self.config.objectives[0].key, result.get(self.config.objectives[0].key) or float("nan"),
+                 result.get("accuracy_se") or float("nan"), out)
 
     def _keep_models(self, result) -> None:
         """The ``keep_models`` policy at the end: ``pareto`` prunes each pool's model folders to

@@ -188,9 +188,22 @@ def _hover(sweep: _Sweep, row: pd.Series) -> str:
     for key, _ in sweep.objectives + sweep.cost_views():
         if key in row and _present(row[key]):
             lines.append(f"{html.escape(label(key))}: {_fmt(row[key])}")
+    if _present(row.get("accuracy_diff_ref")):
+        lines.append(f"vs reference: {_diff(row['accuracy_diff_ref'], row.get('accuracy_diff_ref_lo'), row.get('accuracy_diff_ref_hi'))}")
+    elif row.get("role") == "reference":
+        lines.append("the pool's reference run")
     if _present(row.get("device_name")):
         lines.append(f"device: {html.escape(str(row['device_name']))}")
     return "<br>".join(dict.fromkeys(lines))
+
+
+def _diff(d: Any, lo: Any, hi: Any) -> str:
+    """'-0.0123 [-0.0150, -0.0097]': a paired difference and its 95% interval."""
+    if not _present(d):
+        return "-"
+    if not (_present(lo) and _present(hi)):
+        return f"{float(d):+.4f}"
+    return f"{float(d):+.4f} [{float(lo):+.4f}, {float(hi):+.4f}]"
 
 
 # -- views ------------------------------------------------------------------------------------
@@ -355,6 +368,42 @@ def recommendations_table(sweep: _Sweep) -> pd.DataFrame:
             others = rec.get("indistinguishable_from") or []
             row["indistinguishable from"] = ", ".join(f"#{n}" for n in others) or "-"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_table(sweep: _Sweep) -> pd.DataFrame:
+    """Each finished configuration's accuracy as a paired difference to its pool's reference run
+    on the same eval rows (``SweepResult.aggregate``: a 95% paired-bootstrap interval covering the
+    eval draw, or a t-interval over seeds covering training too), its zero-shot difference when
+    it was derived from a base, and whether it is on the pool's front."""
+    rows = []
+    first = sweep.first
+    for pool in sweep.pools:
+        agg = sweep.aggregates[pool]
+        if agg.empty or "accuracy_diff" not in agg:
+            continue
+        ref = sweep.result.reference_trial(pool)
+        agg = agg.sort_values(f"{first}_mean", ascending=sweep.first_dir == "minimize")
+        for _, a in agg.iterrows():
+            number = int(a["trial_number"])
+            trial = sweep.df[(sweep.df["pool"] == pool) & (sweep.df["trial_number"] == number)].iloc[0]
+            on_front = any(n in sweep.fronts[pool] for n in a["trials"])
+            lo, hi = a.get("accuracy_diff_lo"), a.get("accuracy_diff_hi")
+            verdict = "reference" if number == ref else (
+                "differs" if _present(lo) and _present(hi) and (lo > 0 or hi < 0) else
+                "indistinguishable" if _present(lo) else "-")
+            row = {"pool": sweep.pool_title(pool), "trial": f"#{number}", "front": "yes" if on_front else "",
+                   "configuration": config_label(sweep.params_of(trial)), "runs": int(a["runs"]),
+                   "accuracy": f"{_fmt(a[f'{first}_mean'])} (se {_fmt(trial.get('accuracy_se'))})",
+                   "vs reference [95%]": "0 (reference)" if number == ref else _diff(a["accuracy_diff"], lo, hi),
+                   "interval covers": a.get("accuracy_diff_covers") or "-", "verdict": verdict}
+            if "accuracy_zero_shot_diff_ref" in trial and _present(trial.get("accuracy_zero_shot_diff_ref")):
+                row["zero-shot vs reference [95%]"] = _diff(trial["accuracy_zero_shot_diff_ref"],
+                                                            trial.get("accuracy_zero_shot_diff_ref_lo"),
+                                                            trial.get("accuracy_zero_shot_diff_ref_hi"))
+            for key, _ in sweep.objectives[1:]:
+                row[label(key)] = _fmt(a.get(f"{key}_mean"))
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -583,6 +632,13 @@ Red crosses: ran but violate the pool's constraints. Dotted line: the front with
 {parallel}
 <h2 id="pools">Hardware pools side by side (same configuration)</h2>
 {pools_html}
+<h2 id="paired">Accuracy against the reference, paired on the same eval rows</h2>
+<p class="meta">Every trial scores the same eval rows in the same order as its pool's reference run (the trained
+base, or the dense baseline), so each accuracy is a paired difference with a 95% interval: 'eval' intervals are
+a paired bootstrap over eval rows (one training run each), 'eval+seed' a t-interval over seed repeats.
+Indistinguishable: the interval contains 0. Zero-shot: a derived trial right after its passes, before its
+fine-tune.</p>
+{_table_html(paired_table(sweep), "No per-unit scores recorded (the runner keeps none, or no reference run finished).")}
 <h2 id="baseline">What the knobs buy against the baseline</h2>
 {_table_html(baseline_table(sweep), "No baseline configuration (enqueue) finished.")}
 <h2 id="recommended">Recommended configurations under the sweep's constraints</h2>

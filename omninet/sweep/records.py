@@ -78,6 +78,10 @@ _BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("accuracy_diff_ref_hi", pa.float64()),
     ("accuracy_diff_ref_p", pa.float64()),
     ("accuracy_diff_ref_covers", pa.string()),
+    # a derived trial's zero-shot accuracy (after its passes, before the fine-tune) against the reference
+    ("accuracy_zero_shot_diff_ref", pa.float64()),
+    ("accuracy_zero_shot_diff_ref_lo", pa.float64()),
+    ("accuracy_zero_shot_diff_ref_hi", pa.float64()),
 ]
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
@@ -174,22 +178,27 @@ class ScoreStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def path(self, pool: str, number: int) -> Path:
-        return self.root / f"pool={pool}" / f"trial-{number:06d}.npz"
+    KINDS = ("final", "zero_shot")  # after the fine-tune (or training), and a derived trial's right after its passes
 
-    def write(self, pool: str, number: int, data: bytes) -> Path:
-        final = self.path(pool, number)
+    def path(self, pool: str, number: int, kind: str = "final") -> Path:
+        if kind not in self.KINDS:
+            raise ValueError(f"scores kind must be one of {self.KINDS}, got {kind!r}")
+        suffix = "" if kind == "final" else f".{kind}"
+        return self.root / f"pool={pool}" / f"trial-{number:06d}{suffix}.npz"
+
+    def write(self, pool: str, number: int, data: bytes, kind: str = "final") -> Path:
+        final = self.path(pool, number, kind)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, final)
         return final
 
-    def read(self, pool: str, number: int):
+    def read(self, pool: str, number: int, kind: str = "final"):
         """The trial's ``UnitScores``, or None when it kept none."""
         from omninet.scores import UnitScores
 
-        path = self.path(pool, number)
+        path = self.path(pool, number, kind)
         return UnitScores.load(path) if path.is_file() else None
 
 
@@ -434,7 +443,9 @@ class MlflowRecorder:
                    if (k in RESULT_COLUMNS and RESULT_COLUMNS[k] in (pa.int64(), pa.float64()))
                    or k in ("duration_s", "constraint_memory", "constraint_latency", "predicted_latency_ms",
                             "predicted_memory_infer_mb", "predicted_memory_train_mb", "duplicate_of",
-                            "accuracy_diff_ref", "accuracy_diff_ref_lo", "accuracy_diff_ref_hi", "accuracy_diff_ref_p")
+                            "accuracy_diff_ref", "accuracy_diff_ref_lo", "accuracy_diff_ref_hi", "accuracy_diff_ref_p",
+                            "accuracy_zero_shot_diff_ref", "accuracy_zero_shot_diff_ref_lo",
+                            "accuracy_zero_shot_diff_ref_hi")
                    or k in {o.key for o in self.config.objectives}
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])

@@ -106,11 +106,12 @@ class SweepResult:
         return front.sort_values(first.key, ascending=first.direction == "minimize").reset_index(drop=True)
 
     # -- paired comparisons on the shared eval set --------------------------------------------
-    def scores(self, pool: str, trial: int):
+    def scores(self, pool: str, trial: int, kind: str = "final"):
         """The per-unit eval scores of ``trial`` (``omninet.scores.UnitScores``), or None when it
-        kept none (a runner without per-unit scores, or a trial that never evaluated)."""
+        kept none (a runner without per-unit scores, or a trial that never evaluated). ``kind``
+        'zero_shot': a derived trial's, right after its passes (before the fine-tune)."""
         self._check_pool(pool)
-        return self._scores.read(pool, int(trial))
+        return self._scores.read(pool, int(trial), kind)
 
     def reference_trial(self, pool: str) -> int | None:
         """The run every trial of ``pool`` is paired against (``role == 'reference'``: the pool's
@@ -121,7 +122,7 @@ class SweepResult:
         ref = df[(df["role"] == "reference") & (df["status"] == "ok")]
         return int(ref["trial_number"].iloc[0]) if len(ref) else None
 
-    def paired(self, pool: str, a: int, b: int | None = None, *, metric: str = "accuracy"):
+    def paired(self, pool: str, a: int, b: int | None = None, *, metric: str = "accuracy", kind: str = "final"):
         """``a - b`` (``b`` default: the pool's reference) on the eval rows both scored: an
         ``omninet.scores.PairedDifference`` (95% paired bootstrap interval; McNemar's exact p for
         0/1 scores; ``covers == 'eval'``). ValueError when either kept no scores."""
@@ -130,7 +131,7 @@ class SweepResult:
         b = self.reference_trial(pool) if b is None else b
         if b is None:
             raise ValueError(f"pool {pool!r} has no reference run; pass b= (another trial number)")
-        sa, sb = self.scores(pool, a), self.scores(pool, b)
+        sa, sb = self.scores(pool, a, kind), self.scores(pool, b)
         missing = [n for n, sc in ((a, sa), (b, sb)) if sc is None]
         if missing:
             raise ValueError(f"trial(s) {missing} of pool {pool!r} kept no per-unit scores; paired comparisons need "

@@ -22,8 +22,8 @@ from omninet.hardware.device import DeviceConfig
 from omninet.paths import check_path, config_paths, set_path
 from omninet.tasks.base import TASKS, TaskConfig
 
-__all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "HardwareConfig", "MeasureConfig", "ModelOverrides",
-           "TrialConfig", "TrialResult", "parse_count"]
+__all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "FinetuneConfig", "HardwareConfig", "MeasureConfig",
+           "ModelOverrides", "TrialConfig", "TrialResult", "parse_count"]
 
 # screened: measured first (untrained model at the deployment shape) and stopped before training;
 # pruned: stopped at a rung of successive halving (partial record). Both are the sweep
@@ -100,6 +100,36 @@ class TrainConfig(ConfigBase):
         _check(self.eval_min_examples >= 2, f"train.eval_min_examples must be >= 2, got {self.eval_min_examples}")
         _check(self.eval_max_seconds is None or self.eval_max_seconds > 0,
                f"train.eval_max_seconds must be > 0 (or null), got {self.eval_max_seconds}")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(ConfigBase):
+    """A derived trial's short fine-tune after its passes (``TrialConfig.base``): ``steps`` of
+    AdamW at ``lr`` (warm-up, then cosine as in training; batch size, weight decay and clipping
+    from ``train``). ``steps: 0`` is post-training only: the trial is scored as the passes left
+    it. ``distill`` in [0, 1] weighs a KL term to the base's outputs (temperature
+    ``temperature``) against the task loss: loss = (1 - distill) CE + distill T^2 KL."""
+
+    steps: int = 100
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    distill: float = 0.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.steps >= 0, f"finetune.steps must be >= 0 (0 = post-training only), got {self.steps}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"finetune.lr must be a positive number, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"finetune.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.distill <= 1.0, f"finetune.distill must be in [0, 1] (0 = off), got {self.distill}")
+        _check(self.temperature > 0, f"finetune.temperature must be > 0, got {self.temperature}")
+
+    def train_config(self, train: TrainConfig) -> TrainConfig | None:
+        """The fine-tune as a training budget (``train``'s batches and optimizer, these steps);
+        None for ``steps: 0``."""
+        if self.steps == 0:
+            return None
+        return dataclasses.replace(train, steps=self.steps, max_seconds=None, lr=self.lr,
+                                   warmup_steps=min(self.warmup_steps, self.steps))
 
 
 @dataclass(kw_only=True)
@@ -235,6 +265,10 @@ class TrialConfig(ConfigBase):
     train: TrainConfig
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    # A trained dense model to derive this trial from (``omninet.passes``): a save_pretrained
+    # folder or a kept trial model. None: the trial trains from scratch (``train``).
+    base: str | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     model_config: ModelConfig = field(init=False, repr=False, compare=False)
 
     _task_obj: ClassVar[None] = None  # the built Task, per instance (not pickled: rebuilt where it runs)
@@ -251,6 +285,8 @@ class TrialConfig(ConfigBase):
     def validate(self) -> None:
         _PARSES[0] += 1
         object.__setattr__(self, "model_config", self._resolve_model(self.model))
+        if self.base is not None:
+            self._check_base()
         n, task_n = self.measure.seq_length, self.task_obj.max_length
         _check(n is None or n == task_n or self.measure.allow_other_length,
                f"measure.seq_length={n} differs from the task's length ({task_n} tokens), so accuracy would be judged "
@@ -261,6 +297,23 @@ class TrialConfig(ConfigBase):
             longest = max(self.task_obj.max_length, self.measure.seq_length or 0)
             _check(buckets[-1] >= longest, f"hardware.shape_buckets={buckets} stops below the longest input ({longest} "
                                            f"tokens); end the list with a bucket >= {longest}, e.g. 'pow2'")
+
+    def _check_base(self) -> None:
+        """The base folder holds a model this trial can derive from (``omninet.passes.check_base``):
+        one line naming the mismatch, before anything runs."""
+        import json
+        from pathlib import Path
+
+        from omninet.passes import check_base
+
+        path = Path(self.base).expanduser() / "config.json"
+        _check(path.is_file(), f"base: {str(path.parent)!r} is not a saved OmniNet model (no config.json); point it at a "
+                               "save_pretrained folder or a sweep's models/pool=<pool>/trial-<n> folder")
+        try:
+            base = ModelConfig.from_dict(json.loads(path.read_text()), _where="base model")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"base: {path} is not a valid model config ({str(exc).splitlines()[0]})") from None
+        check_base(base, self.model_config, task_length=self.task_obj.max_length, task_name=f"task {self.task_obj.name!r}")
 
     def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
         """The full ModelConfig: ``SMALL_MODEL``, then the task's facts and defaults (arch by
@@ -344,7 +397,8 @@ class TrialConfig(ConfigBase):
     def paths(self) -> list[str]:
         """Every settable dotted path of this trial config (the task's fields by its name)."""
         out = [f"task.{p}" for p in config_paths(type(self.task))] + ["task.name"]
-        for name in ("model", "train", "hardware", "measure"):
+        out.append("base")
+        for name in ("model", "train", "hardware", "measure", "finetune"):
             cls = ModelOverrides if name == "model" else type(getattr(self, name))
             out += cls.paths(f"{name}.") if hasattr(cls, "paths") else config_paths(cls, f"{name}.")
         return out
@@ -386,6 +440,16 @@ class TrialResult:
     eval_seconds: float | None = None
     bits_per_byte: float | None = None  # byte tasks: the eval loss in bits per scored byte
     measure_other_length: bool | None = None  # measured at measure.seq_length != the task's length (explicit)
+    # derived from a trained base (TrialConfig.base, omninet.passes): the passes applied in order,
+    # the accuracy right after them (zero-shot) and after the fine-tune (accuracy above)
+    derived: bool | None = None
+    passes: str | None = None
+    accuracy_zero_shot: float | None = None
+    accuracy_zero_shot_se: float | None = None
+    eval_loss_zero_shot: float | None = None
+    finetune_steps: int | None = None
+    finetune_seconds: float | None = None
+    distill: float | None = None
     majority_baseline: float | None = None
     peak_memory_train_mb: float | None = None  # tensor peak of one training step (allocator / profiler timeline)
     peak_memory_infer_mb: float | None = None  # tensor peak of one inference forward, first call in a clean state

@@ -35,6 +35,7 @@ level at once and the step is retried. ``memory_actions`` lists what was done.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -291,7 +292,8 @@ def _post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, 
     """prune heads -> (keep the model's files) -> mixed plan / int8 / QAT conversion: the model
     as it is evaluated and measured. Returns the model (int8 and QAT conversion replace it)."""
     tc, task, device = cfg.train, cfg.task_obj, plan.device
-    loop.prune_heads(model, task, tc, device, res)
+    if cfg.base is None:  # a derived model was pruned by its passes, on the base's weights
+        loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
     if keep_model and plan.post != "qat_int8":  # a QAT model holds fake-quant modules, not plain Linear weights
         from omninet.serve.artifacts import model_files
@@ -316,15 +318,44 @@ def _post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, 
     return model
 
 
-def _build(cfg: TrialConfig, plan: loop.Plan):
+def _build(cfg: TrialConfig, plan: loop.Plan, res: TrialResult | None = None):
+    """The trial's model: built from its config and seed, or derived from the base by its passes
+    (``omninet.passes``; ``res`` gets the passes and pruning figures)."""
     from omninet.model import OmniNetModel
 
     torch.manual_seed(cfg.train.seed)
-    model = plan.placement.apply(OmniNetModel(cfg.model_config))
+    if cfg.base is not None:
+        model = _derive(cfg, plan, res)
+    else:
+        model = OmniNetModel(cfg.model_config)
+    model = plan.placement.apply(model)
     if plan.post == "qat_int8":  # trains with fake-quantized Linear layers, converted to int8 after training
         from omninet.hardware import prepare_qat
 
         prepare_qat(model)
+    return model
+
+
+def _calibration_batches(cfg: TrialConfig, device) -> list[dict[str, torch.Tensor]]:
+    return [loop.to_device(b, device) for _, b in zip(range(loop.PRUNE_CALIBRATION_BATCHES),
+                                                      cfg.task_obj.batches("train", cfg.train.batch_size,
+                                                                           seed=cfg.train.seed + 10_000))]
+
+
+def _derive(cfg: TrialConfig, plan: loop.Plan, res: TrialResult | None):
+    from omninet.passes import derive, load_base
+
+    base = load_base(cfg.base)
+    model, log = derive(base, cfg.model_config, calibration=_calibration_batches(cfg, torch.device("cpu")),
+                        seq_length=cfg.task_obj.max_length, task_name=f"task {cfg.task_obj.name!r}")
+    if res is not None:
+        res.derived = True
+        precision = f"precision: {plan.precision}" + (" (fake-quantized for the fine-tune, int8 after)"
+                                                      if plan.post == "qat_int8" else
+                                                      " (after the fine-tune)" if plan.post in ("int8", "mixed") else "")
+        res.passes = "; ".join(log.passes + [precision])
+        if log.heads_pruned:
+            res.heads_pruned, res.heads_remaining = log.heads_pruned, log.heads_remaining
     return model
 
 
@@ -363,7 +394,7 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
     calls) and not measured further, since it will be screened anyway."""
     start = time.perf_counter()
     if latency_limit is not None:
-        probe = _post_passes(_build(cfg, plan), cfg, plan, TrialResult(status="ok"))
+        probe = _post_passes(_build(cfg, plan, TrialResult(status="ok")), cfg, plan, TrialResult(status="ok"))
         p50 = _latency_probe(probe, cfg, plan, gate)
         del probe
         if p50 > PROBE_OVER * latency_limit:
@@ -371,7 +402,7 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
             res.cost_measured_first = True
             res.measure_first_seconds = time.perf_counter() - start
             return
-    model = _build(cfg, plan)
+    model = _build(cfg, plan, TrialResult(status="ok"))
     res.num_params = model.num_parameters()
     if cfg.measure.memory:
         opt = loop.make_optimizer(model, cfg.train)
@@ -439,18 +470,33 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
         if reason is not None:
             raise Stopped("screened", reason)
         remeasure = scheduler.remeasure or not measures_first_exactly(plan)
-    model = _build(cfg, plan)
+    model = _build(cfg, plan, res)
     res.num_params = model.num_parameters()
+    trains = True
+    if cfg.base is not None:  # derived: scored as the passes left it, then fine-tuned
+        tc = _zero_shot(model, cfg, plan, res, gate)
+        trains, tc = tc is not None, tc or cfg.train
     opt = loop.make_optimizer(model, tc)
     monitor = loop.training_monitor(model, cfg.hardware, plan)
     stop: list[str] = []
     after_step = None if scheduler is None else _rung_hook(model, cfg, plan, res, gate, scheduler, stop)
     try:
-        loop.train(model, opt, task, tc, plan, res, gate, monitor, after_step=after_step)
+        if trains:
+            with _distilling(cfg, plan):
+                loop.train(model, opt, task, tc, plan, res, gate, monitor, after_step=after_step)
+            if cfg.base is not None:
+                res.finetune_seconds = res.train_seconds
         if stop:  # the partial record: accuracy at the rung, the measure-first costs
             raise Stopped("pruned", stop[0])
         if cfg.measure.memory and remeasure:
-            _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
+            if trains:
+                _measure_train_memory(model, opt, task, cfg, plan, res, gate, monitor)
+            else:  # post-training only: the measured step must not move the weights that are scored and kept
+                import copy
+
+                twin = copy.deepcopy(model)
+                _measure_train_memory(twin, loop.make_optimizer(twin, tc), task, cfg, plan, res, gate, monitor)
+                del twin
     finally:
         res.memory_actions = _memory_actions(monitor, model)
     del opt  # inference needs neither gradients nor optimizer state
@@ -459,11 +505,43 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
     if monitor is not None:  # hand training's freed heap back: the guard reads the budget's use, not its history
         limits.clean_state(plan.backend, device.index or 0)
     try:
-        record_evaluation(res, loop.evaluate(model, task, tc, plan, gate))
+        if trains:
+            record_evaluation(res, loop.evaluate(model, task, tc, plan, gate))
         if remeasure:
             _measure_inference(model, task, cfg, plan, res, gate)
     finally:
         res.memory_actions = _memory_actions(monitor, model)
+
+
+def _zero_shot(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate):
+    """A derived trial's evaluation right after its passes (``accuracy_zero_shot``, scores kept
+    as ``scores_zero_shot``); returns the fine-tune's training budget."""
+    ev = loop.evaluate(model, cfg.task_obj, cfg.train, plan, gate)
+    res.accuracy_zero_shot, res.eval_loss_zero_shot = ev.metrics["accuracy"], ev.metrics["loss"]
+    res.accuracy_zero_shot_se = ev.scores.summary()["accuracy_se"]
+    res.scores_zero_shot = ev.scores
+    ft = cfg.finetune
+    res.finetune_steps, res.distill = ft.steps, ft.distill
+    if ft.steps == 0:  # post-training only: the zero-shot figures are the trial's
+        record_evaluation(res, ev)
+    return ft.train_config(cfg.train)
+
+
+@contextlib.contextmanager
+def _distilling(cfg: TrialConfig, plan: loop.Plan):
+    """With ``finetune.distill`` > 0, the fine-tune's loss mixes in a KL term to the base's
+    outputs (the base, loaded once, runs beside the student on every batch)."""
+    if cfg.base is None or cfg.finetune.distill <= 0:
+        yield
+        return
+    from omninet.passes import load_base
+
+    teacher = load_base(cfg.base, device=plan.device).eval()
+    plan.teacher, plan.distill, plan.temperature = teacher, cfg.finetune.distill, cfg.finetune.temperature
+    try:
+        yield
+    finally:
+        plan.teacher = None
 
 
 def _memory_actions(monitor, model) -> str | None:
@@ -548,6 +626,8 @@ class OmniNetRunner:
             out["_model_files"] = result.model_files  # popped by the controller, never recorded
         if getattr(result, "scores", None) is not None:
             out["_scores"] = result.scores.to_bytes()  # per-unit eval scores: written next to the record
+        if getattr(result, "scores_zero_shot", None) is not None:
+            out["_scores_zero_shot"] = result.scores_zero_shot.to_bytes()
         return out
 
 

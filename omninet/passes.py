@@ -1,0 +1,177 @@
+"""Passes that derive a trial's model from a trained base, in one documented order.
+
+A sweep with a ``base`` trains (or loads) one dense model, and every trial is that model with
+its knobs applied as passes over the built model (the torchtitan pattern: the model is plain
+single-device code, each change is an ``apply`` step owned by its component):
+
+1. ``load_base``     the base's ``save_pretrained`` folder (config.json + model.safetensors),
+                     checked against the trial: vocabulary, classes, arch, width, depth and head
+                     count must match and its length must cover the task (``check_base``);
+2. ``prune_heads``   head importance (Michel et al. 2019: |dL/d gate| on training batches) on
+                     the *base* weights, then physical pruning of ``heads.prune_ratio`` of all
+                     heads, least important first (``omninet.heads.prune_model``);
+3. ``attention``     the attention kernel swap with its parameters (``swap_attention``): the
+                     trial's ``attention`` config on the pruned model, every weight reused.
+                     Block-sparse and hybrid layouts have no weights of their own; Linformer's
+                     sequence projections E/F are new, initialized by the strided mean pool
+                     rule (``init_linformer_mean_pool``: projected row j averages keys
+                     j*s .. (j+1)*s - 1, s = ceil(N / k)), so the zero-shot model attends to k
+                     segment means, and are learned by the fine-tune;
+4. ``precision``     applied by the trial's precision plan (``omninet.trial.loop.Plan``): bf16 /
+                     fp16 autocast placement before the fine-tune; ``qat_int8`` fake-quantizes
+                     before it and converts after; ``int8`` (post-training) and ``mixed``
+                     (layer-wise, from the sensitivity measured on the derived weights) after it.
+
+Then the trial evaluates (zero-shot), fine-tunes ``finetune.steps`` (optionally distilling
+from the base's outputs) and evaluates and measures as any trial. ``Derivation.passes`` lists
+what was applied, in order, for the record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omninet.config import AttentionConfig, ModelConfig
+from omninet.model import OmniNetModel
+
+__all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "swap_attention", "init_linformer_mean_pool",
+           "derive"]
+
+PASS_ORDER = ("load_base", "prune_heads", "attention", "precision")
+# the fields a derived trial may not change: the base's weights only fit a model of this shape
+_SHAPE_FIELDS = ("arch", "vocab_size", "num_classes", "hidden_size", "num_layers", "num_heads", "ff_ratio",
+                 "pooling", "tie_embeddings")
+
+
+@dataclass
+class Derivation:
+    """What was done to the base, in order (``passes``: one line each, e.g. 'prune_heads: 2 of 8
+    heads'), and the pruning figures."""
+
+    passes: list[str] = field(default_factory=list)
+    heads_pruned: int = 0
+    heads_remaining: int | None = None
+
+    def describe(self) -> str:
+        return "; ".join(self.passes)
+
+
+def load_base(base: str | Path | OmniNetModel, *, device: str | torch.device = "cpu") -> OmniNetModel:
+    """The base model: an ``OmniNetModel`` as it is (copied, so passes never touch the
+    caller's), or a folder written by ``save_pretrained`` or kept by a sweep trial. ValueError
+    (one line) when the folder is not a saved model."""
+    if isinstance(base, OmniNetModel):
+        import copy
+
+        return copy.deepcopy(base).to(device)
+    path = Path(base).expanduser()
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"base: {str(path)!r} is not a saved OmniNet model (config.json + model.safetensors); point "
+                         "base.checkpoint at a save_pretrained folder or a sweep's models/pool=<pool>/trial-<n> folder")
+    return OmniNetModel.from_pretrained(path, device=device)
+
+
+def check_base(base: ModelConfig, trial: ModelConfig, *, task_length: int, task_name: str = "the task") -> None:
+    """ValueError (one line, naming the field and the fix) when the base cannot be the trial's
+    starting point: a different vocabulary, class count, arch or shape, a base already pruned or
+    not dense, or a length that does not cover the task's."""
+    for name in _SHAPE_FIELDS:
+        have, want = getattr(base, name), getattr(trial, name)
+        if have != want:
+            raise ValueError(f"base: {name}={have!r} but the trial's model needs {name}={want!r} for {task_name}; "
+                             f"train the base on this task (base.train) or set trial.model.{name}: {have!r}")
+    if base.position.kind != trial.position.kind:
+        raise ValueError(f"base: position.kind={base.position.kind!r} but the trial's model uses "
+                         f"{trial.position.kind!r}; set trial.model.position.kind: {base.position.kind!r}")
+    if base.position.kind == "learned" and base.max_seq_length < task_length:
+        raise ValueError(f"base: max_seq_length={base.max_seq_length} is shorter than {task_name}'s {task_length} tokens "
+                         "(learned positions cannot extrapolate); train the base at the deployment length")
+    if base.heads.pruned_heads:
+        raise ValueError("base: the model already has pruned heads; derive from the unpruned base")
+
+
+def init_linformer_mean_pool(model: OmniNetModel, seq_length: int) -> int:
+    """Sets every Linformer projection E (and F) so that projected row j is the mean of keys
+    ``j*s .. min((j+1)*s, N) - 1`` with ``s = ceil(N / k)`` at length ``N = seq_length`` (the
+    rows past N get the same rule on the continuation). Returns the projections set."""
+    from omninet.attention.linformer import LinformerProjection, projected_length
+
+    done = 0
+    for module in {id(m): m for m in model.modules() if isinstance(m, LinformerProjection)}.values():
+        k = projected_length(module.config, seq_length)
+        stride = math.ceil(seq_length / k)
+        with torch.no_grad():
+            for p in (module.E, module.F):
+                if p is None:
+                    continue
+                w = torch.zeros_like(p)  # (k_max, n_max)
+                for j in range(p.shape[0]):
+                    lo = j * stride
+                    hi = min(lo + stride, p.shape[1])
+                    if lo < hi:
+                        w[j, lo:hi] = 1.0 / (hi - lo)
+                p.copy_(w)
+        done += 1
+    return done
+
+
+def swap_attention(model: OmniNetModel, attention: AttentionConfig, *, seq_length: int) -> tuple[OmniNetModel, str]:
+    """The same model with another attention kernel and parameters: a model built from the
+    config with ``attention`` replaced, every existing weight copied in. Only the new kernel's
+    own parameters may be new (Linformer's projections: mean-pool rule); anything else missing
+    or left over is a bug (RuntimeError). Returns the model and a line for the record."""
+    config = model.config.replace(attention=attention)
+    if config == model.config:
+        return model, f"attention: {attention.kernel} (the base's kernel, unchanged)"
+    new = OmniNetModel(config).to(next(model.parameters()).device)
+    result = new.load_state_dict(model.state_dict(), strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if ".E" not in k and ".F" not in k]
+    if unexpected or missing:
+        raise RuntimeError(f"swap_attention: weights do not carry over (missing {missing[:4]}, unexpected "
+                           f"{unexpected[:4]})")
+    line = f"attention: {model.config.attention.kernel} -> {attention.kernel}"
+    if attention.kernel == "block_sparse":
+        b = attention.block_sparse
+        line += f" (block {b.block_size}, sparsity {b.sparsity_factor:g}; weights reused)"
+    elif attention.kernel == "linformer":
+        n = init_linformer_mean_pool(new, seq_length)
+        line += f" (k {attention.linformer.k}; {n} projection(s) initialized by the strided mean pool)"
+    elif attention.kernel == "hybrid":
+        line += " (weights reused)"
+    return new, line
+
+
+def derive(base: OmniNetModel, trial: ModelConfig, *, calibration: Iterable[dict], seq_length: int,
+           task_name: str = "the task") -> tuple[OmniNetModel, Derivation]:
+    """Passes 1-3 of ``PASS_ORDER`` on a copy of ``base`` (already loaded): check, prune heads by
+    importance on ``calibration`` batches (training data), swap the attention kernel. Precision
+    (pass 4) belongs to the trial's plan. ``trial`` is the trial's resolved ModelConfig."""
+    check_base(base.config, trial, task_length=seq_length, task_name=task_name)
+    model = load_base(base)
+    log = Derivation(passes=["load_base: dense base, "
+                             f"{sum(a.num_heads for a in model.attention_layers())} heads, {model.num_parameters()} params"])
+    ratio = trial.heads.prune_ratio
+    heads_before = sum(a.num_heads for a in model.attention_layers())
+    if ratio > 0:
+        from omninet.heads import prune_model
+
+        report = prune_model(model, list(calibration), prune_ratio=ratio)
+        log.heads_pruned = report.heads_before - report.heads_after
+        log.passes.append(f"prune_heads: {log.heads_pruned} of {report.heads_before} heads by importance on the base")
+    log.heads_remaining = sum(a.num_heads for a in model.attention_layers()) if ratio > 0 else heads_before
+    model, line = swap_attention(model, trial.attention, seq_length=seq_length)
+    log.passes.append(line)
+    # the rest of the trial's model config (dropout, gating, checkpointing, ...) as the trial says
+    rest = trial.replace(attention=model.config.attention, max_seq_length=model.config.max_seq_length,
+                         heads=trial.heads.replace(pruned_heads=model.config.heads.pruned_heads))
+    if rest != model.config:
+        rebuilt = OmniNetModel(rest).to(next(model.parameters()).device)
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model, log

@@ -1,0 +1,142 @@
+"""Trials derived from a trained base (issue 24): the passes in their documented order, a base
+that does not fit refused in one line before anything runs, ``finetune.steps: 0`` as the
+zero-shot figures, distillation that changes the loss and can be turned off, and a derived
+model's folder that reloads to the same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from omninet.passes import PASS_ORDER, check_base, derive, init_linformer_mean_pool, load_base
+from omninet.trial import TrialConfig, run_trial
+from omninet.trial.runner import RunContext
+
+N = 64
+
+
+def trial(**model) -> dict:
+    return {"task": {"name": "masked_bytes", "max_length": N, "max_bytes": 200_000},
+            "model": {"hidden_size": 16, "num_layers": 2, "num_heads": 4, "position": {"kind": "rotary"},
+                      "attention": {"block_sparse": {"min_seq_length": 0, "block_size": 16},
+                                    "linformer": {"min_seq_length": 0}}, **model},
+            "train": {"steps": 30, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_max_examples": 64},
+            "measure": {"latency_reps": 20, "throughput_reps": 20, "warmup": 1, "min_seconds": 0.0, "max_rounds": 1,
+                        "memory": False}}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    result = run_trial(trial(), context=RunContext(keep_model=True))
+    assert result.status == "ok", result.error
+    for name, data in result.model_files.items():
+        (out / name).write_bytes(data)
+    return out
+
+
+def derived(base_dir, steps: int = 0, distill: float = 0.0, **model) -> dict:
+    cfg = trial(**model)
+    cfg["base"] = str(base_dir)
+    cfg["finetune"] = {"steps": steps, "lr": 1e-3, "warmup_steps": 1, "distill": distill}
+    return cfg
+
+
+def test_a_base_that_does_not_fit_is_refused_in_one_line(base_dir, tmp_path) -> None:
+    wrong = copy.deepcopy(trial())
+    wrong["task"]["max_length"] = 32  # another length is fine for rotary; another width is not
+    wrong["model"]["hidden_size"] = 32
+    wrong["base"] = str(base_dir)
+    with pytest.raises(ValueError, match=r"^base: hidden_size=16 but the trial's model needs hidden_size=32") as err:
+        TrialConfig.from_dict(wrong)
+    assert "\n" not in str(err.value)
+    vocab = trial()
+    vocab["task"] = {"name": "byte_lm", "max_length": N, "max_bytes": 200_000}  # 260 ids, and a decoder
+    vocab["base"] = str(base_dir)
+    with pytest.raises(ValueError, match=r"^base: arch='encoder' but"):
+        TrialConfig.from_dict(vocab)
+    learned = load_base(base_dir).config.replace(position={"kind": "learned"}, max_seq_length=32)
+    with pytest.raises(ValueError, match="max_seq_length=32 is shorter than"):
+        check_base(learned, learned.replace(max_seq_length=N), task_length=N)
+    missing = trial()
+    missing["base"] = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="is not a saved OmniNet model"):
+        TrialConfig.from_dict(missing)
+    # nothing runs: the trial runner reports it as invalid
+    assert run_trial(wrong).status == "invalid"
+
+
+def test_passes_run_in_the_documented_order_on_the_base_weights(base_dir) -> None:
+    assert PASS_ORDER == ("load_base", "prune_heads", "attention", "precision")
+    cfg = TrialConfig.from_dict(derived(base_dir, heads={"prune_ratio": 0.5}, attention={
+        "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}}))
+    base = load_base(base_dir)
+    batches = list(cfg.task_obj.batches("train", 8, seed=1))[:2]
+    model, log = derive(base, cfg.model_config, calibration=batches, seq_length=N)
+    assert [line.split(":")[0] for line in log.passes] == ["load_base", "prune_heads", "attention"]
+    assert log.heads_pruned == 4 and sum(a.num_heads for a in model.attention_layers()) == 4
+    assert model.config.attention.kernel == "block_sparse"
+    # the kernel swap reused every remaining weight: the FFN and embeddings are the base's
+    assert torch.equal(model.embed.weight, base.embed.weight)
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in base.state_dict().items() if ".ff." in k or "norm" in k)
+    assert base.config.attention.kernel == "sdpa" and sum(a.num_heads for a in base.attention_layers()) == 8
+
+
+def test_linformer_projections_start_as_a_strided_mean_pool(base_dir) -> None:
+    cfg = TrialConfig.from_dict(derived(base_dir, attention={"kernel": "linformer",
+                                                             "linformer": {"min_seq_length": 0, "k": 16}}))
+    model, log = derive(load_base(base_dir), cfg.model_config, calibration=[], seq_length=N)
+    proj = next(m for m in model.modules() if type(m).__name__ == "LinformerProjection")
+    stride = N // 16
+    assert torch.allclose(proj.E[0, :stride], torch.full((stride,), 1 / stride))
+    assert proj.E[0, stride:].abs().sum() == 0 and torch.allclose(proj.E[:16, :N].sum(1), torch.ones(16))
+    assert "strided mean pool" in log.passes[-1]
+    assert init_linformer_mean_pool(model, N) >= 1
+
+
+def test_finetune_steps_zero_is_the_zero_shot_record(base_dir) -> None:
+    r = run_trial(derived(base_dir, steps=0, heads={"prune_ratio": 0.25}))
+    assert r.status == "ok", r.error
+    assert r.derived and r.finetune_steps == 0 and r.steps == 0
+    assert r.accuracy == r.accuracy_zero_shot and r.accuracy_se == r.accuracy_zero_shot_se
+    assert r.passes.startswith("load_base") and "prune_heads: 2 of 8" in r.passes and r.passes.endswith("precision: fp32")
+    tuned = run_trial(derived(base_dir, steps=10, heads={"prune_ratio": 0.25}))
+    assert tuned.status == "ok" and tuned.steps == 10 and tuned.accuracy_zero_shot == r.accuracy_zero_shot
+    assert tuned.eval_loss != tuned.eval_loss_zero_shot and tuned.finetune_seconds > 0  # the fine-tune moved it
+    assert tuned.scores_zero_shot.eval_hash == tuned.scores.eval_hash  # both on the same eval rows
+
+
+def test_distillation_changes_the_loss_and_can_be_turned_off(base_dir) -> None:
+    runs = {d: run_trial(derived(base_dir, steps=5, distill=d, attention={
+        "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}}))
+        for d in (0.0, 0.5)}
+    assert all(r.status == "ok" for r in runs.values()), [r.error for r in runs.values()]
+    assert runs[0.0].distill == 0.0 and runs[0.5].distill == 0.5
+    assert runs[0.0].loss_curve[0] != pytest.approx(runs[0.5].loss_curve[0], rel=1e-4)
+    again = run_trial(derived(base_dir, steps=5, distill=0.0, attention={
+        "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}}))
+    assert again.loss_curve == runs[0.0].loss_curve  # off is off: the plain task loss, deterministically
+
+
+def test_a_derived_trial_folder_reloads_to_the_same_outputs(base_dir, tmp_path) -> None:
+    from omninet.model import OmniNetModel
+
+    cfg = derived(base_dir, steps=3, heads={"prune_ratio": 0.25}, attention={
+        "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}})
+    r = run_trial(cfg, context=RunContext(keep_model=True))
+    assert r.status == "ok", r.error
+    for name, data in r.model_files.items():
+        (tmp_path / name).write_bytes(data)
+    again = OmniNetModel.from_pretrained(tmp_path).eval()
+    assert again.config.attention.kernel == "block_sparse" and again.config.heads.pruned_heads
+    task = TrialConfig.from_dict(cfg).task_obj
+    batch = next(task.batches("eval", 4))
+    with torch.no_grad():
+        logits = again(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    meter = task.new_meter()
+    meter.update(logits, batch)
+    first = r.scores.prefix(4)
+    assert meter.scores().correct.tolist() == first.correct.tolist()
