@@ -25,13 +25,16 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     cfg["results_dir"] = str(tmp_path / "quickstart")
     for pool in cfg["pools"]:
         pool["trials"] = 2
-    cfg["trial"]["task"].update(num_train=400, num_eval=64)
-    cfg["trial"]["train"].update(max_seconds=2, eval_max_examples=64)
-    # a shorter deployment shape and one latency round: the quickstart's own shape and noise
-    # figures are the benchmarks' business (benchmarks/measurement_fidelity.py)
-    cfg["trial"]["measure"].update(seq_length=512, max_rounds=1, min_seconds=0.1)
+    # a shorter task (one length: trained, evaluated and measured at 128 tokens), a base of a few
+    # steps and one latency round: the quickstart's own figures are the benchmarks' business
+    # (benchmarks/trained_base.py, benchmarks/measurement_fidelity.py)
+    cfg["trial"]["task"].update(max_length=128, max_bytes=300_000)
+    cfg["trial"]["train"].update(batch_size=8, eval_target_se=None, eval_max_examples=64)
+    cfg["trial"]["measure"].update(max_rounds=1, min_seconds=0.1)
+    cfg["base"]["train"] = {"steps": 20}
+    cfg["finetune"]["steps"] = 3
     cfg["sampler"] = {"kind": "random", "seed": 3}
-    cfg["repeats"] = {"count": 2, "scope": "pareto", "top": 1}  # the best front configuration once more
+    cfg["repeats"] = {"count": 2, "scope": "all", "top": 1}  # the best searched configuration once more
     assert not ray.is_initialized()
     result = run_sweep(cfg, num_cpus=2)
     assert not ray.is_initialized()  # the embedded Ray is shut down again
@@ -39,8 +42,14 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     df = result.trials()
     main = df[df.repeat_of.isna()]
     assert sorted(main.groupby("pool").size().items()) == [("cpu", 2), ("gpu", 2)]
-    # the dense baseline ran first in every pool (enqueue)
-    assert (main[main.trial_number == 0]["param.model.attention.kernel"] == "sdpa").all()
+    # the base ran first in every pool as its reference run: dense, no passes, no fine-tune
+    first = main[main.trial_number == 0]
+    assert (first["param.model.attention.kernel"] == "sdpa").all() and (first.role == "reference").all()
+    assert (first.finetune_steps == 0).all() and first.accuracy.nunique() == 1  # the same base on both pools
+    assert (tmp_path / "quickstart" / "base" / "model.safetensors").is_file()
+    derived = df[(df.status == "ok") & (df.role != "reference")]
+    assert derived.derived.all() and derived.passes.str.startswith("load_base").all()
+    assert derived.accuracy_diff_ref.notna().all() and derived.accuracy_zero_shot.notna().all()
     repeats = df[df.repeat_of.notna()]
     assert sorted(repeats.groupby("pool").size().items()) == [("cpu", 1), ("gpu", 1)]
     for _, rep in repeats.iterrows():  # same configuration, another seed
@@ -49,7 +58,8 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     agg = result.aggregate("cpu")
     assert (agg.runs == 2).sum() == 1 and agg.loc[agg.runs == 2, "accuracy_ci95"].notna().all()
     # measured at the deployment shape, isolated, with both memory counters and the history check
-    assert (ok_shape := df[df.status == "ok"]).seq_length.eq(512).all() and ok_shape.measure_batch_size.eq(4).all()
+    assert (ok_shape := df[df.status == "ok"]).seq_length.eq(128).all() and ok_shape.measure_batch_size.eq(4).all()
+    assert not ok_shape.measure_other_length.any() and (ok_shape.eval_unit == "token").all()
     shown = ok_shape[["pool", "trial_number", "measure_co_running", "measure_wait_s", "cores"]].to_string()
     assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all(), shown
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
@@ -78,7 +88,7 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     assert (df.status == "ok").sum() >= 2, df[["pool", "status", "error"]].to_string()
     ok = df[df.status == "ok"]
     assert (ok.latency_p50_ms > 0).all() and (ok.peak_memory_infer_mb > 0).all() and (ok.num_params > 0).all()
-    assert ok.loss_curve.map(len).min() >= 1
+    assert ok[ok.role != "reference"].loss_curve.map(len).min() >= 1
     assert df[df.pool == "gpu"].simulated.all() and (df[df.pool == "gpu"].device.dropna() == "cpu").all()
     # a recommended config builds with the runner's own config class
     pool = ok.pool.iloc[0]

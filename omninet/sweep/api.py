@@ -13,9 +13,50 @@ __all__ = ["tune"]
 
 
 def tune(config: SweepConfig | str | os.PathLike | dict[str, Any], *, results_dir: str | os.PathLike | None = None,
-         address: str | None = None, num_cpus: int | None = None) -> SweepResult:
+         address: str | None = None, num_cpus: int | None = None, base: Any = None) -> SweepResult:
     """Runs (or resumes) the sweep described by ``config`` (a YAML path, a dict or a
     :class:`SweepConfig`) on a Ray cluster (``address``; ``$RAY_ADDRESS``; else an embedded
     local Ray) and returns its :class:`SweepResult`: ``.trials()``, ``.pareto_front(pool)``,
-    ``.recommend(pool, max_latency_ms=..., max_memory_mb=..., min_accuracy=...)``."""
+    ``.recommend(pool, max_latency_ms=..., max_memory_mb=..., min_accuracy=...)``.
+
+    ``base``: tune a model you have. An ``OmniNetModel`` (saved once into
+    ``<results>/base-checkpoint``) or a path to a ``save_pretrained`` folder or a kept trial
+    model; it replaces the config's ``base`` section, and every trial derives from it
+    (``omninet.passes``) and is paired against it."""
+    if base is not None:
+        config = _with_base(config, base, results_dir)
     return run_sweep(config, results_dir=results_dir, address=address, num_cpus=num_cpus)
+
+
+def _with_base(config: Any, base: Any, results_dir: str | os.PathLike | None) -> dict[str, Any]:
+    from pathlib import Path
+
+    import yaml
+
+    from omninet.model import OmniNetModel
+    from omninet.sweep.config import SweepConfigError, resolve_results_dir
+
+    if isinstance(config, SweepConfig):
+        data = config.to_plain()
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        data = yaml.safe_load(Path(config).read_text())
+        if not isinstance(data, dict):
+            raise SweepConfigError(f"{config}: expected a sweep config mapping")
+    if isinstance(base, OmniNetModel):
+        out = resolve_results_dir(_named(data), results_dir) / "base-checkpoint"
+        base.save_pretrained(out)
+        base = out
+    elif not isinstance(base, (str, os.PathLike)):
+        raise SweepConfigError(f"base: expected an OmniNetModel or a path to a saved model, got {type(base).__name__}")
+    data["base"] = {"checkpoint": str(Path(base).expanduser().resolve())}
+    return data
+
+
+def _named(data: dict[str, Any]):
+    """What ``resolve_results_dir`` reads of a config (its name and results_dir), without
+    parsing the rest (which may need the base this call is about to write)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=data.get("name"), results_dir=data.get("results_dir"))

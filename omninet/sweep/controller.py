@@ -618,15 +618,15 @@ class SweepController:
             trials = [t for t in ps.study.get_trials(deepcopy=False) if t.state in FINISHED_STATES]
             if spec.scope == "pareto":
                 chosen = [t for t in ps.study.best_trials if "repeat_of" not in t.user_attrs
-                          and "duplicate_of" not in t.user_attrs]
+                          and "duplicate_of" not in t.user_attrs and "role" not in t.user_attrs]
             else:
                 chosen = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs
-                          and "duplicate_of" not in t.user_attrs]
+                          and "duplicate_of" not in t.user_attrs and "role" not in t.user_attrs]
             first = self.config.objectives[0]
             chosen = sorted(chosen, key=lambda t: t.values[0], reverse=first.direction == "maximize")[:spec.top]
             runs: dict[str, int] = {}
             for t in trials + [t for t in ps.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
-                if "duplicate_of" in t.user_attrs:  # never trained: not a run of its configuration
+                if "duplicate_of" in t.user_attrs or "role" in t.user_attrs:  # not a run of a searched configuration
                     continue
                 key = params_key(t.params)
                 runs[key] = runs.get(key, 0) + 1
@@ -732,7 +732,8 @@ class SweepController:
             "constraint_memory": c_mem, "constraint_latency": c_lat,
             "loss_curve": [float(x) for x in result.get("loss_curve") or []],
             "config_json": json.dumps(self.config.runner.to_dict(run.trial_config), sort_keys=True),
-            "repeat_of": run.repeat_of, "config_key": params_key(run.params),
+            "repeat_of": run.repeat_of,
+            "config_key": params_key({**run.params, **({"role": "reference"} if run.reference else {})}),
             "result_json": json.dumps(scalars, sort_keys=True, default=str),
             "screened_by": result.get("screened_by") or ("measure_first" if status == "screened" else None),
             "duplicate_of": run.duplicate_of, "seed_key": run.seed_key,
@@ -769,6 +770,8 @@ class SweepController:
         trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name", "cores")})
         if row.get("error"):
             trial.set_user_attr("error", str(row["error"])[:1000])
+        if row.get("role"):
+            trial.set_user_attr("role", row["role"])
         status = row["status"]
         if status == "duplicate":  # the earlier trial's outcome, as Optuna's duplicate pattern tells it
             original = study._storage.get_trial(ps_trial_id(study, int(row["duplicate_of"])))

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import SchedulerSpec, SweepConfig, load_config
+from omninet.sweep.config import BaseSpec, SchedulerSpec, SweepConfig, load_config
 
 __all__ = ["SweepResult", "write_artifacts"]
 
@@ -55,10 +55,12 @@ class SweepResult:
         # against the runner it needs, so it is restored the same way.
         scheduler = data.get("scheduler")
         config = load_config({**data, "trial_fn": "omninet.sweep.results:recorded_trial", "estimate_fn": None,
-                              "scheduler": {"kind": "fifo"}})
+                              "scheduler": {"kind": "fifo"}, "base": None})
         config.trial_fn, config.estimate_fn = data.get("trial_fn", config.trial_fn), data.get("estimate_fn")
         if scheduler is not None:
             config.scheduler = SchedulerSpec.from_dict(scheduler)
+        if data.get("base") is not None:  # checked against the runner when the sweep ran; here it is a record
+            config.base = BaseSpec.from_dict(data["base"])
         return cls(results_dir, config)
 
     # -- tables -----------------------------------------------------------------------------
