@@ -23,6 +23,14 @@ The block-sparse state is built with ``min_seq_length=0`` so that the sparse pat
 measured at every N (the model switches to dense SDPA at <= 1024 tokens by default).
 Output: one JSON document (stdout, and ``--out``) with every row, the ratios against SDPA and
 naive attention, and the issue's targets evaluated at N=4096.
+
+Padding suite (issue 25; ``--suite padding`` runs only it): the block-sparse kernel with a
+[B, N] key-padding mask as the trial runner and the server pass it, at the issue's shape (fp32,
+B=2, H=4, D=16), N = 1024 and 4096, block 16-128, sparsity 0.5-0.9: no mask, an all-True mask
+and 25% end padding on half the rows (row 1 of 2), against SDPA with the same mask; and
+forward+backward at N = 256 and 1024, block 16 and 64, sparsity 0.5 and 0.85, against SDPA
+(no mask and the padded batch). Each case's cells are timed round robin in one run
+(``--padding-reps`` medians), so every ratio is measured side by side.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention  # noqa: E402
-from omninet.trial.measure import peak_memory_mb  # noqa: E402
+from omninet.trial.measure import machine_facts, peak_memory_mb  # noqa: E402
 from omninet.attention.linformer import LinformerProjection, linformer_core  # noqa: E402
 from omninet.config import BlockSparseConfig, LinformerConfig  # noqa: E402
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
@@ -296,6 +304,121 @@ def summarize(rows: list[dict], target_n: int) -> tuple[dict, dict]:
     return ratios, out
 
 
+# ---- padding suite (issue 25) ---------------------------------------------------------------
+PAD_MASKS = ("none", "all_true", "pad25_half")
+
+
+def padding_mask(kind: str, B: int, n: int):
+    """None, an all-True (B, 1, 1, N) mask, or 25% end padding on half the rows (the odd ones)."""
+    if kind == "none":
+        return None
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    if kind == "pad25_half":
+        mask[1::2, ..., n - n // 4 :] = False
+    return mask
+
+
+def interleaved_ms(runs: dict, *, reps: int, warmup: int) -> dict:
+    """name -> {median_ms, runs_ms}: every run once per round, ``reps`` rounds after warm-up."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": round(statistics.median(t), 3), "runs_ms": [round(x, 3) for x in t]}
+            for name, t in times.items()}
+
+
+def _attention_call(kind: str, q, k, v, mask, state, scale):
+    if kind == "sdpa":  # the kernel the model runs for dense attention, with the same mask
+        from omninet.attention.dense import sdpa_attention
+        return sdpa_attention(q, k, v, mask=mask, scale=scale)[0]
+    return block_sparse_attention(q, k, v, mask=mask, scale=scale, state=state)[0]
+
+
+def _padding_run(kind, mask, state, shape, mode, scale):
+    q, k, v = (torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3))
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                _attention_call(kind, q, k, v, mask, state, scale)
+        return run
+    grad = torch.randn(shape)
+
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        _attention_call(kind, q, k, v, mask, state, scale).backward(grad)
+    return run
+
+
+def padding_suite(args) -> dict:
+    """Rows of the padding suite and its targets (see the module docstring)."""
+    B, H, D = args.padding_batch, args.padding_heads, args.padding_head_dim
+    scale = D ** -0.5
+    rows = []
+
+    def case(n, block, sparsity, mode, masks, kinds=("block_sparse", "sdpa")):
+        state = BlockSparseLayout(BlockSparseConfig(block_size=block, sparsity_factor=sparsity, min_seq_length=0,
+                                                    backend="gather"))
+        runs = {(kind, m): _padding_run(kind, padding_mask(m, B, n), state, (B, H, n, D), mode, scale)
+                for kind in kinds for m in masks}
+        timed = interleaved_ms(runs, reps=args.padding_reps, warmup=args.warmup)
+        for (kind, m), t in timed.items():
+            rows.append({"kernel": kind, "n": n, "block": block, "sparsity": sparsity, "mode": mode, "mask": m, **t})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    for n in args.padding_sizes:
+        for block in args.padding_blocks:
+            for sparsity in args.padding_sparsities:
+                case(n, block, sparsity, "fwd", PAD_MASKS)
+    for n in args.padding_fb_sizes:
+        for block in args.padding_fb_blocks:
+            for sparsity in args.padding_fb_sparsities:
+                case(n, block, sparsity, "fwd_bwd", ("none", "pad25_half"))
+    return {"rows": rows, "shape": {"batch": B, "heads": H, "head_dim": D, "dtype": "float32"},
+            **padding_targets(rows)}
+
+
+def padding_targets(rows: list[dict]) -> dict:
+    """Ratios from cells of one case (same N, block, sparsity, mode), and the issue's targets."""
+    by = {(r["kernel"], r["n"], r["block"], r["sparsity"], r["mode"], r["mask"]): r["median_ms"] for r in rows}
+    ratios = []
+    for (kind, n, block, sp, mode, m), ms in by.items():
+        if kind != "block_sparse":
+            continue
+        row = {"n": n, "block": block, "sparsity": sp, "mode": mode, "mask": m,
+               "vs_sdpa_same_mask": round(ms / by[("sdpa", n, block, sp, mode, m)], 3)}
+        if m != "none":
+            row["vs_own_no_mask"] = round(ms / by[(kind, n, block, sp, mode, "none")], 3)
+        ratios.append(row)
+    fwd = [r for r in ratios if r["mode"] == "fwd"]
+    fb = [r for r in ratios if r["mode"] == "fwd_bwd"]
+
+    def worst(rs, key):
+        values = [r[key] for r in rs if key in r]
+        return max(values) if values else None
+
+    def target(value, op, bound):
+        met = None if value is None else (value <= bound if op == "<=" else value < bound)
+        return {"value": value, "target": f"{op} {bound}", "met": met}
+
+    targets = {
+        "masked_vs_own_no_mask_worst": target(worst(fwd, "vs_own_no_mask"), "<=", 1.10),
+        "masked_vs_sdpa_same_mask_worst_at_sparsity_ge_0.75": target(
+            worst([r for r in fwd if r["sparsity"] >= 0.75 and r["mask"] != "none"], "vs_sdpa_same_mask"), "<=", 0.8),
+        "fwd_bwd_vs_sdpa_worst_at_sparsity_0.5": target(
+            worst([r for r in fb if r["sparsity"] <= 0.5], "vs_sdpa_same_mask"), "<=", 1.2),
+        "fwd_bwd_vs_sdpa_worst_at_sparsity_0.85": target(
+            worst([r for r in fb if r["sparsity"] >= 0.85], "vs_sdpa_same_mask"), "<", 1.0),
+    }
+    return {"ratios": ratios, "targets": targets}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 3 runs, no FlexAttention compile")
@@ -320,6 +443,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core); 1 with `taskset -c 0` measures one "
                         "core while other work runs on the other")
+    p.add_argument("--suite", choices=("all", "kernels", "padding"), default="all",
+                   help="kernels: the kernel table; padding: the padding suite (issue 25); all: both")
+    p.add_argument("--padding-sizes", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--padding-blocks", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--padding-sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--padding-fb-sizes", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--padding-fb-blocks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--padding-fb-sparsities", type=float, nargs="+", default=[0.5, 0.85])
+    p.add_argument("--padding-batch", type=int, default=2)
+    p.add_argument("--padding-heads", type=int, default=4)
+    p.add_argument("--padding-head-dim", type=int, default=16)
+    p.add_argument("--padding-reps", type=int, default=9)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -331,6 +466,9 @@ def parse_args(argv=None):
         args.sizes, args.heads, args.head_dim, args.block_size = [64, 128, 256], 2, 16, 16
         args.reps, args.warmup, args.flex, args.target_n = 3, 1, False, 128
         args.first_call_kernels = ["sdpa", "block_sparse_0.125"]
+        args.padding_sizes, args.padding_blocks, args.padding_sparsities = [128], [16], [0.5, 0.9]
+        args.padding_fb_sizes, args.padding_fb_blocks, args.padding_fb_sparsities = [64], [16], [0.5, 0.85]
+        args.padding_reps = 3
     return args
 
 
@@ -340,8 +478,9 @@ def main(argv=None) -> dict | None:
         return first_call_child(args)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
-    result = run_benchmark(args)
+    result = run_benchmark(args) if args.suite != "padding" else {"rows": [], "flex_compile_seconds": {}}
     ratios, targets = summarize(result["rows"], args.target_n)
+    padding = padding_suite(args) if args.suite != "kernels" else None
     doc = {
         "benchmark": "attention_kernels",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -356,6 +495,8 @@ def main(argv=None) -> dict | None:
         "flex_compile_seconds": result["flex_compile_seconds"],
         "ratios": ratios,
         "targets": targets,
+        "padding": padding,
+        "machine": machine_facts(),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     emit(doc, args.out)

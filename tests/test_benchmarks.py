@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # fixture starts the longest first so the two lanes end together)
 SMOKE = {
     "dense_vs_torch": (["--quick", "--reps", "2"], 4),
-    "model_sparse": (["--quick"], 12),
+    "model_sparse": (["--quick"], 21),
     "head_pruning": (["--smoke"], 3),
     "precision": (["--smoke"], 2),
     "int8_accuracy": (["--steps", "3", "--eval-examples", "32"], 12),
@@ -29,7 +29,9 @@ SMOKE = {
     "qat": (["--quick"], 12),
     "machine_drift": (["--quick"], 3),
     "records_soak": (["--quick"], 21),
-    "attention_kernels": (["--quick"], 17),
+    "attention_kernels": (["--quick"], 37),
+    "device_check": (["--dry"], 10),
+    "trained_base": (["--quick"], 16),
 }
 
 
@@ -96,6 +98,52 @@ def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
         assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3 and r["peak_mb"] > 0
     for t in doc["targets"].values():
         assert set(t) == {"value", "target", "met", "at_n"}
+
+
+def test_attention_kernels_smoke_has_the_padding_suite(smokes):
+    """Issue 25: masks none / all-True / 25% padding on half the rows, forward and
+    forward+backward, ratios taken within one run, the four targets, the machine."""
+    doc = json.loads(smokes["attention_kernels"][1].read_text())
+    pad = doc["padding"]
+    assert {r["mask"] for r in pad["rows"]} == {"none", "all_true", "pad25_half"}
+    assert {r["mode"] for r in pad["rows"]} == {"fwd", "fwd_bwd"} and {r["kernel"] for r in pad["rows"]} == {
+        "block_sparse", "sdpa"}
+    for r in pad["rows"]:
+        assert r["median_ms"] > 0 and len(r["runs_ms"]) >= 3
+    assert all(r["vs_sdpa_same_mask"] > 0 for r in pad["ratios"])
+    assert {r["mask"] for r in pad["ratios"] if "vs_own_no_mask" in r} == {"all_true", "pad25_half"}
+    assert set(pad["targets"]) == {"masked_vs_own_no_mask_worst", "masked_vs_sdpa_same_mask_worst_at_sparsity_ge_0.75",
+                                   "fwd_bwd_vs_sdpa_worst_at_sparsity_0.5", "fwd_bwd_vs_sdpa_worst_at_sparsity_0.85"}
+    for t in pad["targets"].values():
+        assert set(t) == {"value", "target", "met"} and t["value"] > 0
+    assert doc["machine"]["cpu_model"] == _cpu_model()
+
+
+def test_model_sparse_smoke_has_the_padding_section(smokes):
+    doc = json.loads(smokes["model_sparse"][1].read_text())
+    pad = doc["padding"]
+    modes = {(r["mode"], r["mask"]) for r in pad["rows"]}
+    assert {("inference", m) for m in ("none", "all_true", "pad25_half")} <= modes
+    assert {("train_step", m) for m in ("all_true", "pad25_half")} <= modes
+    assert {r["variant"] for r in pad["rows"]} >= {"dense", "block_sparse_b16_s0.75", "block_sparse_b16_s0.5"}
+    assert pad["ratios"] and all(r["vs_dense_same_mask"] > 0 for r in pad["ratios"])
+    assert all(set(t) == {"value", "target", "met"} for t in pad["targets"].values())
+    assert doc["machine"]["cpu_model"] == _cpu_model()
+
+
+def test_device_check_dry_run_covers_every_section(smokes):
+    """The accelerator check stays runnable: its CPU dry run passes every section, and every
+    registered kernel agrees with eager there (forward and backward, masked and not)."""
+    from omninet.attention import KERNELS
+
+    doc = json.loads(smokes["device_check"][1].read_text())
+    assert doc["dry"] and doc["device"] == "cpu" and doc["device_name"] == _cpu_model()
+    for name in ("kernels", "speed", "autocast", "trial", "serve"):
+        assert doc[name]["status"] == "ok", (name, doc[name])
+    assert {r["kernel"] for r in doc["kernels"]["rows"]} == set(KERNELS) and doc["kernels"]["all_ok"]
+    assert doc["autocast"]["all_ok"] and {r["dtype"] for r in doc["autocast"]["rows"]} == {"bfloat16", "float16"}
+    assert doc["trial"]["result"]["status"] == "ok" and len(doc["serve"]["predictions"]) == 2
+    assert any(k.startswith("block_sparse_0.875") for k in doc["speed"]["time_vs_sdpa"])
 
 
 def test_serving_bounds_weigh_each_request_by_its_bucket(monkeypatch) -> None:
