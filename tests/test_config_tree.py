@@ -94,14 +94,16 @@ def test_a_sweep_trial_is_parsed_at_most_twice_controller_plus_worker():
     the worker runs it as is (a simulated pool re-targets it to the CPU: one more build)."""
     from omninet.sweep.worker import execute_trial
 
-    cfg = load_config(_quick(search_space={"model.attention.kernel": {"choices": ["sdpa", "linformer"]}}, enqueue=[]))
+    cfg = load_config(_quick(search_space={"model.attention.kernel": {"choices": ["sdpa", "linformer"]}}, enqueue=[],
+                             base=None, finetune=None))
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     trial = study.ask()
     before = trial_config.parse_count()
     config = cfg.trial_config(cfg.sample(trial))  # controller
     shipped = pickle.loads(pickle.dumps(config))  # what Ray sends
-    tiny = shipped.with_values({"train.steps": 2, "measure.seq_length": 64, "measure.memory": False,
-                                "measure.min_seconds": 0.0, "task.num_train": 64, "task.num_eval": 16})
+    tiny = shipped.with_values({"train.steps": 2, "task.max_length": 64, "task.max_bytes": 200_000,
+                                "train.eval_target_se": None, "train.eval_max_examples": 16, "measure.memory": False,
+                                "measure.min_seconds": 0.0})
     counted = trial_config.parse_count()
     result = execute_trial(cfg.runner, tiny, pool="gpu", accelerator="GPU", simulate=True, memory_budget_mb=None)
     assert result["status"] == "ok", result["error"]

@@ -517,8 +517,8 @@ class SweepConfig(ConfigBase):
             path = os.path.expanduser(self.base.checkpoint)
             self.trial_config({"base": path})  # parses the trial with the base: check_base's one line on a mismatch
         else:
-            try:
-                self._runner.with_values(self.trial, {f"train.{k}": v for k, v in self.base.train.items()})
+            try:  # only the train section is rebuilt (check_values): the trial itself was parsed once above
+                self._runner.check_values(self.trial, {f"train.{k}": v for k, v in self.base.train.items()})
             except ValueError as exc:
                 raise SweepConfigError(f"base.train: {_one_line(str(exc))}") from None
 
