@@ -1,9 +1,11 @@
 """Search efficiency: the same wall-clock budget, seeds and search space for a plain sweep (fifo:
 every trial trains to its budget, then is measured) and for measure first + multi-objective
-successive halving + the cost model. Real ListOps trials, measured at 1024 tokens, where the
-attention knobs matter.
+successive halving + the cost model. Real trials on a task with per-unit scoring, trained,
+evaluated and measured at one length (default: masked bytes on the standard library at 256
+tokens, every hidden byte scored, the eval sized to a standard error of 0.005; ``--task
+listops`` is the earlier setup: 20-100-token ListOps measured at ``--seq`` 1024).
 
-    python benchmarks/search_efficiency.py [--budget-s 300] [--repeats 3] [--steps 200] [--quick] [--out FILE]
+    python benchmarks/search_efficiency.py [--budget-s 300] [--repeats 3] [--steps 200] [--task masked_bytes] [--quick] [--out FILE]
 
 With 200 training steps (the quickstart's budget) training dominates a trial, which is the case
 the scheduler is for; with a few dozen steps a trial is mostly its measurement, which both
@@ -26,7 +28,8 @@ memory bound below, the pool's latency limit) over time, from each trial's finis
   just past the worst measured costs: the union of every sweep's front over each plain front,
   and a made-up utopia point (best accuracy, least memory, least latency of anything measured)
   over each plain front, which bounds what any scheduler could reach in the measured ranges;
-- ``accuracy_signal``: the spread of final accuracy against the eval split's standard error.
+- ``accuracy_signal``: the spread of final accuracy against its standard error (each trial's own,
+  clustered by eval row, for per-unit tasks; binomial for ListOps).
 
 Repeats interleave the two schedulers so drifting background load hits both alike. JSON on
 stdout (and --out), with the machine and the load average around every sweep.
@@ -76,16 +79,29 @@ SPACE = {
 }
 
 
-def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, steps: int, seq: int, seed: int) -> dict:
+def task_section(task: str, seq: int) -> tuple[dict, dict, dict]:
+    """(task, train extras, measure extras) of the benchmark's trial."""
+    if task == "listops":
+        return ({"name": "listops", "preset": "quickstart", "num_train": 2000, "num_eval": EVAL_EXAMPLES},
+                {"eval_max_examples": EVAL_EXAMPLES}, {"seq_length": seq, "allow_other_length": True})
+    return ({"name": "masked_bytes", "max_length": seq, "max_bytes": 3_000_000},
+            {"eval_target_se": 0.005, "eval_max_seconds": 20, "eval_batch_size": 32}, {})
+
+
+def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, steps: int, seq: int, seed: int,
+                 task: str = "masked_bytes") -> dict:
+    task_cfg, train_extra, measure_extra = task_section(task, seq)
     trial = {
-        "task": {"name": "listops", "preset": "quickstart", "num_train": 2000, "num_eval": EVAL_EXAMPLES},
+        "task": task_cfg,
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
                   "attention": {"block_sparse": {"min_seq_length": 0, "block_size": 64}, "linformer": {"min_seq_length": 0}}},
-        "train": {"steps": steps, "batch_size": 16, "lr": 2.0e-3, "warmup_steps": max(1, steps // 10),
-                  "eval_max_examples": EVAL_EXAMPLES, "seed": 0},
-        "measure": {"seq_length": seq, "allow_other_length": True, "batch_size": 1, "latency_reps": 20, "throughput_reps": 20, "warmup": 2,
-                    "min_seconds": 0.2},
+        "train": {"steps": steps, "batch_size": 16, "lr": 2.0e-3, "warmup_steps": max(1, steps // 10), "seed": 0,
+                  **train_extra},
+        "measure": {"batch_size": 1, "latency_reps": 20, "throughput_reps": 20, "warmup": 2, "min_seconds": 0.2,
+                    **measure_extra},
     }
+    if task != "listops":
+        trial["model"]["position"] = {"kind": "rotary"}
     cfg = {
         "name": name, "results_dir": str(root / name), "trial": trial, "search_space": copy.deepcopy(SPACE),
         "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1, "trials": 1000}],
@@ -93,6 +109,9 @@ def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, step
         "budget": {"wall_clock_s": budget_s},
         "sampler": {"kind": "tpe", "seed": seed, "n_startup_trials": 4},
         "objectives": OBJECTIVES,
+        # the dense baseline first in both sweeps: every trial's accuracy is then also a paired
+        # difference to it (on the same eval rows), the signal the accuracy objective carries
+        "enqueue": [{"model.attention.kernel": "sdpa", "model.heads.prune_ratio": 0.0, "hardware.precision": "fp32"}],
         "storage": {"mlflow_uri": f"sqlite:///{root / name / 'mlflow.db'}"},
         "keep_models": "none", "progress_interval_s": 30.0,
     }
@@ -137,9 +156,19 @@ def accuracy_signal(frames, eval_examples: int) -> dict:
     acc = ok["accuracy"].astype(float)
     p = float(acc.mean())
     kernel = ok.get("param.model.attention.kernel")
-    return {"ok_trials": int(len(ok)), "mean": p, "std": float(acc.std()), "min": float(acc.min()),
-            "max": float(acc.max()), "eval_examples": eval_examples, "binomial_standard_error": math.sqrt(p * (1 - p) / eval_examples),
-            "mean_by_kernel": {} if kernel is None else {k: float(v) for k, v in acc.groupby(kernel).mean().items()}}
+    out = {"ok_trials": int(len(ok)), "mean": p, "std": float(acc.std()), "min": float(acc.min()),
+           "max": float(acc.max()), "eval_examples": eval_examples, "binomial_standard_error": math.sqrt(p * (1 - p) / eval_examples),
+           "mean_by_kernel": {} if kernel is None else {k: float(v) for k, v in acc.groupby(kernel).mean().items()}}
+    if "accuracy_se" in ok and ok["accuracy_se"].notna().any():  # per-unit scoring: each trial's own SE
+        se = float(ok["accuracy_se"].median())
+        out.update(median_standard_error=se, spread_over_se=float(acc.std()) / se if se else None,
+                   eval_unit=str(ok["eval_unit"].dropna().iloc[0]) if "eval_unit" in ok else None,
+                   median_eval_rows=float(ok["eval_rows"].median()) if "eval_rows" in ok else None)
+        if "accuracy_diff_ref" in ok and ok["accuracy_diff_ref"].notna().any():
+            half = (ok["accuracy_diff_ref_hi"] - ok["accuracy_diff_ref_lo"]).dropna() / 2
+            out["median_paired_half_interval"] = float(half.median())
+            out["distinct_from_reference"] = int(((ok["accuracy_diff_ref_lo"] > 0) | (ok["accuracy_diff_ref_hi"] < 0)).sum())
+    return out
 
 
 def headroom(runs, reference_ms: float) -> dict:
@@ -197,7 +226,7 @@ def run_one(root: Path, scheduler: str, rep: int, args) -> dict:
     load_before = os.getloadavg()[0]
     start = time.time()
     result = run_sweep(sweep_config(name, root, scheduler=scheduler, budget_s=args.budget_s, steps=args.steps,
-                                    seq=args.seq, seed=rep))
+                                    seq=args.seq, seed=rep, task=args.task))
     wall = time.time() - start
     df = result.trials()
     ref = args.reference_ms
@@ -287,12 +316,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200,
                         help="training steps of a full trial (the quickstart's budget: training dominates a trial)")
-    parser.add_argument("--seq", type=int, default=1024, help="the deployment length latency and memory are measured at")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="the length: masked_bytes trains, evaluates and is measured at it (default 256); listops is "
+                             "measured at it (default 1024)")
+    parser.add_argument("--task", choices=["masked_bytes", "listops"], default="masked_bytes")
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1 repeat, 60 s, 9 steps, 256 tokens")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.seq is None:
+        args.seq = 1024 if args.task == "listops" else 256
     if args.quick:
-        args.budget_s, args.repeats, args.steps, args.seq = 60.0, 1, 9, 256
+        args.budget_s, args.repeats, args.steps, args.seq = 60.0, 1, 9, (256 if args.task == "listops" else 64)
 
     import ray
 
@@ -367,6 +401,7 @@ def main() -> int:
         "benchmark": "search_efficiency",
         "machine": {**machine_facts(), "python": sys.version.split()[0], "platform": platform.platform()},
         "setup": {"budget_s": args.budget_s, "repeats": args.repeats, "steps": args.steps, "seq_length": args.seq,
+                  "task": args.task,
                   "search_space": SPACE, "objectives": OBJECTIVES, "max_latency_ms": MAX_LATENCY_MS,
                   "hv_latency": "latency_p50_rel x reference_ms", "reference_ms": args.reference_ms,
                   "hv_reference_point": {"accuracy": 0.0, "peak_memory_infer_mb": MEMORY_REF_MB,

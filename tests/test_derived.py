@@ -140,3 +140,41 @@ def test_a_derived_trial_folder_reloads_to_the_same_outputs(base_dir, tmp_path) 
     meter.update(logits, batch)
     first = r.scores.prefix(4)
     assert meter.scores().correct.tolist() == first.correct.tolist()
+
+
+def _kept(result, cfg: dict, out):
+    from omninet.serve.artifacts import write_trial_model
+
+    return write_trial_model(result.model_files, out, trial_config=TrialConfig.from_dict(cfg).to_dict(),
+                             identity={"sweep": "t", "pool": "cpu", "trial": 1}, metrics=result.to_dict())
+
+
+def test_a_derived_masked_byte_model_serves_fill_mask(base_dir, tmp_path) -> None:
+    from omninet.serve.artifacts import load_trial_model
+    from omninet.serve.predictor import Predictor
+
+    cfg = derived(base_dir, steps=2, heads={"prune_ratio": 0.25}, attention={
+        "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}})
+    r = run_trial(cfg, context=RunContext(keep_model=True))
+    assert r.status == "ok", r.error
+    trained = load_trial_model(_kept(r, cfg, tmp_path / "m"))
+    assert trained.kind == "fill_mask" and trained.model.config.heads.pruned_heads  # passes re-applied from the folder
+    predictor = Predictor(trained)
+    inputs = predictor.parse('{"text": ["def f(x<mask>:\\n    return x"]}')
+    (out,) = predictor.run_batch(inputs.sequences)
+    assert out["prediction"]["positions"] == [7] and len(out["prediction"]["ids"]) == 1
+    assert 0 <= out["probabilities"][0] <= 1 and out["prediction"]["text"].startswith("def f(x")
+    assert trained.evaluate(max_examples=64)["accuracy"] == pytest.approx(r.accuracy, abs=1e-9)
+
+
+def test_a_derived_int8_model_reloads_quantized_as_it_was_measured(base_dir, tmp_path) -> None:
+    from omninet.serve.artifacts import load_trial_model
+
+    cfg = derived(base_dir, steps=2)
+    cfg["hardware"] = {"precision": "int8", "num_threads": 1}
+    r = run_trial(cfg, context=RunContext(keep_model=True))
+    assert r.status == "ok", r.error
+    assert r.passes.endswith("precision: int8 (after the fine-tune)")
+    trained = load_trial_model(_kept(r, cfg, tmp_path / "q"))
+    assert any("quantized" in type(m).__module__ for m in trained.model.modules())
+    assert trained.evaluate(max_examples=64)["accuracy"] == pytest.approx(r.accuracy, abs=1e-9)

@@ -60,6 +60,7 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     # measured at the deployment shape, isolated, with both memory counters and the history check
     assert (ok_shape := df[df.status == "ok"]).seq_length.eq(128).all() and ok_shape.measure_batch_size.eq(4).all()
     assert not ok_shape.measure_other_length.any() and (ok_shape.eval_unit == "token").all()
+    assert ok_shape.eval_hash.nunique() == 1 and ok_shape.eval_rows.eq(64).all()  # every trial: the same eval rows
     shown = ok_shape[["pool", "trial_number", "measure_co_running", "measure_wait_s", "cores"]].to_string()
     assert ok_shape.measure_co_running.eq(0).all() and ok_shape.cores.notna().all(), shown
     assert (ok_shape.peak_rss_infer_mb > ok_shape.peak_memory_infer_mb).all()
@@ -95,3 +96,16 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     config = SweepResult.load(tmp_path / "quickstart").recommend(pool)
     built = trial.TrialConfig.from_dict(config)
     assert built.model_config.attention.kernel == config["model"]["attention"]["kernel"]
+    # resumed with a larger budget: the base is found in the results and not trained again, and
+    # each pool keeps its one reference run
+    base_file = tmp_path / "quickstart" / "base" / "model.safetensors"
+    stamp = base_file.stat().st_mtime_ns
+    for p in cfg["pools"]:
+        p["trials"] = 3
+    again = run_sweep(cfg, num_cpus=2)
+    assert base_file.stat().st_mtime_ns == stamp
+    assert again.audit() == []
+    more = again.trials()
+    assert more[more.repeat_of.isna()].groupby("pool").size().to_dict() == {"cpu": 3, "gpu": 3}
+    assert more[more.role == "reference"].groupby("pool").size().to_dict() == {"cpu": 1, "gpu": 1}
+    assert more[(more.status == "ok") & (more.role != "reference")].accuracy_diff_ref.notna().all()

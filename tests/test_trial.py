@@ -305,3 +305,30 @@ def test_quickstart_listops_is_learnable_in_20_seconds():
     assert res.status == "ok", res.error
     assert res.train_seconds <= 21
     assert res.accuracy >= res.majority_baseline + 0.15, (res.accuracy, res.majority_baseline, res.steps)
+
+
+def test_a_measure_length_other_than_the_task_length_must_be_explicit():
+    """One length: accuracy is judged where cost is measured unless the config says otherwise."""
+    with pytest.raises(ValueError, match=r"^measure.seq_length=128 differs from the task's length \(40 tokens\)") as err:
+        TrialConfig.from_dict(tiny(measure={"seq_length": 128, "memory": False}))
+    assert "allow_other_length" in str(err.value) and "\n" not in str(err.value)
+    assert run_trial(tiny(measure={"seq_length": 128, "memory": False})).status == "invalid"
+    explicit = tiny(measure={"seq_length": 128, "allow_other_length": True, "memory": False, "min_seconds": 0.0,
+                             "max_rounds": 1})
+    result = run_trial(explicit)
+    assert result.status == "ok" and result.measure_other_length and result.seq_length == 128
+    assert "judged at different lengths" in result.notes
+    same = run_trial(tiny(measure={"seq_length": 40, "memory": False, "min_seconds": 0.0, "max_rounds": 1}))
+    assert same.status == "ok" and same.measure_other_length is False
+
+
+def test_eval_stops_at_its_target_standard_error_and_says_so():
+    cfg = tiny(train={"steps": 4, "batch_size": 16, "eval_batch_size": 8, "eval_target_se": 0.2,
+                      "eval_min_examples": 16})
+    result = run_trial(cfg)
+    assert result.status == "ok", result.error
+    assert result.eval_unit == "example" and 16 <= result.eval_rows < 64 and result.eval_rows % 8 == 0
+    assert 0 < result.accuracy_se <= 0.2 and result.eval_units == result.eval_rows
+    assert result.accuracy_se == pytest.approx(math.sqrt(result.accuracy * (1 - result.accuracy) / (result.eval_rows - 1)))
+    full = run_trial(tiny())
+    assert full.eval_rows == 64 and full.eval_hash == result.eval_hash  # a prefix of the same ordered eval split

@@ -174,24 +174,59 @@ class TrainedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def kind(self) -> str:
+        """What a served request gets: 'classification' (a class per sequence), 'fill_mask' (an
+        encoder on token labels: the token at every MASK position) or 'next_token' (a decoder)."""
+        if self.task.kind == "classification":
+            return "classification"
+        return "next_token" if getattr(self.task, "causal", True) else "fill_mask"
+
     @torch.no_grad()
-    def logits(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Id sequences (already valid) -> fp32 logits [B, num_classes], padded per length bucket
-        (one forward per bucket present)."""
-        out = torch.empty(len(sequences), int(self.model.config.num_classes or 0))
+    def logits(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor | list[torch.Tensor]:
+        """Id sequences (already valid) -> fp32 logits, padded per length bucket (one forward per
+        bucket present): [B, num_classes] for a classifier; for a token model one [len, vocab]
+        tensor per sequence."""
+        token = self.kind != "classification"
+        out: Any = [None] * len(sequences) if token else torch.empty(len(sequences), int(self.model.config.num_classes or 0))
         by_bucket: dict[int, list[int]] = {}
         for i, ids in enumerate(sequences):
             by_bucket.setdefault(bucket_for(len(ids), self.buckets), []).append(i)
         for bucket, rows in by_bucket.items():
             input_ids, mask = pad_to_bucket([sequences[i] for i in rows], bucket, pad_id=self.task.pad_id)
-            logits = self.model(input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            out[rows] = logits.float().cpu()
+            logits = self.model(input_ids.to(self.device), attention_mask=mask.to(self.device)).logits.float().cpu()
+            if token:
+                for j, i in enumerate(rows):
+                    out[i] = logits[j, : len(sequences[i])]  # [len, vocab]
+            else:
+                out[rows] = logits
         return out
 
     def predict_ids(self, sequences: Sequence[Sequence[int]]) -> dict[str, list]:
-        """``{'predictions': [class per sequence], 'probabilities': [[p per class] per sequence]}``."""
-        probs = self.logits(sequences).softmax(-1)
-        return {"predictions": probs.argmax(-1).tolist(), "probabilities": probs.tolist()}
+        """``{'predictions': [...], 'probabilities': [...]}`` per sequence: a classifier's class
+        and class probabilities; a fill-mask model's ``{positions, ids, text}`` of the tokens it
+        puts at the MASK positions and their probabilities; a next-token model's next id and
+        its probability."""
+        logits = self.logits(sequences)
+        if self.kind == "classification":
+            probs = logits.softmax(-1)
+            return {"predictions": probs.argmax(-1).tolist(), "probabilities": probs.tolist()}
+        predictions, probabilities = [], []
+        mask_id = getattr(getattr(self.task, "tokenizer", None), "mask_id", None)
+        for ids, lg in zip(sequences, logits):
+            probs = lg.softmax(-1)  # [len, vocab]
+            if self.kind == "next_token":
+                p, top = probs[-1].max(-1)
+                predictions.append(int(top))
+                probabilities.append(float(p))
+                continue
+            positions = [i for i, t in enumerate(ids) if t == mask_id]
+            p, top = probs[positions].max(-1) if positions else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            filled = [int(top[positions.index(i)]) if i in positions else int(t) for i, t in enumerate(ids)]
+            text = self.task.tokenizer.decode(filled) if hasattr(self.task, "tokenizer") else None
+            predictions.append({"positions": positions, "ids": top.tolist(), "text": text})
+            probabilities.append(p.tolist())
+        return {"predictions": predictions, "probabilities": probabilities}
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval", *, batch_size: int = 64, max_examples: int | None = None) -> dict[str, float]:
@@ -220,8 +255,12 @@ def load_trial_model(directory, *, device: str | torch.device = "cpu") -> Traine
     missing = [f for f in _FILES if not (d / f).is_file()]
     if missing:
         raise ValueError(f"{d} is not a saved trial model: missing {', '.join(missing)}")
-    model = OmniNetModel.from_pretrained(d, device=device).eval()
+    model = OmniNetModel.from_pretrained(d, device=device).eval()  # pruned heads and attention layout: its config
     trial_config = json.loads((d / "trial.json").read_text())
+    if (trial_config.get("hardware") or {}).get("precision") == "int8":  # kept as fp32: quantized again, as measured
+        from omninet.hardware import quantize_int8
+
+        model = quantize_int8(model, inplace=True)
     task = build_task(trial_config["task"])
     if task.vocab_size != model.config.vocab_size:
         raise ValueError(f"{d}: trial.json's task has vocab_size {task.vocab_size}, the model {model.config.vocab_size}")

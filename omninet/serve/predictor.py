@@ -133,8 +133,8 @@ class Predictor:
     """A ``TrainedModel`` behind request validation and per-bucket batched inference."""
 
     def __init__(self, trained) -> None:
-        if trained.task.kind != "classification" or not trained.model.config.num_classes:
-            raise ValueError(f"serving needs a classification model; {trained.path} is a {trained.task.kind!r} model")
+        if trained.task.kind == "classification" and not trained.model.config.num_classes:
+            raise ValueError(f"{trained.path}: a classification task's model has no classifier head")
         self.trained = trained
         self.identity = {k: trained.identity.get(k) for k in ("sweep", "pool", "trial", "config_hash")}
 

@@ -108,6 +108,17 @@ class MaskedBytesTask(ByteLMTask):
         self.vocab_size = self.tokenizer.vocab_size
         self.mask_id = MASK_ID
 
+
+    MASK_TEXT = "<mask>"
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, with each literal ``<mask>`` as ``MASK_ID`` (what a served model fills)."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(self.MASK_TEXT)):
+            if i:
+                ids.append(MASK_ID)
+            ids += self.tokenizer.encode(part)
+        return ids
     def _make_split(self, name: str) -> TaskSplit:
         stream = self._read_stream(name)  # [T]
         n, cfg = self.max_length, self.config
