@@ -40,7 +40,7 @@ def recommend_main(argv: list[str] | None = None) -> int:
     parser.add_argument("results_dir", help="a sweep's results directory")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--max-latency-ms", type=float, default=None, help="bound on latency_p50_ms")
-    parser.add_argument("--max-memory-mb", type=float, default=None, help="bound on peak_memory_infer_mb")
+    parser.add_argument("--max-memory-mb", type=float, default=None, help="bound on peak_memory_train_mb")
     parser.add_argument("--min-accuracy", type=float, default=None)
     parser.add_argument("--out", default=None, help="write the YAML here instead of stdout")
     args = parser.parse_args(argv)

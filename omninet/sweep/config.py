@@ -183,10 +183,38 @@ class PoolConstraints(ConfigBase):
     max_memory_mb: float | None = None
     max_latency_ms: float | None = None
 
+    # Each limit: its name as an Optuna constraint (the record's ``constraint_<name>`` column)
+    # and the result column it bounds. The one place a limit meets its column.
+    _BOUNDS = (("memory", "max_memory_mb", "peak_memory_train_mb"), ("latency", "max_latency_ms", "latency_p50_ms"))
+
     def validate(self) -> None:
-        for name in ("max_memory_mb", "max_latency_ms"):
+        for _, name, _ in self._BOUNDS:
             v = getattr(self, name)
             _check(v is None or v > 0, f"constraints.{name} must be > 0, got {v}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The constraints' names ('memory', 'latency')."""
+        return [name for name, _, _ in cls._BOUNDS]
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        """The result columns the limits bound ('peak_memory_train_mb', 'latency_p50_ms')."""
+        return [column for _, _, column in cls._BOUNDS]
+
+    def bounds(self) -> list[tuple[str, str, float | None]]:
+        """(constraint name, result column, limit or None) per limit, memory first."""
+        return [(name, column, getattr(self, attr)) for name, attr, column in self._BOUNDS]
+
+    def limits(self) -> dict[str, float]:
+        """{result column: limit} of the limits set: ``{'peak_memory_train_mb': max_memory_mb,
+        'latency_p50_ms': max_latency_ms}``."""
+        return {column: limit for _, column, limit in self.bounds() if limit}
+
+    def excess(self, result: dict[str, Any]) -> dict[str, float | None]:
+        """{constraint name: the result's value - its limit} (None where no limit is set; the
+        value must be there and finite where one is)."""
+        return {name: float(result[column]) - limit if limit else None for name, column, limit in self.bounds()}
 
 
 @dataclass(kw_only=True)

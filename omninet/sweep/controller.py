@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
 from omninet.sweep.lock import ControllerId, SweepLock, sweep_lock
-from omninet.sweep.records import RESULT_COLUMNS, MlflowRecorder, ParquetStore, ScoreStore, params_key
+from omninet.sweep import record
+from omninet.sweep.records import MlflowRecorder, ParquetStore, ScoreStore, params_key, tell_trial
 from omninet.sweep.storage import optuna_storage, with_retry
 
 __all__ = ["SweepController", "run_sweep"]
@@ -329,12 +330,10 @@ class SweepController:
         steps = self.config.runner.max_steps(self.config.trial)
         out = {}
         for p in self.config.pools:
-            c = self.config.constraints_for(p.name)
-            limits = {k: v for k, v in (("peak_memory_train_mb", c.max_memory_mb), ("latency_p50_ms", c.max_latency_ms))
-                      if v}
             out[p.name] = PoolRules(rungs=spec.rungs(steps), reduction_factor=spec.reduction_factor,
                                     maximize=first.direction == "maximize",
-                                    cost_keys=[o.key for o in self.config.objectives[1:]], limits=limits,
+                                    cost_keys=[o.key for o in self.config.objectives[1:]],
+                                    limits=self.config.constraints_for(p.name).limits(),
                                     screen_dominated_by=spec.screen_dominated_by, cost_margin=spec.cost_margin,
                                     noise_z=spec.noise_z)
         return out
@@ -346,9 +345,8 @@ class SweepController:
         from omninet.sweep.scheduler import RungClient
 
         spec = self.config.scheduler
-        c = self.config.constraints_for(ps.spec.name)
         return RungClient(self._book, ps.spec.name, run.number, spec.rungs(self.config.runner.max_steps(run.trial_config)),
-                          remeasure=spec.remeasure, limits={"latency_p50_ms": c.max_latency_ms} if c.max_latency_ms else {})
+                          remeasure=spec.remeasure, limits=self.config.constraints_for(ps.spec.name).limits())
 
     def _features(self, params: dict[str, Any], trial_config: Any) -> dict[str, dict[str, float]]:
         from omninet.sweep.costmodel import param_features
@@ -400,10 +398,9 @@ class SweepController:
         pred, spec = run.prediction, self.config.cost_model
         if pred is None or not spec.screen or not pred.get("trusted"):
             return None
-        c = self.config.constraints_for(ps.spec.name)
-        for key, limit in (("peak_memory_train_mb", c.max_memory_mb), ("latency_p50_ms", c.max_latency_ms)):
+        for key, limit in self.config.constraints_for(ps.spec.name).limits().items():
             value = pred.get(key)
-            if limit and value is not None and value * (1.0 - spec.screen_tolerance) > limit:
+            if value is not None and value * (1.0 - spec.screen_tolerance) > limit:
                 mape = pred["mape"].get(key)
                 return (f"screened by the cost model: predicted {key} {value:.4g} > the pool's limit {limit:.4g} by more "
                         f"than {spec.screen_tolerance:.0%} ({pred['source']} model on {pred['fit_trials']} trials, held-out "
@@ -684,7 +681,7 @@ class SweepController:
             log.info("trial %s#%d proposes the configuration of running trial #%d; not trained, waits for it",
                      ps.spec.name, run.number, original)
             return
-        keep = set(RESULT_COLUMNS) | {o.key for o in self.config.objectives}
+        keep = set(record.result_columns()) | {o.key for o in self.config.objectives}
         copied = {k: v for k, v in row.items() if k in keep and k != "status"}
         self._finish(ps, run, {**copied, "status": "duplicate", "duplicate_of": original,
                                "error": f"same parameters and seed as trial #{original} ({row['status']}); not trained "
@@ -700,57 +697,51 @@ class SweepController:
 
     # -- results ----------------------------------------------------------------------------
     def _row(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> dict[str, Any]:
+        """The trial's row: its :class:`~omninet.sweep.record.TrialRecord`, the result's columns,
+        the searched parameters, the loss curve, the config and the whole result as JSON."""
         limits = self.config.constraints_for(ps.spec.name)
         status = str(result.get("status") or "error")
         error = result.get("error")
         values = {o.key: result.get(o.key) for o in self.config.objectives}
         if status == "ok":
             bad = [k for k, v in values.items() if not _finite(v)]
-            needed = [k for k, lim in (("peak_memory_train_mb", limits.max_memory_mb),
-                                       ("latency_p50_ms", limits.max_latency_ms)) if lim and not _finite(result.get(k))]
+            needed = [k for k in limits.limits() if not _finite(result.get(k))]
             if bad or needed:
                 status, error = "error", f"trial result has no finite {', '.join(bad + needed)}"
-        c_mem = c_lat = None
-        if status == "ok":
-            if limits.max_memory_mb:
-                c_mem = float(result["peak_memory_train_mb"]) - limits.max_memory_mb
-            if limits.max_latency_ms:
-                c_lat = float(result["latency_p50_ms"]) - limits.max_latency_ms
-        elif status == "infeasible":
+        excess = limits.excess(result) if status == "ok" else dict.fromkeys(limits.names())
+        if status == "infeasible":  # by the memory estimate, or by the runner's own judgement (inf)
             est = result.get("estimated_memory_mb")
             c_mem = float(est) - limits.max_memory_mb if _finite(est) and limits.max_memory_mb else math.inf
-            c_mem = c_mem if c_mem > 0 else math.inf  # infeasible by the runner's own judgement
-        scalars = {k: v for k, v in result.items() if k != "loss_curve"}
-        row = {
-            "sweep": self.config.name, "trial_number": run.number, "status": status,
-            "error": None if error is None else str(error)[:2000],
-            "feasible": status == "ok" and all(c is None or c <= 0 for c in (c_mem, c_lat)),
-            "simulated": bool(result.get("simulated", self._simulated.get(ps.spec.name, False))),
-            "node": result.get("node"), "node_id": result.get("node_id"),
-            "device": result.get("device"), "device_name": result.get("device_name"),
-            "finished_at": time.time(), "duration_s": time.time() - run.started,
-            "constraint_memory": c_mem, "constraint_latency": c_lat,
-            "loss_curve": [float(x) for x in result.get("loss_curve") or []],
-            "config_json": json.dumps(self.config.runner.to_dict(run.trial_config), sort_keys=True),
-            "repeat_of": run.repeat_of,
-            "config_key": params_key({**run.params, **({"role": "reference"} if run.reference else {})}),
-            "result_json": json.dumps(scalars, sort_keys=True, default=str),
-            "screened_by": result.get("screened_by") or ("measure_first" if status == "screened" else None),
-            "duplicate_of": run.duplicate_of, "seed_key": run.seed_key,
-        }
+            excess["memory"] = c_mem if c_mem > 0 else math.inf
         pred = run.prediction or {}
-        for column, target in (("predicted_latency_ms", "latency_p50_ms"), ("predicted_memory_infer_mb", "peak_memory_infer_mb"),
-                               ("predicted_memory_train_mb", "peak_memory_train_mb")):
-            row[column] = pred.get(target)
-        if pred:
-            row["cost_model_source"] = pred.get("source")
-            row["cost_model_mape_latency"] = pred.get("mape", {}).get("latency_p50_ms")
-            row["cost_model_mape_memory"] = pred.get("mape", {}).get("peak_memory_infer_mb")
+        own = record.TrialRecord(
+            sweep=self.config.name, trial_number=run.number, status=status,
+            error=None if error is None else str(error)[:2000],
+            feasible=status == "ok" and all(c is None or c <= 0 for c in excess.values()),
+            simulated=bool(result.get("simulated", self._simulated.get(ps.spec.name, False))),
+            node=result.get("node"), node_id=result.get("node_id"),
+            device=result.get("device"), device_name=result.get("device_name"),
+            finished_at=time.time(), duration_s=time.time() - run.started,
+            **{f"constraint_{name}": value for name, value in excess.items()},
+            repeat_of=run.repeat_of,
+            config_key=params_key({**run.params, **({"role": "reference"} if run.reference else {})}),
+            screened_by=result.get("screened_by") or ("measure_first" if status == "screened" else None),
+            predicted_latency_ms=pred.get("latency_p50_ms"), predicted_memory_infer_mb=pred.get("peak_memory_infer_mb"),
+            predicted_memory_train_mb=pred.get("peak_memory_train_mb"), cost_model_source=pred.get("source"),
+            cost_model_mape_latency=pred.get("mape", {}).get("latency_p50_ms"),
+            cost_model_mape_memory=pred.get("mape", {}).get("peak_memory_infer_mb"),
+            duplicate_of=run.duplicate_of, seed_key=run.seed_key,
+        )
+        row = asdict(own)
         for key in self.store.file_schema.names:
             if key not in row and key in result and not key.startswith("param."):
                 row[key] = result[key] if _finite(result[key]) or not isinstance(result[key], float) else None
         for key, value in run.params.items():
             row[f"param.{key}"] = value
+        row.update(loss_curve=[float(x) for x in result.get("loss_curve") or []],
+                   config_json=json.dumps(self.config.runner.to_dict(run.trial_config), sort_keys=True),
+                   result_json=json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, sort_keys=True,
+                                          default=str))
         for f in self.store.file_schema:  # integer columns from runners that report floats
             if f.type == "int64" and isinstance(row.get(f.name), float) and math.isfinite(row[f.name]):
                 row[f.name] = int(row[f.name])
@@ -758,43 +749,8 @@ class SweepController:
 
     def _tell(self, ps: _PoolState, trial_id: int, row: dict[str, Any]) -> None:
         retried: list[bool] = []
-        self._retry(lambda: self._tell_once(ps, trial_id, row, check=bool(retried)),
+        self._retry(lambda: tell_trial(ps.study, trial_id, row, self.config.objectives, check=bool(retried)),
                     f"pool {ps.spec.name}: recording a trial in Optuna", on_retry=lambda: retried.append(True))
-
-    def _tell_once(self, ps: _PoolState, trial_id: int, row: dict[str, Any], *, check: bool = False) -> None:
-        study = ps.study
-        if check and study._storage.get_trial(trial_id).state.is_finished():
-            return  # a tell whose reply was lost when the store went away: already recorded, never told twice
-        trial = optuna.trial.Trial(study, trial_id)
-        trial.set_user_attr("status", row["status"])
-        trial.set_user_attr("placement", {k: row.get(k) for k in ("simulated", "node", "device", "device_name", "cores")})
-        if row.get("error"):
-            trial.set_user_attr("error", str(row["error"])[:1000])
-        if row.get("role"):
-            trial.set_user_attr("role", row["role"])
-        status = row["status"]
-        if status == "duplicate":  # the earlier trial's outcome, as Optuna's duplicate pattern tells it
-            original = study._storage.get_trial(ps_trial_id(study, int(row["duplicate_of"])))
-            trial.set_user_attr("duplicate_of", int(row["duplicate_of"]))
-            if original.state == TrialState.COMPLETE:
-                study.tell(trial, original.values)
-            else:
-                study.tell(trial, state=original.state if original.state.is_finished() else TrialState.FAIL)
-            return
-        if status in ("ok", "infeasible"):
-            for name in ("memory", "latency"):
-                c = row.get(f"constraint_{name}")
-                if c is not None:
-                    trial.set_constraint(name, c)
-            if status == "ok":
-                values = [float(row[o.key]) for o in self.config.objectives]
-            else:  # never ran: worst possible values; the constraint already ranks it below every feasible trial
-                values = [-math.inf if o.direction == "maximize" else math.inf for o in self.config.objectives]
-            study.tell(trial, values)
-        elif status in ("screened", "pruned"):  # the scheduler stopped it: Optuna's own word for that
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, state=TrialState.FAIL)
 
     def _finish(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> None:
         files = result.pop("_model_files", None)
@@ -1074,11 +1030,6 @@ class SweepController:
             self._progress()
         if self._out_of_time():
             log.info("wall-clock budget of %.0f s reached: no new trials started", self.config.budget.wall_clock_s)
-
-
-def ps_trial_id(study: optuna.Study, number: int) -> int:
-    """The storage id of trial ``number`` of ``study``."""
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
 def _finite(v: Any) -> bool:

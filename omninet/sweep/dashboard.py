@@ -40,26 +40,18 @@ DEFAULT_NAME = "dashboard.html"
 # Cost columns always shown against the first objective, even when not searched as objectives.
 _COST_VIEWS = (("peak_memory_infer_mb", ("peak_memory_infer_mb", "peak_memory_train_mb")),
                ("latency_p50_ms", ("latency_p50_ms", "latency_p95_ms")))
-_LABELS = {
-    "accuracy": "accuracy",
-    "eval_loss": "eval loss",
-    "peak_memory_infer_mb": "peak inference memory (MB)",
-    "peak_memory_train_mb": "peak training memory (MB)",
-    "latency_p50_ms": "latency p50 (ms)",
-    "latency_p95_ms": "latency p95 (ms)",
-    "throughput_tokens_s": "throughput (tokens/s)",
-    "num_params": "parameters",
-    "estimated_memory_mb": "estimated memory (MB)",
-}
 _POOL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _GREY, _RED = "#b8b8b8", "#d62728"
 
 
 def label(key: str) -> str:
-    """Axis label with units for a result column or a ``param.<path>`` column."""
+    """Axis label with units for a record column (its declared label,
+    :func:`omninet.sweep.record.labels`) or a ``param.<path>`` column."""
+    from omninet.sweep.record import labels
+
     if key.startswith("param."):
         return key[len("param."):]
-    return _LABELS.get(key, key)
+    return labels().get(key, key)
 
 
 @contextmanager
@@ -349,9 +341,7 @@ def recommendations_table(sweep: _Sweep) -> pd.DataFrame:
     recs = sweep.result.recommendations()
     for pool in sweep.pools:
         limits = sweep.config.constraints_for(pool)
-        limit_text = ", ".join(f"{name} <= {value:g}" for name, value in
-                               (("training memory (MB)", limits.max_memory_mb), ("latency p50 (ms)", limits.max_latency_ms))
-                               if value is not None) or "none"
+        limit_text = ", ".join(f"{label(column)} <= {value:g}" for column, value in limits.limits().items()) or "none"
         rec = recs.get(pool) or {}
         row: dict[str, Any] = {"pool": sweep.pool_title(pool), "constraints": limit_text}
         if "trial_number" not in rec:
@@ -500,7 +490,7 @@ def unfinished_table(sweep: _Sweep) -> pd.DataFrame:
         "status": df["status"].tolist(),
         "configuration": [config_label(sweep.params_of(row)) for _, row in df.iterrows()],
         "reason": [str(e).splitlines()[0][:300] if _present(e) else "" for e in df["error"]],
-        "predicted latency p50 (ms)": [_fmt(v) if _present(v) else "" for v in df.get("predicted_latency_ms", [None] * len(df))],
+        label("predicted_latency_ms"): [_fmt(v) if _present(v) else "" for v in df.get("predicted_latency_ms", [None] * len(df))],
     })
 
 

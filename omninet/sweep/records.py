@@ -23,75 +23,25 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from omninet.paths import flatten
+from omninet.sweep import record
 from omninet.sweep.config import SweepConfig
 
-__all__ = ["RESULT_COLUMNS", "ParquetStore", "ScoreStore", "MlflowRecorder", "flatten", "run_name", "params_key"]
+__all__ = ["ParquetStore", "ScoreStore", "MlflowRecorder", "flatten", "run_name", "params_key", "table_schema",
+           "tell_trial"]
 
 log = logging.getLogger("omninet.sweep")
 
-_ARROW_OF = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
-
-
-def _result_columns() -> dict[str, pa.DataType]:
-    """The scalar fields of ``omninet.trial.TrialResult``, typed: the table is derived from the
-    record, never restated by hand."""
-    from omninet.trial.config import TrialResult
-
-    skip = {"status", "error", "device", "device_name"}  # base columns below
-    return {name: _ARROW_OF[tp] for name, tp in TrialResult.numeric_fields().items() if name not in skip}
-
-
-RESULT_COLUMNS: dict[str, pa.DataType] = _result_columns()
-_BASE_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("sweep", pa.string()),
-    ("trial_number", pa.int64()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("feasible", pa.bool_()),
-    ("simulated", pa.bool_()),
-    ("node", pa.string()),
-    ("node_id", pa.string()),
-    ("device", pa.string()),
-    ("device_name", pa.string()),
-    ("finished_at", pa.float64()),
-    ("duration_s", pa.float64()),
-    ("constraint_memory", pa.float64()),
-    ("constraint_latency", pa.float64()),
-    ("repeat_of", pa.int64()),  # the trial whose configuration this run repeats with another seed
-    ("config_key", pa.string()),  # the searched parameters, canonical JSON: runs of one configuration share it
-    ("screened_by", pa.string()),  # 'measure_first' (measured, then stopped) or 'cost_model' (predicted; never ran)
-    # the cost model's prediction, made before the trial measured anything, and its held-out error then
-    ("predicted_latency_ms", pa.float64()),
-    ("predicted_memory_infer_mb", pa.float64()),
-    ("predicted_memory_train_mb", pa.float64()),
-    ("cost_model_source", pa.string()),  # 'own' or 'seeded:<pool>'
-    ("cost_model_mape_latency", pa.float64()),
-    ("cost_model_mape_memory", pa.float64()),
-    ("cost_split", pa.string()),  # 'fit' or 'holdout': which split of the cost model this measured trial joined
-    ("duplicate_of", pa.int64()),  # status 'duplicate': the trial of the pool with the same parameters and seed
-    ("seed_key", pa.string()),  # config_key plus the training seed: two runs with equal seed_key are one run
-    ("role", pa.string()),  # 'reference': the run every trial of the pool is paired against
-    # the paired difference of accuracy to the pool's reference run on the eval rows both scored
-    # (omninet.scores.paired_difference): value, 95% interval, McNemar p, and what it covers
-    ("accuracy_diff_ref", pa.float64()),
-    ("accuracy_diff_ref_lo", pa.float64()),
-    ("accuracy_diff_ref_hi", pa.float64()),
-    ("accuracy_diff_ref_p", pa.float64()),
-    ("accuracy_diff_ref_covers", pa.string()),
-    # a derived trial's zero-shot accuracy (after its passes, before the fine-tune) against the reference
-    ("accuracy_zero_shot_diff_ref", pa.float64()),
-    ("accuracy_zero_shot_diff_ref_lo", pa.float64()),
-    ("accuracy_zero_shot_diff_ref_hi", pa.float64()),
-]
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
 
 def table_schema(config: SweepConfig, *, with_pool: bool) -> pa.Schema:
-    """The trial table's schema: fixed columns, result metrics, objectives, ``param.<path>``
-    per searched parameter, ``loss_curve``, ``config_json`` and ``result_json``."""
-    fields = [pa.field(n, t) for n, t in _BASE_COLUMNS]
-    fields += [pa.field(n, t) for n, t in RESULT_COLUMNS.items()]
-    fields += [pa.field(o.key, pa.float64()) for o in config.objectives if o.key not in RESULT_COLUMNS]
+    """The trial table's schema: the record's columns (:func:`omninet.sweep.record.columns`),
+    objectives the result does not declare, ``param.<path>`` per searched parameter,
+    ``loss_curve``, ``config_json`` and ``result_json`` (the runner's whole result: what no
+    column holds, such as the rung lists a resumed scheduler reads)."""
+    cols = record.columns()
+    fields = [pa.field(c.name, c.type) for c in cols.values()]
+    fields += [pa.field(o.key, pa.float64()) for o in config.objectives if o.key not in cols]
     fields += [pa.field(f"param.{p.path}", _ARROW[p.arrow_type()]) for p in config.params]
     fields += [
         pa.field("loss_curve", pa.list_(pa.float64())),
@@ -149,6 +99,46 @@ class ParquetStore:
     def rows(self) -> dict[tuple[str, int], dict[str, Any]]:
         """{(pool, trial_number): row} of every recorded trial."""
         return {(r["pool"], int(r["trial_number"])): r for r in self.read().to_pylist()}
+
+
+def tell_trial(study, trial_id: int, row: dict[str, Any], objectives, *, check: bool = False) -> None:
+    """Tells Optuna a recorded row: its user attributes (:func:`omninet.sweep.record.user_attrs`),
+    then its state (:func:`omninet.sweep.record.optuna_state`): COMPLETE with the objectives'
+    values and the pool's constraints (``constraint_<name>``; a trial that never ran gets the
+    worst values), PRUNED, FAIL, or for a duplicate its original's outcome. ``check``: a retry
+    after the store went away; a trial it already holds as finished is not told again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from omninet.sweep.config import PoolConstraints
+
+    if check and study._storage.get_trial(trial_id).state.is_finished():
+        return  # a tell whose reply was lost when the store went away: already recorded, never told twice
+    trial = optuna.trial.Trial(study, trial_id)
+    for key, value in record.user_attrs(row).items():
+        trial.set_user_attr(key, value)
+    status = row["status"]
+    if status == "duplicate":  # the earlier trial's outcome, as Optuna's duplicate pattern tells it
+        original = study._storage.get_trial(
+            study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(row["duplicate_of"])))
+        if original.state == TrialState.COMPLETE:
+            study.tell(trial, original.values)
+        else:
+            study.tell(trial, state=original.state if original.state.is_finished() else TrialState.FAIL)
+        return
+    state = record.optuna_state(status)
+    if state != TrialState.COMPLETE:
+        study.tell(trial, state=state)
+        return
+    for name in PoolConstraints.names():
+        c = row.get(f"constraint_{name}")
+        if c is not None:
+            trial.set_constraint(name, c)
+    if status == "ok":
+        values = [float(row[o.key]) for o in objectives]
+    else:  # never ran: worst possible values; the constraint already ranks it below every feasible trial
+        values = [-math.inf if o.direction == "maximize" else math.inf for o in objectives]
+    study.tell(trial, values)
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -422,32 +412,19 @@ class MlflowRecorder:
         tags = {
             "mlflow.parentRunId": self.parent_run_id,  # explicit: trials finish in another process
             self.ROLE: "trial", self.SWEEP: self.config.name, self.KEY: self.trial_key(pool, number),
-            "pool": pool, "optuna_trial_number": str(number), "status": row["status"],
-            "simulated": str(bool(row.get("simulated"))).lower(), "feasible": str(bool(row.get("feasible"))).lower(),
-            "node": row.get("node") or "", "device": row.get("device") or "", "device_name": row.get("device_name") or "",
+            "pool": pool, "optuna_trial_number": str(number), **record.mlflow_tags(row),
         }
         if self.controller is not None:
             tags.update({self.CONTROLLER: self.controller.id, f"{self.CONTROLLER}_host": self.controller.host,
                          f"{self.CONTROLLER}_pid": str(self.controller.pid)})
-        for key in ("screened_by", "cost_split", "cost_model_source", "role", "accuracy_diff_ref_covers"):
-            if row.get(key):
-                tags[key] = str(row[key])
-        if row.get("error"):
-            tags["error"] = str(row["error"])[:5000]
         ms = int((row.get("finished_at") or time.time()) * 1000)
         start_ms = ms - int(1000 * (row.get("duration_s") or 0))  # the trial's own span, not the logging time
         run = self._client.create_run(self._experiment_id, run_name=run_name(pool, number, params, trial_config),
                                       tags=tags, start_time=start_ms)
         run_id = run.info.run_id
+        names = record.metric_names() | {o.key for o in self.config.objectives}
         metrics = [Metric(k, float(v), ms, 0) for k, v in row.items()
-                   if (k in RESULT_COLUMNS and RESULT_COLUMNS[k] in (pa.int64(), pa.float64()))
-                   or k in ("duration_s", "constraint_memory", "constraint_latency", "predicted_latency_ms",
-                            "predicted_memory_infer_mb", "predicted_memory_train_mb", "duplicate_of",
-                            "accuracy_diff_ref", "accuracy_diff_ref_lo", "accuracy_diff_ref_hi", "accuracy_diff_ref_p",
-                            "accuracy_zero_shot_diff_ref", "accuracy_zero_shot_diff_ref_lo",
-                            "accuracy_zero_shot_diff_ref_hi")
-                   or k in {o.key for o in self.config.objectives}
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+                   if k in names and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         metrics += [Metric("train_loss", float(v), ms, step) for step, v in enumerate(row.get("loss_curve") or [])
                     if v is not None and math.isfinite(v)]
         flat = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in sorted(flatten(trial_config).items())]

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import BaseSpec, SchedulerSpec, SweepConfig, load_config
+from omninet.sweep.config import BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
 
 __all__ = ["SweepResult", "write_artifacts"]
 
@@ -152,8 +152,9 @@ class SweepResult:
     def aggregate(self, pool: str) -> pd.DataFrame:
         """One row per configuration of ``pool`` (its runs share ``config_key``: the original
         trial and its repeats with other seeds), over its feasible ``ok`` runs: ``runs``, the
-        original ``trial_number``, and per objective ``<key>_mean``, ``<key>_std`` and
-        ``<key>_ci95`` (half-width of the 95% t-interval of the mean). A configuration run once
+        original ``trial_number``, per objective ``<key>_mean``, ``<key>_std`` and
+        ``<key>_ci95`` (half-width of the 95% t-interval of the mean), and ``<column>_mean`` of
+        each column a pool constraint bounds. A configuration run once
         borrows the pooled within-configuration spread of those run several times (``noise``
         says which: 'measured', 'pooled' or 'unknown' when nothing was repeated)."""
         df = self.trials(pool)
@@ -177,6 +178,10 @@ class SweepResult:
                 row[f"{o.key}_mean"] = float(values.mean()) if len(values) else math.nan
                 row[f"{o.key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
                 row[f"{o.key}_n"] = len(values)
+            for column in PoolConstraints.columns():  # what a limit bounds (recommend), an objective or not
+                if f"{column}_mean" not in row and column in group:
+                    values = pd.to_numeric(group[column], errors="coerce").dropna()
+                    row[f"{column}_mean"] = float(values.mean()) if len(values) else math.nan
             rows.append(row)
         out = pd.DataFrame(rows)
         repeated = out["runs"] > 1
@@ -219,7 +224,8 @@ class SweepResult:
     def recommend(self, pool: str, *, max_latency_ms: float | None = None, max_memory_mb: float | None = None,
                   min_accuracy: float | None = None) -> dict[str, Any]:
         """The best trial config for ``pool`` under the sweep's constraints and these limits
-        (on the means of ``latency_p50_ms``, ``peak_memory_infer_mb`` and ``accuracy``), ranked
+        (on the means of the columns the pool's constraints bound, ``latency_p50_ms`` and
+        ``peak_memory_train_mb`` (:meth:`PoolConstraints.limits`), and of ``accuracy``), ranked
         by the pessimistic bound of the first objective (the lower end of its 95% interval
         when maximizing, the upper end when minimizing), ties broken by the others. Logs a
         warning when the next configurations cannot be told apart from it (their intervals
@@ -235,11 +241,13 @@ class SweepResult:
 
     def _recommend_row(self, pool: str, **limits: float | None) -> pd.Series:
         df = self.aggregate(pool)
-        for column, key, keep in (("latency_p50_ms", "max_latency_ms", "le"), ("peak_memory_infer_mb", "max_memory_mb", "le"),
-                                  ("accuracy", "min_accuracy", "ge")):
-            bound = limits.get(key)
-            if bound is not None and not df.empty and f"{column}_mean" in df:
-                df = df[df[f"{column}_mean"] <= bound] if keep == "le" else df[df[f"{column}_mean"] >= bound]
+        upper = PoolConstraints(max_latency_ms=limits.get("max_latency_ms"),
+                                max_memory_mb=limits.get("max_memory_mb")).limits()  # on the constraints' own columns
+        for column, bound in upper.items():
+            if not df.empty and f"{column}_mean" in df:
+                df = df[df[f"{column}_mean"] <= bound]
+        if limits.get("min_accuracy") is not None and not df.empty and "accuracy_mean" in df:
+            df = df[df["accuracy_mean"] >= limits["min_accuracy"]]
         if df.empty:
             given = ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None) or "the sweep's constraints"
             raise ValueError(f"recommend: no finished feasible trial in pool {pool!r} meets {given}; relax a limit")
@@ -316,6 +324,8 @@ class SweepResult:
         from mlflow import MlflowClient
         from optuna.trial import TrialState
 
+        from omninet.sweep.record import optuna_state
+
         problems: list[str] = []
         rows = self._store.rows()
         for pool in self.pools:
@@ -325,10 +335,10 @@ class SweepResult:
                     problems.append(f"{key}: {t.state.name} in Optuna (rerun the sweep to finish it)")
                     continue
                 row = rows.pop((pool, t.number), None)
-                expected = _OPTUNA_STATE.get(row["status"], "FAIL") if row is not None else None
+                expected = optuna_state(row["status"]).name if row is not None else None
                 if row is not None and row["status"] == "duplicate":
                     original = self._store.row(pool, int(row["duplicate_of"]))
-                    expected = _OPTUNA_STATE.get(original["status"], "FAIL") if original else "FAIL"
+                    expected = optuna_state(original["status"]).name if original else "FAIL"
                 if row is None:
                     problems.append(f"{key}: in Optuna, not in Parquet")
                 elif t.state.name != expected:
@@ -394,10 +404,6 @@ class SweepResult:
     def __repr__(self) -> str:
         return f"SweepResult({self.config.name!r}, results_dir={str(self.results_dir)!r}, pools={self.pools})"
 
-
-# The Optuna state each recorded status is told as (omninet.sweep.controller._tell_once).
-_OPTUNA_STATE = {"ok": "COMPLETE", "infeasible": "COMPLETE", "screened": "PRUNED", "pruned": "PRUNED"}
-# status 'duplicate' is told with its original's state (omninet.sweep.controller._tell_once)
 
 # 0.975 quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

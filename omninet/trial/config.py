@@ -23,7 +23,7 @@ from omninet.paths import check_path, config_paths, set_path
 from omninet.tasks.base import TASKS, TaskConfig
 
 __all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "FinetuneConfig", "HardwareConfig", "MeasureConfig",
-           "ModelOverrides", "TrialConfig", "TrialResult", "parse_count"]
+           "ModelOverrides", "TrialConfig", "TrialResult", "ColumnInfo", "column", "parse_count"]
 
 # screened: measured first (untrained model at the deployment shape) and stopped before training;
 # pruned: stopped at a rung of successive halving (partial record). Both are the sweep
@@ -415,6 +415,45 @@ class TrialConfig(ConfigBase):
 
 
 # ---- result -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnInfo:
+    """What a record field means to the stores that show it (``omninet.sweep.record`` derives
+    the Parquet schema, MLflow metrics and tags, Optuna's user attributes and the dashboard's
+    labels from it). ``metric``: an MLflow metric (every int or float field is one unless
+    False). ``tag``: an MLflow tag, ``'always'`` (None as '') or ``'if_set'``. ``optuna``: a
+    user attribute of Optuna's trial: True under the field's own name (set when the value is),
+    or a name that groups fields into one dict (``'placement'``)."""
+
+    label: str | None = None
+    unit: str | None = None
+    metric: bool | None = None
+    tag: Literal["always", "if_set"] | None = None
+    optuna: str | bool | None = None
+
+    @property
+    def title(self) -> str | None:
+        """The label with its unit: 'latency p50 (ms)'."""
+        if self.label is None:
+            return None
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+def column(default: Any = None, *, label: str | None = None, unit: str | None = None, metric: bool | None = None,
+           tag: Literal["always", "if_set"] | None = None, optuna: str | bool | None = None, **kw: Any):
+    """A record field with its :class:`ColumnInfo` (``optuna=True``: a user attribute of its
+    own name). ``kw`` goes to ``dataclasses.field`` (``default_factory``)."""
+    info = ColumnInfo(label=label, unit=unit, metric=metric, tag=tag, optuna=optuna or None)
+    if "default_factory" not in kw:
+        kw["default"] = default
+    return field(metadata={"column": info}, **kw)
+
+
+def column_info(f: dataclasses.Field) -> ColumnInfo:
+    """The field's :class:`ColumnInfo` (the empty one for a plain field)."""
+    info = f.metadata.get("column") or ColumnInfo()
+    return dataclasses.replace(info, optuna=f.name) if info.optuna is True else info
+
+
 @dataclass
 class TrialResult:
     """One trial's flat record. Metrics are None where the trial did not get that far.
@@ -426,8 +465,8 @@ class TrialResult:
 
     status: str
     error: str | None = None
-    accuracy: float | None = None  # the task metric, higher is better
-    eval_loss: float | None = None
+    accuracy: float | None = column(label="accuracy")  # the task metric, higher is better
+    eval_loss: float | None = column(label="eval loss")
     # the eval's power (omninet.scores): what one scored unit is, how many were scored over how
     # many eval rows, the accuracy's and loss's standard errors clustered by row, and the hash of
     # the ordered eval rows (trials with equal hashes scored the same rows: they pair)
@@ -451,14 +490,16 @@ class TrialResult:
     finetune_seconds: float | None = None
     distill: float | None = None
     majority_baseline: float | None = None
-    peak_memory_train_mb: float | None = None  # tensor peak of one training step (allocator / profiler timeline)
-    peak_memory_infer_mb: float | None = None  # tensor peak of one inference forward, first call in a clean state
+    # tensor peak of one training step (allocator / profiler timeline)
+    peak_memory_train_mb: float | None = column(label="peak training memory", unit="MB")
+    # tensor peak of one inference forward, first call in a clean state
+    peak_memory_infer_mb: float | None = column(label="peak inference memory", unit="MB")
     peak_memory_infer_later_mb: float | None = None  # the same call after the timing runs (history check)
     peak_rss_train_mb: float | None = None  # process resident set, sampled in a thread during the training step
     peak_rss_infer_mb: float | None = None  # process resident set, sampled during the inference forward
-    latency_p50_ms: float | None = None
+    latency_p50_ms: float | None = column(label="latency p50", unit="ms")
     latency_p90_ms: float | None = None
-    latency_p95_ms: float | None = None
+    latency_p95_ms: float | None = column(label="latency p95", unit="ms")
     latency_p99_ms: float | None = None
     latency_mean_ms: float | None = None
     latency_cv: float | None = None  # std / mean of the timed calls of the last round
@@ -470,9 +511,9 @@ class TrialResult:
     latency_rel_cv: float | None = None
     latency_calibration_ref_ms: float | None = None  # the reference time latency_p50_norm_ms is scaled to
     latency_p50_norm_ms: float | None = None  # latency_p50_rel x latency_calibration_ref_ms
-    throughput_tokens_s: float | None = None
+    throughput_tokens_s: float | None = column(label="throughput", unit="tokens/s")
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
-    num_params: int | None = None  # after head pruning
+    num_params: int | None = column(label="parameters")  # after head pruning
     heads_pruned: int | None = None
     heads_remaining: int | None = None
     train_seconds: float | None = None
@@ -481,7 +522,7 @@ class TrialResult:
     measure_co_running: int | None = None
     load_avg_before: float | None = None  # 1-minute load average at the start of the measurement
     load_avg_after: float | None = None
-    cores: str | None = None  # CPU cores the trial was pinned to ('0,1'), None if not pinned
+    cores: str | None = column(optuna="placement")  # CPU cores the trial was pinned to ('0,1'), None if not pinned
     num_threads: int | None = None
     wall_seconds: float | None = None
     steps: int = 0
@@ -490,7 +531,7 @@ class TrialResult:
     precision: str | None = None
     emulated: bool | None = None  # the precision has no native support on this device (allow_emulated)
     low_precision_blocks: int | None = None  # precision 'mixed': blocks the plan (on the trained weights) put in low precision
-    estimated_memory_mb: float | None = None
+    estimated_memory_mb: float | None = column(label="estimated memory", unit="MB")
     memory_budget_mb: float | None = None
     memory_method: str | None = None
     shape_buckets: str | None = None  # the static-shape buckets batches were padded to ('16,32,64')
