@@ -6,6 +6,7 @@ model's folder that reloads to the same outputs."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from omninet.trial import TrialConfig, run_trial
 from omninet.trial.runner import RunContext
 
 N = 64
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def trial(**model) -> dict:
@@ -178,3 +180,26 @@ def test_a_derived_int8_model_reloads_quantized_as_it_was_measured(base_dir, tmp
     trained = load_trial_model(_kept(r, cfg, tmp_path / "q"))
     assert any("quantized" in type(m).__module__ for m in trained.model.modules())
     assert trained.evaluate(max_examples=64)["accuracy"] == pytest.approx(r.accuracy, abs=1e-9)
+
+
+def test_tune_takes_the_users_own_model_as_the_base(base_dir, tmp_path) -> None:
+    """``omninet.tune(config, base=model_or_path)``: the model is saved once into the results and
+    becomes the sweep's ``base.checkpoint``, checked against the task before anything runs."""
+    import yaml
+
+    from omninet.sweep.api import _with_base
+    from omninet.sweep.config import SweepConfigError, load_config
+
+    doc = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    doc["trial"] = {**trial(), "finetune": {"steps": 2}}
+    doc.pop("finetune")
+    doc["results_dir"] = str(tmp_path / "r")
+    mine = load_base(base_dir)
+    data = _with_base(doc, mine, None)
+    assert data["base"] == {"checkpoint": str((tmp_path / "r" / "base-checkpoint").resolve())}
+    assert (tmp_path / "r" / "base-checkpoint" / "model.safetensors").is_file()
+    assert load_config(data).base.checkpoint == data["base"]["checkpoint"]
+    assert _with_base(doc, str(base_dir), None)["base"] == {"checkpoint": str(base_dir.resolve())}
+    wrong = dict(doc, trial={**trial(hidden_size=32), "finetune": {"steps": 2}})
+    with pytest.raises(SweepConfigError, match="base: hidden_size=16 but the trial's model needs hidden_size=32"):
+        load_config(_with_base(wrong, str(base_dir), None))
