@@ -123,3 +123,15 @@ def test_optuna_state_of_each_status():
     states = {s: record.optuna_state(s).name for s in ("ok", "infeasible", "screened", "pruned", "error", "oom")}
     assert states == {"ok": "COMPLETE", "infeasible": "COMPLETE", "screened": "PRUNED", "pruned": "PRUNED",
                       "error": "FAIL", "oom": "FAIL"}
+
+
+def test_recommend_bounds_the_column_the_pool_constraint_bounds(tmp_path):
+    from test_dashboard import write_results
+
+    from omninet.sweep.results import SweepResult
+
+    result = SweepResult.load(write_results(tmp_path / "synthetic"))
+    # gpu trials: training peaks 220, 340, 360 MB (inference 110, 170, 180); the best is #1
+    assert result._recommend_row("gpu")["trial_number"] == 1
+    assert result._recommend_row("gpu", max_memory_mb=300.0)["trial_number"] == 0
+    assert result.aggregate("gpu")["peak_memory_train_mb_mean"].tolist() == [220.0, 340.0, 360.0]
