@@ -50,7 +50,7 @@ def sweep(tmp_path_factory) -> Path:
                   {"name": "gpu", "resources": {"GPU": 1, "CPU": 1}, "trials": POOLS["gpu"]}],
         "constraints": {"cpu": {"max_latency_ms": 4.0}, "gpu": {"max_memory_mb": 420}},
         "sampler": {"kind": "random", "seed": 0},  # each pool draws its own proposals (seed + pool index) ...
-        "enqueue": [{"toy.x": 0.5, "toy.y": 2}],  # ... and both run the enqueued baseline: a shared configuration
+        "enqueue": [{"toy.x": 0.3, "toy.y": 1}],  # ... and both run the enqueued baseline: a shared configuration
         "simulate_accelerators": True, "progress_interval_s": 2.0,
     }
     path = base / "tiny.yaml"

@@ -232,8 +232,8 @@ def test_real_trial_measures_first_then_is_screened_pruned_or_finished() -> None
     assert first.rung_steps == [2, 4] and len(first.rung_accuracy) == 2
     n = REAL["train"]["eval_max_examples"]
     assert len(first.rung_noise) == 2
-    for acc, se in zip(first.rung_accuracy, first.rung_noise):  # the binomial standard error, told to the book
-        assert se == pytest.approx(math.sqrt(acc * (1 - acc) / n))
+    for acc, se in zip(first.rung_accuracy, first.rung_noise):  # the eval's standard error, told to the book:
+        assert se == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))  # one unit per row, clustered by row
     assert b.noise["cpu"][2][0] == pytest.approx(first.rung_noise[0])
     assert first.latency_p50_ms > 0 and first.peak_memory_infer_mb > 0 and first.peak_memory_train_mb > 0
     plain = run_trial(REAL)  # the same trial without a scheduler: same training (the probe model is a copy)

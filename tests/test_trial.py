@@ -227,15 +227,32 @@ def test_estimate_over_budget_is_infeasible_and_runs_nothing():
     assert res.estimated_memory_mb > 20 and res.steps == 0 and res.num_params is None
 
 
+_OOM_THEN_OK = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_trial import BIG, tiny
+from omninet.trial import run_trial
+res = run_trial(tiny(**BIG), memory_budget_mb=20, preflight=False)
+big = torch.empty(64 * 2**20, dtype=torch.uint8)  # the limit is lifted afterwards
+after = run_trial(tiny(), memory_budget_mb=2000)
+print(json.dumps({{"status": res.status, "error": res.error, "big": big.numel(), "after": after.status}}))
+"""
+
+
 def test_run_time_memory_limit_gives_a_real_oom():
+    """In a process of its own: a refused allocation can land inside oneDNN's primitive creation
+    (its JIT buffers count against RLIMIT_DATA), and in a long pytest process that once left
+    oneDNN unable to create new primitives for later tests."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the CPU run-time limit uses Linux RLIMIT_DATA")
-    res = run_trial(tiny(**BIG), memory_budget_mb=20, preflight=False)
-    assert res.status == "oom", res.error
-    assert "allocate" in res.error.lower() or "memory" in res.error.lower()
-    big = torch.empty(64 * 2**20, dtype=torch.uint8)  # the limit is lifted afterwards
-    assert big.numel() == 64 * 2**20
-    assert run_trial(tiny(), memory_budget_mb=2000).status == "ok"
+    code = _OOM_THEN_OK.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"] == "oom", out["error"]
+    assert any(word in out["error"].lower() for word in ("allocate", "memory", "primitive")), out["error"]
+    assert out["big"] == 64 * 2**20 and out["after"] == "ok"
 
 
 def test_runtime_failure_is_an_error_result(tmp_path):
