@@ -41,7 +41,7 @@ def eval_hash(ids: Iterable[Iterable[int]]) -> str:
     same rows in the same order."""
     h = hashlib.sha256()
     for row in ids:
-        h.update(np.asarray(list(row), dtype=np.int64).tobytes())
+        h.update(np.asarray(row, dtype=np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
 

@@ -96,6 +96,7 @@ class _PoolState:
     parked: dict[int, list[_Running]] = field(default_factory=dict)  # duplicates of a trial still running
     reference: int | None = None  # the trial every other is paired against (omninet.scores)
     reference_sent: bool = False  # a sweep with a base: the pool's reference run was dispatched
+    reference_scores: Any = None  # the reference run's UnitScores, read once
 
 
 def _make_sampler(config: SweepConfig, budget: int, pool_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -761,7 +762,7 @@ class SweepController:
             self.scores.write(ps.spec.name, run.number, scores)
             if zero_shot is not None:
                 self.scores.write(ps.spec.name, run.number, zero_shot, kind="zero_shot")
-            self._pair_with_reference(ps, run, row)
+            self._pair_with_reference(ps, run, row, scores, zero_shot)
         if files and row["status"] == "ok":  # the trained model, next to the records (policy: keep_models)
             from omninet.serve.artifacts import model_subdir, trial_identity, write_trial_model
 
@@ -800,19 +801,24 @@ class SweepController:
             return False
         return self._matches_reference(ps, run.params)
 
-    def _pair_with_reference(self, ps: _PoolState, run: _Running, row: dict[str, Any]) -> None:
+    def _pair_with_reference(self, ps: _PoolState, run: _Running, row: dict[str, Any], scores: bytes,
+                             zero_shot: bytes | None) -> None:
         """``row['role']`` for the reference; for every other run with scores, its paired
         accuracy difference to the reference on the eval rows both scored (95% paired bootstrap
-        interval, McNemar's p; it covers the eval draw, one training run each)."""
+        interval, McNemar's p; it covers the eval draw, one training run each). ``scores`` and
+        ``zero_shot`` are the trial's own, as the worker sent them."""
+        from omninet.scores import UnitScores, paired_difference
+
         if row["status"] == "ok" and self._is_reference(ps, run):
             ps.reference, row["role"] = run.number, "reference"
+            ps.reference_scores = UnitScores.from_bytes(scores)
             return
         if ps.reference is None:
             return
-        from omninet.scores import paired_difference
-
-        mine, ref = self.scores.read(ps.spec.name, run.number), self.scores.read(ps.spec.name, ps.reference)
-        if mine is None or ref is None:
+        if ps.reference_scores is None:  # a resumed controller: the reference was recorded by an earlier one
+            ps.reference_scores = self.scores.read(ps.spec.name, ps.reference)
+        mine, ref = UnitScores.from_bytes(scores), ps.reference_scores
+        if ref is None:
             return
         try:
             d = paired_difference(mine, ref)
@@ -821,9 +827,8 @@ class SweepController:
             return
         row.update(accuracy_diff_ref=d.diff, accuracy_diff_ref_lo=d.lo, accuracy_diff_ref_hi=d.hi,
                    accuracy_diff_ref_p=d.p_value, accuracy_diff_ref_covers=d.covers)
-        zero_shot = self.scores.read(ps.spec.name, run.number, "zero_shot")
         if zero_shot is not None:
-            z = paired_difference(zero_shot, ref)
+            z = paired_difference(UnitScores.from_bytes(zero_shot), ref)
             row.update(accuracy_zero_shot_diff_ref=z.diff, accuracy_zero_shot_diff_ref_lo=z.lo,
                        accuracy_zero_shot_diff_ref_hi=z.hi)
 

@@ -322,13 +322,12 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, task, tc: TrainConfig, plan: Plan, gate, *, logits_fn=None) -> Evaluation:
+def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> Evaluation:
     """Scores the eval split in its fixed order (every trial of a sweep sees the same rows in
     the same order, so two evaluations pair on the rows both scored) until one of: the split
     ends; ``eval_max_examples`` rows; ``eval_max_seconds``; or, with ``eval_target_se``, the
     first batch after which at least ``eval_min_examples`` rows are scored and the accuracy's
-    standard error (clustered by row) is at most the target. ``logits_fn(batch)`` replaces the
-    model's forward (a caller that evaluates something else on the same rows)."""
+    standard error (clustered by row) is at most the target."""
     from omninet.scores import clustered_se_from_totals
 
     model.eval()
@@ -347,8 +346,7 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate, *, logits_fn=None) 
         gate.checkpoint()
         batch = plan.batch(batch)
         with plan.autocast():
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits if logits_fn is None \
-                else logits_fn(batch)
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         meter.update(logits.float(), batch)
         seen += batch["input_ids"].shape[0]
         if tc.eval_target_se is not None and seen >= tc.eval_min_examples:

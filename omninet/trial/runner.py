@@ -417,10 +417,10 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
     res.measure_first_seconds = time.perf_counter() - start
 
 
-def record_evaluation(res: TrialResult, ev: loop.Evaluation, *, keep_scores: bool = True) -> None:
+def record_evaluation(res: TrialResult, ev: loop.Evaluation) -> None:
     """An evaluation's figures on the result: the metric with its power (units, rows, clustered
-    standard errors, the eval rows' hash) and, with ``keep_scores``, the per-unit scores that
-    travel with the result (``res.scores``) for paired comparisons."""
+    standard errors, the eval rows' hash) and the per-unit scores that travel with the result
+    (``res.scores``) for paired comparisons."""
     m = ev.metrics
     res.accuracy, res.eval_loss = m["accuracy"], m["loss"]
     summary = ev.scores.summary()
@@ -428,8 +428,7 @@ def record_evaluation(res: TrialResult, ev: loop.Evaluation, *, keep_scores: boo
     res.accuracy_se, res.eval_loss_se, res.eval_hash = summary["accuracy_se"], summary["eval_loss_se"], summary["eval_hash"]
     res.eval_seconds = ev.seconds
     res.bits_per_byte = m.get("bits_per_byte")
-    if keep_scores:
-        res.scores = ev.scores
+    res.scores = ev.scores
 
 
 def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, scheduler, stop: list[str]):
