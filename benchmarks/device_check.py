@@ -238,7 +238,7 @@ def trial(device, args) -> dict:
 
 
 def serve(device, args) -> dict:
-    from omninet.serve.artifacts import load_trial_model
+    from omninet.artifacts import load_trial_model
     from omninet.serve.predictor import Predictor
     from omninet.serve.testing import quick_trained_model
 

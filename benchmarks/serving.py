@@ -213,7 +213,7 @@ def stack_ceiling_app(model_dir: Path, actor_options: dict[str, Any]):
     @serve.deployment(name="StackCeiling")
     class StackCeiling:
         def __init__(self, model_dir: str) -> None:
-            from omninet.serve.artifacts import load_trial_model
+            from omninet.artifacts import load_trial_model
             from omninet.serve.predictor import Predictor, RequestError
 
             self.predictor, self.error = Predictor(load_trial_model(model_dir)), RequestError
@@ -344,7 +344,7 @@ def main() -> int:
     from ray import serve
 
     from omninet.serve.app import batch_limits, build_app
-    from omninet.serve.artifacts import load_trial_model
+    from omninet.artifacts import load_trial_model
     from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
     tmp = tempfile.TemporaryDirectory()

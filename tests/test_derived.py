@@ -145,14 +145,14 @@ def test_a_derived_trial_folder_reloads_to_the_same_outputs(base_dir, tmp_path) 
 
 
 def _kept(result, cfg: dict, out):
-    from omninet.serve.artifacts import write_trial_model
+    from omninet.artifacts import write_trial_model
 
     return write_trial_model(result.model_files, out, trial_config=TrialConfig.from_dict(cfg).to_dict(),
                              identity={"sweep": "t", "pool": "cpu", "trial": 1}, metrics=result.to_dict())
 
 
 def test_a_derived_masked_byte_model_serves_fill_mask(base_dir, tmp_path) -> None:
-    from omninet.serve.artifacts import load_trial_model
+    from omninet.artifacts import load_trial_model
     from omninet.serve.predictor import Predictor
 
     cfg = derived(base_dir, steps=2, heads={"prune_ratio": 0.25}, attention={
@@ -170,7 +170,7 @@ def test_a_derived_masked_byte_model_serves_fill_mask(base_dir, tmp_path) -> Non
 
 
 def test_a_derived_int8_model_reloads_quantized_as_it_was_measured(base_dir, tmp_path) -> None:
-    from omninet.serve.artifacts import load_trial_model
+    from omninet.artifacts import load_trial_model
 
     cfg = derived(base_dir, steps=2)
     cfg["hardware"] = {"precision": "int8", "num_threads": 1}

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
-from omninet.serve import (config_hash, keep_model, load_trial_model, model_subdir, prune_models, save_trial_model,
-                           trial_identity)
+from omninet.artifacts import (config_hash, keep_model, load_trial_model, model_subdir, prune_models, save_trial_model,
+                               trial_identity)
 from omninet.serve.predictor import Predictor, RequestError
 from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
 
@@ -86,6 +86,17 @@ def test_a_poisoned_item_fails_alone(model_dir) -> None:
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
     with pytest.raises(RequestError, match="outside the vocabulary"):
         predictor.parse(json.dumps({"input_ids": [10**6]}))
+
+
+def test_the_old_import_paths_still_work() -> None:
+    import omninet.artifacts
+    import omninet.serve
+    import omninet.serve.artifacts
+
+    for name in omninet.serve.__all__:
+        assert getattr(omninet.serve, name) is getattr(omninet.artifacts, name)
+    for name in omninet.artifacts.__all__:
+        assert getattr(omninet.serve.artifacts, name) is getattr(omninet.artifacts, name)
 
 
 def _write_sweep(results: Path, trained_dir: Path) -> None:

@@ -95,7 +95,7 @@ class OmniNetServer:
                  device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         import torch
 
-        from omninet.serve.artifacts import load_trial_model
+        from omninet.artifacts import load_trial_model
         from omninet.serve.predictor import Predictor
 
         if num_threads is not None:
@@ -181,7 +181,7 @@ def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {batch_wait_timeout_s!r}")
-    from omninet.serve.artifacts import load_trial_model
+    from omninet.artifacts import load_trial_model
     from omninet.serve.predictor import Predictor
 
     Predictor(load_trial_model(model_dir))  # fail here, with the reason, not in a replica that retries forever

@@ -764,7 +764,7 @@ class SweepController:
                 self.scores.write(ps.spec.name, run.number, zero_shot, kind="zero_shot")
             self._pair_with_reference(ps, run, row, scores, zero_shot)
         if files and row["status"] == "ok":  # the trained model, next to the records (policy: keep_models)
-            from omninet.serve.artifacts import model_subdir, trial_identity, write_trial_model
+            from omninet.artifacts import model_subdir, trial_identity, write_trial_model
 
             config = json.loads(row["config_json"])
             write_trial_model(files, self.results_dir / model_subdir(ps.spec.name, run.number), trial_config=config,
@@ -956,7 +956,7 @@ class SweepController:
             return
         import ray
 
-        from omninet.serve.artifacts import write_trial_model
+        from omninet.artifacts import write_trial_model
 
         pool = self.config.base_pool()
         point = dict(self.config.enqueue[0]) if self.config.enqueue else {}
@@ -995,7 +995,7 @@ class SweepController:
         model (registered as ``<sweep>.<pool>`` with ``register_models``)."""
         if self.config.keep_models == "none":
             return
-        from omninet.serve.artifacts import prune_models
+        from omninet.artifacts import prune_models
 
         for pool in result.pools:
             if self.config.keep_models == "pareto":

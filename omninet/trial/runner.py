@@ -296,7 +296,7 @@ def _post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, 
         loop.prune_heads(model, task, tc, device, res)
     res.num_params = model.num_parameters()
     if keep_model and plan.post != "qat_int8":  # a QAT model holds fake-quant modules, not plain Linear weights
-        from omninet.serve.artifacts import model_files
+        from omninet.artifacts import model_files
 
         res.model_files = model_files(model)
     if plan.post == "mixed":  # planned on the trained (and pruned) weights, on a train batch
