@@ -21,7 +21,7 @@ def test_pyfunc_predicts_the_models_outputs_and_registers(tmp_path) -> None:
     import pandas as pd
     from mlflow import MlflowClient
 
-    from omninet.serve.mlflow_model import log_mlflow_model, registry_name
+    from omninet.mlflow_model import log_mlflow_model, registry_name
 
     model_dir = quick_trained_model(TRIAL, tmp_path / "model", sweep="s", pool="cpu", trial=2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -51,3 +51,11 @@ def test_pyfunc_predicts_the_models_outputs_and_registers(tmp_path) -> None:
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")]
     assert list(local.rglob("model.safetensors"))
     assert client.get_registered_model("s.cpu").name == "s.cpu"
+
+
+def test_models_logged_before_the_move_still_load() -> None:
+    """Their copied entry file imports ``OmniNetPyfunc`` from the old path."""
+    import omninet.mlflow_model
+    import omninet.serve.mlflow_model
+
+    assert omninet.serve.mlflow_model.OmniNetPyfunc is omninet.mlflow_model.OmniNetPyfunc

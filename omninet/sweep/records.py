@@ -442,7 +442,7 @@ class MlflowRecorder:
         that is down leaves the folders on disk, logged on a later run. Returns how many."""
         if not folders or not self._ready():
             return 0
-        from omninet.serve.mlflow_model import log_mlflow_model, registry_name
+        from omninet.mlflow_model import log_mlflow_model, registry_name
 
         from mlflow.entities import ViewType
 
