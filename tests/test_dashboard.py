@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from omninet.sweep.dashboard import _Sweep, build_dashboard, dashboard_main, non_dominated, pareto_figure, parallel_figure
+from omninet.sweep.dashboard import SweepData, build_dashboard, dashboard_main, non_dominated, pareto_figure, parallel_figure
 from omninet.sweep.config import load_config
 from omninet.sweep.records import ParquetStore
 
@@ -99,7 +99,7 @@ def results(tmp_path_factory) -> Path:
 
 
 def test_fronts_come_from_the_optuna_studies(results) -> None:
-    sweep = _Sweep(results)
+    sweep = SweepData(results)
     assert sweep.fronts == EXPECTED_FRONT
     assert all(src == "Optuna study.best_trials" for src in sweep.front_source.values())
     assert sweep.simulated == {"cpu": False, "gpu": True}
@@ -109,7 +109,7 @@ def test_fronts_come_from_the_optuna_studies(results) -> None:
 def test_front_falls_back_to_the_table_when_storage_is_gone(results, tmp_path) -> None:
     copy = write_results(tmp_path / "copy")
     (copy / "optuna.db").unlink()
-    sweep = _Sweep(copy)
+    sweep = SweepData(copy)
     assert sweep.fronts == EXPECTED_FRONT
     assert "Parquet" in sweep.front_source["cpu"]
     assert not (copy / "optuna.db").exists()  # reading never creates an empty database
@@ -137,7 +137,7 @@ def _traces(fig, name_prefix: str, subplot: tuple[str, str]) -> list[int]:
 
 
 def test_pareto_figure_greys_dominated_and_marks_violations(results) -> None:
-    sweep = _Sweep(results)
+    sweep = SweepData(results)
     fig = pareto_figure(sweep)
     # row 1 = cpu, columns = memory, latency; row 2 = gpu
     assert _traces(fig, "Pareto front: cpu", ("x", "y")) == [0, 1, 6]
@@ -154,7 +154,7 @@ def test_pareto_figure_greys_dominated_and_marks_violations(results) -> None:
 
 
 def test_parallel_coordinates_mark_conditional_params(results) -> None:
-    sweep = _Sweep(results)
+    sweep = SweepData(results)
     fig = parallel_figure(sweep, "cpu")
     dims = {d.label: d for d in fig.data[0].dimensions}
     assert set(dims) == {"toy.kernel", "toy.k", "toy.x", "feasible", *(label for label in
@@ -180,7 +180,7 @@ def test_build_writes_one_self_contained_page(results, tmp_path) -> None:
 def test_recommendations_and_shared_configs(results) -> None:
     from omninet.sweep.dashboard import recommendations_table, shared_configs, unfinished_table
 
-    sweep = _Sweep(results)
+    sweep = SweepData(results)
     rec = recommendations_table(sweep).set_index("pool")
     assert rec.loc["cpu", "trial"] == "#1" and rec.loc["gpu (simulated)", "trial"] == "#1"  # best feasible accuracy
     assert rec.loc["cpu", "constraints"] == "latency p50 (ms) <= 5"
