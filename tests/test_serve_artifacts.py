@@ -134,6 +134,7 @@ def test_sweep_result_loads_the_recommended_trials_model(model_dir, tmp_path) ->
     trained = result.load_model("cpu")
     assert trained.identity["trial"] == 1 and trained.path.name == "trial-000001"
     assert result.load_model("cpu", trial=1).identity == trained.identity
+    assert result.model_path("cpu") == result.model_path("cpu", trial=1) == trained.path  # what `omninet serve` serves
     with pytest.raises(ValueError, match="trial 0 of pool 'cpu' kept no model"):
         result.load_model("cpu", trial=0)
     with pytest.raises(ValueError, match="not in this sweep"):

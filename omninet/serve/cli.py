@@ -27,7 +27,7 @@ __all__ = ["resolve_model", "serve_main"]
 def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Path, dict[str, float] | None]:
     """RESULTS_DIR + pool (+ trial) or a model folder -> (model folder, the pool's Ray resources).
     ValueError (one line) when something is missing."""
-    from omninet.serve.artifacts import load_trial_model, model_subdir
+    from omninet.artifacts import load_trial_model
 
     path = Path(os.path.expanduser(target)).resolve()
     if not path.exists():
@@ -40,14 +40,9 @@ def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Pat
     result = SweepResult.load(path)
     if pool is None:
         raise ValueError(f"--pool is required for a results directory; pools are {result.pools}")
-    result._check_pool(pool)
-    number = int(result._recommend_row(pool)["trial_number"]) if trial is None else trial
-    folder = path / model_subdir(pool, number)
-    if not folder.is_dir():
-        raise ValueError(f"trial {number} of pool {pool!r} kept no model ({folder} is missing)")
+    folder = result.model_path(pool, trial)
     load_trial_model(folder)
-    resources = next(p.resources for p in result.config.pools if p.name == pool)
-    return folder, dict(resources)
+    return folder, dict(result.config.pool(pool).resources)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -274,10 +274,11 @@ class SweepResult:
         best["indistinguishable_by"] = how
         return best
 
-    def load_model(self, pool: str, trial: int | None = None, *, device: str = "cpu"):
-        """The trained model of ``trial`` in ``pool`` (default: the recommended trial) as an
-        ``omninet.serve.TrainedModel``, from ``models/pool=<pool>/trial-<number:06d>/``."""
-        from omninet.serve.artifacts import load_trial_model, model_subdir
+    def model_path(self, pool: str, trial: int | None = None) -> Path:
+        """The folder of the trained model of ``trial`` in ``pool`` (default: the recommended
+        trial), ``models/pool=<pool>/trial-<number:06d>/``. ValueError (one line) when the pool
+        is not in this sweep, no trial is recommended, or the trial kept no model."""
+        from omninet.artifacts import model_subdir
 
         self._check_pool(pool)
         number = int(self._recommend_row(pool)["trial_number"]) if trial is None else int(trial)
@@ -285,7 +286,14 @@ class SweepResult:
         if not path.is_dir():
             raise ValueError(f"trial {number} of pool {pool!r} kept no model ({path} is missing); the sweep's keep_models "
                              f"policy may be 'pareto' or 'none'")
-        return load_trial_model(path, device=device)
+        return path
+
+    def load_model(self, pool: str, trial: int | None = None, *, device: str = "cpu"):
+        """The trained model of ``trial`` in ``pool`` (default: the recommended trial) as an
+        ``omninet.artifacts.TrainedModel``, from :meth:`model_path`."""
+        from omninet.artifacts import load_trial_model
+
+        return load_trial_model(self.model_path(pool, trial), device=device)
 
     def recommendations(self) -> dict[str, Any]:
         """Per pool: the recommended trial under the sweep's constraints (None if none)."""
