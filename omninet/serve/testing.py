@@ -1,10 +1,10 @@
 """A small trained model for serving tests and the serving benchmark, without a sweep.
 
-``quick_trained_model(trial_config)`` trains the trial config's model for ``train.steps`` steps
-(plain AdamW on the task's train batches, deterministic on CPU for a given config and seed),
-evaluates it on the eval split and saves it with ``save_trial_model`` as a sweep would. It is a
-stand-in for ``omninet.trial.run_trial`` keeping its model, not a replacement: no schedule,
-pruning, precision or measurement.
+``quick_trained_model(trial_config)`` trains the trial config's model with the trial's own loop
+(``omninet.trial.loop.train``: its optimizer, schedule, clipping and precision; deterministic on
+CPU for a given config and seed), evaluates it with ``loop.evaluate`` and saves it with
+``save_trial_model`` as a sweep would. It is ``omninet.trial.run_trial`` keeping its model, less
+what serving tests do not need: no measurement phases, head pruning or derived passes.
 """
 
 from __future__ import annotations
@@ -30,34 +30,21 @@ LISTOPS_SERVE_TRIAL: dict[str, Any] = {
 def quick_trained_model(trial_config: dict[str, Any], out_dir: str | Path, *, sweep: str = "serve-test",
                         pool: str = "cpu", trial: int = 0) -> Path:
     """Trains, evaluates and saves; returns the model folder. ``metrics.json`` holds the eval
-    ``accuracy`` and ``loss`` of the in-memory model, before it was written."""
+    metrics (``accuracy``, ``loss``, ...) of the in-memory model, before it was written."""
+    from omninet.artifacts import save_trial_model, trial_identity
     from omninet.model import OmniNetModel
-    from omninet.serve.artifacts import save_trial_model, trial_identity
-    from omninet.trial import TrialConfig
+    from omninet.trial import TrialConfig, TrialResult, loop
+    from omninet.trial.measure import MeasureGate
 
     cfg = TrialConfig.from_dict(trial_config)
     task, tc = cfg.task_obj, cfg.train
+    plan = loop.resolve_plan(cfg.hardware)
+    plan.buckets, plan.pad_id = cfg.buckets, task.pad_id
     torch.manual_seed(tc.seed)
-    model = OmniNetModel(cfg.model_config)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    model.train()
-    steps, epoch = 0, 0
-    while steps < (tc.steps or 0):
-        for batch in task.batches("train", tc.batch_size, seed=tc.seed + epoch, drop_last=True):
-            loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            steps += 1
-            if steps >= tc.steps:
-                break
-        epoch += 1
-    model.eval()
-    meter = task.new_meter()
-    with torch.no_grad():
-        for batch in task.batches("eval", 64, shuffle=False):
-            meter.update(model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
-    metrics = {**meter.compute(), "steps": steps, "majority_baseline": task.majority_baseline}
+    model = plan.placement.apply(OmniNetModel(cfg.model_config))
+    res, gate = TrialResult(status="ok"), MeasureGate()  # res collects the step count; the gate isolates nothing
+    loop.train(model, loop.make_optimizer(model, tc), task, tc, plan, res, gate)
+    evaluation = loop.evaluate(model, task, tc, plan, gate)
+    metrics = {**evaluation.metrics, "steps": res.steps, "majority_baseline": task.majority_baseline}
     identity = trial_identity(sweep=sweep, pool=pool, trial=trial, trial_config=trial_config)
     return save_trial_model(model, out_dir, trial_config=trial_config, identity=identity, metrics=metrics)
