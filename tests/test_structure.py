@@ -142,3 +142,23 @@ def test_no_import_cycles():
     graph = import_graph()
     cycles = strongly_connected(graph)
     assert not cycles, "import cycles in omninet:\n" + "\n".join(_describe(graph, c) for c in cycles)
+
+
+def test_serve_sits_on_top():
+    """Nothing below serving imports it (the saved-model format and the MLflow model live below the
+    trial and the sweep), and serving reaches the sweep through public names only."""
+    graph = import_graph()
+    upward = [f"{m} -> {t} ({', '.join(where)})" for m, targets in graph.items()
+              if m.split(".")[:2] != ["omninet", "serve"] and m != "omninet.cli"  # the command line delegates to it
+              for t, where in targets.items() if t.split(".")[:2] == ["omninet", "serve"]]
+    assert not upward, "imports of omninet.serve from below it:\n" + "\n".join(upward)
+    private = []
+    for path in sorted((PACKAGE / "serve").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("omninet.sweep"):
+                private += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                private.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert not private, "serve uses private names of other modules: " + ", ".join(private)
