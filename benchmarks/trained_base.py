@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from omninet.trial import TrialConfig, measure, run_trial
-    from omninet.trial.runner import RunContext
+    from omninet.trial.runners import RunContext
 
     torch.set_num_threads(1)
     doc_ft = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text()).get("finetune") or {}

@@ -92,7 +92,7 @@ def test_a_bad_value_in_the_search_space_is_caught_without_parsing_every_trial()
 def test_a_sweep_trial_is_parsed_at_most_twice_controller_plus_worker():
     """The controller builds the trial's typed config once; Ray ships it pickled (no parse);
     the worker runs it as is (a simulated pool re-targets it to the CPU: one more build)."""
-    from omninet.sweep.worker import execute_trial
+    from omninet.sweep.worker import TrialTask, execute_trial
 
     cfg = load_config(_quick(search_space={"model.attention.kernel": {"choices": ["sdpa", "linformer"]}}, enqueue=[],
                              base=None, finetune=None))
@@ -105,7 +105,8 @@ def test_a_sweep_trial_is_parsed_at_most_twice_controller_plus_worker():
                                 "train.eval_target_se": None, "train.eval_max_examples": 16, "measure.memory": False,
                                 "measure.min_seconds": 0.0})
     counted = trial_config.parse_count()
-    result = execute_trial(cfg.runner, tiny, pool="gpu", accelerator="GPU", simulate=True, memory_budget_mb=None)
+    result = execute_trial(TrialTask(runner=cfg.runner, config=tiny, pool="gpu", key="t/gpu/0", accelerator="GPU",
+                                     simulate=True))
     assert result["status"] == "ok", result["error"]
     assert counted - before - 1 == 1  # the controller's build (the test's own shrink is not counted)
     assert trial_config.parse_count() - counted <= 1  # the worker: at most the CPU re-target

@@ -13,7 +13,7 @@ import torch
 
 from omninet.passes import PASS_ORDER, check_base, derive, init_linformer_mean_pool, load_base
 from omninet.trial import TrialConfig, run_trial
-from omninet.trial.runner import RunContext
+from omninet.trial.runners import RunContext
 
 N = 64
 ROOT = Path(__file__).resolve().parents[1]

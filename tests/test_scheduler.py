@@ -223,7 +223,7 @@ REAL = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "nu
 def test_real_trial_measures_first_then_is_screened_pruned_or_finished() -> None:
     from omninet.sweep.scheduler import RungClient
     from omninet.trial import run_trial
-    from omninet.trial.runner import RunContext
+    from omninet.trial.runners import RunContext
 
     rules = PoolRules(rungs=[2, 4], reduction_factor=2, cost_keys=COSTS, screen_dominated_by=None)
     b = RungBook({"cpu": rules})

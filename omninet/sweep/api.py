@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from omninet.sweep.config import SweepConfig
+from omninet.sweep.config import SweepConfig, load_config
 from omninet.sweep.controller import run_sweep
 from omninet.sweep.results import SweepResult
 
@@ -13,7 +13,7 @@ __all__ = ["tune"]
 
 
 def tune(config: SweepConfig | str | os.PathLike | dict[str, Any], *, results_dir: str | os.PathLike | None = None,
-         address: str | None = None, num_cpus: int | None = None, base: Any = None) -> SweepResult:
+         address: str | None = None, num_cpus: int | None = None, base: Any = None, runner: Any = None) -> SweepResult:
     """Runs (or resumes) the sweep described by ``config`` (a YAML path, a dict or a
     :class:`SweepConfig`) on a Ray cluster (``address``; ``$RAY_ADDRESS``; else an embedded
     local Ray) and returns its :class:`SweepResult`: ``.trials()``, ``.pareto_front(pool)``,
@@ -22,9 +22,14 @@ def tune(config: SweepConfig | str | os.PathLike | dict[str, Any], *, results_di
     ``base``: tune a model you have. An ``OmniNetModel`` (saved once into
     ``<results>/base-checkpoint``) or a path to a ``save_pretrained`` folder or a kept trial
     model; it replaces the config's ``base`` section, and every trial derives from it
-    (``omninet.passes``) and is paired against it."""
+    (``omninet.passes``) and is paired against it.
+
+    ``runner``: your own ``omninet.trial.TrialRunner`` object, in place of the config's
+    ``trial_fn`` (a resumed sweep is given the same runner again)."""
     if base is not None:
         config = _with_base(config, base, results_dir)
+    if runner is not None:
+        config = load_config(config, runner=runner)
     return run_sweep(config, results_dir=results_dir, address=address, num_cpus=num_cpus)
 
 

@@ -465,7 +465,9 @@ class SweepConfig(ConfigBase):
     # fine-tune (``finetune``, the trial's section; given here it is merged into ``trial``).
     base: BaseSpec | None = None
     finetune: dict[str, Any] | None = None
-    trial_fn: str = DEFAULT_TRIAL_FN
+    # The trial runner: a ``omninet.trial.TrialRunner`` object (``tune(config, runner=...)``) or,
+    # in YAML, its import path ('package.module:name', a runner, runner class or function).
+    trial_fn: Any = DEFAULT_TRIAL_FN
     estimate_fn: str | None = DEFAULT_ESTIMATE_FN
     progress_interval_s: float = 10.0
 
@@ -491,11 +493,12 @@ class SweepConfig(ConfigBase):
                 self.trial = {**self.trial, "finetune": dict(self.finetune)}
                 self.finetune = None
         self._runner = self._resolve_runner()
+        self._base_trial: dict[str, Any] | None = None
         try:
             self.trial = self._runner.parse(self.trial)
         except (ValueError, TypeError) as exc:
             raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
-        base = self._runner.to_dict(self.trial)
+        base = self.base_trial
         # search space: typed specs in declared order; `when` may name earlier params or base paths
         self._params: list[ParamSpec] = []
         seen: set[str] = set()
@@ -539,7 +542,7 @@ class SweepConfig(ConfigBase):
                                    "sdpa, model.heads.prune_ratio: 0.0}]): it is trained as the base and is each pool's "
                                    "reference run")
         _check(self.base.pool is None or self.base.pool in pools, f"base.pool: {self.base.pool!r} is not a pool; pools are {pools}")
-        _check(getattr(self._runner, "name", None) == "omninet",
+        _check(self._runner.name == "omninet",
                "base: trials derived from a trained model need the omninet trial runner (trial_fn: omninet.trial:run_trial)")
         if self.base.checkpoint is not None:
             path = os.path.expanduser(self.base.checkpoint)
@@ -563,13 +566,17 @@ class SweepConfig(ConfigBase):
                 _check(ok, f"enqueue[{i}].{key}: {value!r} is outside the search space of {key}")
 
     def _resolve_runner(self):
-        from omninet.trial.runner import resolve_runner
+        """``trial_fn`` as a runner object: the one place its string form is resolved."""
+        from omninet.trial.runners import resolve_runner
 
-        fn = import_object(self.trial_fn, where="trial_fn")
+        fn = import_object(self.trial_fn, where="trial_fn") if isinstance(self.trial_fn, str) else self.trial_fn
         estimate = None
         if self.estimate_fn is not None and self.estimate_fn != DEFAULT_ESTIMATE_FN:
             estimate = import_object(self.estimate_fn, where="estimate_fn")
-        return resolve_runner(fn, estimate)
+        try:
+            return resolve_runner(fn, estimate)
+        except ValueError as exc:
+            raise SweepConfigError(str(exc)) from None
 
     def _check_result_keys(self) -> None:
         """Objective keys must be numbers the runner reports: a typo (``acuracy``) would
@@ -577,7 +584,7 @@ class SweepConfig(ConfigBase):
         fields = self._runner.result_fields
         if fields is None:
             return
-        unmeasured = getattr(self._runner, "unmeasured_keys", lambda config: {})(self.trial)  # key -> why
+        unmeasured = self._runner.unmeasured_keys(self.trial)  # key -> why
         for o in self.objectives:
             _check(o.key in fields, f"objectives: {o.key!r} is not a result of the trial runner; "
                                     f"choose from {', '.join(sorted(fields))}")
@@ -593,15 +600,15 @@ class SweepConfig(ConfigBase):
             return
         runner = self._runner
         where = "scheduler.kind: mo_successive_halving"
-        _check(getattr(runner, "supports_scheduler", False),
-               f"{where} needs a trial runner that measures first and reports rungs; {self.trial_fn} does not "
+        _check(runner.supports_scheduler,
+               f"{where} needs a trial runner that measures first and reports rungs; {self.runner_name} does not "
                "(use omninet.trial:run_trial, or kind: fifo)")
         steps = runner.max_steps(self.trial)
         _check(steps is not None, f"{where} needs a step budget: set trial.train.steps (rungs are training steps)")
         rungs = self.scheduler.rungs(steps)
         _check(bool(rungs), f"scheduler.grace_period {self.scheduler.grace_period} is not below the budget of {steps} "
                             f"steps; lower it so that at least one rung falls before the end")
-        costs = set(getattr(runner, "cost_keys", ()))
+        costs = set(runner.cost_keys)
         late = [o.key for o in self.objectives[1:] if o.key not in costs]
         _check(not late, f"{where}: objective(s) {late} are not measured before training; cost objectives must be "
                          f"among {', '.join(sorted(costs))}")
@@ -627,10 +634,25 @@ class SweepConfig(ConfigBase):
         """The trial runner object (validate / estimate / run), resolved once from ``trial_fn``."""
         return self._runner
 
+    @property
+    def runner_name(self) -> str:
+        """``trial_fn`` as an import path (a runner object: its class's)."""
+        if isinstance(self.trial_fn, str):
+            return self.trial_fn
+        named = self.trial_fn if callable(self.trial_fn) and hasattr(self.trial_fn, "__qualname__") else type(self.trial_fn)
+        return f"{named.__module__}:{named.__qualname__}"
+
+    @property
+    def base_trial(self) -> dict[str, Any]:
+        """The trial config as a plain dict (for ``when:`` paths and the repeat seed), built once."""
+        if self._base_trial is None:
+            self._base_trial = self._runner.to_dict(self.trial)
+        return self._base_trial
+
     def to_plain(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe dict that :func:`load_config` reads back."""
-        out = _plain({**self.to_dict(), "trial": None})
-        out["trial"] = _plain(self._runner.to_dict(self.trial))
+        out = _plain({**self.to_dict(), "trial": None, "trial_fn": self.runner_name})
+        out["trial"] = _plain(self.base_trial)
         return out
 
     @property
@@ -653,7 +675,7 @@ class SweepConfig(ConfigBase):
         """Samples the search space (or a pool's version of it, ``params``) for an Optuna
         trial; returns {dotted path: value}."""
         values: dict[str, Any] = {}
-        base = self._runner.to_dict(self.trial)
+        base = self.base_trial
         for param in self._params if params is None else params:
             resolved = {k: values.get(k, get_path(base, k)) for k in param.when}
             if param.applies(resolved):
@@ -704,10 +726,13 @@ def resolve_results_dir(config: SweepConfig, override: str | os.PathLike | None 
     return (base / path).resolve()
 
 
-def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig) -> SweepConfig:
-    """Reads and validates a sweep config from a YAML path, a dict or a ``SweepConfig``."""
+def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig, *, runner: Any = None) -> SweepConfig:
+    """Reads and validates a sweep config from a YAML path, a dict or a ``SweepConfig``.
+    ``runner``: a ``TrialRunner`` object that replaces the config's ``trial_fn``."""
     if isinstance(source, SweepConfig):
-        return source
+        if runner is None:
+            return source
+        source = source.to_plain()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -723,6 +748,8 @@ def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig) -> Swe
     if "name" not in data:
         raise SweepConfigError("name: missing; every sweep needs a name (it names the study, experiment and results)")
     data = dict(data)
+    if runner is not None:
+        data["trial_fn"] = runner
     try:
         if "objectives" in data:
             _check(isinstance(data["objectives"], list), "objectives: expected a list of {key, direction}")

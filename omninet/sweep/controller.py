@@ -296,7 +296,7 @@ class SweepController:
         caps = info.get("capabilities") or {}
         native = caps.get("native_precisions")
         refused = caps.get("refused") or {}
-        seq = getattr(self.config.trial, "seq_length", None)
+        seq = self.config.runner.seq_length(self.config.trial)
         out, notes = [], []
         for param in self.config.params:
             if param.path == "hardware.precision" and native is not None and not self.config.allow_emulated:
@@ -352,10 +352,7 @@ class SweepController:
     def _features(self, params: dict[str, Any], trial_config: Any) -> dict[str, dict[str, float]]:
         from omninet.sweep.costmodel import param_features
 
-        runner = self.config.runner
-        if hasattr(runner, "cost_features"):
-            return runner.cost_features(trial_config)
-        return param_features(params)
+        return self.config.runner.cost_features(trial_config) or param_features(params)
 
     def _restore(self, pool: str, rows: dict[tuple[str, int], dict[str, Any]]) -> None:
         """A resumed controller's rung book and cost model, from the pool's Parquet rows."""
@@ -595,13 +592,11 @@ class SweepController:
         return run
 
     def _base_seed(self) -> Any:
-        if not hasattr(self, "_seed_cache"):
-            from omninet.paths import get_path
+        """The training seed of the trial config (None when the seed itself is searched)."""
+        from omninet.paths import get_path
 
-            path = self.config.repeats.seed_path
-            params = {q.path for q in self.config.params}
-            self._seed_cache = None if path in params else get_path(self.config.runner.to_dict(self.config.trial), path)
-        return self._seed_cache
+        path = self.config.repeats.seed_path
+        return None if path in {q.path for q in self.config.params} else get_path(self.config.base_trial, path)
 
     def _plan_repeats(self, ps: _PoolState) -> bool:
         """After the pool's main budget: queue the runs that bring each configuration of the
@@ -648,12 +643,6 @@ class SweepController:
             if run.duplicate_of is not None:
                 self._duplicate(ps, run)
                 continue
-            estimate = self._estimate_mb(run.trial_config) if limits.max_memory_mb else None
-            if estimate is not None and estimate > limits.max_memory_mb:
-                result = {"status": "infeasible", "estimated_memory_mb": estimate,
-                          "error": f"estimated {estimate:.0f} MB > pool budget {limits.max_memory_mb:.0f} MB; not run"}
-                self._finish(ps, run, result)
-                continue
             run.prediction = self._predict(ps, run)
             reason = self._screen_by_prediction(ps, run)
             if reason is not None:  # the record keeps the prediction and the model's held-out error
@@ -661,14 +650,19 @@ class SweepController:
                 continue
             opts = {**ps.spec.ray_options(), "max_retries": ps.spec.max_retries, "retry_exceptions": False,
                     "name": f"trial {ps.spec.name}#{run.number}"}
-            ref = self._remote.options(**opts).remote(
-                self.config.runner, run.trial_config, pool=ps.spec.name, accelerator=ps.spec.accelerator,
-                simulate=self.config.simulate_accelerators, memory_budget_mb=limits.max_memory_mb,
-                num_cpus=ps.spec.resources.get("CPU", 1.0), trial_key=f"{self.config.name}/{ps.spec.name}/{run.number}",
-                isolate=self.config.isolate_measurements, keep_model=self.config.keep_models != "none",
-                scheduler=self._scheduler_for(ps, run),
-                calibration_ref_ms=self._probes.get(ps.spec.name, {}).get("calibration_ms"))
-            ps.inflight[ref] = run
+            task = self._task(ps.spec, run.trial_config, run.number, memory_budget_mb=limits.max_memory_mb,
+                              scheduler=self._scheduler_for(ps, run))
+            ps.inflight[self._remote.options(**opts).remote(task)] = run
+
+    def _task(self, pool, trial_config: Any, name: Any, **how: Any):
+        """The worker's :class:`~omninet.sweep.worker.TrialTask` for one run on ``pool``."""
+        from omninet.sweep.worker import TrialTask
+
+        how = {"num_cpus": pool.resources.get("CPU", 1.0), "keep_model": self.config.keep_models != "none", **how}
+        return TrialTask(runner=self.config.runner, config=trial_config, pool=pool.name,
+                         key=f"{self.config.name}/{pool.name}/{name}", accelerator=pool.accelerator,
+                         simulate=self.config.simulate_accelerators, isolate=self.config.isolate_measurements,
+                         calibration_ref_ms=self._probes.get(pool.name, {}).get("calibration_ms"), **how)
 
     def _duplicate(self, ps: _PoolState, run: _Running) -> None:
         """A proposal equal to an earlier trial (parameters and seed): not trained again. It is
@@ -687,14 +681,6 @@ class SweepController:
         self._finish(ps, run, {**copied, "status": "duplicate", "duplicate_of": original,
                                "error": f"same parameters and seed as trial #{original} ({row['status']}); not trained "
                                         "again, told to Optuna with its outcome"})
-
-    def _estimate_mb(self, trial_config: Any) -> float | None:
-        try:
-            value = self.config.runner.estimate_mb(trial_config)
-        except Exception as exc:  # a config the estimator rejects is left to the trial runner to judge
-            log.debug("memory estimate failed: %s", exc)
-            return None
-        return None if value is None else float(value)
 
     # -- results ----------------------------------------------------------------------------
     def _row(self, ps: _PoolState, run: _Running, result: dict[str, Any]) -> dict[str, Any]:
@@ -968,12 +954,8 @@ class SweepController:
         log.info("base: training the dense base on pool %s (%g cores): %s", pool.name, cpus,
                  ", ".join(f"{k}={v}" for k, v in values.items()))
         started = time.time()
-        ref = self._remote.options(**opts).remote(
-            self.config.runner, trial, pool=pool.name, accelerator=pool.accelerator,
-            simulate=self.config.simulate_accelerators, memory_budget_mb=None, num_cpus=cpus,
-            trial_key=f"{self.config.name}/{pool.name}/base", isolate=self.config.isolate_measurements, keep_model=True,
-            calibration_ref_ms=self._probes.get(pool.name, {}).get("calibration_ms"))
-        result = ray.get(ref)
+        result = ray.get(self._remote.options(**opts).remote(self._task(pool, trial, "base", num_cpus=cpus,
+                                                                         keep_model=True)))
         files = result.pop("_model_files", None)
         result.pop("_scores", None)
         if result.get("status") != "ok" or not files:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omninet.trial.runner import FunctionRunner
+from omninet.trial.runners import TrialRunner
 
 __all__ = ["toy_trial", "toy_estimate"]
 
@@ -103,19 +103,16 @@ toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "pea
                            "steps", "estimated_memory_mb", "burn_iterations", "accuracy_se", "eval_units", "eval_rows")
 
 
-class GateProbe(FunctionRunner):
+class GateProbe(TrialRunner):
     """A runner that exercises the node's measurement gate like the real trial runner does:
     "trains" (burns CPU in steps, calling ``gate.checkpoint()`` between them), then
     "measures" inside ``gate.exclusive()``. It returns its intervals (wall-clock, from
     ``time.time()``) so a test can check that no measurement overlapped another trial's work.
-    Config: ``{"probe": {"train_s": 1.0, "measure_s": 0.3}}``. Plain-dict config handling comes
-    from ``FunctionRunner``."""
+    Config: ``{"probe": {"train_s": 1.0, "measure_s": 0.3}}``, a plain dict (``TrialRunner``'s
+    defaults)."""
 
     name = "gate-probe"
-
-    def __init__(self) -> None:
-        super().__init__(self.run)
-        self.result_fields = frozenset({"accuracy", "peak_memory_infer_mb", "latency_p50_ms"})
+    result_fields = frozenset({"accuracy", "peak_memory_infer_mb", "latency_p50_ms"})
 
     def on_cpu(self, config):
         return config
@@ -148,7 +145,7 @@ class GateProbe(FunctionRunner):
 gate_probe = GateProbe()
 
 
-class RungToy(FunctionRunner):
+class RungToy(TrialRunner):
     """The toy trade-off (:func:`toy_trial`) as a runner the sweep scheduler can drive: it
     "measures first" (the closed-form costs), asks the scheduler to screen it, then "trains"
     ``toy.steps`` steps of ``toy.step_s`` seconds, reporting ``accuracy(step) = (1 -
@@ -160,10 +157,7 @@ class RungToy(FunctionRunner):
     name = "rung-toy"
     supports_scheduler = True
     cost_keys = ("peak_memory_infer_mb", "latency_p50_ms", "peak_memory_train_mb")
-
-    def __init__(self) -> None:
-        super().__init__(self.run)
-        self.result_fields = frozenset(toy_trial.result_fields)
+    result_fields = frozenset(toy_trial.result_fields)
 
     def on_cpu(self, config):
         return config

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-__all__ = ["device_present", "node_info", "execute_trial", "probe"]
+__all__ = ["device_present", "node_info", "TrialTask", "execute_trial", "probe"]
 
 log = logging.getLogger("omninet.sweep")
 
@@ -76,38 +76,70 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
             "calibration_threads": threads, **node_info()}
 
 
-def execute_trial(runner, config, *, pool: str, accelerator: str | None, simulate: bool,
-                  memory_budget_mb: float | None, num_cpus: float = 1.0, trial_key: str | None = None,
-                  isolate: bool = True, keep_model: bool = False, scheduler=None,
-                  calibration_ref_ms: float | None = None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class TrialTask:
+    """One trial as the controller sends it to a Ray worker: the runner and its parsed config,
+    the pool it runs for, and how (``isolate``: disjoint cores and the node's measurement gate;
+    ``scheduler``: the trial's rung client, or None to train to the budget)."""
+
+    runner: Any  # omninet.trial.TrialRunner
+    config: Any  # the runner's typed config, parsed once by the controller
+    pool: str
+    key: str  # '<sweep>/<pool>/<trial>': the trial's name at the node's measurement gate
+    accelerator: str | None = None
+    simulate: bool = False
+    memory_budget_mb: float | None = None
+    num_cpus: float = 1.0
+    isolate: bool = True
+    keep_model: bool = False
+    scheduler: Any = None
+    calibration_ref_ms: float | None = None
+
+
+def execute_trial(task: TrialTask) -> dict[str, Any]:
     """Runs one trial on this node. A pool accelerator that is not physically here runs on
-    CPU when ``simulate`` (result tagged ``simulated``), else the trial is an error. Under
-    Ray with ``isolate``, the trial gets ``num_cpus`` cores of its own and the node's
-    measurement gate (``omninet.sweep.isolation``). ``scheduler``: the trial's rung client
-    (``omninet.sweep.scheduler.RungClient``), or None to train to the budget."""
-    from omninet.trial.runner import RunContext
+    CPU when ``task.simulate`` (result tagged ``simulated``), else the trial is an error. The
+    memory estimate is made here, once, on the config as it runs: over the budget, the trial is
+    ``infeasible`` and nothing is built. Under Ray with ``task.isolate``, the trial gets
+    ``num_cpus`` cores of its own and the node's measurement gate (``omninet.sweep.isolation``)."""
+    from omninet.trial.runners import RunContext
 
     started = time.time()
     info = node_info()
-    present, detail = device_present(accelerator)
-    simulated = accelerator is not None and not present
-    if simulated and not simulate:
+    present, detail = device_present(task.accelerator)
+    simulated = task.accelerator is not None and not present
+    if simulated and not task.simulate:
         return {"status": "error", "simulated": False, **info,
-                "error": f"pool {pool!r} needs a {accelerator} but node {info['node']} has none ({detail}); "
+                "error": f"pool {task.pool!r} needs a {task.accelerator} but node {info['node']} has none ({detail}); "
                          "set simulate_accelerators: true to run it on CPU"}
+    runner, config, budget = task.runner, task.config, task.memory_budget_mb
     if simulated:
         config = runner.on_cpu(config)
+    estimate = _estimate_mb(runner, config)
+    if estimate is not None and budget is not None and estimate > budget:
+        return {"status": "infeasible", "estimated_memory_mb": estimate, "simulated": simulated, **info,
+                "error": f"estimated {estimate:.0f} MB > pool budget {budget:.0f} MB; not run"}
     gate = None
-    context = RunContext(keep_model=keep_model, scheduler=scheduler, calibration_ref_ms=calibration_ref_ms)
-    if isolate and info["node_id"]:
+    context = RunContext(keep_model=task.keep_model, scheduler=task.scheduler, calibration_ref_ms=task.calibration_ref_ms,
+                         estimated_memory_mb=estimate)
+    if task.isolate and info["node_id"]:
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 
-        gate = NodeGate(coordinator_for_this_node(), trial_key or f"{pool}/{os.getpid()}/{time.time_ns()}")
-        context = dataclasses.replace(context, cores=gate.start(max(1, int(num_cpus))), gate=gate)
+        gate = NodeGate(coordinator_for_this_node(), task.key)
+        context = dataclasses.replace(context, cores=gate.start(max(1, int(task.num_cpus))), gate=gate)
     try:
-        result = runner.run(config, memory_budget_mb=memory_budget_mb, context=context)
+        result = runner.run(config, memory_budget_mb=budget, context=context)
     finally:
         if gate is not None:
             gate.stop()
     result.update(simulated=simulated, worker_pid=os.getpid(), worker_seconds=time.time() - started, **info)
     return result
+
+
+def _estimate_mb(runner, config) -> float | None:
+    try:
+        value = runner.estimate_mb(config)
+    except Exception as exc:  # noqa: BLE001 -- a config the estimator rejects is left to the runner to judge
+        log.debug("memory estimate failed: %s", exc)
+        return None
+    return None if value is None else float(value)

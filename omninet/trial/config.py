@@ -550,6 +550,11 @@ class TrialResult:
     rung_accuracy: list[float] = field(default_factory=list)  # the first objective at each of those rungs
     rung_noise: list[float | None] = field(default_factory=list)  # its standard error there (binomial, eval split)
     loss_curve: list[float] = field(default_factory=list)
+    # Beside the record, never in it (not dataclass fields): the trained model's files
+    # (``RunContext.keep_model``) and the per-unit eval scores (``omninet.scores.UnitScores``).
+    model_files = None
+    scores = None
+    scores_zero_shot = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat and JSON-serializable (non-finite floats become None)."""

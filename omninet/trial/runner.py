@@ -40,7 +40,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,38 +47,11 @@ from torch import nn
 
 from omninet.trial import limits, loop, measure
 from omninet.trial.config import TrialConfig, TrialResult
+from omninet.trial.runners import RunContext, Stopped
 
-__all__ = ["run_trial", "estimate_memory_mb", "OmniNetRunner", "FunctionRunner", "RunContext", "Stopped",
-           "resolve_runner", "trial_main", "measures_first_exactly", "record_evaluation"]
+__all__ = ["run_trial", "estimate_memory_mb", "trial_main", "measures_first_exactly", "record_evaluation"]
 
 MB = 2**20
-
-
-@dataclass
-class RunContext:
-    """What the platform hands a runner beyond the config: the CPU cores it was allotted, the
-    node's measurement gate, and whether to send the trained model back."""
-
-    cores: list[int] | None = None
-    gate: Any = None
-    keep_model: bool = False  # return the trained model's files (``model_files``) with the result
-    # The sweep scheduler's client (``omninet.sweep.scheduler.RungClient``): with one, the trial
-    # measures first and reports its rungs; ``screen(costs)`` / ``report(step, value)`` return
-    # the reason to stop, or None to go on. None: train to the budget, measure after.
-    scheduler: Any = None
-    # The reference workload's time (ms) on this pool's node, from the sweep's probe: every
-    # trial of the pool scales its calibrated latency to it (``latency_p50_norm_ms``). None:
-    # the trial's own reading.
-    calibration_ref_ms: float | None = None
-
-
-class Stopped(Exception):
-    """The sweep scheduler stopped the trial: ``status`` 'screened' (before training) or
-    'pruned' (at a rung); ``reason`` says why."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 # ---- memory estimate --------------------------------------------------------------------
@@ -255,7 +227,8 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
     res.memory_budget_mb = budget
     try:
-        res.estimated_memory_mb = estimate_memory_mb(cfg)
+        res.estimated_memory_mb = (context.estimated_memory_mb if context.estimated_memory_mb is not None
+                                   else estimate_memory_mb(cfg))  # the worker's, made once before the run
         threshold = budget
         if threshold is None:
             capacity = _capacity_mb(plan)
@@ -560,133 +533,6 @@ def _finish(res: TrialResult, wall: float, notes: list[str], *, status: str, err
     res.notes = "; ".join(notes) or None
     res.wall_seconds = time.perf_counter() - wall
     return res
-
-
-# ---- runner objects (what the sweep platform calls) -------------------------------------
-class OmniNetRunner:
-    """The default runner: typed ``TrialConfig`` in, ``TrialResult`` record out. Resolved once
-    per sweep; the controller parses each trial's config once (``with_values``) and the worker
-    runs it as is."""
-
-    name = "omninet"
-    result_fields = frozenset(TrialResult.numeric_fields())
-    supports_scheduler = True  # measures first and reports rungs (RunContext.scheduler)
-    cost_keys = ("latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
-                 "latency_p50_rel", "latency_p50_norm_ms",
-                 "peak_memory_infer_mb", "peak_memory_train_mb", "peak_rss_infer_mb", "peak_rss_train_mb",
-                 "throughput_tokens_s", "num_params")  # what it measures before training
-    calibrated_keys = ("latency_p50_rel", "latency_p50_norm_ms", "latency_rel_cv", "latency_calibration_ms",
-                       "latency_calibration_ref_ms")
-
-    def max_steps(self, config: TrialConfig) -> int | None:
-        return config.train.steps
-
-    def unmeasured_keys(self, config: TrialConfig) -> dict[str, str]:
-        """Results this config will not produce, each with why: the calibrated latency without
-        ``measure.calibrate``."""
-        if config.measure.calibrate:
-            return {}
-        why = "is a calibrated latency, but trial.measure.calibrate is false; set it true or use latency_p50_ms"
-        return dict.fromkeys(self.calibrated_keys, why)
-
-    def cost_features(self, config: TrialConfig) -> dict[str, dict[str, float]]:
-        from omninet.trial.cost import cost_features
-
-        return cost_features(config)
-
-    def parse(self, data: dict[str, Any]) -> TrialConfig:
-        return data if isinstance(data, TrialConfig) else TrialConfig.from_dict(data)
-
-    def to_dict(self, config: TrialConfig) -> dict[str, Any]:
-        return config.to_dict()
-
-    def with_values(self, base: TrialConfig, values: dict[str, Any]) -> TrialConfig:
-        return base.with_values(values)
-
-    def check_path(self, base: TrialConfig, path: str, *, where: str) -> None:
-        base.check_path(path, where=where)
-
-    def check_values(self, base: TrialConfig, values: dict[str, Any]) -> None:
-        base.check_values(values)
-
-    def estimate_mb(self, config: TrialConfig) -> float | None:
-        return estimate_memory_mb(config)
-
-    def on_cpu(self, config: TrialConfig) -> TrialConfig:
-        """The same trial on this node's CPU (a simulated accelerator pool)."""
-        import dataclasses
-
-        return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
-
-    def run(self, config: TrialConfig, *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
-        result = run_trial(config, memory_budget_mb=memory_budget_mb, context=context)
-        out = result.to_dict()
-        if result.status == "ok" and getattr(result, "model_files", None):
-            out["_model_files"] = result.model_files  # popped by the controller, never recorded
-        if getattr(result, "scores", None) is not None:
-            out["_scores"] = result.scores.to_bytes()  # per-unit eval scores: written next to the record
-        if getattr(result, "scores_zero_shot", None) is not None:
-            out["_scores_zero_shot"] = result.scores_zero_shot.to_bytes()
-        return out
-
-
-class FunctionRunner:
-    """A plain ``fn(config_dict, *, memory_budget_mb) -> dict`` trial function (the toy runner
-    of the platform's tests, or a user's own) with an optional ``estimate(config_dict)``.
-    Its config is a plain dict; ``fn.result_fields`` (if set) declares the keys it returns."""
-
-    name = "function"
-
-    def __init__(self, fn, estimate=None) -> None:
-        self.fn, self.estimate = fn, estimate
-        fields = getattr(fn, "result_fields", None)
-        self.result_fields = frozenset(fields) if fields is not None else None
-
-    def parse(self, data: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise ValueError(f"trial must be a mapping, got {type(data).__name__}")
-        return data
-
-    def to_dict(self, config: dict[str, Any]) -> dict[str, Any]:
-        return config
-
-    def with_values(self, base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-        from omninet.paths import with_path
-
-        out = base
-        for path, value in values.items():
-            out = with_path(out, path, value)
-        return out if values else dict(base)
-
-    def check_path(self, base: dict[str, Any], path: str, *, where: str) -> None:
-        return None  # a free-form config: any path may be set
-
-    def check_values(self, base: dict[str, Any], values: dict[str, Any]) -> None:
-        self.with_values(base, values)
-
-    def estimate_mb(self, config: dict[str, Any]) -> float | None:
-        return None if self.estimate is None else self.estimate(config)
-
-    def on_cpu(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {**config, "hardware": {**(config.get("hardware") or {}), "device": "cpu"}}
-
-    def run(self, config: dict[str, Any], *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
-        result = self.fn(config, memory_budget_mb=memory_budget_mb)
-        return result.to_dict() if hasattr(result, "to_dict") else dict(result)
-
-
-def resolve_runner(fn, estimate=None):
-    """The runner object behind a sweep's ``trial_fn``: the object itself when it is a runner,
-    the runner a function declares (``fn.runner``), else a FunctionRunner around it."""
-    if hasattr(fn, "run") and hasattr(fn, "parse"):
-        return fn
-    declared = getattr(fn, "runner", None)
-    if declared is not None:
-        return declared
-    return FunctionRunner(fn, estimate)
-
-
-run_trial.runner = OmniNetRunner()  # `trial_fn: omninet.trial:run_trial` in a sweep resolves to this
 
 
 # ---- command line -----------------------------------------------------------------------
