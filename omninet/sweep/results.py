@@ -18,17 +18,37 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
+from omninet.sweep.config import DEFAULT_TRIAL_FN, BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
 
 __all__ = ["SweepResult", "write_artifacts"]
 
 log = logging.getLogger("omninet.sweep")
 
 
-def recorded_trial(config: dict) -> dict:
-    """The trial function a loaded ``SweepResult`` validates its manifest with: reading records
-    never runs a trial."""
-    raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
+OMNINET_RUNNERS = ("omninet.trial:run_trial", "omninet.trial.runner:run_trial", "omninet.trial:OmniNetRunner",
+                   "omninet.trial.runners:OmniNetRunner")
+
+
+def recorded_runner(trial_fn: str | None):
+    """What a reopened ``SweepResult`` holds in place of the sweep's runner: it parses the
+    recorded trial (an OmniNet sweep's typed, as ``TrialConfig``; another runner's as the dict
+    it recorded, without importing that runner) and never runs one. It declares no result keys,
+    so every objective the sweep recorded is accepted."""
+    from omninet.trial.runners import OmniNetRunner, TrialRunner
+
+    base = OmniNetRunner if (trial_fn or "omninet.trial:run_trial") in OMNINET_RUNNERS else TrialRunner
+
+    class Recorded(base):
+        name = "recorded"
+        result_fields = None
+
+        def __init__(self) -> None:
+            pass
+
+        def run(self, config, *, memory_budget_mb, context):
+            raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
+
+    return Recorded()
 
 
 class SweepResult:
@@ -49,14 +69,13 @@ class SweepResult:
         if not manifest.is_file():
             raise ValueError(f"results_dir: {results_dir} has no sweep.yaml; is it a sweep's results directory?")
         data = yaml.safe_load(manifest.read_text())
-        # Reading results must not need the sweep's trial function (or torch-heavy runner) to
-        # import: validate with a stand-in that declares no result keys (so any objective the
-        # sweep recorded is accepted), then restore the recorded names. The scheduler is checked
-        # against the runner it needs, so it is restored the same way.
+        # Reading results must not need the sweep's own runner to import: the recorded runner
+        # stands in, then the recorded names are restored. The scheduler and base are checked
+        # against the runner that ran them, so they are restored the same way.
         scheduler = data.get("scheduler")
-        config = load_config({**data, "trial_fn": "omninet.sweep.results:recorded_trial", "estimate_fn": None,
-                              "scheduler": {"kind": "fifo"}, "base": None})
-        config.trial_fn, config.estimate_fn = data.get("trial_fn", config.trial_fn), data.get("estimate_fn")
+        config = load_config({**data, "estimate_fn": None, "scheduler": {"kind": "fifo"}, "base": None},
+                             runner=recorded_runner(data.get("trial_fn")))
+        config.trial_fn, config.estimate_fn = data.get("trial_fn", DEFAULT_TRIAL_FN), data.get("estimate_fn")
         if scheduler is not None:
             config.scheduler = SchedulerSpec.from_dict(scheduler)
         if data.get("base") is not None:  # checked against the runner when the sweep ran; here it is a record
