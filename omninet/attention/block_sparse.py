@@ -459,6 +459,13 @@ def _view(t: torch.Tensor, b: int, start: int, c: int, r: int, step: int) -> tor
     return t.as_strided(size, stride, t.storage_offset() + b * st[0] + start * st[2])
 
 
+def _rows_view(t: torch.Tensor, b: int, n: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
+    """``_view`` of the n batch rows b .. b + n - 1 at once: (n, H, c, r, D), or (n, H, c, r)."""
+    st = t.stride()
+    size, stride = (n, t.shape[1], c, r, *t.shape[3:]), (st[0], st[1], step * st[2], st[2], *st[3:])
+    return t.as_strided(size, stride, t.storage_offset() + b * st[0] + start * st[2])
+
+
 @dataclass
 class _Call:
     """What every slab of one call shares (forward and the recomputing backward alike)."""
@@ -544,37 +551,112 @@ def _merge(o1, l1, o2, l2, out=None):
     return torch.lerp(o1, o2, w, out=o1 if out is None else out), torch.logaddexp(l1, l2)
 
 
+def _row_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _Plan]]:
+    """(b0, n, plan): runs of consecutive batch rows that share one cached plan (the same
+    padding), computed together where a group is gathered; one row per run off the fused path
+    (eager slabs draw their dropout per row and slab, in the same order in both passes)."""
+    runs: list[list] = []
+    for b, plan in enumerate(plans):
+        if call.fused and runs and runs[-1][2] is plan:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1, plan])
+    return [tuple(r) for r in runs]
+
+
+# A group whose blocks read at most this many key blocks each is gathered: its slabs (and its
+# batch rows with the same plan) copied into one run of keys per block, one kernel call instead
+# of one per slab and row, no log-sum-exp merges. Measured (issue 25, one thread, B=2, H=4, D=16,
+# fwd+bwd): N=256 at block 64 and 50% sparsity (2 key blocks a row) 1.69 -> 1.50x SDPA's CPU
+# time; rows of 9 blocks (N=256, block 16) gained nothing and rows of 33 (N=1024, block 16)
+# took 1.7x as long: the copy (2 D floats per key and block) outgrows the calls it saves.
+GATHER_MAX_BLOCKS = 4
+
+
+def _gathered(call: _Call, g: _Group, n: int, per_block: int, budget: int) -> bool:
+    """Whether group ``g`` of ``n`` rows runs as gathered calls (see ``_gathered_calls``): the
+    fused kernel, no per-slab mask, more than one slab or row to fold into one call, short rows
+    (``GATHER_MAX_BLOCKS``), and one block's copies within the budget."""
+    if not call.fused or call.mask is not None or call.bias is not None or (len(g.slabs) == 1 and n == 1):
+        return False
+    if any(s.diag or s.masked or s.pad for s in g.slabs):  # is_causal / a mask of their own
+        return False
+    return sum(s.k1 - s.k0 for s in g.slabs) <= GATHER_MAX_BLOCKS * g.r and per_block <= budget
+
+
+def _gathered_calls(b0: int, n: int, g: _Group, per_block: int, budget: int):
+    """(b, m, group): rows [b, b + m) x blocks of ``group`` per call, within ``budget`` token rows
+    of temporaries (``per_block`` per block and row); a group cut into fewer blocks is the same
+    slabs shifted by its step."""
+    if g.c * per_block <= budget:
+        m = min(n, budget // (g.c * per_block))
+        for b in range(b0, b0 + n, m):
+            yield b, min(m, b0 + n - b), g
+        return
+    cb = budget // per_block
+    for b in range(b0, b0 + n):
+        for j in range(0, g.c, cb):
+            slabs = tuple(_Slab(s.k0 + j * s.step, s.k1 + j * s.step, s.step) for s in g.slabs)
+            yield b, 1, _Group(g.q0 + j * g.r, min(cb, g.c - j), g.r, slabs)
+
+
+def _gather_keys(t: torch.Tensor, b: int, m: int, g: _Group) -> torch.Tensor:
+    """(m * H, c, L, D): every block's slabs of k or v (rows b .. b + m - 1) as one run of keys,
+    copied (a view where the group has one slab and one row)."""
+    parts = [_rows_view(t, b, m, s.k0, g.c, s.k1 - s.k0, s.step) for s in g.slabs]  # (m, H, c, L_s, D)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+    return out.reshape(m * t.shape[1], g.c, out.shape[3], t.shape[3])
+
+
 def _forward(call: _Call, q, k, v):
     """out (B, H, Nq, D) (stored as (B, Nq, H, D), like SDPA's) and lse (B, H, Nq) float."""
     B, H, nq, D = q.shape
     out = q.new_empty(B, nq, H, D).transpose(1, 2)
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    budget = _budget(q, 1, call.chunk_bytes)[0] // 4  # gathered calls: a quarter budget (the working set stays flat in N)
     index = 0
-    for b, plan in enumerate(call.plans):
+    for b0, n, plan in _row_runs(call, call.plans):
         for g in plan.groups:
-            qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
-            dest = _view(out, b, g.q0, g.c, g.r, g.r)
-            for n, slab in enumerate(g.slabs):
-                am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
-                if _shared(call, g, slab, am):  # keys shared by the group: one (c * r)-row call per head
-                    ks, vs = (_view(t, b, slab.k0, 1, slab.k1 - slab.k0, 0) for t in (k, v))  # (H, 1, L, D)
-                    o, l = _slab_forward(call, index, _view(q, b, g.q0, 1, g.c * g.r, 0), ks, vs, am, slab)
-                    o, l = o.reshape(qs.shape), l.reshape(qs.shape[:-1])
-                else:
-                    ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
-                    o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
-                index += 1
-                if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
-                    l = l.masked_fill(~has_key, float("-inf"))
-                acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
-                del o, l  # (a partial output held past its merge would be one more chunk of memory)
-            if len(g.slabs) == 1:
-                dest.copy_(acc[0])
-            _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
-        for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
-            out[b, :, a:e] = 0
-            lse[b, :, a:e] = float("-inf")
+            per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
+            if not _gathered(call, g, n, per_block, budget):
+                for b in range(b0, b0 + n):
+                    index = _group_forward(call, plan, g, b, index, q, k, v, out, lse)
+                continue
+            for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
+                qg = _rows_view(q, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
+                o, l = _FLASH(qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), 0.0, False,
+                              scale=call.scale)[:2]  # (m * H, c, r, D), (m * H, c, r)
+                _rows_view(out, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(o.view(m, H, sub.c, sub.r, D))
+                _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(l.view(m, H, sub.c, sub.r))
+        for b in range(b0, b0 + n):
+            for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
+                out[b, :, a:e] = 0
+                lse[b, :, a:e] = float("-inf")
     return out, lse
+
+
+def _group_forward(call: _Call, plan: _Plan, g: _Group, b: int, index: int, q, k, v, out, lse) -> int:
+    """One group of row ``b``, slab by slab, merged by log-sum-exp; returns the next slab index."""
+    qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (H, c, r, D)
+    dest = _view(out, b, g.q0, g.c, g.r, g.r)
+    for n, slab in enumerate(g.slabs):
+        am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
+        if _shared(call, g, slab, am):  # keys shared by the group: one (c * r)-row call per head
+            ks, vs = (_view(t, b, slab.k0, 1, slab.k1 - slab.k0, 0) for t in (k, v))  # (H, 1, L, D)
+            o, l = _slab_forward(call, index, _view(q, b, g.q0, 1, g.c * g.r, 0), ks, vs, am, slab)
+            o, l = o.reshape(qs.shape), l.reshape(qs.shape[:-1])
+        else:
+            ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (H, c, L, D)
+            o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
+        index += 1
+        if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
+            l = l.masked_fill(~has_key, float("-inf"))
+        acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
+        del o, l  # (a partial output held past its merge would be one more chunk of memory)
+    if len(g.slabs) == 1:
+        dest.copy_(acc[0])
+    _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
+    return index
 
 
 def _shared(call: _Call, g: _Group, slab: _Slab, am) -> bool:
@@ -588,57 +670,84 @@ def _shared(call: _Call, g: _Group, slab: _Slab, am) -> bool:
     return min(g.c * g.r, 256) * min(slab.k1 - slab.k0, 512) * 4 * torch.get_num_threads() <= call.chunk_bytes // 4
 
 
-def _add_windows(dst: torch.Tensor, b: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
-    """dst[b, :, k0 + j * step + [0, L)] += src[:, j] for every block j of a group (src
-    (H, c, L, D)). Overlapping windows (0 < step < L: a sliding window) are added in L / step
-    strided passes that each touch every block once, not one block at a time."""
+def _add_windows(dst: torch.Tensor, b: int, n: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
+    """dst[b + i, :, k0 + j * step + [0, L)] += src[i, :, j] for rows i < n and every block j of
+    a group (src (n, H, c, L, D)). Overlapping windows (0 < step < L: a sliding window) are added
+    in L / step strided passes that each touch every block once, not one block at a time."""
     k0, L, step = slab.k0, slab.k1 - slab.k0, slab.step
     if c == 1:
-        dst[b, :, k0 : k0 + L] += src[:, 0]
+        dst[b : b + n, :, k0 : k0 + L] += src[:, :, 0]
     elif step == 0:  # one shared slab (global keys)
-        dst[b, :, k0 : k0 + L] += src.sum(1)
+        dst[b : b + n, :, k0 : k0 + L] += src.sum(2)
     elif step >= L:
-        _view(dst, b, k0, c, L, step).add_(src)
+        _rows_view(dst, b, n, k0, c, L, step).add_(src)
     elif L % step == 0:
         for t in range(0, L, step):
-            _view(dst, b, k0 + t, c, step, step).add_(src[:, :, t : t + step])
+            _rows_view(dst, b, n, k0 + t, c, step, step).add_(src[:, :, :, t : t + step])
     else:
         for j in range(c):
-            dst[b, :, k0 + j * step : k0 + j * step + L] += src[:, j]
+            dst[b : b + n, :, k0 + j * step : k0 + j * step + L] += src[:, :, j]
 
 
 def _backward(call: _Call, q, k, v, out, lse, grad_out):
     """Flash-style backward over ``call.backward_plans``: each slab's probabilities are recomputed
     from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's).
     Dead query blocks contribute nothing (their dq rows stay zero)."""
+    B, H, nq, D = q.shape
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
+    budget = BACKWARD_BUDGETS * _budget(q, 1, call.chunk_bytes)[0]
     index = 0
-    for b, plan in enumerate(call.backward_plans):
+    for b0, n, plan in _row_runs(call, call.backward_plans):
         for g in plan.groups:
-            qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (H, c, r, D)
-            ls = _view(lse, b, g.q0, g.c, g.r, g.r)
-            delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
-            for slab in g.slabs:
-                am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
-                c, r, L = g.c, g.r, slab.k1 - slab.k0
-                if _shared(call, g, slab, am):  # see _forward: (H, 1, c * r, D) against (H, 1, L, D)
-                    c, r = 1, g.c * g.r
-                ks, vs = (_view(t, b, slab.k0, c, L, slab.step) for t in (k, v))
-                qs_, gs_, os2, ls_, de = (qs, gs, os_, ls, delta) if c == g.c else (
-                    _view(q, b, g.q0, 1, r, 0), _view(grad_out, b, g.q0, 1, r, 0), _view(out, b, g.q0, 1, r, 0),
-                    _view(lse, b, g.q0, 1, r, 0), None if delta is None else delta.view(delta.shape[0], 1, r, 1))
-                if call.fused:
-                    gq, gk, gv = _FLASH_BWD(gs_, qs_, ks, vs, os2, ls_, 0.0, slab.diag, attn_mask=am, scale=call.scale)
-                else:
-                    gq, gk, gv = _slab_backward_eager(call, index, qs_, ks, vs, am, gs_, ls_, de)
-                index += 1
-                dqs += gq.reshape(dqs.shape)
+            lengths = [s.k1 - s.k0 for s in g.slabs]
+            per_block = 4 * g.r + 4 * sum(lengths)  # q, out, grad rows and dq; gathered k, v and their grads
+            if not _gathered(call, g, n, per_block, budget):
+                for b in range(b0, b0 + n):
+                    index = _group_backward(call, plan, g, b, index, q, k, v, out, lse, grad_out, dq, dk, dv)
+                continue
+            for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
+                qg, og, gg = (_rows_view(t, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
+                              for t in (q, out, grad_out))  # (m * H, c, r, D)
+                lg = _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r)
+                gq, gk, gv = _FLASH_BWD(gg, qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), og, lg,
+                                        0.0, False, scale=call.scale)
+                _rows_view(dq, b, m, sub.q0, sub.c, sub.r, sub.r).add_(gq.view(m, H, sub.c, sub.r, D))
                 del gq
-                _add_windows(dk, b, slab, c, gk)
-                _add_windows(dv, b, slab, c, gv)
-                del gk, gv
+                gk, gv = (t.view(m, H, sub.c, -1, D).split(lengths, dim=3) for t in (gk, gv))  # per slab
+                for slab, sk, sv in zip(sub.slabs, gk, gv):
+                    _add_windows(dk, b, m, slab, sub.c, sk)
+                    _add_windows(dv, b, m, slab, sub.c, sv)
+                del gk, gv, sk, sv
     return dq, dk, dv
+
+
+def _group_backward(call: _Call, plan: _Plan, g: _Group, b: int, index: int, q, k, v, out, lse, grad_out,
+                    dq, dk, dv) -> int:
+    """One group of row ``b``, slab by slab (adds into dq, dk, dv); returns the next slab index."""
+    qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (H, c, r, D)
+    ls = _view(lse, b, g.q0, g.c, g.r, g.r)
+    delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (H, c, r, 1)
+    for slab in g.slabs:
+        am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
+        c, r, L = g.c, g.r, slab.k1 - slab.k0
+        if _shared(call, g, slab, am):  # see _forward: (H, 1, c * r, D) against (H, 1, L, D)
+            c, r = 1, g.c * g.r
+        ks, vs = (_view(t, b, slab.k0, c, L, slab.step) for t in (k, v))
+        qs_, gs_, os2, ls_, de = (qs, gs, os_, ls, delta) if c == g.c else (
+            _view(q, b, g.q0, 1, r, 0), _view(grad_out, b, g.q0, 1, r, 0), _view(out, b, g.q0, 1, r, 0),
+            _view(lse, b, g.q0, 1, r, 0), None if delta is None else delta.view(delta.shape[0], 1, r, 1))
+        if call.fused:
+            gq, gk, gv = _FLASH_BWD(gs_, qs_, ks, vs, os2, ls_, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+        else:
+            gq, gk, gv = _slab_backward_eager(call, index, qs_, ks, vs, am, gs_, ls_, de)
+        index += 1
+        dqs += gq.reshape(dqs.shape)
+        del gq
+        _add_windows(dk, b, 1, slab, c, gk[None])
+        _add_windows(dv, b, 1, slab, c, gv[None])
+        del gk, gv
+    return index
 
 
 def _slab_backward_eager(call: _Call, index, qs, ks, vs, am, gs, ls, delta):
