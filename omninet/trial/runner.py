@@ -47,7 +47,7 @@ from torch import nn
 
 from omninet.trial import limits, loop, measure
 from omninet.trial.config import TrialConfig, TrialResult
-from omninet.trial.runners import RunContext, Stopped
+from omninet.trial.context import RunContext, Stopped
 
 __all__ = ["run_trial", "estimate_memory_mb", "trial_main", "measures_first_exactly", "record_evaluation"]
 
