@@ -28,7 +28,10 @@ blocks, cut at the chunk budget (``layout.chunk_bytes``, default ``CHUNK_BYTES``
 strided view of k and v, so nothing is gathered or copied; consecutive query blocks whose
 slabs are the same up to a fixed shift (a sliding window: shift bs; a global block: shift 0)
 form one group and one kernel call per slab over (H, c, bs, D). A query block's partial
-softmaxes over its slabs are merged by log-sum-exp. On CPU each slab is the fused flash
+softmaxes over its slabs are merged by log-sum-exp. Short rows (at most ``GATHER_MAX_BLOCKS``
+key blocks, no mask of their own) are gathered instead: the group's slabs copied into one run of
+keys per block and the batch rows that share a plan computed in one call, forward and backward,
+so a call has more work and there is nothing to merge. On CPU each slab is the fused flash
 kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp); a
 causal row's own block uses its top-left ``is_causal`` (square and aligned), so causal rows
 need no mask. Elsewhere, or with dropout, each slab is eager math (dropout masks drawn from
@@ -72,7 +75,12 @@ H=4, D=16, median of 9 interleaved runs, the machine shared with other work, loa
   ~2-4 us beyond its arithmetic (its backward ~2x that), and with a global row and column 50%
   sparsity still computes 53% of the pairs at N=256. Dense SDPA runs instead for N <=
   ``min_seq_length`` (default 1024, which covers all of these); do not set it below 256 for
-  block 16, or below 128 for block 64.
+  block 16, or below 128 for block 64. Gathering short rows (``GATHER_MAX_BLOCKS``) took N=256,
+  block 64, 50% from 1.69x to 1.50x SDPA's CPU time in an A/B under load 4-5; at block 16 the
+  time outside the kernel calls (per-slab Python, merges, window sums: about half the total in a
+  thread-time split) is what remains.
+- Two threads: SDPA gains 1.4-1.96x; slab calls at N <= 1024 and block 16-64 are too small to
+  split (0.59-1.0x), so those ratios do not hold at two threads; N=4096 at block >= 64 does.
 """
 
 from __future__ import annotations
