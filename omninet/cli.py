@@ -45,7 +45,7 @@ def _delegate(module: str, func: str):
 
 SUBCOMMANDS = {
     "info": (_info, "devices, precisions and attention kernels available on this machine"),
-    "trial": (_delegate("omninet.trial.runner", "trial_main"), "train, evaluate and measure one configuration (--config X.yaml)"),
+    "trial": (_delegate("omninet.trial.cli", "trial_main"), "train, evaluate and measure one configuration (--config X.yaml)"),
     "sweep": (_delegate("omninet.sweep.cli", "sweep_main"), "run a multi-objective sweep (--config sweeps/quickstart.yaml)"),
     "recommend": (_delegate("omninet.sweep.cli", "recommend_main"), "best configuration of a finished sweep under a budget"),
     "dashboard": (_delegate("omninet.sweep.dashboard", "dashboard_main"), "(re)build a sweep's trade-off dashboard HTML"),

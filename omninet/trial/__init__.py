@@ -1,5 +1,6 @@
-"""One trial: configuration (``config``), training and evaluation (``loop``), measurement
-(``measure``), resource limits (``limits``), ``run_trial`` (``runner``) and what the sweep platform calls
+"""One trial: configuration (``config``), the model and its post-training passes (``build``),
+training and evaluation (``loop``), measurement (``measure``), resource limits (``limits``),
+``run_trial`` (``runner``), ``omninet trial`` (``cli``) and what the sweep platform calls
 (``runners``: the ``TrialRunner`` interface).
 
     from omninet.trial import run_trial, TrialConfig
@@ -9,7 +10,8 @@
 from omninet.paths import with_path as set_dotted
 from omninet.trial.config import (SMALL_MODEL, STATUSES, HardwareConfig, MeasureConfig, ModelOverrides, TrainConfig,
                                   TrialConfig, TrialResult)
-from omninet.trial.runner import estimate_memory_mb, run_trial, trial_main
+from omninet.trial.cli import trial_main
+from omninet.trial.runner import estimate_memory_mb, run_trial
 from omninet.trial.runners import FunctionRunner, OmniNetRunner, RunContext, TrialRunner, resolve_runner
 
 __all__ = [

@@ -1,5 +1,5 @@
 import sys
 
-from omninet.trial.runner import trial_main
+from omninet.trial.cli import trial_main
 
 sys.exit(trial_main())

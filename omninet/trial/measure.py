@@ -33,11 +33,16 @@ collected, C allocator trimmed, accelerator cache emptied), two counters reporte
 
 A measured peak must not depend on what ran before: callers measure the first call in a
 clean state and a later call after the timing runs, and record both.
+
+A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
+measurement shape under the node's measurement gate and yield readings, small dataclasses
+named by ``TrialResult`` fields; ``apply(result, readings)`` is the one place they land.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -45,13 +50,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from omninet.trial.limits import clean_state
+
 __all__ = ["backend_for", "synchronize", "time_fn", "summarize", "LatencyStats", "latency", "calibration",
            "CALIBRATION", "MemoryReading",
-           "track_memory", "peak_memory_mb", "load_average", "MeasureGate", "machine_facts"]
+           "track_memory", "peak_memory_mb", "load_average", "MeasureGate", "machine_facts", "Conditions",
+           "MeasureSeconds", "TrainMemoryReading", "InferMemoryReading", "LaterMemoryReading", "LatencyReading",
+           "ProbeReading", "ThroughputReading", "apply", "conditions", "track_latency", "track_throughput",
+           "live_tensor_bytes", "train_memory", "inference", "latency_probe", "PROBE_CALLS"]
 
 MB = 2**20
 
@@ -371,3 +381,226 @@ def machine_facts() -> dict:
     flags = cpu_flags()
     return {"cpu_model": model, "cpu_flags": sorted(k for k, v in flags.items() if v), "cores": os.cpu_count(),
             "torch": torch.__version__, "load_avg": load_average()}
+
+
+# ---- a trial's measurement phases ---------------------------------------------------------
+# Each tracker returns a reading: a small dataclass whose field names are TrialResult fields.
+# ``apply`` puts readings on the result, the one place a measured figure is written. A field's
+# ``combine`` says how it meets what the result already holds (a trial measures in more than one
+# phase): unset, the reading's value replaces it; 'if_set': only a value that is not None does;
+# 'sum' adds and 'max' keeps the larger (a None reading leaves it); 'first' keeps an earlier value.
+def _combined(rule: str):
+    return field(default=None, metadata={"combine": rule})
+
+
+@dataclass
+class Conditions:
+    """What a phase was measured under: the wait for the node's measurement gate, other trials
+    running meanwhile, the load average around it."""
+
+    measure_wait_s: float | None = _combined("sum")
+    measure_co_running: int | None = _combined("max")
+    load_avg_before: float | None = _combined("first")
+    load_avg_after: float | None = None
+
+
+@dataclass
+class MeasureSeconds:
+    measure_seconds: float | None = _combined("sum")
+
+
+@dataclass
+class TrainMemoryReading:
+    peak_memory_train_mb: float
+    peak_rss_train_mb: float
+
+
+@dataclass
+class InferMemoryReading:
+    peak_memory_infer_mb: float
+    peak_rss_infer_mb: float
+    memory_method: str
+
+
+@dataclass
+class LaterMemoryReading:
+    peak_memory_infer_later_mb: float
+
+
+@dataclass
+class LatencyReading:
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    latency_mean_ms: float
+    latency_cv: float
+    latency_reps: int
+    latency_rounds: int
+    latency_noisy: bool
+    latency_calibration_ms: float | None = _combined("if_set")
+    latency_p50_rel: float | None = _combined("if_set")
+    latency_rel_cv: float | None = _combined("if_set")
+    latency_calibration_ref_ms: float | None = _combined("if_set")
+    latency_p50_norm_ms: float | None = _combined("if_set")
+
+
+@dataclass
+class ProbeReading:
+    """The measure-first probe: a few batch-1 calls (``latency_reps`` says how many)."""
+
+    latency_p50_ms: float
+    latency_reps: int
+    latency_rounds: int = 1
+
+
+@dataclass
+class ThroughputReading:
+    throughput_tokens_s: float
+
+
+def apply(result, readings) -> None:
+    """Sets each field of each reading (one reading or an iterable of them, applied as they
+    come: a phase that fails keeps the figures taken before) on ``result`` by name."""
+    for reading in [readings] if dataclasses.is_dataclass(readings) else readings:
+        for f in dataclasses.fields(reading):
+            value, old, rule = getattr(reading, f.name), getattr(result, f.name), f.metadata.get("combine")
+            if rule == "first" and old is not None:
+                continue
+            if rule in ("if_set", "sum", "max") and value is None:
+                continue
+            if rule == "sum":
+                value = (old or 0) + value
+            elif rule == "max":
+                value = max(old or 0, value)
+            setattr(result, f.name, value)
+
+
+def conditions(info: dict, before: float | None) -> Conditions:
+    """The conditions of a phase run under ``gate.exclusive()`` (``info``), which started at
+    load average ``before``."""
+    co = info.get("co_running")
+    return Conditions(measure_wait_s=float(info.get("wait_s") or 0.0), measure_co_running=None if co is None else int(co),
+                      load_avg_before=before, load_avg_after=load_average())
+
+
+def track_latency(fn: Callable[[], object], *, device, mcfg, ref_ms: float | None = None) -> LatencyReading:
+    """``latency`` with the trial's settings (``mcfg``: a ``MeasureConfig``); a calibrated
+    latency is also scaled to ``ref_ms`` (the sweep pool's reference time, else this loop's)."""
+    lat = latency(fn, device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps, min_seconds=mcfg.min_seconds,
+                  max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds,
+                  calibrate=calibration(device) if mcfg.calibrate else None)
+    out = LatencyReading(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_p95_ms=lat.p95_ms,
+                         latency_p99_ms=lat.p99_ms, latency_mean_ms=lat.mean_ms, latency_cv=lat.cv,
+                         latency_reps=lat.reps, latency_rounds=lat.rounds, latency_noisy=lat.noisy)
+    if lat.rel_p50 is not None:
+        ref = ref_ms or lat.calibration_ms
+        out.latency_calibration_ms, out.latency_p50_rel, out.latency_rel_cv = lat.calibration_ms, lat.rel_p50, lat.rel_cv
+        out.latency_calibration_ref_ms, out.latency_p50_norm_ms = ref, lat.rel_p50 * ref
+    return out
+
+
+def track_throughput(fn: Callable[[], object], *, device, warmup: int, reps: int, tokens: int) -> ThroughputReading:
+    """Tokens per second of ``fn`` (``tokens`` per call), from the median of ``reps`` calls."""
+    return ThroughputReading(throughput_tokens_s=tokens / summarize(time_fn(fn, device=device, warmup=warmup,
+                                                                               reps=reps))["median_s"])
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """(storage key, bytes); quantized tensors have no plain storage: count their elements."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return id(t), t.numel() * t.element_size()
+
+
+def live_tensor_bytes(*objs) -> int:
+    """Bytes of the distinct tensors held by modules (state dict, gradients; int8 packed
+    weights included) and optimizers (their state)."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, (tuple, list)):
+            for x in t:
+                add(x)
+        elif isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key, nbytes = _tensor_bytes(t)
+            seen[key] = nbytes
+
+    for obj in objs:
+        if isinstance(obj, torch.nn.Module):
+            for t in obj.state_dict(keep_vars=True).values():
+                add(t)
+            for t in obj.parameters():
+                add(t.grad)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                add(list(state.values()))
+    return sum(seen.values())
+
+
+def _inference(model, plan) -> Callable[[dict], torch.Tensor]:
+    @torch.no_grad()
+    def infer(batch):
+        with plan.autocast():
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    return infer
+
+
+def train_memory(model, opt, step: Callable[[dict], object], cfg, plan, gate) -> Iterator[object]:
+    """The training step's memory: one real ``step(batch)`` on train inputs at the measurement
+    shape (B, N), from a clean state (the weights move once more, as if training had lasted one
+    step longer). ``cfg``: the ``TrialConfig``; ``plan``: its ``loop.Plan``. Yields readings."""
+    batch = plan.batch(cfg.task_obj.measurement_batch(cfg.measure_batch_size, cfg.seq_length, split="train"))
+    model.train()
+    with gate.exclusive() as info:
+        before = load_average()
+        clean_state(plan.backend, plan.device.index or 0)
+        m = track_memory(lambda: step(batch), device=plan.device, live_bytes=live_tensor_bytes(model, opt))
+    yield conditions(info, before)
+    yield TrainMemoryReading(peak_memory_train_mb=m.tensor_peak_mb, peak_rss_train_mb=m.rss_peak_mb)
+
+
+def inference(model, cfg, plan, gate) -> Iterator[object]:
+    """The inference figures at the deployment shape, in this order under ``gate.exclusive()``:
+    memory of the first call at the measurement shape in a clean state, latency at batch 1,
+    throughput at (B, N), then memory again after the timing runs (a figure that depends on the
+    call history shows up as a difference). Yields readings as they are taken."""
+    mcfg, device = cfg.measure, plan.device
+    n, b = cfg.seq_length, cfg.measure_batch_size
+    model.eval()
+    one = plan.batch(cfg.task_obj.measurement_batch(1, n))  # padded to its bucket when there are buckets
+    many = plan.batch(cfg.task_obj.measurement_batch(b, n))
+    infer = _inference(model, plan)
+    live = live_tensor_bytes(model)
+    with gate.exclusive() as info:
+        before = load_average()
+        start = time.perf_counter()
+        if mcfg.memory:  # first: the first call at this shape, in a clean state
+            clean_state(plan.backend, device.index or 0)
+            first = track_memory(lambda: infer(many), device=device, live_bytes=live)
+            yield InferMemoryReading(peak_memory_infer_mb=first.tensor_peak_mb, peak_rss_infer_mb=first.rss_peak_mb,
+                                     memory_method=first.method)
+        yield track_latency(lambda: infer(one), device=device, mcfg=mcfg, ref_ms=plan.calibration_ref_ms)
+        yield track_throughput(lambda: infer(many), device=device, warmup=mcfg.warmup, reps=mcfg.throughput_reps,
+                               tokens=b * n)
+        if mcfg.memory:  # again, after the timing runs: must match the first call
+            clean_state(plan.backend, device.index or 0)
+            yield LaterMemoryReading(track_memory(lambda: infer(many), device=device, live_bytes=live).tensor_peak_mb)
+        yield MeasureSeconds(time.perf_counter() - start)
+    yield conditions(info, before)
+
+
+PROBE_CALLS = 3  # latency calls of the measure-first probe
+
+
+def latency_probe(model, cfg, plan, gate) -> ProbeReading:
+    """Median ms of a few batch-1 calls at the deployment length (isolated like every measurement)."""
+    one = plan.batch(cfg.task_obj.measurement_batch(1, cfg.seq_length))
+    model.eval()
+    infer = _inference(model, plan)
+    with gate.exclusive():
+        times = time_fn(lambda: infer(one), device=plan.device, warmup=1, reps=PROBE_CALLS)
+    return ProbeReading(latency_p50_ms=sorted(times)[len(times) // 2] * 1e3, latency_reps=PROBE_CALLS)
