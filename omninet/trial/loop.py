@@ -11,6 +11,7 @@ between steps, where a trial pauses while another trial on its node measures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -104,7 +105,6 @@ def resolve_plan(hw: HardwareConfig) -> Plan:
     weights."""
     from omninet.hardware import resolve_device_config
 
-    device_config = hw.device_config()
     name = hw.precision
     refusal = native_refusal(hw)
     emulated = False
@@ -113,22 +113,22 @@ def resolve_plan(hw: HardwareConfig) -> Plan:
             fix = "; set hardware.allow_emulated: true to run it tagged emulated" if name in _LOW else ""
             raise ValueError(refusal + fix)
         emulated = True
-    post, low_dtype = None, None
+    post, low_dtype, train_hw = None, None, hw
     if name in ("int8", "qat_int8"):
-        resolve_device_config(device_config, training=name == "qat_int8")  # int8 inference must be possible here
+        resolve_device_config(hw, training=name == "qat_int8")  # int8 inference must be possible here
         post = name
-        device_config["precision"] = "fp32"  # trains in fp32 (QAT with fake-quant modules), int8 after
+        train_hw = dataclasses.replace(hw, precision="fp32")  # trains in fp32 (QAT with fake-quant modules), int8 after
     elif name == "mixed":
         post = "mixed"
         if emulated:
             low_dtype = torch.bfloat16
         else:
-            low_dtype = resolve_device_config(device_config, training=False).policy.compute_dtype
-        device_config["precision"] = "fp32"  # the plan is measured on the trained weights
+            low_dtype = resolve_device_config(hw, training=False).policy.compute_dtype
+        train_hw = dataclasses.replace(hw, precision="fp32")  # the plan is measured on the trained weights
     if emulated and name != "mixed":
-        placement = _emulated_placement(device_config, ValueError(refusal))
+        placement = _emulated_placement(hw, ValueError(refusal))
     else:
-        placement = resolve_device_config(device_config, training=True)
+        placement = resolve_device_config(train_hw, training=True)
     policy = getattr(placement, "policy", None)
     scaler = policy.make_grad_scaler() if policy is not None else None
     precision = name if name in ("int8", "qat_int8", "mixed") else placement.precision
@@ -136,14 +136,14 @@ def resolve_plan(hw: HardwareConfig) -> Plan:
     return Plan(placement, scaler, post == "int8", emulated, post, low_dtype, precision, reason)
 
 
-def _emulated_placement(device_config: dict[str, Any], refusal: ValueError):
+def _emulated_placement(hw: HardwareConfig, refusal: ValueError):
     """The requested low precision on a device without native support: autocast to that dtype
     anyway (PyTorch's scalar fallbacks), tagged emulated. Only when the user allows it."""
     from omninet.hardware import resolve_device_config
     from omninet.hardware.precision import PrecisionPolicy
 
-    base = resolve_device_config({**device_config, "precision": "fp32"}, training=True)
-    name = device_config["precision"]
+    base = resolve_device_config(dataclasses.replace(hw, precision="fp32"), training=True)
+    name = hw.precision
     dtype = torch.float16 if name == "fp16" else torch.bfloat16
     base.policy = PrecisionPolicy(name=name, compute_dtype=dtype, device_type=base.device.type,
                                   grad_scaler=name == "fp16", reason=f"emulated: {refusal}")
