@@ -349,3 +349,42 @@ def test_eval_stops_at_its_target_standard_error_and_says_so():
     assert result.accuracy_se == pytest.approx(math.sqrt(result.accuracy * (1 - result.accuracy) / (result.eval_rows - 1)))
     full = run_trial(tiny())
     assert full.eval_rows == 64 and full.eval_hash == result.eval_hash  # a prefix of the same ordered eval split
+
+
+def test_readings_name_result_fields_and_land_in_one_place():
+    """Every measurement reading is named by TrialResult fields, and ``measure.apply`` is how a
+    reading meets what the result holds from an earlier phase (sum, max, first, if set)."""
+    import dataclasses
+
+    from omninet.trial import measure
+
+    fields = {f.name for f in dataclasses.fields(TrialResult)}
+    readings = [measure.Conditions, measure.MeasureSeconds, measure.TrainMemoryReading, measure.InferMemoryReading,
+                measure.LaterMemoryReading, measure.LatencyReading, measure.ProbeReading, measure.ThroughputReading]
+    for cls in readings:
+        assert {f.name for f in dataclasses.fields(cls)} <= fields, cls.__name__
+    res = TrialResult(status="ok")
+    measure.apply(res, measure.Conditions(measure_wait_s=1.0, measure_co_running=None, load_avg_before=0.5,
+                                          load_avg_after=0.6))
+    measure.apply(res, iter([measure.Conditions(measure_wait_s=2.0, measure_co_running=3, load_avg_before=0.9,
+                                                load_avg_after=None), measure.MeasureSeconds(4.0)]))
+    assert (res.measure_wait_s, res.measure_co_running, res.load_avg_before, res.load_avg_after,
+            res.measure_seconds) == (3.0, 3, 0.5, None, 4.0)
+    res.latency_p50_rel = 0.7
+    measure.apply(res, measure.LatencyReading(latency_p50_ms=2.0, latency_p90_ms=2.0, latency_p95_ms=2.0,
+                                              latency_p99_ms=2.0, latency_mean_ms=2.0, latency_cv=0.0, latency_reps=20,
+                                              latency_rounds=1, latency_noisy=False))
+    assert res.latency_p50_ms == 2.0 and res.latency_p50_rel == 0.7  # no calibration: the earlier figure stays
+
+
+def test_a_trial_moved_to_another_device_is_not_parsed_again():
+    from omninet.trial import config as trial_config
+
+    cfg = TrialConfig.from_dict(tiny(hardware={"device": "auto", "shape_buckets": "pow2"}))
+    task = cfg.task_obj
+    before = trial_config.parse_count()
+    moved = cfg.on_device("cpu")
+    assert trial_config.parse_count() == before
+    assert moved.hardware.device == "cpu" and cfg.hardware.device == "auto"
+    assert moved.hardware.shape_buckets == "pow2" and moved.task_obj is task and moved.model_config is cfg.model_config
+    assert moved == TrialConfig.from_dict(tiny(hardware={"device": "cpu", "shape_buckets": "pow2"}))

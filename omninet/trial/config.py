@@ -39,7 +39,7 @@ SMALL_MODEL: dict[str, Any] = {"hidden_size": 128, "num_layers": 2, "num_heads":
                                "pooling": "mean"}
 TASK_OWNED_MODEL_KEYS = ("vocab_size", "pad_token_id", "num_classes")
 
-_PARSES = [0]  # TrialConfig constructions in this process (tests check a sweep trial parses at most twice)
+_PARSES = [0]  # TrialConfig constructions in this process (tests check a sweep trial parses exactly once)
 
 
 def parse_count() -> int:
@@ -154,9 +154,6 @@ class HardwareConfig(DeviceConfig):
                f"hardware.num_threads must be >= 1 (or null to keep torch's setting), got {self.num_threads}")
         _check(self.memory_budget_mb is None or self.memory_budget_mb > 0,
                f"hardware.memory_budget_mb must be > 0 (or null), got {self.memory_budget_mb}")
-
-    def device_config(self) -> dict[str, Any]:
-        return {"device": self.device, "precision": self.precision, "memory_threshold": self.memory_threshold}
 
 
 @dataclass(kw_only=True)
@@ -405,6 +402,15 @@ class TrialConfig(ConfigBase):
 
     def check_path(self, path: str, *, where: str) -> None:
         check_path(path, self.paths(), where=where)
+
+    def on_device(self, device: str) -> "TrialConfig":
+        """The same trial on another ``hardware.device``, not parsed again: a shallow copy that
+        keeps the resolved model config and the built task. ``validate`` reads no device (only
+        where the machine is checked, ``loop.resolve_plan``, does), so the copy is as valid as
+        this config."""
+        out = object.__new__(type(self))  # not copy.copy: its __getstate__ drops the built task
+        out.__dict__.update(self.__dict__, hardware=dataclasses.replace(self.hardware, device=device))
+        return out
 
     def with_values(self, values: dict[str, Any]) -> "TrialConfig":
         """A new TrialConfig with ``{dotted path: value}`` set (one parse)."""

@@ -16,7 +16,6 @@ sugar for one of these objects, resolved in one place (:func:`resolve_runner`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from omninet.trial.context import RunContext, Stopped
@@ -124,7 +123,7 @@ class OmniNetRunner(TrialRunner):
         base.check_values(values)
 
     def on_cpu(self, config):
-        return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
+        return config.on_device("cpu")  # no second parse: the controller's is the trial's only one
 
     def estimate_mb(self, config) -> float | None:
         from omninet.trial.runner import estimate_memory_mb
