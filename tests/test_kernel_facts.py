@@ -152,6 +152,7 @@ def test_kernel_modules_import_the_registry_not_the_package() -> None:
 
 def test_the_sweep_applies_the_kernels_rule_to_each_pools_space(tmp_path) -> None:
     from omninet.sweep import SweepConfigError, SweepController
+    from omninet.sweep.cluster import space_for
 
     def space(low: int) -> list:
         ctl = SweepController({
@@ -165,7 +166,7 @@ def test_the_sweep_applies_the_kernels_rule_to_each_pools_space(tmp_path) -> Non
                                                              "when": {"model.attention.kernel": "linformer"}}},
             "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1}]})
         info: dict = {}
-        return ctl._space_for(ctl.config.pool("cpu"), info), info
+        return space_for(ctl.config, ctl.config.pool("cpu"), info), info
 
     params, info = space(8)
     assert {p.path: p for p in params}["model.attention.linformer.k"].high == 128

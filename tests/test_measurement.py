@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from omninet.sweep.cluster import space_for
 from omninet.trial import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +97,12 @@ def test_a_trial_reports_its_latency_against_the_reference():
 
 
 def test_a_resumed_sweep_keeps_the_pools_first_reference(tmp_path):
-    from omninet.sweep.controller import SweepController
+    from omninet.sweep.cluster import keep_reference
 
     (tmp_path / "probe.json").write_text(json.dumps({"cpu": {"calibration_ms": 1.25}}))
-    owner = type("C", (), {"results_dir": tmp_path})()
-    kept = SweepController._keep_reference(owner, "cpu", {"calibration_ms": 1.9, "cores": 2})
+    kept = keep_reference(tmp_path, "cpu", {"calibration_ms": 1.9, "cores": 2})
     assert kept["calibration_ms"] == 1.25 and kept["calibration_ms_now"] == 1.9 and kept["cores"] == 2
-    fresh = SweepController._keep_reference(owner, "gpu", {"calibration_ms": 1.9})
+    fresh = keep_reference(tmp_path, "gpu", {"calibration_ms": 1.9})
     assert fresh == {"calibration_ms": 1.9}
 
 
@@ -331,27 +331,26 @@ def test_precisions_the_pool_cannot_run_are_removed_with_the_reason(tmp_path):
     ctl = _controller(tmp_path)
     info = {"capabilities": {"native_precisions": ["fp32", "int8"], "device_name": "an AVX2 CPU",
                              "refused": {"bf16": "bf16 is not supported on cpu (AVX2 only)"}}}
-    space = {p.path: p for p in ctl._space_for(ctl.config.pool("cpu"), info)}
+    space = {p.path: p for p in space_for(ctl.config, ctl.config.pool("cpu"), info)}
     assert space["hardware.precision"].choices == ["fp32"]
     assert space["model.attention.linformer.k"].high == 128  # clipped to the measured length
     notes = " ".join(info["search_space_notes"])
     assert "bf16" in notes and "AVX2 only" in notes and "clipped" in notes
 
     kept = _controller(tmp_path, allow_emulated=True)
-    assert {p.path: p for p in kept._space_for(kept.config.pool("cpu"), dict(info))}["hardware.precision"].choices == [
+    assert {p.path: p for p in space_for(kept.config, kept.config.pool("cpu"), dict(info))}["hardware.precision"].choices == [
         "fp32", "bf16"]
 
 
 def test_a_pool_that_oversubscribes_the_node_is_refused(tmp_path):
     from omninet.sweep import SweepConfigError
 
-    ctl = _controller(tmp_path)
-    ctl._probes = {"cpu": {"physical_cores": 1, "node": "n1"}}
+    from omninet.sweep.cluster import check_cores
+
+    probes = {"cpu": {"physical_cores": 1, "node": "n1"}}
     with pytest.raises(SweepConfigError, match="oversubscribe"):
-        ctl._check_cores(embedded=True)
-    ok = _controller(tmp_path, oversubscribe=True)
-    ok._probes = ctl._probes
-    ok._check_cores(embedded=True)
+        check_cores(_controller(tmp_path).config, probes, embedded=True)
+    check_cores(_controller(tmp_path, oversubscribe=True).config, probes, embedded=True)
 
 
 # ---- noise in recommendations -----------------------------------------------------------

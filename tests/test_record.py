@@ -17,7 +17,8 @@ import pytest
 
 from omninet.sweep import record
 from omninet.sweep.config import PoolConstraints, load_config
-from omninet.sweep.controller import SweepController, _PoolState, _Running
+from omninet.sweep.record import build_row
+from omninet.sweep.state import Running
 from omninet.sweep.dashboard import label
 from omninet.sweep.records import MlflowRecorder, ParquetStore, tell_trial
 from omninet.trial import TrialResult
@@ -60,22 +61,20 @@ def _recorded(tmp_path):
     """A toy trial's result with the extra field, through the controller's row, the Parquet
     store, Optuna's tell and the MLflow recorder."""
     config = _config(tmp_path)
-    controller = SweepController(config)
-    controller.store = ParquetStore(tmp_path / "trials", config)
+    store = ParquetStore(tmp_path / "trials", config)
     study = optuna.create_study(directions=[o.direction for o in config.objectives])
     trial = study.ask()
     params = {"toy.x": 0.5}
-    ps = _PoolState(spec=config.pools[0], study=study, budget=1)
-    run = _Running("cpu", trial.number, trial._trial_id, params, config.trial_config(params))
+    run = Running("cpu", trial.number, trial._trial_id, params, config.trial_config(params))
     result = {"status": "ok", "accuracy": 0.7, "peak_memory_infer_mb": 80.0, "latency_p50_ms": 3.0, "node": "n1",
               "device": "cpu", "gflops": 3.5}
-    row = controller._row(ps, run, result)
-    controller.store.write("cpu", row)
+    row = build_row(config, store.file_schema, run, result, simulated=False)
+    store.write("cpu", row)
     tell_trial(study, trial._trial_id, row, config.objectives)
     recorder = MlflowRecorder("sqlite:///unused.db", config, None)
     recorder._client, recorder._experiment_id, recorder.parent_run_id = _Client(), "0", "parent"
     recorder._log_child("cpu", row)
-    return row, controller.store, study.trials[0], recorder._client
+    return row, store, study.trials[0], recorder._client
 
 
 def test_one_field_reaches_every_store(tmp_path, monkeypatch):

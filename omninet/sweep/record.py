@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import time
 import typing
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -30,7 +32,7 @@ import pyarrow as pa
 from omninet.trial.config import ColumnInfo, TrialResult, column, column_info
 
 __all__ = ["TrialRecord", "Column", "columns", "result_columns", "metric_names", "mlflow_tags", "user_attrs", "labels",
-           "optuna_state", "OPTUNA_STATE"]
+           "optuna_state", "OPTUNA_STATE", "params_key", "build_row"]
 
 
 @dataclass(kw_only=True)
@@ -186,3 +188,67 @@ def optuna_state(status: str):
     from optuna.trial import TrialState
 
     return TrialState[OPTUNA_STATE.get(status, "FAIL")]
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """Canonical JSON of a trial's searched parameters (runs of one configuration share it)."""
+    return json.dumps(dict(sorted(params.items())), sort_keys=True, default=str)
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def build_row(config, schema: pa.Schema, run, result: dict[str, Any], *, simulated: bool) -> dict[str, Any]:
+    """The trial's row: its :class:`TrialRecord` (status judged against the objectives and the
+    pool's constraints, placement, the cost model's prediction, repeat and duplicate links),
+    the result's columns in ``schema`` (the Parquet file's), the searched parameters, the loss
+    curve, the config and the whole result as JSON. ``run``: the controller's
+    :class:`~omninet.sweep.state.Running`; ``simulated``: the pool's, when the result does not say."""
+    limits = config.constraints_for(run.pool)
+    status = str(result.get("status") or "error")
+    error = result.get("error")
+    values = {o.key: result.get(o.key) for o in config.objectives}
+    if status == "ok":
+        bad = [k for k, v in values.items() if not finite(v)]
+        needed = [k for k in limits.limits() if not finite(result.get(k))]
+        if bad or needed:
+            status, error = "error", f"trial result has no finite {', '.join(bad + needed)}"
+    excess = limits.excess(result) if status == "ok" else dict.fromkeys(limits.names())
+    if status == "infeasible":  # by the memory estimate, or by the runner's own judgement (inf)
+        est = result.get("estimated_memory_mb")
+        c_mem = float(est) - limits.max_memory_mb if finite(est) and limits.max_memory_mb else math.inf
+        excess["memory"] = c_mem if c_mem > 0 else math.inf
+    pred = run.prediction or {}
+    own = TrialRecord(
+        sweep=config.name, trial_number=run.number, status=status,
+        error=None if error is None else str(error)[:2000],
+        feasible=status == "ok" and all(c is None or c <= 0 for c in excess.values()),
+        simulated=bool(result.get("simulated", simulated)),
+        node=result.get("node"), node_id=result.get("node_id"),
+        device=result.get("device"), device_name=result.get("device_name"),
+        finished_at=time.time(), duration_s=time.time() - run.started,
+        **{f"constraint_{name}": value for name, value in excess.items()},
+        repeat_of=run.repeat_of,
+        config_key=params_key({**run.params, **({"role": "reference"} if run.reference else {})}),
+        screened_by=result.get("screened_by") or ("measure_first" if status == "screened" else None),
+        predicted_latency_ms=pred.get("latency_p50_ms"), predicted_memory_infer_mb=pred.get("peak_memory_infer_mb"),
+        predicted_memory_train_mb=pred.get("peak_memory_train_mb"), cost_model_source=pred.get("source"),
+        cost_model_mape_latency=pred.get("mape", {}).get("latency_p50_ms"),
+        cost_model_mape_memory=pred.get("mape", {}).get("peak_memory_infer_mb"),
+        duplicate_of=run.duplicate_of, seed_key=run.seed_key,
+    )
+    row = dataclasses.asdict(own)
+    for key in schema.names:
+        if key not in row and key in result and not key.startswith("param."):
+            row[key] = result[key] if finite(result[key]) or not isinstance(result[key], float) else None
+    for key, value in run.params.items():
+        row[f"param.{key}"] = value
+    row.update(loss_curve=[float(x) for x in result.get("loss_curve") or []],
+               config_json=json.dumps(config.runner.to_dict(run.trial_config), sort_keys=True),
+               result_json=json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, sort_keys=True,
+                                      default=str))
+    for f in schema:  # integer columns from runners that report floats
+        if f.type == "int64" and isinstance(row.get(f.name), float) and math.isfinite(row[f.name]):
+            row[f.name] = int(row[f.name])
+    return row

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from omninet.paths import flatten
 from omninet.sweep import record
+from omninet.sweep.record import params_key  # noqa: F401 -- re-exported: its old home
 from omninet.sweep.config import SweepConfig
 
 __all__ = ["ParquetStore", "ScoreStore", "MlflowRecorder", "flatten", "run_name", "params_key", "table_schema",
@@ -139,11 +140,6 @@ def tell_trial(study, trial_id: int, row: dict[str, Any], objectives, *, check: 
     else:  # never ran: worst possible values; the constraint already ranks it below every feasible trial
         values = [-math.inf if o.direction == "maximize" else math.inf for o in objectives]
     study.tell(trial, values)
-
-
-def params_key(params: dict[str, Any]) -> str:
-    """Canonical JSON of a trial's searched parameters (runs of one configuration share it)."""
-    return json.dumps(dict(sorted(params.items())), sort_keys=True, default=str)
 
 
 def _short(value: Any) -> str:
