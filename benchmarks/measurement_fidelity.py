@@ -89,7 +89,7 @@ def concurrent(cfg: dict, root: Path, *, isolate: bool, trials: int) -> list[dic
         "storage": {"mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"}, "progress_interval_s": 60.0,
     }
     df = run_sweep(sweep, num_cpus=2).trials()
-    rows = [json.loads(j) for j in df["result_json"]]
+    rows = [{**row, **json.loads(row["result_json"])} for row in df.to_dict("records")]  # columns + the rest
     for r in rows:
         assert r["status"] == "ok", r.get("error")
     return rows

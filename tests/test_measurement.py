@@ -269,7 +269,7 @@ def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path, monke
     rows = result.trials()
     assert len(rows) == 8 and rows.status.isin(["ok", "duplicate"]).all()  # a duplicate proposal is not run again
     rows = rows[rows.status == "ok"]
-    runs = [json.loads(r) for r in rows.result_json]
+    runs = [{**r, **json.loads(r["result_json"])} for r in rows.to_dict("records")]  # columns + what no column holds
     assert all(r["measure_co_running"] == 0 for r in runs)
     overlaps = 0
     for i, r in enumerate(runs):

@@ -203,7 +203,8 @@ def build_row(config, schema: pa.Schema, run, result: dict[str, Any], *, simulat
     """The trial's row: its :class:`TrialRecord` (status judged against the objectives and the
     pool's constraints, placement, the cost model's prediction, repeat and duplicate links),
     the result's columns in ``schema`` (the Parquet file's), the searched parameters, the loss
-    curve, the config and the whole result as JSON. ``run``: the controller's
+    curve, the config, and as JSON what of the result no column holds (``result_json``: the rung
+    lists, a runner's own keys; each value is stored once). ``run``: the controller's
     :class:`~omninet.sweep.state.Running`; ``simulated``: the pool's, when the result does not say."""
     limits = config.constraints_for(run.pool)
     status = str(result.get("status") or "error")
@@ -244,10 +245,10 @@ def build_row(config, schema: pa.Schema, run, result: dict[str, Any], *, simulat
             row[key] = result[key] if finite(result[key]) or not isinstance(result[key], float) else None
     for key, value in run.params.items():
         row[f"param.{key}"] = value
+    extra = {k: v for k, v in result.items() if k not in schema.names and k != "loss_curve"}
     row.update(loss_curve=[float(x) for x in result.get("loss_curve") or []],
                config_json=json.dumps(config.runner.to_dict(run.trial_config), sort_keys=True),
-               result_json=json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, sort_keys=True,
-                                      default=str))
+               result_json=json.dumps(extra, sort_keys=True, default=str))
     for f in schema:  # integer columns from runners that report floats
         if f.type == "int64" and isinstance(row.get(f.name), float) and math.isfinite(row[f.name]):
             row[f.name] = int(row[f.name])

@@ -38,8 +38,9 @@ _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "str
 def table_schema(config: SweepConfig, *, with_pool: bool) -> pa.Schema:
     """The trial table's schema: the record's columns (:func:`omninet.sweep.record.columns`),
     objectives the result does not declare, ``param.<path>`` per searched parameter,
-    ``loss_curve``, ``config_json`` and ``result_json`` (the runner's whole result: what no
-    column holds, such as the rung lists a resumed scheduler reads)."""
+    ``loss_curve``, ``config_json`` and ``result_json`` (what of the runner's result no column
+    holds, such as the rung lists a resumed scheduler reads; rows written before this version hold
+    the whole result there)."""
     cols = record.columns()
     fields = [pa.field(c.name, c.type) for c in cols.values()]
     fields += [pa.field(o.key, pa.float64()) for o in config.objectives if o.key not in cols]
