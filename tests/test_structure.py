@@ -162,3 +162,19 @@ def test_serve_sits_on_top():
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 private.append(f"{path.name}:{node.lineno} .{node.attr}")
     assert not private, "serve uses private names of other modules: " + ", ".join(private)
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    """The layers, bottom up: the model and its kernels, the trial, the sweep, serving. A trial
+    runs without the sweep (the platform calls it through ``omninet.trial.runners``), and a
+    kernel file reaches other kernels through the registry, not through the package."""
+    graph = import_graph()
+    higher = {"omninet.trial": ("omninet.sweep", "omninet.serve"),
+              "omninet.attention": ("omninet.trial", "omninet.sweep", "omninet.serve")}
+    upward = [f"{m} -> {t} ({', '.join(where)})" for m, targets in graph.items() for t, where in targets.items()
+              for layer, above in higher.items()
+              if (m == layer or m.startswith(layer + ".")) and any(t == a or t.startswith(a + ".") for a in above)]
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+    package = [f"{m} ({', '.join(where)})" for m, targets in graph.items() if m.startswith("omninet.attention.")
+               for t, where in targets.items() if t in ("omninet", "omninet.attention")]
+    assert not package, "kernel files importing the package instead of the registry: " + ", ".join(package)
