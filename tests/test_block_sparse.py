@@ -394,6 +394,44 @@ def test_gathered_groups_match_eager(monkeypatch, chunk_blocks):
         assert calls and any(n_rows > 1 for _, n_rows in calls) == (m is None)  # rows with one plan share calls
 
 
+@pytest.mark.parametrize("strided", [False, True])  # (B, H, N, D) inputs, and (B, N, H, D)-strided like the model's
+@pytest.mark.parametrize("small_budget", [False, True])  # the default budget, and one row per row-batched call
+def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, small_budget):
+    """Slabs without a mask of their own that a group's blocks share (and one-block groups) run
+    as one call for the batch rows of a plan; a sliding window's dk, dv are one index_add_;
+    values and gradients against eager, with a padded row between two unpadded ones."""
+    import omninet.attention.block_sparse as bs
+
+    rows, windows = [], []
+    real_span, real_index = bs._span, bs._window_index
+    monkeypatch.setattr(bs, "_span", lambda t, b, n, *a: rows.append(n) or real_span(t, b, n, *a))
+    monkeypatch.setattr(bs, "_window_index", lambda *a: windows.append(a) or real_index(*a))
+    state = layout(sparsity_factor=0.5, random_blocks=0)  # n=256: 16 blocks, 8 a row: global, shared and sliding slabs
+    if small_budget:
+        state.chunk_bytes = 300 * 4 * 16 * 8  # 300 token rows
+    b, h, n, d = 3, 4, 256, 16
+    g = torch.Generator().manual_seed(5)
+    shape = (b, n, h, d) if strided else (b, h, n, d)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = ((t.transpose(1, 2) if strided else t).requires_grad_() for t in (q, k, v))
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., 200:] = False
+    for m in (None, mask):
+        rows.clear(), windows.clear()
+        out, _ = block_sparse_attention(q, k, v, mask=m, scale=0.25, state=state)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        dm = state.equivalent_mask(m, n, n)
+        qf, kf, vf = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        ref, _ = eager_attention(qf, kf, vf, mask=dm, scale=0.25)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        for a, e in zip(got, torch.autograd.grad(ref, (qf, kf, vf), grad)):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        assert windows  # the sliding window's gradient sums took the index_add_ path
+        assert (max(rows) > 1) == (m is None)  # rows with one plan share calls
+        assert (1 in rows) == (m is not None or small_budget)  # ... cut at the budget (an 8-block group: 1 row a call)
+
+
 def _peak_extra_mb(state, n, *, grad, heads=4, d=32):
     """Peak tensor memory of one call beyond its unavoidable O(N) tensors (output and
     log-sum-exp; with grad also dq, dk, dv and the backward's lse copy), in MB."""

@@ -642,8 +642,9 @@ def _forward(call: _Call, q, k, v):
         for g in plan.groups:
             per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
             if not _gathered(call, g, n, per_block, budget):
-                for b in range(b0, b0 + n):
-                    index = _group_forward(call, plan, g, b, index, q, k, v, out, lse)
+                for b in range(b0, b0 + n, _rows_per_call(call, q, n, 2 * g.c * g.r)):  # accumulator, partial
+                    m = min(_rows_per_call(call, q, n, 2 * g.c * g.r), b0 + n - b)
+                    index = _group_forward(call, plan, g, b, m, index, q, k, v, out, lse)
                 continue
             for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
                 qg = _rows_view(q, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
@@ -658,28 +659,75 @@ def _forward(call: _Call, q, k, v):
     return out, lse
 
 
-def _group_forward(call: _Call, plan: _Plan, g: _Group, b: int, index: int, q, k, v, out, lse) -> int:
-    """One group of row ``b``, slab by slab, merged by log-sum-exp; returns the next slab index."""
-    qs, acc = _view(q, b, g.q0, g.c, g.r, g.r), None  # (c, H, r, D)
-    dest = _view(out, b, g.q0, g.c, g.r, g.r)
-    for n, slab in enumerate(g.slabs):
-        am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
-        if _shared(call, g, slab, am):  # keys shared by the group: one (c * r)-row call per head
-            ks, vs = (_view(t, b, slab.k0, 1, slab.k1 - slab.k0, 0) for t in (k, v))  # (1, H, L, D)
-            o, l = _slab_forward(call, index, _view(q, b, g.q0, 1, g.c * g.r, 0), ks, vs, am, slab)
-            o, l = _blocks_first(o, g.c), _blocks_first(l, g.c)  # (1, H, c * r, D) -> (c, H, r, D)
+def _group_forward(call: _Call, plan: _Plan, g: _Group, b0: int, n: int, index: int, q, k, v, out, lse) -> int:
+    """One group of the n rows b0 .. b0 + n - 1 (one plan), slab by slab, merged by log-sum-exp;
+    returns the next slab index. A slab that ``_row_batched`` allows is one call for the n rows,
+    the others one call per row (stacked for the merge)."""
+    dest, acc = _rows_span(out, b0, n, g), None  # (n, c, H, r, D)
+    for i, slab in enumerate(g.slabs):
+        if _row_batched(call, g, slab):  # (n, H, c * r, D) against (n, H, L, D)
+            L = slab.k1 - slab.k0
+            o, l = _slab_forward(call, index, _span(q, b0, n, g.q0, g.c * g.r), _span(k, b0, n, slab.k0, L),
+                                 _span(v, b0, n, slab.k0, L), None, slab)
+            o, l = (t.unflatten(2, (g.c, g.r)).transpose(1, 2) for t in (o, l))  # (n, c, H, r, D), (n, c, H, r)
+            index += n
         else:
-            ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (c, H, L, D)
-            o, l = _slab_forward(call, index, qs, ks, vs, am, slab)
-        index += 1
-        if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
-            l = l.masked_fill(~has_key, float("-inf"))
-        acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if n == len(g.slabs) - 1 else None)
+            parts = [_slab_forward_row(call, plan, g, slab, b, index + b - b0, q, k, v) for b in range(b0, b0 + n)]
+            index += n
+            o, l = (parts[0][0][None], parts[0][1][None]) if n == 1 else (
+                torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+            del parts
+        acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if i == len(g.slabs) - 1 else None)
         del o, l  # (a partial output held past its merge would be one more chunk of memory)
     if len(g.slabs) == 1:
         dest.copy_(acc[0])
-    _view(lse, b, g.q0, g.c, g.r, g.r).copy_(acc[1])
+    _rows_span(lse, b0, n, g).copy_(acc[1])
     return index
+
+
+def _slab_forward_row(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, index: int, q, k, v):
+    """One slab of a group for row ``b``: (out (c, H, r, D), lse (c, H, r))."""
+    am, has_key = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
+    if _shared(call, g, slab, am):  # keys shared by the group: one (c * r)-row call per head
+        ks, vs = (_view(t, b, slab.k0, 1, slab.k1 - slab.k0, 0) for t in (k, v))  # (1, H, L, D)
+        o, l = _slab_forward(call, index, _view(q, b, g.q0, 1, g.c * g.r, 0), ks, vs, am, slab)
+        o, l = _blocks_first(o, g.c), _blocks_first(l, g.c)  # (1, H, c * r, D) -> (c, H, r, D)
+    else:
+        ks, vs = (_view(t, b, slab.k0, g.c, slab.k1 - slab.k0, slab.step) for t in (k, v))  # (c, H, L, D)
+        o, l = _slab_forward(call, index, _view(q, b, g.q0, g.c, g.r, g.r), ks, vs, am, slab)
+    if has_key is not None:  # the fused kernel reports lse 0 (not -inf) for a row with no key
+        l = l.masked_fill(~has_key, float("-inf"))
+    return o, l
+
+
+def _row_batched(call: _Call, g: _Group, slab: _Slab) -> bool:
+    """Whether a slab runs as one call for all the rows of a run (the fused kernel, no mask of
+    its own, and one (c * r)-row query span per row: a one-block group, or keys the group's
+    blocks share, see ``_shared``): (n, H, rows, D) is a plain view of q, k and v, so batch rows
+    cost no copy, and the call has n times the work units (N=256, block 16, B=2: 12 -> 8 calls
+    a pass)."""
+    if not call.fused or call.mask is not None or call.bias is not None or slab.masked or slab.pad:
+        return False
+    return g.c == 1 or _shared(call, g, slab, None)
+
+
+def _rows_per_call(call: _Call, q, n: int, rows: int) -> int:
+    """How many batch rows one row-batched call may take: ``rows`` token rows of temporaries
+    each, within one budget."""
+    return max(1, min(n, _budget(q, 1, call.chunk_bytes)[0] // max(1, rows)))
+
+
+def _span(t: torch.Tensor, b: int, n: int, start: int, rows: int) -> torch.Tensor:
+    """(n, H, rows, D) (or (n, H, rows)) view of rows ``start + [0, rows)`` of t[b : b + n]."""
+    st = t.stride()
+    return t.as_strided((n, t.shape[1], rows, *t.shape[3:]), st, t.storage_offset() + b * st[0] + start * st[2])
+
+
+def _rows_span(t: torch.Tensor, b: int, n: int, g: _Group) -> torch.Tensor:
+    """(n, c, H, r, D) (or (n, c, H, r)): ``_view`` of a group's query rows in rows b .. b + n - 1."""
+    st = t.stride()
+    size, stride = (n, g.c, t.shape[1], g.r, *t.shape[3:]), (st[0], g.r * st[2], st[1], st[2], *st[3:])
+    return t.as_strided(size, stride, t.storage_offset() + b * st[0] + g.q0 * st[2])
 
 
 def _shared(call: _Call, g: _Group, slab: _Slab, am) -> bool:
@@ -726,8 +774,7 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out):
             lengths = [s.k1 - s.k0 for s in g.slabs]
             per_block = 4 * g.r + 4 * sum(lengths)  # q, out, grad rows and dq; gathered k, v and their grads
             if not _gathered(call, g, n, per_block, budget):
-                for b in range(b0, b0 + n):
-                    index = _group_backward(call, plan, g, b, index, q, k, v, out, lse, grad_out, dq, dk, dv)
+                index = _group_backward(call, plan, g, b0, n, index, q, k, v, out, lse, grad_out, dq, dk, dv)
                 continue
             for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
                 qg, og, gg = (_rows_view(t, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
@@ -745,33 +792,52 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out):
     return dq, dk, dv
 
 
-def _group_backward(call: _Call, plan: _Plan, g: _Group, b: int, index: int, q, k, v, out, lse, grad_out,
-                    dq, dk, dv) -> int:
-    """One group of row ``b``, slab by slab (adds into dq, dk, dv); returns the next slab index."""
-    qs, os_, gs, dqs = (_view(t, b, g.q0, g.c, g.r, g.r) for t in (q, out, grad_out, dq))  # (c, H, r, D)
-    ls = _view(lse, b, g.q0, g.c, g.r, g.r)  # (c, H, r)
-    delta = None if call.fused else (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (c, H, r, 1)
+def _group_backward(call: _Call, plan: _Plan, g: _Group, b0: int, n: int, index: int, q, k, v, out, lse,
+                    grad_out, dq, dk, dv) -> int:
+    """One group of the n rows b0 .. b0 + n - 1, slab by slab (adds into dq, dk, dv); returns
+    the next slab index. A slab that ``_row_batched`` allows is one call for up to a budget of
+    rows (no merge in backward, so nothing is stacked), the others one call per row."""
     for slab in g.slabs:
-        am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
-        c, r, L = g.c, g.r, slab.k1 - slab.k0
-        if _shared(call, g, slab, am):  # see _forward: (1, H, c * r, D) against (1, H, L, D)
-            c, r = 1, g.c * g.r
-        ks, vs = (_view(t, b, slab.k0, c, L, slab.step) for t in (k, v))
-        qs_, gs_, os2, ls_, dqs_ = (qs, gs, os_, ls, dqs) if c == g.c else (
-            _view(q, b, g.q0, 1, r, 0), _view(grad_out, b, g.q0, 1, r, 0), _view(out, b, g.q0, 1, r, 0),
-            _view(lse, b, g.q0, 1, r, 0), _view(dq, b, g.q0, 1, r, 0))
-        if call.fused:
-            gq, gk, gv = _FLASH_BWD(gs_, qs_, ks, vs, os2, ls_, 0.0, slab.diag, attn_mask=am, scale=call.scale)
-        else:
-            de = delta if c == g.c else delta.transpose(0, 1).reshape(1, -1, r, 1)  # (1, H, c * r, 1)
-            gq, gk, gv = _slab_backward_eager(call, index, qs_, ks, vs, am, gs_, ls_, de)
-        index += 1
-        dqs_ += gq
-        del gq
-        _add_block_windows(dk, b, slab, c, gk)
-        _add_block_windows(dv, b, slab, c, gv)
-        del gk, gv
+        if not _row_batched(call, g, slab):
+            for b in range(b0, b0 + n):
+                index = _slab_backward_row(call, plan, g, slab, b, index, q, k, v, out, lse, grad_out, dq, dk, dv)
+            continue
+        L, rows = slab.k1 - slab.k0, g.c * g.r
+        m = _rows_per_call(call, q, n, (rows + 2 * L) // BACKWARD_BUDGETS)  # dq rows, dk and dv: 3 budgets
+        for b in range(b0, b0 + n, m):
+            e = min(m, b0 + n - b)
+            qn, gn, on, dqn = (_span(t, b, e, g.q0, rows) for t in (q, grad_out, out, dq))  # (e, H, rows, D)
+            gq, gk, gv = _FLASH_BWD(gn, qn, _span(k, b, e, slab.k0, L), _span(v, b, e, slab.k0, L), on,
+                                    _span(lse, b, e, g.q0, rows), 0.0, slab.diag, scale=call.scale)
+            dqn += gq
+            del gq
+            _span(dk, b, e, slab.k0, L).add_(gk)  # a shared slab: the kernel summed the c blocks already
+            _span(dv, b, e, slab.k0, L).add_(gv)
+            del gk, gv
+        index += n
     return index
+
+
+def _slab_backward_row(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, index: int, q, k, v, out, lse,
+                       grad_out, dq, dk, dv) -> int:
+    """One slab of a group for row ``b`` (adds into dq, dk, dv); returns the next slab index."""
+    am, _ = _slab_mask(call, plan, g, slab, b, q.dtype, q.device)
+    c, r, L = g.c, g.r, slab.k1 - slab.k0
+    if _shared(call, g, slab, am):  # see _forward: (1, H, c * r, D) against (1, H, L, D)
+        c, r = 1, g.c * g.r
+    q0, step = g.q0, (r if c == g.c else 0)
+    qs, gs, os_, ls, dqs = (_view(t, b, q0, c, r, step) for t in (q, grad_out, out, lse, dq))  # (c, H, r, D)
+    ks, vs = (_view(t, b, slab.k0, c, L, slab.step) for t in (k, v))
+    if call.fused:
+        gq, gk, gv = _FLASH_BWD(gs, qs, ks, vs, os_, ls, 0.0, slab.diag, attn_mask=am, scale=call.scale)
+    else:
+        delta = (gs.to(_acc(gs)) * os_).sum(-1, keepdim=True)  # (c, H, r, 1)
+        gq, gk, gv = _slab_backward_eager(call, index, qs, ks, vs, am, gs, ls, delta)
+    dqs += gq
+    del gq
+    _add_block_windows(dk, b, slab, c, gk)
+    _add_block_windows(dv, b, slab, c, gv)
+    return index + 1
 
 
 def _window_index(c: int, w: int, device) -> torch.Tensor:
