@@ -27,11 +27,12 @@ all blocks) is computed against its key blocks as *slabs*: maximal runs of conse
 blocks, cut at the chunk budget (``layout.chunk_bytes``, default ``CHUNK_BYTES``). A slab is a
 strided view of k and v, so nothing is gathered or copied; consecutive query blocks whose
 slabs are the same up to a fixed shift (a sliding window: shift bs; a global block: shift 0)
-form one group and one kernel call per slab over (H, c, bs, D). A query block's partial
-softmaxes over its slabs are merged by log-sum-exp. Short rows (at most ``GATHER_MAX_BLOCKS``
-key blocks, no mask of their own) are gathered instead: the group's slabs copied into one run of
-keys per block and the batch rows that share a plan computed in one call, forward and backward,
-so a call has more work and there is nothing to merge. On CPU each slab is the fused flash
+form one group and one kernel call per slab over (c, H, bs, D) (blocks first, so that the
+kernel's outputs come back in the (N, H, D) order of the output and of dq, dk, dv). A query
+block's partial softmaxes over its slabs are merged by log-sum-exp. A slab with no mask of its
+own whose keys every block of the group reads (a global block; a one-block group) is one call
+for all the batch rows that share a plan, (n, H, c * bs, D), still views. A sliding window's
+dk, dv (its blocks' windows overlap) are summed by one ``index_add_``. On CPU each slab is the fused flash
 kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp); a
 causal row's own block uses its top-left ``is_causal`` (square and aligned), so causal rows
 need no mask. Elsewhere, or with dropout, each slab is eager math (dropout masks drawn from
@@ -482,13 +483,6 @@ def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
     return t.new_zeros(B, N, H, D).transpose(1, 2)
 
 
-def _rows_view(t: torch.Tensor, b: int, n: int, start: int, c: int, r: int, step: int) -> torch.Tensor:
-    """``_view`` of the n batch rows b .. b + n - 1 at once: (n, H, c, r, D), or (n, H, c, r)."""
-    st = t.stride()
-    size, stride = (n, t.shape[1], c, r, *t.shape[3:]), (st[0], st[1], step * st[2], st[2], *st[3:])
-    return t.as_strided(size, stride, t.storage_offset() + b * st[0] + start * st[2])
-
-
 @dataclass
 class _Call:
     """What every slab of one call shares (forward and the recomputing backward alike)."""
@@ -576,7 +570,7 @@ def _merge(o1, l1, o2, l2, out=None):
 
 def _row_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _Plan]]:
     """(b0, n, plan): runs of consecutive batch rows that share one cached plan (the same
-    padding), computed together where a group is gathered; one row per run off the fused path
+    padding), computed together where a slab allows it (``_row_batched``); one row per run off the fused path
     (eager slabs draw their dropout per row and slab, in the same order in both passes)."""
     runs: list[list] = []
     for b, plan in enumerate(plans):
@@ -587,71 +581,17 @@ def _row_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _Pl
     return [tuple(r) for r in runs]
 
 
-# A group whose blocks read at most this many key blocks each is gathered: its slabs (and its
-# batch rows with the same plan) copied into one run of keys per block, one kernel call instead
-# of one per slab and row, no log-sum-exp merges. Measured (issue 25, one thread, B=2, H=4, D=16,
-# fwd+bwd): N=256 at block 64 and 50% sparsity (2 key blocks a row) 1.69 -> 1.50x SDPA's CPU
-# time; rows of 9 blocks (N=256, block 16) gained nothing and rows of 33 (N=1024, block 16)
-# took 1.7x as long: the copy (2 D floats per key and block) outgrows the calls it saves.
-GATHER_MAX_BLOCKS = 4
-
-
-def _gathered(call: _Call, g: _Group, n: int, per_block: int, budget: int) -> bool:
-    """Whether group ``g`` of ``n`` rows runs as gathered calls (see ``_gathered_calls``): the
-    fused kernel, no per-slab mask, more than one slab or row to fold into one call, short rows
-    (``GATHER_MAX_BLOCKS``), and one block's copies within the budget."""
-    if not call.fused or call.mask is not None or call.bias is not None or (len(g.slabs) == 1 and n == 1):
-        return False
-    if any(s.diag or s.masked or s.pad for s in g.slabs):  # is_causal / a mask of their own
-        return False
-    return sum(s.k1 - s.k0 for s in g.slabs) <= GATHER_MAX_BLOCKS * g.r and per_block <= budget
-
-
-def _gathered_calls(b0: int, n: int, g: _Group, per_block: int, budget: int):
-    """(b, m, group): rows [b, b + m) x blocks of ``group`` per call, within ``budget`` token rows
-    of temporaries (``per_block`` per block and row); a group cut into fewer blocks is the same
-    slabs shifted by its step."""
-    if g.c * per_block <= budget:
-        m = min(n, budget // (g.c * per_block))
-        for b in range(b0, b0 + n, m):
-            yield b, min(m, b0 + n - b), g
-        return
-    cb = budget // per_block
-    for b in range(b0, b0 + n):
-        for j in range(0, g.c, cb):
-            slabs = tuple(_Slab(s.k0 + j * s.step, s.k1 + j * s.step, s.step) for s in g.slabs)
-            yield b, 1, _Group(g.q0 + j * g.r, min(cb, g.c - j), g.r, slabs)
-
-
-def _gather_keys(t: torch.Tensor, b: int, m: int, g: _Group) -> torch.Tensor:
-    """(m * H, c, L, D): every block's slabs of k or v (rows b .. b + m - 1) as one run of keys,
-    copied (a view where the group has one slab and one row)."""
-    parts = [_rows_view(t, b, m, s.k0, g.c, s.k1 - s.k0, s.step) for s in g.slabs]  # (m, H, c, L_s, D)
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
-    return out.reshape(m * t.shape[1], g.c, out.shape[3], t.shape[3])
-
-
 def _forward(call: _Call, q, k, v):
     """out (B, H, Nq, D) (stored as (B, Nq, H, D), like SDPA's) and lse (B, H, Nq) float."""
     B, H, nq, D = q.shape
     out = q.new_empty(B, nq, H, D).transpose(1, 2)
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
-    budget = _budget(q, 1, call.chunk_bytes)[0] // 4  # gathered calls: a quarter budget (the working set stays flat in N)
     index = 0
     for b0, n, plan in _row_runs(call, call.plans):
         for g in plan.groups:
-            per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
-            if not _gathered(call, g, n, per_block, budget):
-                for b in range(b0, b0 + n, _rows_per_call(call, q, n, 2 * g.c * g.r)):  # accumulator, partial
-                    m = min(_rows_per_call(call, q, n, 2 * g.c * g.r), b0 + n - b)
-                    index = _group_forward(call, plan, g, b, m, index, q, k, v, out, lse)
-                continue
-            for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
-                qg = _rows_view(q, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
-                o, l = _FLASH(qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), 0.0, False,
-                              scale=call.scale)[:2]  # (m * H, c, r, D), (m * H, c, r)
-                _rows_view(out, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(o.view(m, H, sub.c, sub.r, D))
-                _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(l.view(m, H, sub.c, sub.r))
+            m = _rows_per_call(call, q, n, 3 * g.c * g.r)  # per row: its accumulator, a partial and a merge
+            for b in range(b0, b0 + n, m):
+                index = _group_forward(call, plan, g, b, min(m, b0 + n - b), index, q, k, v, out, lse)
         for b in range(b0, b0 + n):
             for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
                 out[b, :, a:e] = 0
@@ -671,12 +611,18 @@ def _group_forward(call: _Call, plan: _Plan, g: _Group, b0: int, n: int, index: 
                                  _span(v, b0, n, slab.k0, L), None, slab)
             o, l = (t.unflatten(2, (g.c, g.r)).transpose(1, 2) for t in (o, l))  # (n, c, H, r, D), (n, c, H, r)
             index += n
-        else:
-            parts = [_slab_forward_row(call, plan, g, slab, b, index + b - b0, q, k, v) for b in range(b0, b0 + n)]
-            index += n
-            o, l = (parts[0][0][None], parts[0][1][None]) if n == 1 else (
-                torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
-            del parts
+        elif n == 1:
+            o, l = (t[None] for t in _slab_forward_row(call, plan, g, slab, b0, index, q, k, v))
+            index += 1
+        else:  # one call per row, into one (n, c, H, r, D) partial (a row's own result freed at once)
+            H, D = q.shape[1], q.shape[3]
+            o = out.new_empty(n, g.c, g.r, H, D).transpose(2, 3)  # (n, c, H, r, D), stored like the kernel's own
+            l = lse.new_empty(n, g.c, H, g.r)
+            for j in range(n):
+                ob, lb = _slab_forward_row(call, plan, g, slab, b0 + j, index, q, k, v)
+                o[j].copy_(ob), l[j].copy_(lb)
+                index += 1
+            del ob, lb
         acc = (o, l) if acc is None else _merge(*acc, o, l, out=dest if i == len(g.slabs) - 1 else None)
         del o, l  # (a partial output held past its merge would be one more chunk of memory)
     if len(g.slabs) == 1:
@@ -741,54 +687,16 @@ def _shared(call: _Call, g: _Group, slab: _Slab, am) -> bool:
     return min(g.c * g.r, 256) * min(slab.k1 - slab.k0, 512) * 4 * torch.get_num_threads() <= call.chunk_bytes // 4
 
 
-def _add_windows(dst: torch.Tensor, b: int, n: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
-    """dst[b + i, :, k0 + j * step + [0, L)] += src[i, :, j] for rows i < n and every block j of
-    a group (src (n, H, c, L, D)). Overlapping windows (0 < step < L: a sliding window) are added
-    in L / step strided passes that each touch every block once, not one block at a time."""
-    k0, L, step = slab.k0, slab.k1 - slab.k0, slab.step
-    if c == 1:
-        dst[b : b + n, :, k0 : k0 + L] += src[:, :, 0]
-    elif step == 0:  # one shared slab (global keys)
-        dst[b : b + n, :, k0 : k0 + L] += src.sum(2)
-    elif step >= L:
-        _rows_view(dst, b, n, k0, c, L, step).add_(src)
-    elif L % step == 0:
-        for t in range(0, L, step):
-            _rows_view(dst, b, n, k0 + t, c, step, step).add_(src[:, :, :, t : t + step])
-    else:
-        for j in range(c):
-            dst[b : b + n, :, k0 + j * step : k0 + j * step + L] += src[:, :, j]
-
-
 def _backward(call: _Call, q, k, v, out, lse, grad_out):
     """Flash-style backward over ``call.backward_plans``: each slab's probabilities are recomputed
     from q, k and the saved lse (any cut of the keys will do: lse and out are the whole row's).
     Dead query blocks contribute nothing (their dq rows stay zero)."""
-    B, H, nq, D = q.shape
     dq, dk, dv = _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
-    budget = BACKWARD_BUDGETS * _budget(q, 1, call.chunk_bytes)[0]
     index = 0
     for b0, n, plan in _row_runs(call, call.backward_plans):
         for g in plan.groups:
-            lengths = [s.k1 - s.k0 for s in g.slabs]
-            per_block = 4 * g.r + 4 * sum(lengths)  # q, out, grad rows and dq; gathered k, v and their grads
-            if not _gathered(call, g, n, per_block, budget):
-                index = _group_backward(call, plan, g, b0, n, index, q, k, v, out, lse, grad_out, dq, dk, dv)
-                continue
-            for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
-                qg, og, gg = (_rows_view(t, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
-                              for t in (q, out, grad_out))  # (m * H, c, r, D)
-                lg = _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r)
-                gq, gk, gv = _FLASH_BWD(gg, qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), og, lg,
-                                        0.0, False, scale=call.scale)
-                _rows_view(dq, b, m, sub.q0, sub.c, sub.r, sub.r).add_(gq.view(m, H, sub.c, sub.r, D))
-                del gq
-                gk, gv = (t.view(m, H, sub.c, -1, D).split(lengths, dim=3) for t in (gk, gv))  # per slab
-                for slab, sk, sv in zip(sub.slabs, gk, gv):
-                    _add_windows(dk, b, m, slab, sub.c, sk)
-                    _add_windows(dv, b, m, slab, sub.c, sv)
-                del gk, gv, sk, sv
+            index = _group_backward(call, plan, g, b0, n, index, q, k, v, out, lse, grad_out, dq, dk, dv)
     return dq, dk, dv
 
 
