@@ -1,6 +1,7 @@
 """Task accuracy of int8 dynamic quantization against fp32 on the same trained weights.
 
     python benchmarks/int8_accuracy.py [--steps 300] [--out results.json]
+    python benchmarks/int8_accuracy.py --quick --out smoke.json      # smoke mode (CI)
 
 Two trials of the quickstart ListOps task with the same seed and a steps budget: training is
 deterministic on CPU, so both train the same fp32 weights; the int8 trial then quantizes the
@@ -22,14 +23,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-examples", type=int, default=2000)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode (CI): 3 steps, 32 eval examples, one short latency round")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_examples = 3, 32
     base = {
         "task": {"name": "listops", "preset": "quickstart"},
         "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
         "train": {"steps": args.steps, "batch_size": 32, "lr": 1e-3, "seed": 0, "eval_max_examples": args.eval_examples},
         "hardware": {"device": "cpu", "num_threads": 2},
     }
+    if args.quick:
+        base["measure"] = {"min_seconds": 0.0, "max_rounds": 1}
     rows = {}
     for precision in ("fp32", "int8"):
         cfg = json.loads(json.dumps(base))
