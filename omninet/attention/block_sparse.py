@@ -69,17 +69,24 @@ Where sparsity pays on CPU (measured for issue 25: AMD EPYC, one pinned thread, 
 H=4, D=16, median of 9 interleaved runs, the machine shared with other work, load 1.2-2.4):
 - Forward, N=1024 and 4096, block 16-128, sparsity 0.5-0.9: 0.12-0.74x SDPA's time with the
   same mask; an all-True or 25%-padded mask costs 0.74-1.01x the kernel's own unmasked time.
-- Forward+backward, N=1024: 0.26-0.86x SDPA at block 16 and 64, 50% and 85% sparsity.
-- Forward+backward, N=256: block 64 0.70-1.20x (50%) and 0.70-0.80x (85%); block 16 0.76-0.93x
-  at 85% but 1.2-1.4x at 50%. Below ~256 tokens at block 16 (16 query blocks) the sparse path
-  cannot win at moderate sparsity: each (head, block) work unit costs the CPU flash kernel
-  ~2-4 us beyond its arithmetic (its backward ~2x that), and with a global row and column 50%
-  sparsity still computes 53% of the pairs at N=256. Dense SDPA runs instead for N <=
-  ``min_seq_length`` (default 1024, which covers all of these); do not set it below 256 for
-  block 16, or below 128 for block 64. Gathering short rows (``GATHER_MAX_BLOCKS``) took N=256,
-  block 64, 50% from 1.69x to 1.50x SDPA's CPU time in an A/B under load 4-5; at block 16 the
-  time outside the kernel calls (per-slab Python, merges, window sums: about half the total in a
-  thread-time split) is what remains.
+- Forward+backward (per-thread CPU time, one pinned thread, B=2, H=4, D=16, median of 15
+  interleaved runs, load 2.6, after the row-batched slabs, block-major views and index_add_
+  window sums; before them in brackets, same process), against SDPA with the same mask:
+  - N=1024: block 16 1.12x [1.52] at 50%, 0.51x [0.65] at 85%; block 64 0.82x [0.93], 0.46x
+    [0.54]; with 25% padding on half the rows 0.40-1.09x.
+  - N=512: block 16 1.21x [1.57] at 50%, 0.76x [1.02] at 85%; block 64 1.13x [1.25], 0.66x [0.72].
+  - N=256: block 16 1.76x [2.40] at 50%, 1.12-1.23x [1.32-1.50] at 85%; block 64 1.40x [1.43],
+    1.01-1.10x [0.90-1.08].
+  - Forward alone: N=256 0.81-2.31x, N=512 0.69-1.18x, N=1024 0.43-0.83x.
+  Where sparsity cannot win on CPU: below 512 tokens at block 16-64 (N=256 is at best parity,
+  at 85%), and at 50% sparsity with block 16 up to N=1024 (1.09-1.12x). At N=256 the kernel
+  calls alone are ~1.1x dense SDPA at block 16, 50% (2.6 of 4.6 ms; the other 2.0 ms are zero
+  fills, views, merges and the autograd Function, down from 3.2 ms): a (head, block) work unit of
+  16 query rows costs the CPU flash kernel 3.0 ns a score pair forward and 6.1 backward, against
+  1.6 and 2.9 for dense SDPA's own tiles, and a call ~20-30 us beyond its pairs, while 50%
+  sparsity with a global row and column still computes 53% of the pairs. Dense SDPA runs
+  instead for N <= ``min_seq_length`` (default 1024, which covers all of these; it gives up the
+  0.46-0.82x at N=1024 with 85% sparsity or block 64); do not set it below 512.
 - Two threads: SDPA gains 1.4-1.96x; slab calls at N <= 1024 and block 16-64 are too small to
   split (0.59-1.0x), so those ratios do not hold at two threads; N=4096 at block >= 64 does.
 """
