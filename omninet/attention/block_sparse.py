@@ -655,7 +655,7 @@ def _forward(call: _Call, q, k, v):
                 # Rows together only where every slab allows it (nothing to stack; at N=1024 stacking the
                 # sliding slabs' partials cost what the saved calls gain), within a quarter budget.
                 rowwise = all(_row_batched(call, g, s) for s in g.slabs)
-                m = _rows_per_call(call, q, n, 12 * g.c * g.r) if rowwise else 1  # accumulator, partial, merge
+                m = _rows_per_call(call, q, n, 4 * 3 * g.c * g.r) if rowwise else 1  # 3: accumulator, partial, merge
                 for b in range(b0, b0 + n, m):
                     index = _group_forward(call, plan, g, b, min(m, b0 + n - b), index, q, k, v, out, lse)
                 continue
