@@ -360,6 +360,20 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
     assert not torch.allclose(fn(q, k, v), plain)
 
 
+def _matches_eager_in_float64(q, k, v, mask, state):
+    """block_sparse(q, k, v, mask) == eager with the equivalent mask, values and gradients, for
+    inputs as given (any strides), in float64."""
+    n = q.shape[-2]
+    out, _ = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=state)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    qf, kf, vf = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, _ = eager_attention(qf, kf, vf, mask=state.equivalent_mask(mask, n, n), scale=0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for a, e in zip(got, torch.autograd.grad(ref, (qf, kf, vf), grad)):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk_blocks", [None, 1])  # the default budget, and one cutting calls into single blocks
 def test_gathered_groups_match_eager(monkeypatch, chunk_blocks):
     """Short rows (at most GATHER_MAX_BLOCKS key blocks) run as gathered calls in the forward: a
@@ -383,15 +397,7 @@ def test_gathered_groups_match_eager(monkeypatch, chunk_blocks):
     mask[1, ..., 100:] = False
     for m in (None, mask):
         calls.clear()
-        out, _ = block_sparse_attention(q, k, v, mask=m, scale=0.25, state=state)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
-        dm = state.equivalent_mask(m, n, n)
-        qf, kf, vf = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        ref, _ = eager_attention(qf, kf, vf, mask=dm, scale=0.25)
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-        for a, e in zip(got, torch.autograd.grad(ref, (qf, kf, vf), grad)):
-            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        _matches_eager_in_float64(q, k, v, m, state)
         assert calls and any(n_rows > 1 for _, n_rows in calls) == (m is None)  # rows with one plan share calls
 
 
@@ -419,15 +425,7 @@ def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, sma
     mask[1, ..., 200:] = False
     for m in (None, mask):
         rows.clear(), windows.clear()
-        out, _ = block_sparse_attention(q, k, v, mask=m, scale=0.25, state=state)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
-        dm = state.equivalent_mask(m, n, n)
-        qf, kf, vf = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        ref, _ = eager_attention(qf, kf, vf, mask=dm, scale=0.25)
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-        for a, e in zip(got, torch.autograd.grad(ref, (qf, kf, vf), grad)):
-            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        _matches_eager_in_float64(q, k, v, m, state)
         assert windows  # the sliding window's gradient sums took the index_add_ path
         assert (max(rows) > 1) == (m is None)  # rows with one plan share calls
 

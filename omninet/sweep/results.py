@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from omninet.sweep.config import DEFAULT_TRIAL_FN, BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
+from omninet.trial.runners import OmniNetRunner, TrialRunner
 
 __all__ = ["SweepResult", "write_artifacts"]
 
@@ -29,26 +30,27 @@ OMNINET_RUNNERS = ("omninet.trial:run_trial", "omninet.trial.runner:run_trial", 
                    "omninet.trial.runners:OmniNetRunner")
 
 
-def recorded_runner(trial_fn: str | None):
+def _never_runs(self, config, *, memory_budget_mb, context):
+    raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
+
+
+class RecordedTrial(TrialRunner):
+    """Another runner's recorded trial: the dict it recorded, without importing that runner."""
+
+    name, run = "recorded", _never_runs
+
+
+class RecordedOmniNetTrial(OmniNetRunner):
+    """An OmniNet sweep's recorded trial, parsed typed (``TrialConfig``). No result keys are
+    declared, so every objective the sweep recorded is accepted."""
+
+    name, run, result_fields = "recorded", _never_runs, None
+
+
+def recorded_runner(trial_fn: str | None) -> TrialRunner:
     """What a reopened ``SweepResult`` holds in place of the sweep's runner: it parses the
-    recorded trial (an OmniNet sweep's typed, as ``TrialConfig``; another runner's as the dict
-    it recorded, without importing that runner) and never runs one. It declares no result keys,
-    so every objective the sweep recorded is accepted."""
-    from omninet.trial.runners import OmniNetRunner, TrialRunner
-
-    base = OmniNetRunner if (trial_fn or "omninet.trial:run_trial") in OMNINET_RUNNERS else TrialRunner
-
-    class Recorded(base):
-        name = "recorded"
-        result_fields = None
-
-        def __init__(self) -> None:
-            pass
-
-        def run(self, config, *, memory_budget_mb, context):
-            raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
-
-    return Recorded()
+    recorded trial and never runs one."""
+    return RecordedOmniNetTrial() if (trial_fn or DEFAULT_TRIAL_FN) in OMNINET_RUNNERS else RecordedTrial()
 
 
 class SweepResult:

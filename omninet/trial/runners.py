@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from omninet.trial.config import TrialResult
 from omninet.trial.context import RunContext, Stopped
 
 __all__ = ["TrialRunner", "RunContext", "Stopped", "OmniNetRunner", "FunctionRunner", "resolve_runner"]
@@ -92,6 +93,7 @@ class OmniNetRunner(TrialRunner):
     runs it as is."""
 
     name = "omninet"
+    result_fields = frozenset(TrialResult.numeric_fields())
     supports_scheduler = True
     cost_keys = ("latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
                  "latency_p50_rel", "latency_p50_norm_ms",
@@ -99,11 +101,6 @@ class OmniNetRunner(TrialRunner):
                  "throughput_tokens_s", "num_params")  # what it measures before training
     calibrated_keys = ("latency_p50_rel", "latency_p50_norm_ms", "latency_rel_cv", "latency_calibration_ms",
                        "latency_calibration_ref_ms")
-
-    def __init__(self) -> None:
-        from omninet.trial.config import TrialResult
-
-        self.result_fields = frozenset(TrialResult.numeric_fields())
 
     def parse(self, data):
         from omninet.trial.config import TrialConfig
