@@ -522,6 +522,39 @@ def test_padded_rows_match_eager_at_every_sparsity_and_block(sparsity, block_siz
     assert not bool(dead[2 * block_size :].any()) and bool(dead[: block_size + 1].all())
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 48 * 1024])  # the staircase as one shared call, and per block
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_sliding_windows_across_a_rows_length_are_one_group_and_match_eager(sparsity, chunk_bytes):
+    """A row's length cuts the sliding windows of its last blocks: they stay one group (the
+    window's exact head slides, the rest is one staircase slab over real keys), values and
+    grads match eager, and keys past the length are still never read (NaN there is harmless)."""
+    from omninet.attention.block_sparse import _budget, _row_padding
+
+    n, bs = 16 * 24 + 5, 16
+    state = layout(block_size=bs, sparsity_factor=sparsity, random_blocks=0)
+    if chunk_bytes:
+        state.chunk_bytes = chunk_bytes
+    mask = end_padding(3, n, [n, 16 * 17 + 7, 16 * 13])
+    pads = _row_padding(mask, 3, n, bs)
+    tokens, _ = _budget(torch.zeros(3, 4, n, 16), bs, state.chunk_bytes)
+    plan = state.plan(n, n, False, 1 << 30, tokens, False, pads[1])
+    stairs = [g for g in plan.groups for s in g.slabs if s.stair]
+    assert stairs and all(g.c > 1 for g in stairs)
+    assert max(s.k1 for g in plan.groups for s in g.slabs) <= pads[1]
+    compare_with_eager(state, n, n, mask=mask, b=3)
+    q, k, v = qkv(n, n, b=3)
+    out = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=state)[0]
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for row, length in ((1, 16 * 17 + 7), (2, 16 * 13)):
+        k2[row, :, length:] = v2[row, :, length:] = float("nan")
+    q2, k2, v2 = (t.requires_grad_() for t in (q2, k2, v2))
+    out2 = block_sparse_attention(q2, k2, v2, mask=mask, scale=0.25, state=state)[0]
+    torch.testing.assert_close(out2, out)
+    for a, b in zip(torch.autograd.grad(out2, (q2, k2, v2), torch.ones_like(out)), grads):
+        torch.testing.assert_close(a.nan_to_num(0.0), b)
+
+
 def test_padding_is_never_read_and_dead_blocks_are_zero():
     """Keys and values past a row's length are not computed on (NaN there changes nothing) and
     query blocks that are all padding return zeros (NaN queries there stay out), both passes."""
