@@ -319,17 +319,27 @@ def padding_mask(kind: str, B: int, n: int):
 
 
 def interleaved_ms(runs: dict, *, reps: int, warmup: int) -> dict:
-    """name -> {median_ms, runs_ms}: every run once per round, ``reps`` rounds after warm-up."""
+    """name -> {median_ms, median_cpu_ms, iqr_ms, runs_ms, runs_cpu_ms}: every run once per round,
+    ``reps`` rounds after warm-up. CPU time is this process's (``time.process_time``: all its
+    threads), so with one pinned thread it leaves out the time other processes held the core."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for _ in range(reps):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: {"median_ms": round(statistics.median(t), 3), "runs_ms": [round(x, 3) for x in t]}
+            cpu[name].append((time.process_time() - c0) * 1e3)
+
+    def iqr(t):
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0], t[0], t[0]]
+        return [round(q[0], 3), round(q[2], 3)]
+
+    return {name: {"median_ms": round(statistics.median(t), 3), "median_cpu_ms": round(statistics.median(cpu[name]), 3),
+                   "iqr_ms": iqr(t), "runs_ms": [round(x, 3) for x in t], "runs_cpu_ms": [round(x, 3) for x in cpu[name]]}
             for name, t in times.items()}
 
 
@@ -387,14 +397,18 @@ def padding_suite(args) -> dict:
 def padding_targets(rows: list[dict]) -> dict:
     """Ratios from cells of one case (same N, block, sparsity, mode), and the issue's targets."""
     by = {(r["kernel"], r["n"], r["block"], r["sparsity"], r["mode"], r["mask"]): r["median_ms"] for r in rows}
+    cpu = {(r["kernel"], r["n"], r["block"], r["sparsity"], r["mode"], r["mask"]): r["median_cpu_ms"] for r in rows}
     ratios = []
     for (kind, n, block, sp, mode, m), ms in by.items():
         if kind != "block_sparse":
             continue
+        c = cpu[(kind, n, block, sp, mode, m)]
         row = {"n": n, "block": block, "sparsity": sp, "mode": mode, "mask": m,
-               "vs_sdpa_same_mask": round(ms / by[("sdpa", n, block, sp, mode, m)], 3)}
+               "vs_sdpa_same_mask": round(ms / by[("sdpa", n, block, sp, mode, m)], 3),
+               "vs_sdpa_same_mask_cpu": round(c / cpu[("sdpa", n, block, sp, mode, m)], 3)}
         if m != "none":
             row["vs_own_no_mask"] = round(ms / by[(kind, n, block, sp, mode, "none")], 3)
+            row["vs_own_no_mask_cpu"] = round(c / cpu[(kind, n, block, sp, mode, "none")], 3)
         ratios.append(row)
     fwd = [r for r in ratios if r["mode"] == "fwd"]
     fb = [r for r in ratios if r["mode"] == "fwd_bwd"]
@@ -403,18 +417,24 @@ def padding_targets(rows: list[dict]) -> dict:
         values = [r[key] for r in rs if key in r]
         return max(values) if values else None
 
-    def target(value, op, bound):
+    def target(rs, key, op, bound):
+        """Judged on wall-clock medians; the CPU-time ratio (other processes' time left out) beside it."""
+        value, value_cpu = worst(rs, key), worst(rs, key + "_cpu")
         met = None if value is None else (value <= bound if op == "<=" else value < bound)
-        return {"value": value, "target": f"{op} {bound}", "met": met}
+        return {"value": value, "value_cpu": value_cpu, "target": f"{op} {bound}", "met": met}
 
     targets = {
-        "masked_vs_own_no_mask_worst": target(worst(fwd, "vs_own_no_mask"), "<=", 1.10),
+        "masked_vs_own_no_mask_worst": target(fwd, "vs_own_no_mask", "<=", 1.10),
         "masked_vs_sdpa_same_mask_worst_at_sparsity_ge_0.75": target(
-            worst([r for r in fwd if r["sparsity"] >= 0.75 and r["mask"] != "none"], "vs_sdpa_same_mask"), "<=", 0.8),
+            [r for r in fwd if r["sparsity"] >= 0.75 and r["mask"] != "none"], "vs_sdpa_same_mask", "<=", 0.8),
         "fwd_bwd_vs_sdpa_worst_at_sparsity_0.5": target(
-            worst([r for r in fb if r["sparsity"] <= 0.5], "vs_sdpa_same_mask"), "<=", 1.2),
+            [r for r in fb if r["sparsity"] <= 0.5], "vs_sdpa_same_mask", "<=", 1.2),
         "fwd_bwd_vs_sdpa_worst_at_sparsity_0.85": target(
-            worst([r for r in fb if r["sparsity"] >= 0.85], "vs_sdpa_same_mask"), "<", 1.0),
+            [r for r in fb if r["sparsity"] >= 0.85], "vs_sdpa_same_mask", "<", 1.0),
+        "fwd_bwd_vs_sdpa_worst_at_n1024_sparsity_0.5": target(
+            [r for r in fb if r["sparsity"] <= 0.5 and r["n"] >= 1024], "vs_sdpa_same_mask", "<=", 1.2),
+        "fwd_bwd_vs_sdpa_worst_at_n1024_sparsity_0.85": target(
+            [r for r in fb if r["sparsity"] >= 0.85 and r["n"] >= 1024], "vs_sdpa_same_mask", "<", 1.0),
     }
     return {"ratios": ratios, "targets": targets}
 
@@ -454,7 +474,7 @@ def parse_args(argv=None):
     p.add_argument("--padding-batch", type=int, default=2)
     p.add_argument("--padding-heads", type=int, default=4)
     p.add_argument("--padding-head-dim", type=int, default=16)
-    p.add_argument("--padding-reps", type=int, default=9)
+    p.add_argument("--padding-reps", type=int, default=21)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:

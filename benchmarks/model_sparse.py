@@ -135,24 +135,34 @@ def padding_section(args) -> dict:
         for b in args.padding_blocks:
             compare(n, {"dense": quickstart_model("sdpa", n), **{f"block_sparse_b{b}_s{s:g}": quickstart_model(
                 "block_sparse", n, b, s) for s in args.padding_fb_sparsities}}, ("all_true", "pad25_half"), True)
-    dense = {(r["comparison"], r["mask"]): r["median_ms"] for r in rows if r["variant"] == "dense"}
+    dense = {(r["comparison"], r["mask"]): r for r in rows if r["variant"] == "dense"}
     ratios, targets = [], {}
     for r in rows:
         if r["variant"] != "dense":
+            d = dense[(r["comparison"], r["mask"])]
             ratios.append({"variant": r["variant"], "n": r["n"], "mode": r["mode"], "mask": r["mask"],
-                           "vs_dense_same_mask": round(r["median_ms"] / dense[(r["comparison"], r["mask"])], 3)})
+                           "vs_dense_same_mask": round(r["median_ms"] / d["median_ms"], 3),
+                           "vs_dense_same_mask_cpu": round(r["median_cpu_ms"] / d["median_cpu_ms"], 3)})
     n = args.padding_n
     inf = [x for x in ratios if x["mode"] == "inference" and x["n"] == n and x["mask"] != "none"]
     fb = [x for x in ratios if x["mode"] == "train_step"]
-    worst = lambda rs: max((x["vs_dense_same_mask"] for x in rs), default=None)  # noqa: E731
+    def worst(rs, key="vs_dense_same_mask"):
+        return max((x[key] for x in rs), default=None)
+
+    def target(rs, op, bound):
+        """Judged on wall-clock medians; the CPU-time ratio beside it."""
+        v = worst(rs)
+        return {"value": v, "value_cpu": worst(rs, "vs_dense_same_mask_cpu"), "target": f"{op} {bound}",
+                "met": None if v is None else (v <= bound if op == "<=" else v < bound)}
+
     for b in args.padding_blocks:
-        v = worst([x for x in inf if x["variant"] == f"block_sparse_b{b}_s0.75"])
-        targets[f"inference_n{n}_block{b}_s0.75_masked_vs_dense"] = {"value": v, "target": "<= 0.8",
-                                                                     "met": None if v is None else v <= 0.8}
+        targets[f"inference_n{n}_block{b}_s0.75_masked_vs_dense"] = target(
+            [x for x in inf if x["variant"] == f"block_sparse_b{b}_s0.75"], "<=", 0.8)
     for s_, op, bound in ((min(args.padding_fb_sparsities), "<=", 1.2), (max(args.padding_fb_sparsities), "<", 1.0)):
-        v = worst([x for x in fb if x["variant"].endswith(f"_s{s_:g}")])
-        targets[f"train_step_s{s_:g}_vs_dense_worst"] = {"value": v, "target": f"{op} {bound}", "met": None if v is None
-                                                         else (v <= bound if op == "<=" else v < bound)}
+        targets[f"train_step_s{s_:g}_vs_dense_worst"] = target([x for x in fb if x["variant"].endswith(f"_s{s_:g}")],
+                                                                op, bound)
+        targets[f"train_step_n1024_s{s_:g}_vs_dense_worst"] = target(
+            [x for x in fb if x["variant"].endswith(f"_s{s_:g}") and x["n"] >= 1024], op, bound)
     return {"rows": rows, "ratios": ratios, "targets": targets,
             "model": {"hidden": 64, "layers": 2, "heads": 4, "ff": 256, "batch": B, "dtype": "float32"}}
 
@@ -174,7 +184,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--padding-blocks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--padding-fb-sizes", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--padding-fb-sparsities", type=float, nargs="+", default=[0.5, 0.85])
-    p.add_argument("--padding-reps", type=int, default=9)
+    p.add_argument("--padding-reps", type=int, default=21)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
