@@ -623,17 +623,28 @@ def _merge(o1, l1, o2, l2, out=None):
     return torch.lerp(o1, o2, w, out=o1 if out is None else out), torch.logaddexp(l1, l2)
 
 
-def _row_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _Plan]]:
-    """(b0, n, plan): runs of consecutive batch rows that share one cached plan (the same
-    padding), computed together where a slab allows it (``_row_batched``); one row per run off the fused path
-    (eager slabs draw their dropout per row and slab, in the same order in both passes)."""
-    runs: list[list] = []
+def _group_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _Plan, _Group]]:
+    """(b0, n, plan, group): every row's groups, the rows that have the same group (the same
+    query blocks against the same slabs: the same plan, or padding that leaves the group as it
+    is) in runs of consecutive rows, computed together where a slab allows it
+    (``_row_batched``). Off the fused path one row per run, in row order (eager slabs draw their
+    dropout per row and slab, in the same order in both passes)."""
+    if not call.fused:
+        return [(b, 1, plan, g) for b, plan in enumerate(plans) for g in plan.groups]
+    if all(p is plans[0] for p in plans):
+        return [(0, len(plans), plans[0], g) for g in plans[0].groups]
+    rows: dict[_Group, list[int]] = {}
     for b, plan in enumerate(plans):
-        if call.fused and runs and runs[-1][2] is plan:
-            runs[-1][1] += 1
-        else:
-            runs.append([b, 1, plan])
-    return [tuple(r) for r in runs]
+        for g in plan.groups:
+            rows.setdefault(g, []).append(b)
+    runs = []
+    for g, bs in rows.items():
+        start = bs[0]
+        for prev, b in zip(bs, [*bs[1:], None]):
+            if b != prev + 1:
+                runs.append((start, prev - start + 1, plans[start], g))
+                start = b
+    return runs
 
 
 # Forward only: a group whose blocks read at most this many key blocks each is gathered: its
@@ -689,27 +700,26 @@ def _forward(call: _Call, q, k, v):
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     budget = _budget(q, 1, call.chunk_bytes)[0] // 4  # gathered calls: a quarter budget (the working set stays flat in N)
     index = 0
-    for b0, n, plan in _row_runs(call, call.plans):
-        for g in plan.groups:
-            per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
-            if not _gathered(call, g, n, per_block, budget):
-                # Rows together only where every slab allows it (nothing to stack; at N=1024 stacking the
-                # sliding slabs' partials cost what the saved calls gain), within a quarter budget.
-                rowwise = all(_row_batched(call, g, s) for s in g.slabs)
-                m = _rows_per_call(call, q, n, 4 * 3 * g.c * g.r) if rowwise else 1  # 3: accumulator, partial, merge
-                for b in range(b0, b0 + n, m):
-                    index = _group_forward(call, plan, g, b, min(m, b0 + n - b), index, q, k, v, out, lse)
-                continue
-            for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
-                qg = _rows_view(q, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
-                o, l = _FLASH(qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), 0.0, False,
-                              scale=call.scale)[:2]  # (m * H, c, r, D), (m * H, c, r)
-                _rows_view(out, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(o.view(m, H, sub.c, sub.r, D))
-                _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(l.view(m, H, sub.c, sub.r))
-        for b in range(b0, b0 + n):
-            for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
-                out[b, :, a:e] = 0
-                lse[b, :, a:e] = float("-inf")
+    for b0, n, plan, g in _group_runs(call, call.plans):
+        per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
+        if not _gathered(call, g, n, per_block, budget):
+            # Rows together only where every slab allows it (nothing to stack; at N=1024 stacking the
+            # sliding slabs' partials cost what the saved calls gain), within a quarter budget.
+            rowwise = all(_row_batched(call, g, s) for s in g.slabs)
+            m = _rows_per_call(call, q, n, 4 * 3 * g.c * g.r) if rowwise else 1  # 3: accumulator, partial, merge
+            for b in range(b0, b0 + n, m):
+                index = _group_forward(call, plan, g, b, min(m, b0 + n - b), index, q, k, v, out, lse)
+            continue
+        for b, m, sub in _gathered_calls(b0, n, g, per_block, budget):
+            qg = _rows_view(q, b, m, sub.q0, sub.c, sub.r, sub.r).reshape(m * H, sub.c, sub.r, D)
+            o, l = _FLASH(qg, _gather_keys(k, b, m, sub), _gather_keys(v, b, m, sub), 0.0, False,
+                          scale=call.scale)[:2]  # (m * H, c, r, D), (m * H, c, r)
+            _rows_view(out, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(o.view(m, H, sub.c, sub.r, D))
+            _rows_view(lse, b, m, sub.q0, sub.c, sub.r, sub.r).copy_(l.view(m, H, sub.c, sub.r))
+    for b, plan in enumerate(call.plans):
+        for a, e in plan.dead:  # query blocks that are all padding: zero rows that saw no key
+            out[b, :, a:e] = 0
+            lse[b, :, a:e] = float("-inf")
     return out, lse
 
 
@@ -799,9 +809,8 @@ def _backward(call: _Call, q, k, v, out, lse, grad_out):
     dq, dk, dv = _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
     lse = lse.masked_fill(lse.isinf(), 0.0)  # rows with no key: every probability is exp(-inf) = 0
     index = 0
-    for b0, n, plan in _row_runs(call, call.backward_plans):
-        for g in plan.groups:
-            index = _group_backward(call, plan, g, b0, n, index, q, k, v, out, lse, grad_out, dq, dk, dv)
+    for b0, n, plan, g in _group_runs(call, call.backward_plans):
+        index = _group_backward(call, plan, g, b0, n, index, q, k, v, out, lse, grad_out, dq, dk, dv)
     return dq, dk, dv
 
 
