@@ -67,30 +67,32 @@ equivalent to: ``block_sparse(q, k, v, mask=m) == eager(q, k, v, mask=m & dense_
 ``state.equivalent_mask(m, nq, nk)`` is the whole equivalent (it also drops the all-padding
 query blocks, whose rows are zero).
 
-Where sparsity pays on CPU (measured for issue 25: AMD EPYC, one pinned thread, fp32, B=2,
-H=4, D=16, median of 9 interleaved runs, the machine shared with other work, load 1.2-2.4):
-- Forward, N=1024 and 4096, block 16-128, sparsity 0.5-0.9: 0.12-0.74x SDPA's time with the
-  same mask; an all-True or 25%-padded mask costs 0.74-1.01x the kernel's own unmasked time.
-- Forward+backward (per-thread CPU time, one pinned thread, B=2, H=4, D=16, median of 15
-  interleaved runs, load 2.6, after the row-batched slabs, block-major views and index_add_
-  window sums; before them in brackets, same process), against SDPA with the same mask:
-  - N=1024: block 16 1.12x [1.52] at 50%, 0.51x [0.65] at 85%; block 64 0.82x [0.93], 0.46x
-    [0.54]; with 25% padding on half the rows 0.40-1.09x.
-  - N=512: block 16 1.21x [1.57] at 50%, 0.76x [1.02] at 85%; block 64 1.13x [1.25], 0.66x [0.72].
-  - N=256: block 16 1.76x [2.40] at 50%, 1.12-1.23x [1.32-1.50] at 85%; block 64 1.40x [1.43],
-    1.01-1.10x [0.90-1.08].
-  - Forward alone: N=256 0.81-2.31x, N=512 0.69-1.18x, N=1024 0.43-0.83x.
-  Where sparsity cannot win on CPU: below 512 tokens at block 16-64 (N=256 is at best parity,
-  at 85%), and at 50% sparsity with block 16 up to N=1024 (1.09-1.12x). At N=256 the kernel
-  calls alone are ~1.1x dense SDPA at block 16, 50% (2.6 of 4.6 ms; the other 2.0 ms are zero
-  fills, views, merges and the autograd Function, down from 3.2 ms): a (head, block) work unit of
-  16 query rows costs the CPU flash kernel 3.0 ns a score pair forward and 6.1 backward, against
-  1.6 and 2.9 for dense SDPA's own tiles, and a call ~20-30 us beyond its pairs, while 50%
-  sparsity with a global row and column still computes 53% of the pairs. Dense SDPA runs
-  instead for N <= ``min_seq_length`` (default 1024, which covers all of these; it gives up the
-  0.46-0.82x at N=1024 with 85% sparsity or block 64); do not set it below 512.
-- Two threads: SDPA gains 1.4-1.96x; slab calls at N <= 1024 and block 16-64 are too small to
-  split (0.59-1.0x), so those ratios do not hold at two threads; N=4096 at block >= 64 does.
+Where sparsity pays on CPU (issue 25's padding suite, ``benchmarks/attention_kernels.py --suite
+padding``: fp32, B=2, H=4, D=16, median of 21 interleaved runs after a warm-up, against SDPA
+with the same mask; Intel Xeon with AVX512-BF16, no AMX, one pinned thread, quiet, load 0.6-1.3;
+``benchmarks/results/attention_kernels_padding_1t.json``):
+- Forward, N=1024 and 4096, block 16-128, sparsity 0.5-0.9: 0.14-0.94x SDPA's time, at most
+  0.54x at sparsity >= 0.75 with a mask; an all-True or 25%-padded mask costs at most 1.02x the
+  kernel's own unmasked time (1.17x before the staircase slabs of ``_clip_groups``).
+- Forward+backward: N=1024: block 16 1.20x at 50%, 0.58x at 85%; block 64 0.85x, 0.49x; with
+  25% padding on half the rows 0.42-1.11x. N=256: block 16 1.91x at 50%, 1.33x at 85%; block 64
+  1.43x, 1.07x (0.99x padded). An earlier same-process A/B (AMD EPYC, load 2.6) had N=512 at
+  block 16 1.21x / 0.76x and block 64 1.13x / 0.66x.
+  Where sparsity cannot win on CPU: below 512 tokens at block 16-64 (N=256 is at best parity, at
+  85% with block 64), and at 50% sparsity with block 16 up to N=1024 (1.1-1.2x). At N=256 only
+  41-61% of a forward+backward call is inside the flash kernel's own calls (``in_kernel_fraction``
+  in the suite; 66-83% at N=1024): the rest is Python, views, log-sum-exp merges and gradient
+  sums, ~1-2 ms a call. The calls themselves are no cheaper than dense: a (head, block) work unit
+  of 16 query rows costs the CPU flash kernel 3.0 ns a score pair forward and 6.1 backward, against
+  1.6 and 2.9 for dense SDPA's own tiles, and a call ~20-30 us beyond its pairs, while 50% sparsity
+  with a global row and column still computes 53% of the pairs. Dense SDPA runs instead for
+  N <= ``min_seq_length`` (default 1024, which covers all of these; it gives up the 0.42-0.85x at
+  N=1024 with 85% sparsity or block 64); do not set it below 512.
+- Two threads (``--threads 2``, same machine, load 1.0-1.9): SDPA gains 1.46-2.24x from the second
+  thread, block-sparse 1.06-2.01x, and 71 of the 88 ratios stay within 20% of their one-thread
+  value (every forward+backward one at N=256, 7 of 8 at N=1024; the worst, forward at N=1024,
+  1.43x). What does not split is ours but serial: only the flash calls (41-96% of a call, least at
+  short N and small blocks) use the second thread, the Python between them does not.
 """
 
 from __future__ import annotations
@@ -363,9 +365,10 @@ class BlockSparseLayout(nn.Module):
 
         Padding folded in (``pad``: the row's real length, or per-block classes): key blocks
         that are all padding are left out of every row, query blocks that are all padding are
-        ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no mask
-        at all), and a key block that is only partly padding (a hole) is a slab of its own
-        that applies the key mask (``pad``)."""
+        ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no key
+        mask; a sliding window across it is first planned whole, marked ``pad``, and then cut
+        by ``_clip_groups`` into slabs that end there), and a key block that is only partly
+        padding (a hole) is a slab of its own that applies the key mask (``pad``)."""
         bs, nb, offset = self.block_size, math.ceil(nk / self.block_size), nk - nq
         end_key = pad if isinstance(pad, int) else nk  # keys at or past a row's length are padding
         classes = pad if isinstance(pad, tuple) else None
