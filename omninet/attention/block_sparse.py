@@ -173,6 +173,18 @@ def _extend(group: _Group, row: _Group) -> _Group:
     return _Group(group.q0, group.c + 1, group.r, slabs)
 
 
+# A staircase slab's additive mask: at most this many elements (1 MB in fp32) as (c * r, L) for a
+# shared call, else (c, 1, 1, L) broadcast over a block's rows; a group whose staircase would pass
+# it (c blocks, L = (c - 1) * step keys) is cut into groups of fewer blocks (``_clip_groups``).
+STAIR_MAX_ELEMENTS = 2**18
+
+
+def _shift(g: _Group, j: int, c: int) -> _Group:
+    """Blocks [j, j + c) of group ``g`` as a group of their own (its slabs shifted by their step)."""
+    slabs = tuple(_Slab(s.k0 + j * s.step, s.k1 + j * s.step, s.step, s.diag, s.masked, s.pad) for s in g.slabs)
+    return _Group(g.q0 + j * g.r, c, g.r, slabs)
+
+
 def _clip_groups(groups: list[_Group], end_key: int) -> list[_Group]:
     """An end-padded row's groups with every slab that crosses the row's length ``end_key``
     ending there, so that no key past it is read. Where the group's blocks read the same keys
@@ -181,22 +193,30 @@ def _clip_groups(groups: list[_Group], end_key: int) -> list[_Group]:
     block and slab; instead they stay one group with two slabs: the window's first ``m``
     keys, sliding and exact (``m``: the last block's share), and the rest, [k0 + m, end_key),
     shared by the group and read by block i from its key i * step on (``stair``, an additive
-    mask over real keys only). Measured (N=1024, block 16, 50%, 25% end padding on one of two
-    rows, forward): the row's last 15 blocks took 15 groups and 40 kernel calls a pass
-    (8 unpadded) and cost 1.17x the unpadded call; the staircase's masked half costs less than
-    the calls it saves."""
+    mask over real keys only; groups cut so that it stays within ``STAIR_MAX_ELEMENTS``).
+    Measured (N=1024, block 16, 50%, 25% end padding on one of two rows, forward): the row's
+    last 15 blocks took 15 groups and 40 kernel calls a pass (8 unpadded) and cost 1.17x the
+    unpadded call; the staircase's masked half costs less than the calls it saves."""
     out = []
-    for g in groups:
-        slabs = []
-        for s in g.slabs:
-            if not s.pad:
-                slabs.append(s)
-            elif g.c == 1 or s.step == 0:
-                slabs.append(_Slab(s.k0, min(s.k1, end_key), s.step, s.diag, s.masked))
-            else:
-                m = end_key - (s.k0 + (g.c - 1) * s.step)  # keys the last block reads
-                slabs += [_Slab(s.k0, s.k0 + m, s.step), _Slab(s.k0 + m, end_key, stair=s.step)]
-        out.append(_Group(g.q0, g.c, g.r, tuple(slabs)))
+    for group in groups:
+        steps = [s.step for s in group.slabs if s.pad and s.step > 0]
+        c = group.c
+        if steps and group.c > 1:  # the most blocks whose (c, L) staircase stays within the cap
+            c = max(1, int(math.isqrt(STAIR_MAX_ELEMENTS // max(steps))))
+            while c > 1 and c * (c - 1) * max(steps) > STAIR_MAX_ELEMENTS:
+                c -= 1
+        for j in range(0, group.c, c):
+            g = group if c >= group.c else _shift(group, j, min(c, group.c - j))
+            slabs = []
+            for s in g.slabs:
+                if not s.pad:
+                    slabs.append(s)
+                elif g.c == 1 or s.step == 0:
+                    slabs.append(_Slab(s.k0, min(s.k1, end_key), s.step, s.diag, s.masked))
+                else:
+                    m = end_key - (s.k0 + (g.c - 1) * s.step)  # keys the last block reads
+                    slabs += [_Slab(s.k0, s.k0 + m, s.step), _Slab(s.k0 + m, end_key, stair=s.step)]
+            out.append(_Group(g.q0, g.c, g.r, tuple(slabs)))
     return out
 
 
@@ -559,11 +579,14 @@ def _slab_mask(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, dtype, 
     strided view of the row's key mask under each block's keys."""
     explicit_causal = slab.masked or (slab.diag and not call.fused)
     if slab.stair:  # block i reads the slab from key i * stair on: (1, 1, c * r, L) shared, else (c, 1, r, L)
-        first = torch.arange(g.c, device=device).repeat_interleave(g.r) * slab.stair
-        visible = torch.arange(slab.k1 - slab.k0, device=device)[None, :] >= first[:, None]  # (c * r, L)
-        am = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        am = am[None, None] if _shared(call, g, slab, None) else am.view(g.c, 1, g.r, -1)
-        return am, visible.any(-1).view(g.c, 1, g.r)
+        L = slab.k1 - slab.k0
+        visible = torch.arange(L, device=device)[None, :] >= (torch.arange(g.c, device=device) * slab.stair)[:, None]
+        am = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))  # (c, L)
+        if g.c * g.r * L <= STAIR_MAX_ELEMENTS and _shared(call, g, slab, None):
+            am = am.repeat_interleave(g.r, dim=0)[None, None]
+        else:  # one row of the mask per block, broadcast over its rows (no copy)
+            am = am[:, None, None, :].expand(g.c, 1, g.r, L)
+        return am, visible.any(-1)[:, None, None].expand(g.c, 1, g.r)
     if call.mask is None and call.bias is None and not explicit_causal and not slab.pad:
         return None, None
     offset, visible, am, L = plan.offset, None, None, slab.k1 - slab.k0
