@@ -173,10 +173,11 @@ def _extend(group: _Group, row: _Group) -> _Group:
     return _Group(group.q0, group.c + 1, group.r, slabs)
 
 
-# A staircase slab's additive mask: at most this many elements (1 MB in fp32) as (c * r, L) for a
-# shared call, else (c, 1, 1, L) broadcast over a block's rows; a group whose staircase would pass
-# it (c blocks, L = (c - 1) * step keys) is cut into groups of fewer blocks (``_clip_groups``).
-STAIR_MAX_ELEMENTS = 2**18
+# A staircase slab's additive mask holds at most chunk_bytes / STAIR_FRACTION elements (the
+# default budget: 2^18, 1 MB in fp32) as (c * r, L) for a shared call, else (c, 1, 1, L) broadcast
+# over a block's rows; a group whose staircase would pass it (c blocks, L = (c - 1) * step keys)
+# is cut into groups of fewer blocks (``_clip_groups``).
+STAIR_FRACTION = 32
 
 
 def _shift(g: _Group, j: int, c: int) -> _Group:
@@ -185,7 +186,7 @@ def _shift(g: _Group, j: int, c: int) -> _Group:
     return _Group(g.q0 + j * g.r, c, g.r, slabs)
 
 
-def _clip_groups(groups: list[_Group], end_key: int) -> list[_Group]:
+def _clip_groups(groups: list[_Group], end_key: int, max_elements: int) -> list[_Group]:
     """An end-padded row's groups with every slab that crosses the row's length ``end_key``
     ending there, so that no key past it is read. Where the group's blocks read the same keys
     (one block, or keys shared by the group) the slab is cut. A sliding window's blocks
@@ -193,7 +194,7 @@ def _clip_groups(groups: list[_Group], end_key: int) -> list[_Group]:
     block and slab; instead they stay one group with two slabs: the window's first ``m``
     keys, sliding and exact (``m``: the last block's share), and the rest, [k0 + m, end_key),
     shared by the group and read by block i from its key i * step on (``stair``, an additive
-    mask over real keys only; groups cut so that it stays within ``STAIR_MAX_ELEMENTS``).
+    mask over real keys only; groups cut so that it stays within ``max_elements``).
     Measured (N=1024, block 16, 50%, 25% end padding on one of two rows, forward): the row's
     last 15 blocks took 15 groups and 40 kernel calls a pass (8 unpadded) and cost 1.17x the
     unpadded call; the staircase's masked half costs less than the calls it saves."""
@@ -202,8 +203,8 @@ def _clip_groups(groups: list[_Group], end_key: int) -> list[_Group]:
         steps = [s.step for s in group.slabs if s.pad and s.step > 0]
         c = group.c
         if steps and group.c > 1:  # the most blocks whose (c, L) staircase stays within the cap
-            c = max(1, int(math.isqrt(STAIR_MAX_ELEMENTS // max(steps))))
-            while c > 1 and c * (c - 1) * max(steps) > STAIR_MAX_ELEMENTS:
+            c = max(1, int(math.isqrt(max_elements // max(steps))))
+            while c > 1 and c * (c - 1) * max(steps) > max_elements:
                 c -= 1
         for j in range(0, group.c, c):
             g = group if c >= group.c else _shift(group, j, min(c, group.c - j))
@@ -425,7 +426,7 @@ class BlockSparseLayout(nn.Module):
             else:
                 groups.append(row)
         if isinstance(pad, int):
-            groups = _clip_groups(groups, end_key)
+            groups = _clip_groups(groups, end_key, self.chunk_bytes // STAIR_FRACTION)
         return _Plan(offset=offset, groups=tuple(groups), dead=tuple(dead))
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
@@ -582,7 +583,7 @@ def _slab_mask(call: _Call, plan: _Plan, g: _Group, slab: _Slab, b: int, dtype, 
         L = slab.k1 - slab.k0
         visible = torch.arange(L, device=device)[None, :] >= (torch.arange(g.c, device=device) * slab.stair)[:, None]
         am = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))  # (c, L)
-        if g.c * g.r * L <= STAIR_MAX_ELEMENTS and _shared(call, g, slab, None):
+        if g.c * g.r * L <= call.chunk_bytes // STAIR_FRACTION and _shared(call, g, slab, None):
             am = am.repeat_interleave(g.r, dim=0)[None, None]
         else:  # one row of the mask per block, broadcast over its rows (no copy)
             am = am[:, None, None, :].expand(g.c, 1, g.r, L)
