@@ -30,13 +30,14 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.eval_examples = 3, 32
     base = {
-        "task": {"name": "listops", "preset": "quickstart"},
+        "task": {"name": "listops", "preset": "quickstart", **({"num_train": 512, "num_eval": 64} if args.quick else {})},
         "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
         "train": {"steps": args.steps, "batch_size": 32, "lr": 1e-3, "seed": 0, "eval_max_examples": args.eval_examples},
         "hardware": {"device": "cpu", "num_threads": 2},
     }
     if args.quick:
-        base["measure"] = {"min_seconds": 0.0, "max_rounds": 1}
+        base["measure"] = {"min_seconds": 0.0, "max_rounds": 1, "batch_size": 4}
+        base["hardware"]["num_threads"] = 1  # the suite runs two smokes at once on two cores
     rows = {}
     for precision in ("fp32", "int8"):
         cfg = json.loads(json.dumps(base))

@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--latency-reps", type=int, default=50)
     p.add_argument("--min-seconds", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke mode: 30 steps, 200 eval examples, 3 short rounds")
+    p.add_argument("--quick", action="store_true", help="smoke mode: 10 steps, 200 eval examples, 2 short rounds")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.eval_examples, args.repeats, args.latency_reps, args.min_seconds = 30, 200, 3, 20, 0.2
+        args.steps, args.eval_examples, args.repeats, args.latency_reps, args.min_seconds = 10, 200, 2, 20, 0.05
 
     from omninet.hardware import convert_qat, int8_engine, quantize_int8
     from omninet.trial import loop, measure
