@@ -414,6 +414,7 @@ def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, sma
 
     rows, windows = [], []
     real_span, real_index = bs._span, bs._window_index
+    monkeypatch.setattr(bs, "TILE_ROWS", 16)  # block by block (tiles: test_tiled_sliding_windows_match_eager)
     monkeypatch.setattr(bs, "_span", lambda t, b, n, *a: rows.append(n) or real_span(t, b, n, *a))
     monkeypatch.setattr(bs, "_window_index", lambda *a: windows.append(a) or real_index(*a))
     state = layout(sparsity_factor=0.5, random_blocks=0)  # n=256: 16 blocks, 8 a row: global, shared and sliding slabs
@@ -431,6 +432,52 @@ def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, sma
         _matches_eager_in_float64(q, k, v, m, state)
         assert windows  # the sliding window's gradient sums took the index_add_ path
         assert max(rows) == 3  # rows with the same group share calls (padding leaves row 1's first groups as they are)
+
+
+@pytest.mark.parametrize("block_size,sparsity,strided", [(16, 0.5, False), (16, 0.5, True), (16, 0.75, False),
+                                                         (32, 0.5, True)])  # strided: (B, N, H, D) like the model's
+def test_tiled_sliding_windows_match_eager(monkeypatch, block_size, sparsity, strided):
+    """Sliding groups run as tiles of several blocks against the union of their windows, each
+    sub-block masked to its own window (``band``), with the blocks left over as a group of
+    their own; dk, dv of the overlapping tiles are summed by index_add_ in gcd(L, step)-row
+    units. Values and gradients against eager, with end padding on one row."""
+    import omninet.attention.block_sparse as bs
+    from omninet.attention.block_sparse import _budget
+
+    windows = []
+    real_index = bs._window_index
+    monkeypatch.setattr(bs, "_window_index", lambda *a: windows.append(a) or real_index(*a))
+    n, b, h, d = 1536 + 3 * block_size, 2, 4, 16  # windows of at least TILE_MIN_WINDOW blocks
+    state = layout(block_size=block_size, sparsity_factor=sparsity, random_blocks=0)
+    tokens, bwd_blocks = _budget(torch.zeros(b, h, n, d), block_size, state.chunk_bytes)
+    plan = state.plan(n, n, False, 1 << 30, tokens, False)
+    tiled = [g for g in plan.groups if any(s.band for s in g.slabs)]
+    assert tiled and all(g.r > block_size for g in tiled)
+    g = torch.Generator().manual_seed(11)
+    shape = (b, n, h, d) if strided else (b, h, n, d)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = ((t.transpose(1, 2) if strided else t).requires_grad_() for t in (q, k, v))
+    for m in (None, end_padding(b, n, [n, n - 300])):
+        windows.clear()
+        _matches_eager_in_float64(q, k, v, m, state)
+        assert windows  # the tiles' overlapping dk, dv were summed by index_add_
+
+
+@pytest.mark.parametrize("L,step", [(128, 32), (544, 64), (96, 64), (48, 16)])
+def test_window_sums_in_gcd_units_equal_a_loop(L, step):
+    """``_add_block_windows`` of c overlapping windows (a tiled window's L need not be a multiple
+    of its step: units of gcd(L, step) rows) equals adding block by block."""
+    from omninet.attention.block_sparse import _Slab, _add_block_windows, _grad_buffer
+
+    c, H, D, b, k0 = 5, 4, 16, 1, 16
+    n = k0 + (c - 1) * step + L + 8
+    dst = _grad_buffer(torch.zeros(2, H, n, D, dtype=torch.float64))
+    src = torch.randn(c, L, H, D, dtype=torch.float64).transpose(1, 2)  # the flash kernel's (c, H, L, D) layout
+    want = dst.clone()
+    for j in range(c):
+        want[b, :, k0 + j * step : k0 + j * step + L] += src[j]
+    _add_block_windows(dst, b, _Slab(k0, k0 + L, step), c, src)
+    torch.testing.assert_close(dst, want)
 
 
 def _peak_extra_mb(state, n, *, grad, heads=4, d=32, mask=None):
@@ -461,13 +508,13 @@ def test_working_set_stays_bounded_as_n_grows(grad, padded):
     first staircase masks of end-padded rows grew with the window squared)."""
     budget = 256 * 1024 if not padded else 8 * 2**20  # padded: the default budget, where staircases are shared calls
     extra = []
-    for n in (512, 1024, 2048, 4096):
+    for n in (1024, 2048, 4096, 8192) if padded else (512, 1024, 2048, 4096):  # padded: until groups fill the budget
         state = BlockSparseLayout(BlockSparseConfig(block_size=16, sparsity_factor=0.5 if padded else 0.875,
                                                     min_seq_length=0))
         state.chunk_bytes = budget
         extra.append(_peak_extra_mb(state, n, grad=grad, mask=end_padding(1, n, [n - n // 4]) if padded else None))
     mb = budget / 2**20 * (BACKWARD_BUDGETS if grad else 1)  # a backward group may hold BACKWARD_BUDGETS budgets
-    # Within the budget at every N, and flat from 2048 to 4096 (gathering O(N * density * N) keys
+    # Within the budget at every N, and flat over the last doubling of N (gathering O(N * density * N) keys
     # would double it).
     assert max(extra) <= 1.5 * mb and abs(extra[-1] - extra[-2]) <= 0.25 * mb, extra
 
