@@ -32,7 +32,10 @@ kernel's outputs come back in the (N, H, D) order of the output and of dq, dk, d
 block's partial softmaxes over its slabs are merged by log-sum-exp. A slab with no mask of its
 own whose keys every block of the group reads (a global block; a one-block group) is one call
 for all the batch rows that share a plan, (n, H, c * bs, D), still views. A sliding window's
-dk, dv (its blocks' windows overlap) are summed by one ``index_add_``. On CPU each slab is the fused flash
+dk, dv (its blocks' windows overlap) are summed by one ``index_add_``. A wide sliding window
+(at least ``TILE_MIN_WINDOW`` blocks) runs in tiles of up to ``TILE_ROWS`` query rows (several
+blocks) against the union of their windows, the tile's two edges masked per block (at most 15%
+more pairs), since the CPU flash kernel's 16-row units cost it twice a dense tile's per pair. On CPU each slab is the fused flash
 kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp); a
 causal row's own block uses its top-left ``is_causal`` (square and aligned), so causal rows
 need no mask. Elsewhere, or with dropout, each slab is eager math (dropout masks drawn from
