@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +71,10 @@ def quickstart(args) -> tuple[dict, dict, dict]:
     trial["measure"] = {**trial.get("measure", {}), "memory": False}
     finetune = dict(doc.get("finetune") or {})
     if args.quick:
-        trial = merge(trial, {"task": {"max_length": 64, "max_bytes": 200_000},
+        # one stdlib package as the corpus: the same byte budget, without listing the whole stdlib
+        # (and any site-packages under it) for every trial's task
+        corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "asyncio")
+        trial = merge(trial, {"task": {"max_length": 64, "max_bytes": 200_000, "root": corpus},
                               "model": {"hidden_size": 16, "num_heads": 4},
                               "train": {"eval_target_se": None, "eval_max_examples": 64},
                               "measure": {"min_seconds": 0.0, "max_rounds": 1}})

@@ -31,7 +31,7 @@ SMOKE = {
     "records_soak": (["--quick"], 21),
     "attention_kernels": (["--quick"], 26),
     "device_check": (["--dry"], 10),
-    "trained_base": (["--quick"], 16),
+    "trained_base": (["--quick"], 10),
 }
 
 
