@@ -216,20 +216,21 @@ def autocast(device, args) -> dict:
     return {"rows": rows, "all_ok": all(r["ok"] for r in rows)}
 
 
-def tiny_trial_config(device) -> dict:
+def tiny_trial_config(device, dry: bool = False) -> dict:
     return {
         "task": {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 256, "num_eval": 64},
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
         "train": {"steps": 8, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2},
         "hardware": {"device": device.type, "num_threads": 1},
-        "measure": {"memory": False},
+        # --dry: one latency round of the minimum reps (the section proves a trial runs, not its speed)
+        "measure": {"memory": False, **({"min_seconds": 0.0, "max_rounds": 1} if dry else {})},
     }
 
 
 def trial(device, args) -> dict:
     from omninet.trial import run_trial
 
-    res = run_trial(tiny_trial_config(device))
+    res = run_trial(tiny_trial_config(device, dry=args.dry))
     out = {k: getattr(res, k, None) for k in ("status", "error", "device", "device_name", "accuracy", "steps",
                                               "latency_p50_ms", "train_seconds")}
     if out["status"] != "ok":

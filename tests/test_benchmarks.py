@@ -30,7 +30,7 @@ SMOKE = {
     "machine_drift": (["--quick"], 3),
     "records_soak": (["--quick"], 21),
     "attention_kernels": (["--quick"], 26),
-    "device_check": (["--dry"], 10),
+    "device_check": (["--dry"], 6),
     "trained_base": (["--quick"], 10),
 }
 
