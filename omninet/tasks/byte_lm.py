@@ -73,6 +73,11 @@ class ByteLMConfig(TaskConfig):
                              "'..' such as '**/*.txt', and point root at the folder to read")
 
 
+# (root, pattern, exclude, eval_fraction) -> the split listing of ``ByteLMTask._list_files``; a
+# corpus that changes while a process runs is not re-listed (a new process lists it again).
+_LISTINGS: dict[tuple, dict[str, list[tuple[float, str]]]] = {}
+
+
 @register_task
 class ByteLMTask(Task):
     """Next-byte prediction on fixed windows of a local text corpus."""
@@ -100,7 +105,18 @@ class ByteLMTask(Task):
         self.files_read: dict[str, int] = {}
 
     def _find_files(self) -> dict[str, list[tuple[float, str]]]:
-        """Matching files by split, each list in hash order: ``(fraction, relative path)``."""
+        """Matching files by split, each list in hash order: ``(fraction, relative path)``. The
+        listing is kept per process (``_LISTINGS``): globbing the default corpus, the standard
+        library, walks every installed package before excluding them (~0.5 s), and a sweep
+        builds its task in the controller and again in every trial."""
+        key = (str(self.root.resolve()), self.config.pattern, tuple(self.config.exclude), self.config.eval_fraction)
+        if key not in _LISTINGS:
+            if len(_LISTINGS) >= 8:
+                _LISTINGS.pop(next(iter(_LISTINGS)))
+            _LISTINGS[key] = self._list_files()
+        return {name: list(files) for name, files in _LISTINGS[key].items()}
+
+    def _list_files(self) -> dict[str, list[tuple[float, str]]]:
         found: dict[str, list[tuple[float, str]]] = {"train": [], "eval": []}
         root = self.root.resolve()
         # glob.glob on relative strings is ~3x faster than Path.glob here; stat only survivors.
