@@ -72,30 +72,32 @@ query blocks, whose rows are zero).
 
 Where sparsity pays on CPU (issue 25's padding suite, ``benchmarks/attention_kernels.py --suite
 padding``: fp32, B=2, H=4, D=16, median of 21 interleaved runs after a warm-up, against SDPA
-with the same mask; Intel Xeon with AVX512-BF16, no AMX, one pinned thread, quiet, load 0.6-1.3;
+with the same mask; Intel Xeon with AVX512-BF16, no AMX, one pinned thread, quiet, load 0.9-1.7;
 ``benchmarks/results/attention_kernels_padding_1t.json``):
-- Forward, N=1024 and 4096, block 16-128, sparsity 0.5-0.9: 0.14-0.94x SDPA's time, at most
-  0.54x at sparsity >= 0.75 with a mask; an all-True or 25%-padded mask costs at most 1.02x the
-  kernel's own unmasked time (1.17x before the staircase slabs of ``_clip_groups``).
-- Forward+backward: N=1024: block 16 1.20x at 50%, 0.58x at 85%; block 64 0.85x, 0.49x; with
-  25% padding on half the rows 0.42-1.11x. N=256: block 16 1.91x at 50%, 1.33x at 85%; block 64
-  1.43x, 1.07x (0.99x padded). An earlier same-process A/B (AMD EPYC, load 2.6) had N=512 at
-  block 16 1.21x / 0.76x and block 64 1.13x / 0.66x.
+- Forward, N=1024 and 4096, block 16-128, sparsity 0.5-0.9: 0.14-0.98x SDPA's time, at most
+  0.53x at sparsity >= 0.75 with a mask; an all-True or 25%-padded mask costs at most 1.08x the
+  kernel's own unmasked time (an all-True cell, the unmasked computation itself: the noise; 1.17x
+  for the padded rows before the staircase slabs of ``_clip_groups``).
+- Forward+backward: N=1024: block 16 0.98x at 50% (1.20x before the tiles of ``_tile_groups``),
+  0.56x at 85%; block 64 0.80x, 0.44x; with 25% padding on half the rows 0.38-0.79x. N=256:
+  block 16 1.90x at 50%, 1.27x at 85%; block 64 1.56x, 1.00x (0.92x padded).
   Where sparsity cannot win on CPU: below 512 tokens at block 16-64 (N=256 is at best parity, at
-  85% with block 64), and at 50% sparsity with block 16 up to N=1024 (1.1-1.2x). At N=256 only
-  41-61% of a forward+backward call is inside the flash kernel's own calls (``in_kernel_fraction``
-  in the suite; 66-83% at N=1024): the rest is Python, views, log-sum-exp merges and gradient
-  sums, ~1-2 ms a call. The calls themselves are no cheaper than dense: a (head, block) work unit
-  of 16 query rows costs the CPU flash kernel 3.0 ns a score pair forward and 6.1 backward, against
-  1.6 and 2.9 for dense SDPA's own tiles, and a call ~20-30 us beyond its pairs, while 50% sparsity
-  with a global row and column still computes 53% of the pairs. Dense SDPA runs instead for
-  N <= ``min_seq_length`` (default 1024, which covers all of these; it gives up the 0.42-0.85x at
-  N=1024 with 85% sparsity or block 64); do not set it below 512.
-- Two threads (``--threads 2``, same machine, load 1.0-1.9): SDPA gains 1.46-2.24x from the second
-  thread, block-sparse 1.06-2.01x, and 71 of the 88 ratios stay within 20% of their one-thread
-  value (every forward+backward one at N=256, 7 of 8 at N=1024; the worst, forward at N=1024,
-  1.43x). What does not split is ours but serial: only the flash calls (41-96% of a call, least at
-  short N and small blocks) use the second thread, the Python between them does not.
+  85% with block 64; an earlier A/B had N=512 at 0.66-1.21x). At N=256 only 46-62% of a
+  forward+backward call is inside the flash kernel's own calls (``in_kernel_fraction`` in the
+  suite; 67-84% at N=1024): the rest is Python, views, log-sum-exp merges and gradient sums,
+  ~1-2 ms a call, and the calls themselves are no cheaper than dense: a (head, block) work unit of
+  16 query rows costs the CPU flash kernel 3.0 ns a score pair forward and 6.1 backward, against
+  1.6 and 2.9 for dense SDPA's own tiles (tiles only pay for windows of at least
+  ``TILE_MIN_WINDOW`` blocks), and a call ~20-30 us beyond its pairs, while 50% sparsity with a
+  global row and column still computes 53% of the pairs. Dense SDPA runs instead for
+  N <= ``min_seq_length`` (default 1024, which covers all of these; it gives up the 0.38-0.98x at
+  N=1024); do not set it below 512.
+- Two threads (``--threads 2``, same machine, load 1.0-1.9): SDPA gains 1.01-2.78x from the second
+  thread, block-sparse 0.79-2.69x, and 70 of the 88 ratios stay within 20% of their one-thread
+  value (forward 29 of 36 at N=1024 and 30 of 36 at N=4096; forward+backward 6 of 8 at N=256 and
+  5 of 8 at N=1024, the worst 1.40x). What does not split is ours but serial: only the flash calls
+  (46-97% of a call, least at short N and small blocks) use the second thread, the Python between
+  them does not.
 """
 
 from __future__ import annotations
