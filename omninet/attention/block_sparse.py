@@ -104,7 +104,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -133,6 +133,11 @@ class _Slab:
     pad: bool = False  # one key block that is part padding (a hole, not a row's end): the key mask applies here only
     stair: int = 0  # > 0: a shared slab that block i of the group reads from key i * stair on (``_clip_groups``)
     band: int = 0  # a tiled window's edge: sub-block u of a tile reads keys from u * band on (> 0), or before u * -band (< 0)
+
+    @property
+    def own_mask(self) -> bool:
+        """Whether the slab's calls take a mask of their own (not the fused kernel's is_causal)."""
+        return self.masked or self.pad or bool(self.stair) or bool(self.band)
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ STAIR_FRACTION = 32
 
 def _shift(g: _Group, j: int, c: int) -> _Group:
     """Blocks [j, j + c) of group ``g`` as a group of their own (its slabs shifted by their step)."""
-    slabs = tuple(_Slab(s.k0 + j * s.step, s.k1 + j * s.step, s.step, s.diag, s.masked, s.pad) for s in g.slabs)
+    slabs = tuple(replace(s, k0=s.k0 + j * s.step, k1=s.k1 + j * s.step) for s in g.slabs)
     return _Group(g.q0 + j * g.r, c, g.r, slabs)
 
 
@@ -208,10 +213,8 @@ def _clip_groups(groups: list[_Group], end_key: int, max_elements: int) -> list[
     for group in groups:
         steps = [s.step for s in group.slabs if s.pad and s.step > 0]
         c = group.c
-        if steps and group.c > 1:  # the most blocks whose (c, L) staircase stays within the cap
-            c = max(1, int(math.isqrt(max_elements // max(steps))))
-            while c > 1 and c * (c - 1) * max(steps) > max_elements:
-                c -= 1
+        if steps and group.c > 1:  # the most blocks whose (c, L = (c - 1) * step) staircase stays within the cap
+            c = max(1, math.isqrt(max_elements // max(steps)))  # c * (c - 1) * step < c^2 * step <= max_elements
         for j in range(0, group.c, c):
             g = group if c >= group.c else _shift(group, j, min(c, group.c - j))
             slabs = []
@@ -219,7 +222,7 @@ def _clip_groups(groups: list[_Group], end_key: int, max_elements: int) -> list[
                 if not s.pad:
                     slabs.append(s)
                 elif g.c == 1 or s.step == 0:
-                    slabs.append(_Slab(s.k0, min(s.k1, end_key), s.step, s.diag, s.masked))
+                    slabs.append(replace(s, k1=min(s.k1, end_key), pad=False))
                 else:
                     m = end_key - (s.k0 + (g.c - 1) * s.step)  # keys the last block reads
                     slabs += [_Slab(s.k0, s.k0 + m, s.step), _Slab(s.k0 + m, end_key, stair=s.step)]
@@ -257,8 +260,8 @@ def _tile_groups(groups: list[_Group], bs: int, chunk_bytes: int) -> list[_Group
     out = []
     for g in groups:
         sliding = [s for s in g.slabs if s.step]
-        if (g.r != bs or g.c < 2 or not sliding or any(s.step not in (0, bs) for s in g.slabs)
-                or any(s.diag or s.masked or s.pad or s.stair or s.band for s in g.slabs)):
+        if (g.r != bs or g.c < 2 or not sliding
+                or any(s.step not in (0, bs) or s.diag or s.own_mask for s in g.slabs)):
             out.append(g)
             continue
         window = min(s.k1 - s.k0 for s in sliding) / bs  # blocks
@@ -761,7 +764,7 @@ def _gathered(call: _Call, g: _Group, n: int, per_block: int, budget: int) -> bo
     (``GATHER_MAX_BLOCKS``), and one block's copies within the budget."""
     if not call.fused or call.mask is not None or call.bias is not None or (len(g.slabs) == 1 and n == 1):
         return False
-    if any(s.diag or s.masked or s.pad or s.stair or s.band for s in g.slabs):  # is_causal / a mask of their own
+    if any(s.diag or s.own_mask for s in g.slabs):  # is_causal / a mask of their own
         return False
     return sum(s.k1 - s.k0 for s in g.slabs) <= GATHER_MAX_BLOCKS * g.r and per_block <= budget
 
@@ -778,8 +781,7 @@ def _gathered_calls(b0: int, n: int, g: _Group, per_block: int, budget: int):
     cb = budget // per_block
     for b in range(b0, b0 + n):
         for j in range(0, g.c, cb):
-            slabs = tuple(_Slab(s.k0 + j * s.step, s.k1 + j * s.step, s.step) for s in g.slabs)
-            yield b, 1, _Group(g.q0 + j * g.r, min(cb, g.c - j), g.r, slabs)
+            yield b, 1, _shift(g, j, min(cb, g.c - j))
 
 
 def _gather_keys(t: torch.Tensor, b: int, m: int, g: _Group) -> torch.Tensor:
@@ -864,8 +866,7 @@ def _row_batched(call: _Call, g: _Group, slab: _Slab) -> bool:
     blocks share, see ``_shared``): (n, H, rows, D) is a plain view of q, k and v, so batch rows
     cost no copy, and the call has n times the work units (N=256, block 16, B=2: 12 -> 8 calls
     a pass)."""
-    if (not call.fused or call.mask is not None or call.bias is not None or slab.masked or slab.pad or slab.stair
-            or slab.band):
+    if not call.fused or call.mask is not None or call.bias is not None or slab.own_mask:
         return False
     return g.c == 1 or _shared(call, g, slab, None)
 

@@ -16,6 +16,7 @@ Default corpus: the Python standard library's own sources (``sysconfig.get_paths
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import sysconfig
@@ -73,9 +74,31 @@ class ByteLMConfig(TaskConfig):
                              "'..' such as '**/*.txt', and point root at the folder to read")
 
 
-# (root, pattern, exclude, eval_fraction) -> the split listing of ``ByteLMTask._list_files``; a
-# corpus that changes while a process runs is not re-listed (a new process lists it again).
-_LISTINGS: dict[tuple, dict[str, list[tuple[float, str]]]] = {}
+@functools.lru_cache(maxsize=8)
+def _listing(root: str, pattern: str, exclude: tuple[str, ...], eval_fraction: float,
+             where: str) -> dict[str, tuple[tuple[float, str], ...]]:
+    """Files under ``root`` matching ``pattern`` minus ``exclude``, by split, each in hash order:
+    ``(fraction, relative path)``. Kept per process: globbing the default corpus, the standard
+    library, walks every installed package before excluding them (~0.5 s), and a sweep builds
+    its task in the controller and again in every trial. A corpus that changes while a process
+    runs is not listed again (a new process lists it again)."""
+    base = Path(root)
+    resolved = base.resolve()
+    found: dict[str, list[tuple[float, str]]] = {"train": [], "eval": []}
+    # glob.glob on relative strings is ~3x faster than Path.glob here; stat only survivors.
+    for rel in glob.glob(pattern, root_dir=base, recursive=True):
+        rel = Path(rel).as_posix()
+        if any(fnmatch.fnmatch(rel, pat) for pat in exclude) or not (base / rel).is_file():
+            continue
+        if not (base / rel).resolve().is_relative_to(resolved):  # a symlink out of the corpus
+            continue
+        fraction = path_fraction(rel)
+        found["eval" if fraction < eval_fraction else "train"].append((fraction, rel))
+    for name, files in found.items():
+        if not files:
+            raise ValueError(f"{where}: no file under {root!r} matching {pattern!r} fell in the {name} split; "
+                             "use a corpus with more files or change eval_fraction")
+    return {name: tuple(sorted(files)) for name, files in found.items()}
 
 
 @register_task
@@ -105,36 +128,10 @@ class ByteLMTask(Task):
         self.files_read: dict[str, int] = {}
 
     def _find_files(self) -> dict[str, list[tuple[float, str]]]:
-        """Matching files by split, each list in hash order: ``(fraction, relative path)``. The
-        listing is kept per process (``_LISTINGS``): globbing the default corpus, the standard
-        library, walks every installed package before excluding them (~0.5 s), and a sweep
-        builds its task in the controller and again in every trial."""
-        key = (str(self.root.resolve()), self.config.pattern, tuple(self.config.exclude), self.config.eval_fraction)
-        if key not in _LISTINGS:
-            if len(_LISTINGS) >= 8:
-                _LISTINGS.pop(next(iter(_LISTINGS)))
-            _LISTINGS[key] = self._list_files()
-        return {name: list(files) for name, files in _LISTINGS[key].items()}
-
-    def _list_files(self) -> dict[str, list[tuple[float, str]]]:
-        found: dict[str, list[tuple[float, str]]] = {"train": [], "eval": []}
-        root = self.root.resolve()
-        # glob.glob on relative strings is ~3x faster than Path.glob here; stat only survivors.
-        for rel in glob.glob(self.config.pattern, root_dir=self.root, recursive=True):
-            rel = Path(rel).as_posix()
-            if any(fnmatch.fnmatch(rel, pat) for pat in self.config.exclude) or not (self.root / rel).is_file():
-                continue
-            if not (self.root / rel).resolve().is_relative_to(root):  # a symlink out of the corpus
-                continue
-            fraction = path_fraction(rel)
-            found["eval" if fraction < self.config.eval_fraction else "train"].append((fraction, rel))
-        for name, files in found.items():
-            if not files:
-                raise ValueError(f"{type(self.config).__name__}: no file under {str(self.root)!r} matching "
-                                 f"{self.config.pattern!r} fell in the {name} split; use a corpus with more files "
-                                 "or change eval_fraction")
-            files.sort()
-        return found
+        """Matching files by split, each list in hash order: ``(fraction, relative path)``."""
+        c = self.config
+        found = _listing(str(self.root), c.pattern, tuple(c.exclude), c.eval_fraction, type(c).__name__)
+        return {name: list(files) for name, files in found.items()}
 
     def _read_stream(self, name: str) -> torch.Tensor:
         """The split's files, cut to its byte budget, joined by EOS: int16 ids [T]."""
