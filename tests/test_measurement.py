@@ -35,18 +35,25 @@ def test_latency_loop_runs_min_reps_and_min_seconds():
     assert stats.rounds == 1 and not stats.noisy
 
 
-def test_latency_loop_remeasures_and_tags_noise():
+def test_latency_loop_remeasures_and_tags_noise(monkeypatch):
+    """On a fake clock (real sleeps made the steady case fail whenever the host paused the VM for
+    a few ms during one of its 20 calls: a CV over 0.5 from one outlier)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
     state = {"i": 0}
 
     def jittery():  # alternating 1 ms and 6 ms: a coefficient of variation near 0.7
         state["i"] += 1
-        time.sleep(0.006 if state["i"] % 2 else 0.001)
+        clock["now"] += 0.006 if state["i"] % 2 else 0.001
 
     stats = measure.latency(jittery, warmup=1, min_reps=20, min_seconds=0.0, max_cv=0.05, max_rounds=3)
     assert stats.rounds == 3 and stats.noisy and stats.cv > 0.05
 
-    steady = measure.latency(lambda: time.sleep(0.002), warmup=1, min_reps=20, min_seconds=0.0, max_cv=0.5,
-                             max_rounds=3)
+    def steady():  # 2 ms, +-1%
+        state["i"] += 1
+        clock["now"] += 0.002 * (1.0 + 0.01 * (state["i"] % 3 - 1))
+
+    steady = measure.latency(steady, warmup=1, min_reps=20, min_seconds=0.0, max_cv=0.5, max_rounds=3)
     assert steady.rounds == 1 and not steady.noisy
 
 
