@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import optuna
@@ -73,6 +74,10 @@ BAD = [
     ("storage", {"storage": {"optuna_url": "optuna.db"}}, "optuna_url"),
     ("storage", {"storage": {"mlflow": "x"}}, "mlflow"),
     ("simulate_accelerators", {"simulate_accelerators": "yes"}, "simulate_accelerators"),
+    ("enqueue", {"enqueue": [{"toy.xx": 0.5}]}, "enqueue[0]: 'toy.xx' is not a search-space parameter"),
+    ("enqueue", {"enqueue": [{"toy.x": 0.5}, {"toy.y": 7}]}, "enqueue[1].toy.y: 7 is outside its search space"),
+    ("enqueue", {"enqueue": [{"toy.x": 1.5}]}, "enqueue[0].toy.x: 1.5 is outside"),
+    ("enqueue", {"enqueue": [{"toy.z": 2.5}]}, "(int)"),
 ]
 
 
@@ -153,6 +158,26 @@ def test_run_py_process_exit_status(tmp_path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "sampler.kind" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("point,words", [
+    ({"model.attention.kernl": "sdpa", "model.heads.prune_ratio": 0.0},
+     "enqueue[0]: 'model.attention.kernl' is not a search-space parameter"),
+    ({"model.attention.kernel": "sdpa", "model.heads.prune_ratio": 0.7},
+     "enqueue[0].model.heads.prune_ratio: 0.7 is outside its search space (choices [0.0, 0.25, 0.5])"),
+], ids=["misspelled-key", "value-outside-choices"])
+def test_quickstart_enqueue_point_outside_the_space_exits_2_before_writing(point, words, tmp_path, capsys) -> None:
+    """The quickstart's enqueued base point, with a misspelled key or a value outside its choices,
+    is refused by the config check with the real runner: no results directory, no base trained."""
+    data = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    data["trial"]["task"]["root"] = str(Path(sysconfig.get_paths()["stdlib"]) / "asyncio")  # one package, not all
+    data["enqueue"] = [point]
+    path, results = tmp_path / "quick.yaml", tmp_path / "results"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # search-space order matters (`when`)
+    assert run_py.main(["--config", str(path), "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert not results.exists()
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "full.yaml"])

@@ -134,6 +134,20 @@ class ParamSpec(ConfigBase):
         """Whether the ``when`` clause holds for already-resolved path values."""
         return all(values.get(k) in allowed for k, allowed in self.when.items())
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (an ``enqueue`` point's value)."""
+        if self.kind == "categorical":
+            return value in self.choices
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not self.low <= value <= self.high:
+            return False
+        return self.kind != "int" or float(value).is_integer()
+
+    def describe(self) -> str:
+        """The space in one phrase, for messages: ``choices [0.0, 0.25, 0.5]`` or ``range [1, 8] (int)``."""
+        if self.kind == "categorical":
+            return f"choices {self.choices}"
+        return f"range [{self.low}, {self.high}]" + (" (int)" if self.kind == "int" else "")
+
     def suggest(self, trial: Any) -> Any:
         """Samples this parameter through Optuna's define-by-run API."""
         if self.kind == "categorical":
@@ -530,6 +544,7 @@ class SweepConfig(ConfigBase):
             self._params.append(param)
         self._check_result_keys()
         self._check_values()
+        self._check_enqueue()
         self._check_scheduler([p.name for p in self.pools])
         self._check_base(names)
 
@@ -556,14 +571,17 @@ class SweepConfig(ConfigBase):
     def base_pool(self) -> "PoolSpec":
         name = (self.base.pool if self.base is not None else None) or self.pools[0].name
         return next(p for p in self.pools if p.name == name)
+
+    def _check_enqueue(self) -> None:
+        """Each ``enqueue`` point names search-space parameters with values inside their space:
+        a misspelled key or an out-of-range value is refused here, before anything is written,
+        not by Optuna once the study exists (or never: an out-of-range value is simply run)."""
         names = {p.path: p for p in self._params}
         for i, point in enumerate(self.enqueue):
             for key, value in point.items():
                 _check(key in names, f"enqueue[{i}]: {key!r} is not a search-space parameter; parameters are {sorted(names)}")
-                p = names[key]
-                ok = (value in p.choices) if p.kind == "categorical" else (
-                    isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high)
-                _check(ok, f"enqueue[{i}].{key}: {value!r} is outside the search space of {key}")
+                _check(names[key].contains(value),
+                       f"enqueue[{i}].{key}: {value!r} is outside its search space ({names[key].describe()})")
 
     def _resolve_runner(self):
         """``trial_fn`` as a runner object: the one place its string form is resolved."""
