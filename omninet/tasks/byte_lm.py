@@ -29,7 +29,7 @@ import torch
 from omninet.tasks.base import IGNORE_INDEX, Task, TaskConfig, TaskSplit, register_task
 from omninet.tasks.tokenizer import EOS_ID, ByteTokenizer
 
-__all__ = ["ByteLMConfig", "ByteLMTask", "default_corpus_root", "path_fraction"]
+__all__ = ["ByteLMConfig", "ByteLMTask", "check_pattern", "corpus_listing", "default_corpus_root", "path_fraction"]
 
 
 def default_corpus_root() -> str:
@@ -65,17 +65,21 @@ class ByteLMConfig(TaskConfig):
         if self.max_bytes * min(self.eval_fraction, 1 - self.eval_fraction) < self.max_length + 1:
             raise ValueError(f"{where}.max_bytes={self.max_bytes} leaves a split fewer than max_length + 1 = "
                              f"{self.max_length + 1} bytes; raise max_bytes or lower max_length")
-        if not self.pattern:
-            raise ValueError(f"{where}.pattern must be a non-empty glob such as '**/*.txt'")
-        parts = PurePath(self.pattern).parts
-        if PurePath(self.pattern).is_absolute() or PureWindowsPath(self.pattern).is_absolute() or ".." in parts \
-                or ".." in PureWindowsPath(self.pattern).parts:
-            raise ValueError(f"{where}.pattern={self.pattern!r} reaches outside root; use a relative glob without "
-                             "'..' such as '**/*.txt', and point root at the folder to read")
+        check_pattern(self.pattern, where)
+
+
+def check_pattern(pattern: str, where: str) -> None:
+    """A corpus glob is relative and stays under ``root``: one-line ValueError otherwise."""
+    if not pattern:
+        raise ValueError(f"{where}.pattern must be a non-empty glob such as '**/*.txt'")
+    if PurePath(pattern).is_absolute() or PureWindowsPath(pattern).is_absolute() or ".." in PurePath(pattern).parts \
+            or ".." in PureWindowsPath(pattern).parts:
+        raise ValueError(f"{where}.pattern={pattern!r} reaches outside root; use a relative glob without "
+                         "'..' such as '**/*.txt', and point root at the folder to read")
 
 
 @functools.lru_cache(maxsize=8)
-def _listing(root: str, pattern: str, exclude: tuple[str, ...], eval_fraction: float,
+def corpus_listing(root: str, pattern: str, exclude: tuple[str, ...], eval_fraction: float,
              where: str) -> dict[str, tuple[tuple[float, str], ...]]:
     """Files under ``root`` matching ``pattern`` minus ``exclude``, by split, each in hash order:
     ``(fraction, relative path)``. Kept per process: globbing the default corpus, the standard
@@ -130,7 +134,7 @@ class ByteLMTask(Task):
     def _find_files(self) -> dict[str, list[tuple[float, str]]]:
         """Matching files by split, each list in hash order: ``(fraction, relative path)``."""
         c = self.config
-        found = _listing(str(self.root), c.pattern, tuple(c.exclude), c.eval_fraction, type(c).__name__)
+        found = corpus_listing(str(self.root), c.pattern, tuple(c.exclude), c.eval_fraction, type(c).__name__)
         return {name: list(files) for name, files in found.items()}
 
     def _read_stream(self, name: str) -> torch.Tensor:
