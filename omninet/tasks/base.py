@@ -54,6 +54,7 @@ __all__ = [
     "UnitMeter",
     "ClassificationMeter",
     "LMMeter",
+    "TokenMeter",
     "TASKS",
     "register_task",
     "build_task",
@@ -246,8 +247,9 @@ class LMMeter(UnitMeter):
     """Accumulates next-token metrics over the positions whose label is not ``-100``.
 
     ``loss`` is the mean cross-entropy in nats per scored token; ``bits_per_byte`` is that
-    divided by ln 2 (every lm task here scores byte tokens, so bits per token are bits per
-    byte); ``next_byte_accuracy`` (alias ``accuracy``) is the argmax hit rate;
+    divided by ln 2 (the tasks that use this meter score byte or symbol tokens, so bits per
+    token are bits per byte; ``TokenMeter`` is the one for a real vocabulary);
+    ``next_byte_accuracy`` (alias ``accuracy``) is the argmax hit rate;
     ``sequence_accuracy`` is the fraction of rows with every scored token right. Each scored
     position is a unit (``unit``: 'token' unless the task says otherwise, e.g. 'query').
     """
@@ -290,6 +292,23 @@ class LMMeter(UnitMeter):
         return {"loss": loss, "bits_per_byte": loss / math.log(2), "next_byte_accuracy": acc,
                 "accuracy": acc, "sequence_accuracy": self.rows_right / max(self.rows_scored, 1),
                 "tokens": float(self.tokens), **self._unit_metrics()}
+
+
+class TokenMeter(LMMeter):
+    """``LMMeter`` for tokens of a real vocabulary (the text tasks, Parquet ``input_ids``): the
+    same per-unit record (one unit per scored token: right or not, its NLL, its row), reported
+    as ``accuracy``, ``loss`` (mean NLL in nats), ``perplexity`` (``exp(loss)``) and
+    ``bits_per_token``, each with its standard error clustered by row (``perplexity_se`` by
+    the delta method: ``perplexity * eval_loss_se``); ``bits_per_byte`` and
+    ``next_byte_accuracy`` are left out (the tokens are not bytes)."""
+
+    def compute(self) -> dict[str, float]:
+        m = super().compute()
+        del m["bits_per_byte"], m["next_byte_accuracy"]
+        loss, se = m["loss"], m["eval_loss_se"]
+        perplexity = math.exp(min(loss, 700.0))  # capped short of float overflow
+        return {**m, "perplexity": perplexity, "perplexity_se": perplexity * se,
+                "bits_per_token": loss / math.log(2), "bits_per_token_se": se / math.log(2)}
 
 
 class Task(ABC):

@@ -12,7 +12,10 @@ column         type                     meaning
 =============  =======================  ==================================================
 
 ``kind='classification'`` needs ``label`` and one of ``input_ids``/``text``; ``kind='lm'``
-needs ``text`` (each row is one document: ``input_ids = x[:-1]``, ``labels = x[1:]``).
+needs one of them too (each row is one document: ``input_ids = x[:-1]``, ``labels = x[1:]``;
+``input_ids`` as already tokenized, e.g. by a pretrained model's tokenizer, with ``vocab_size``
+the model's: an id at or above it is refused). To window a long text in a pretrained model's
+vocabulary instead, use the ``text_lm`` task (``omninet.tasks.text``).
 Rows longer than ``max_length`` (``max_length + 1`` for lm) are cut; rows too short to give an
 example (empty, or under 2 bytes for lm) are dropped and counted in ``dropped_rows``.
 Without a ``split`` column a row goes to eval when a hash of its content (ids or text) falls
@@ -31,7 +34,8 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from omninet.tasks.base import SPLITS, Task, TaskConfig, TaskSplit, register_task
+from omninet.tasks.base import (SPLITS, ClassificationMeter, LMMeter, Task, TaskConfig, TaskSplit, TokenMeter,
+                                register_task)
 from omninet.tasks.tokenizer import ByteTokenizer
 
 __all__ = ["ParquetConfig", "ParquetTask", "content_fraction"]
@@ -102,13 +106,13 @@ class ParquetTask(Task):
     def _check_schema(self, schema: pa.Schema) -> str:
         """Returns the token source column; ValueError naming what is missing or mistyped."""
         cfg, names = self.config, set(schema.names)
-        if cfg.kind == "lm":
-            need = {"text"}
-        else:
-            need = {"label"} | ({"input_ids"} if "input_ids" in names or "text" not in names else {"text"})
+        need = {"input_ids"} if "input_ids" in names or "text" not in names else {"text"}
+        if cfg.kind == "classification":
+            need |= {"label"}
         missing = sorted(need - names)
         if missing:
-            hint = "'text' (string)" if cfg.kind == "lm" else "'input_ids' (list<int>) or 'text' (string), and 'label' (int)"
+            hint = "'input_ids' (list<int>) or 'text' (string)"
+            hint += ", and 'label' (int)" if cfg.kind == "classification" else ""
             raise ValueError(f"Parquet dataset {cfg.path!r} lacks column(s) {', '.join(map(repr, missing))} needed for "
                              f"kind={cfg.kind!r}: it needs {hint}; it has {', '.join(schema.names)}")
         source = "input_ids" if "input_ids" in need else "text"
@@ -166,7 +170,7 @@ class ParquetTask(Task):
             self.vocab_size = cfg.vocab_size if cfg.vocab_size is not None else max(high, cfg.pad_id) + 1
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"Parquet 'input_ids' hold ids in [{low}, {high}] outside [0, vocab_size={self.vocab_size}); "
-                                 f"fix the data or raise vocab_size")
+                                 f"fix the data or set vocab_size to the model's vocabulary size")
         if cfg.kind == "classification":
             all_labels = [label for examples in rows.values() for _, label in examples]
             self.num_classes = cfg.num_classes if cfg.num_classes is not None else max(max(all_labels) + 1, 2)
@@ -177,6 +181,12 @@ class ParquetTask(Task):
             self.num_classes = None
         self.max_length = max(len(ids) for examples in rows.values() for ids, _ in examples)
         self._rows = rows
+
+    def new_meter(self) -> ClassificationMeter | LMMeter:
+        """lm on ``input_ids``: a ``TokenMeter`` (perplexity; the ids are not bytes)."""
+        if self.kind == "lm" and self.source_column == "input_ids":
+            return TokenMeter(self.unit)
+        return super().new_meter()
 
     def _make_split(self, name: str) -> TaskSplit:
         examples = self._rows[name]
