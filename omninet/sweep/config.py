@@ -192,14 +192,18 @@ DEFAULT_OBJECTIVES = [
 class PoolConstraints(ConfigBase):
     """Per-pool feasibility limits. ``max_memory_mb`` bounds the trial's training peak
     (``peak_memory_train_mb``) and, before running, the trial runner's memory estimate;
-    ``max_latency_ms`` bounds ``latency_p50_ms``. Infeasible trials never enter the Pareto front."""
+    ``max_latency_ms`` bounds ``latency_p50_ms``; ``max_latency_ratio`` bounds
+    ``latency_ratio_ref`` (the trial's latency over the pool's reference model, timed side by
+    side: 1.0 = as fast as the reference). Infeasible trials never enter the Pareto front."""
 
     max_memory_mb: float | None = None
     max_latency_ms: float | None = None
+    max_latency_ratio: float | None = None
 
     # Each limit: its name as an Optuna constraint (the record's ``constraint_<name>`` column)
     # and the result column it bounds. The one place a limit meets its column.
-    _BOUNDS = (("memory", "max_memory_mb", "peak_memory_train_mb"), ("latency", "max_latency_ms", "latency_p50_ms"))
+    _BOUNDS = (("memory", "max_memory_mb", "peak_memory_train_mb"), ("latency", "max_latency_ms", "latency_p50_ms"),
+               ("latency_ratio", "max_latency_ratio", "latency_ratio_ref"))
 
     def validate(self) -> None:
         for _, name, _ in self._BOUNDS:

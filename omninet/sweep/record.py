@@ -57,6 +57,7 @@ class TrialRecord:
     # measured - limit per pool constraint (PoolConstraints.bounds): <= 0 is feasible, as Optuna's constraints
     constraint_memory: float | None = column(label="memory over the limit", unit="MB")
     constraint_latency: float | None = column(label="latency over the limit", unit="ms")
+    constraint_latency_ratio: float | None = column(label="latency / reference over the limit")
     repeat_of: int | None = column(metric=False)  # the trial whose configuration this run repeats with another seed
     config_key: str | None = None  # the searched parameters, canonical JSON: runs of one configuration share it
     # 'measure_first' (measured, then stopped) or 'cost_model' (predicted; never ran)
