@@ -88,6 +88,114 @@ def test_calibration_takes_the_machines_drift_out_of_the_latency(monkeypatch):
     assert uncalibrated.noisy and uncalibrated.rel_p50 is None
 
 
+# ---- paired timing against the reference --------------------------------------------------
+def test_median_interval_is_the_order_statistics_of_a_hand_computed_case():
+    """n = 20: P(Bin(20, 1/2) <= 5) = 21700/2^20 = 0.0207 <= 0.025 < P(<= 6) = 0.0577, so the 95%
+    interval is [x_(6), x_(15)]; n = 6 is the smallest with one: [min, max] (coverage 1 - 2/64)."""
+    values = [1.0 + i / 100 for i in (19, 3, 11, 0, 7, 15, 2, 9, 18, 5, 13, 1, 17, 8, 4, 16, 10, 6, 14, 12)]
+    median, lo, hi = measure.median_interval(values)
+    assert median == pytest.approx(1.095) and lo == pytest.approx(1.05) and hi == pytest.approx(1.14)
+    assert measure.median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (3.5, 1.0, 6.0)
+    assert measure.median_interval([2.0, 1.0, 3.0]) == (2.0, 1.0, 3.0)  # too few for 95%: the range
+
+
+def _fake_clock(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
+    return clock
+
+
+def test_paired_ratio_is_the_median_of_round_ratios(monkeypatch):
+    """One call of each per round on a fake clock: the rounds alternate which goes first, each
+    round's ratio is a / b, the result is their median with the order-statistic interval."""
+    clock = _fake_clock(monkeypatch)
+    a_ms = iter([9, 9] + [4, 6, 5, 8, 5, 4])  # two warm-up calls, then one per round
+    b_ms = iter([9, 9] + [4, 5, 4, 5, 5, 4])
+    order = []
+
+    def call(name, times):
+        def fn():
+            order.append(name)
+            clock["now"] += next(times) / 1e3
+        return fn
+
+    t = measure.paired(call("a", a_ms), call("b", b_ms), warmup=2, calls=1, min_rounds=6, max_rounds=6)
+    assert order[4:] == list("abbaabbaabba")  # after the warm-up: a first, then b first, ...
+    assert t.rounds == 6 and t.a_s == pytest.approx([0.004, 0.006, 0.005, 0.008, 0.005, 0.004])
+    # round ratios 1.0, 1.2, 1.25, 1.6, 1.0, 1.0 -> median 1.1, 95% interval [min, max] at 6 rounds
+    assert t.ratio() == pytest.approx((1.1, 1.0, 1.6))
+    assert t.ratio(inverse=True)[0] == pytest.approx((1 / 1.2 + 1.0) / 2)  # b / a: 0.625, 0.8, 0.833, 1, 1, 1
+    assert not t.narrow  # half-width 0.3 > 2% of 1.1, but max_rounds reached
+
+
+def test_the_references_own_configuration_pairs_to_one_through_a_30pct_drift(monkeypatch):
+    """The same 3 ms model against itself while the machine slows down by 30% for a while (and
+    jitters by up to 2% per call, seeded): the raw times move by 30%, the ratio's interval holds 1, and the
+    drift moves the ratio by less than the interval is wide. A model 20% faster is called faster."""
+    import random
+
+    clock = _fake_clock(monkeypatch)
+    state = {"calls": 0, "drift": True, "jitter": random.Random(0)}
+
+    def model(ms: float):
+        def fn():
+            state["calls"] += 1
+            slow = 1.3 if state["drift"] and 60 <= state["calls"] % 200 < 150 else 1.0
+            clock["now"] += ms / 1e3 * slow * (1.0 + state["jitter"].uniform(-0.02, 0.02))
+        return fn
+
+    kw = dict(warmup=2, calls=3, min_rounds=10, max_rounds=40, halfwidth=0.02, max_seconds=100.0)
+    drifted = measure.paired(model(3.0), model(3.0), **kw)
+    assert max(drifted.a_s) / min(drifted.a_s) > 1.3  # the raw times carry the drift
+    ratio, lo, hi = drifted.ratio()
+    assert lo <= 1.0 <= hi and hi - lo < 0.05
+    state.update(calls=0, drift=False)
+    quiet_ratio = measure.paired(model(3.0), model(3.0), **kw).ratio()[0]
+    assert abs(ratio - quiet_ratio) < hi - lo
+    state.update(calls=0, drift=True)
+    faster, lo, hi = measure.paired(model(2.4), model(3.0), **kw).ratio()
+    assert hi < 1.0 and lo <= 0.8 <= hi
+
+
+def test_paired_rounds_stop_once_the_interval_is_narrow(monkeypatch):
+    clock = _fake_clock(monkeypatch)
+
+    def fn():
+        clock["now"] += 0.002
+
+    t = measure.paired(fn, fn, warmup=1, calls=3, min_rounds=10, max_rounds=40, halfwidth=0.02)
+    assert t.rounds == 10 and t.narrow and t.ratio() == (1.0, 1.0, 1.0)
+    t = measure.paired(fn, fn, warmup=1, calls=3, min_rounds=10, max_rounds=40, halfwidth=0.02, min_calls=45)
+    assert t.rounds == 15  # and at least min_calls calls of a
+
+
+def test_a_trial_times_itself_against_the_reference_it_is_given(tmp_path):
+    """The reference model is built in the trial (its own config, the trial's inputs) and timed
+    beside it; the trial's raw figures come from its calls in those rounds. A reference that
+    cannot be built leaves the trial unpaired, and the record says why."""
+    from omninet.trial import RunContext, run_trial
+    from omninet.trial.config import TrialConfig
+
+    cfg = {"task": {"name": "listops", "preset": "quickstart", "num_train": 64, "num_eval": 16},
+           "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2}, "train": {"steps": 1, "batch_size": 8},
+           "measure": {"seq_length": 128, "allow_other_length": True, "batch_size": 2, "memory": False,
+                       "latency_reps": 20, "pair_min_rounds": 6, "pair_max_rounds": 8}}
+    ref = TrialConfig.from_dict(cfg)
+    r = run_trial(cfg, context=RunContext(reference=ref, reference_label="enqueue[0]")).to_dict()
+    assert r["status"] == "ok", r["error"]
+    assert r["latency_pairing"] == "enqueue[0]" and 7 <= r["latency_rounds"] <= 8 and r["latency_reps"] >= 20
+    for key in ("latency_ratio_ref", "throughput_ratio_ref"):
+        assert 0 < r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"]
+    assert r["latency_ref_p50_ms"] > 0 and r["latency_p50_rel"] > 0 and r["throughput_tokens_s"] > 0
+    (tmp_path / "config.json").write_text(json.dumps(ref.model_config.to_dict()))  # a base whose weights are gone
+    broken = ref.with_values({"base": str(tmp_path)})
+    r = run_trial(cfg, context=RunContext(reference=broken, reference_label="base")).to_dict()
+    assert r["status"] == "ok" and r["latency_ratio_ref"] is None
+    assert r["latency_pairing"].startswith("unpaired: the reference (base) failed to build")
+    alone = run_trial(cfg, context=RunContext(reference_label="unpaired: no reference")).to_dict()
+    assert alone["latency_pairing"] == "unpaired: no reference" and alone["latency_ratio_ref"] is None
+
+
 def test_a_trial_reports_its_latency_against_the_reference():
     from omninet.trial import RunContext, run_trial
 

@@ -250,9 +250,22 @@ class SweepController:
                 continue
             opts = {**ps.spec.ray_options(), "max_retries": ps.spec.max_retries, "retry_exceptions": False,
                     "name": f"trial {ps.spec.name}#{run.number}"}
+            reference, label = self._timing_reference(ps, run)
             task = self._task(ps.spec, run.trial_config, run.number, memory_budget_mb=limits.max_memory_mb,
-                              scheduler=learning.rung_client(self._book, self.config, run))
+                              scheduler=learning.rung_client(self._book, self.config, run), reference=reference,
+                              reference_label=label)
             ps.inflight[self._remote.options(**opts).remote(task)] = run
+
+    def _timing_reference(self, ps: PoolState, run: Running) -> tuple[Any, str | None]:
+        """(typed config, label) of the model the pool's trials time themselves against
+        (:func:`omninet.sweep.repeats.timing_reference`), made once per pool; (None, None) for a
+        runner that does not pair its timing."""
+        if not self.config.runner.pairs_latency:
+            return None, None
+        if ps.timing_reference is None:
+            ps.timing_reference = repeats.timing_reference(self.config, ps, run, base=self._base_path)
+            log.info("pool %s: trials are timed side by side with %s", ps.spec.name, ps.timing_reference[1])
+        return ps.timing_reference
 
     def _duplicate(self, ps: PoolState, run: Running) -> None:
         """A proposal equal to an earlier trial (parameters and seed): recorded as 'duplicate'

@@ -16,7 +16,7 @@ from omninet.sweep.records import params_key
 from omninet.sweep.state import PoolState, Running
 
 __all__ = ["FINISHED_STATES", "base_seed", "seed_key", "plan_repeats", "duplicate_outcome", "matches_reference",
-           "pair_with_reference"]
+           "reference_point", "timing_reference", "pair_with_reference"]
 
 log = logging.getLogger("omninet.sweep")
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
@@ -76,13 +76,47 @@ def duplicate_outcome(config: SweepConfig, row: dict[str, Any], original: int) -
                      "Optuna with its outcome"}
 
 
+def reference_point(config: SweepConfig, ps: PoolState) -> dict[str, Any]:
+    """The sweep's first ``enqueue`` point (the dense baseline) as this pool searches it ({} without one)."""
+    if not config.enqueue:
+        return {}
+    return {k: v for k, v in config.enqueue[0].items() if k in {q.path for q in ps.params}}
+
+
 def matches_reference(config: SweepConfig, ps: PoolState, params: dict[str, Any]) -> bool:
     """Whether ``params`` is the sweep's first ``enqueue`` point (the dense baseline) as this
     pool searches it."""
     if not config.enqueue:
         return False
-    point = {k: v for k, v in config.enqueue[0].items() if k in {q.path for q in ps.params}}
-    return all(params.get(k) == v for k, v in point.items())
+    return all(params.get(k) == v for k, v in reference_point(config, ps).items())
+
+
+def timing_reference(config: SweepConfig, ps: PoolState, run: Running, *, base: Any) -> tuple[Any, str]:
+    """The model every trial of the pool is timed against (``measure.paired``), as the runner's
+    typed config, and what it is (the record's ``latency_pairing``):
+
+    - with a ``base``: the base itself, as the pool's reference run measures it (the first
+      ``enqueue`` point as the pool searches it, no fine-tune): 'base';
+    - without: that ``enqueue`` point, the configuration of the pool's accuracy reference: 'enqueue[0]';
+    - without either: the configuration of the pool's first run (trial #0 of its study; ``run``
+      when it is that one): 'first run (#0)'.
+
+    Without a base the reference is built from its seed, untrained: a model's time depends on
+    its shapes, kernels, heads and precision, not on its weight values (the ``mixed`` plan
+    aside). A configuration this pool cannot build gives (None, 'unpaired: ...')."""
+    if base is not None:
+        values, label = {**reference_point(config, ps), "base": str(base), "finetune.steps": 0}, "base"
+    elif config.enqueue:
+        values, label = reference_point(config, ps), "enqueue[0]"
+    else:
+        first = run.params if run.number == 0 else next(
+            (t.params for t in sorted(ps.study.get_trials(deepcopy=False), key=lambda t: t.number) if t.params),
+            run.params)
+        values, label = dict(first), "first run (#0)"
+    try:
+        return config.trial_config(values), label
+    except ValueError as exc:
+        return None, f"unpaired: the reference configuration ({label}) is not valid on this pool: {exc}"
 
 
 def is_reference(config: SweepConfig, ps: PoolState, run: Running, *, has_base: bool) -> bool:

@@ -55,6 +55,7 @@ class PoolState:
     reference: int | None = None  # the trial every other is paired against (omninet.scores)
     reference_sent: bool = False  # a sweep with a base: the pool's reference run was dispatched
     reference_scores: Any = None  # the reference run's UnitScores, read once
+    timing_reference: tuple[Any, str] | None = None  # (typed config, label) trials are timed against, made once
 
     @property
     def finished(self) -> int:

@@ -80,7 +80,9 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
 class TrialTask:
     """One trial as the controller sends it to a Ray worker: the runner and its parsed config,
     the pool it runs for, and how (``isolate``: disjoint cores and the node's measurement gate;
-    ``scheduler``: the trial's rung client, or None to train to the budget)."""
+    ``scheduler``: the trial's rung client, or None to train to the budget; ``reference``: the
+    pool's reference model as the runner's typed config, which the trial times itself against,
+    and ``reference_label``, what it is or why there is none)."""
 
     runner: Any  # omninet.trial.TrialRunner
     config: Any  # the runner's typed config, parsed once by the controller
@@ -94,6 +96,8 @@ class TrialTask:
     keep_model: bool = False
     scheduler: Any = None
     calibration_ref_ms: float | None = None
+    reference: Any = None
+    reference_label: str | None = None
 
 
 def execute_trial(task: TrialTask) -> dict[str, Any]:
@@ -112,16 +116,17 @@ def execute_trial(task: TrialTask) -> dict[str, Any]:
         return {"status": "error", "simulated": False, **info,
                 "error": f"pool {task.pool!r} needs a {task.accelerator} but node {info['node']} has none ({detail}); "
                          "set simulate_accelerators: true to run it on CPU"}
-    runner, config, budget = task.runner, task.config, task.memory_budget_mb
+    runner, config, budget, reference = task.runner, task.config, task.memory_budget_mb, task.reference
     if simulated:
         config = runner.on_cpu(config)
+        reference = None if reference is None else runner.on_cpu(reference)  # timed where the trial runs
     estimate = _estimate_mb(runner, config)
     if estimate is not None and budget is not None and estimate > budget:
         return {"status": "infeasible", "estimated_memory_mb": estimate, "simulated": simulated, **info,
                 "error": f"estimated {estimate:.0f} MB > pool budget {budget:.0f} MB; not run"}
     gate = None
     context = RunContext(keep_model=task.keep_model, scheduler=task.scheduler, calibration_ref_ms=task.calibration_ref_ms,
-                         estimated_memory_mb=estimate)
+                         estimated_memory_mb=estimate, reference=reference, reference_label=task.reference_label)
     if task.isolate and info["node_id"]:
         from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
 

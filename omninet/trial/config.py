@@ -171,7 +171,18 @@ class MeasureConfig(ConfigBase):
     workload (``omninet.trial.measure.calibration``), so the result also carries the latency in
     units of the reference (``latency_p50_rel``), free of the machine's speed drift, and in ms at
     a reference speed (``latency_p50_norm_ms``; in a sweep, the pool's probed reference, so all
-    trials of a pool are on one scale). ``max_cv`` then judges the per-call ratios."""
+    trials of a pool are on one scale). ``max_cv`` then judges the per-call ratios.
+
+    ``paired`` (default on): in a sweep, the trial also builds its pool's reference model (the
+    base, or the pool's reference configuration: ``RunContext.reference``) and times the two side
+    by side (``omninet.trial.measure.paired``): rounds of ``pair_calls`` calls of each, alternating
+    which goes first, until the 95% interval of the per-round ratios has a half-width of at most
+    ``pair_halfwidth`` of the ratio (after ``pair_min_rounds`` rounds), or ``pair_max_rounds``
+    rounds, or ``pair_max_seconds``. The result carries ``latency_ratio_ref`` and
+    ``throughput_ratio_ref`` with their intervals; the trial's raw (and calibrated) latency comes
+    from its own calls in those rounds (at least ``latency_reps``; ``min_seconds``, ``max_cv`` and
+    ``max_rounds`` then do not apply), its throughput from its calls in rounds of one call each
+    (``throughput_reps`` does not apply)."""
 
     latency_reps: int = 30
     throughput_reps: int = 20
@@ -183,6 +194,12 @@ class MeasureConfig(ConfigBase):
     batch_size: int | None = None
     memory: bool = True
     calibrate: bool = True
+    paired: bool = True
+    pair_calls: int = 3
+    pair_min_rounds: int = 10
+    pair_max_rounds: int = 40
+    pair_halfwidth: float = 0.02
+    pair_max_seconds: float = 3.0
     # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
     # other than the task's max_length is refused unless this says so explicitly; the result
     # then records measure_other_length and the trial logs a warning (accuracy was judged at
@@ -196,6 +213,16 @@ class MeasureConfig(ConfigBase):
         _check(self.min_seconds >= 0, f"measure.min_seconds must be >= 0, got {self.min_seconds}")
         _check(self.max_cv > 0, f"measure.max_cv must be > 0 (a fraction such as 0.05), got {self.max_cv}")
         _check(1 <= self.max_rounds <= 10, f"measure.max_rounds must be in [1, 10], got {self.max_rounds}")
+        _check(self.pair_calls >= 1, f"measure.pair_calls must be >= 1, got {self.pair_calls}")
+        _check(6 <= self.pair_min_rounds <= self.pair_max_rounds <= 1000,
+               f"measure.pair_min_rounds and pair_max_rounds must satisfy 6 <= min <= max <= 1000 (below 6 rounds no "
+               f"95% interval exists), got {self.pair_min_rounds} and {self.pair_max_rounds}")
+        _check(0 < self.pair_halfwidth < 1, f"measure.pair_halfwidth must be in (0, 1) (a fraction of the ratio such as "
+                                            f"0.02), got {self.pair_halfwidth}")
+        _check(self.pair_max_seconds > 0, f"measure.pair_max_seconds must be > 0, got {self.pair_max_seconds}")
+        _check(self.pair_max_rounds * self.pair_calls >= self.latency_reps,
+               f"measure: pair_max_rounds x pair_calls ({self.pair_max_rounds} x {self.pair_calls}) must reach "
+               f"latency_reps ({self.latency_reps}): the paired rounds are the trial's latency calls")
         for name in ("seq_length", "batch_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"measure.{name} must be >= 1 (or null), got {value}")
@@ -510,14 +537,28 @@ class TrialResult:
     latency_mean_ms: float | None = None
     latency_cv: float | None = None  # std / mean of the timed calls of the last round
     latency_reps: int | None = None
-    latency_rounds: int | None = None
-    latency_noisy: bool | None = None  # cv (calibrated: of the ratios) stayed above measure.max_cv after max_rounds
+    latency_rounds: int | None = None  # rounds of the latency loop (paired: the paired rounds)
+    # cv (calibrated: of the ratios) stayed above measure.max_cv after max_rounds; paired: the ratio's
+    # interval stayed wider than measure.pair_halfwidth
+    latency_noisy: bool | None = None
     latency_calibration_ms: float | None = None  # the reference workload's median time during the latency loop
     latency_p50_rel: float | None = None  # median per-call latency / reference time: free of the machine's drift
     latency_rel_cv: float | None = None
     latency_calibration_ref_ms: float | None = None  # the reference time latency_p50_norm_ms is scaled to
     latency_p50_norm_ms: float | None = None  # latency_p50_rel x latency_calibration_ref_ms
     throughput_tokens_s: float | None = column(label="throughput", unit="tokens/s")
+    # timed side by side with the sweep pool's reference model (measure.paired): the trial's latency
+    # over the reference's (median of per-round ratios, 95% distribution-free interval), the same
+    # for throughput (trial / reference: above 1 is faster), what it was paired with ('base',
+    # 'enqueue[0]', 'first run (#0)') or why not ('unpaired: ...'), the reference's p50 in those rounds
+    latency_ratio_ref: float | None = column(label="latency / reference", optuna=True)
+    latency_ratio_ref_lo: float | None = column(optuna=True)
+    latency_ratio_ref_hi: float | None = column(optuna=True)
+    throughput_ratio_ref: float | None = column(label="throughput / reference", optuna=True)
+    throughput_ratio_ref_lo: float | None = column(optuna=True)
+    throughput_ratio_ref_hi: float | None = column(optuna=True)
+    latency_ref_p50_ms: float | None = None
+    latency_pairing: str | None = column(tag="if_set", optuna=True)
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
     num_params: int | None = column(label="parameters")  # after head pruning
     heads_pruned: int | None = None

@@ -28,6 +28,12 @@ class RunContext:
     # The worker's memory estimate of this config (``TrialRunner.estimate_mb``), made once
     # before the run; None: the runner estimates itself if it needs one.
     estimated_memory_mb: float | None = None
+    # The sweep pool's reference model as the runner's typed config (the base itself, or the pool's
+    # reference configuration), which the trial builds and times its own model against
+    # (``measure.paired``), and what it is ('base', 'enqueue[0]', ...). None: unpaired, and
+    # ``reference_label`` says why ('unpaired: ...'), or nothing for a trial run on its own.
+    reference: Any = None
+    reference_label: str | None = None
 
 
 class Stopped(Exception):

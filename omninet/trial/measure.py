@@ -20,6 +20,20 @@ speed phases, ``benchmarks/machine_drift.py``). A ratio tracks the host's speed 
 compute-bound work; time spent in Python overhead scales differently, so it is a correction,
 not an identity. The raw figures are always recorded beside it.
 
+Paired timing (``paired``, ``median_interval``): the question a sweep asks is "faster than the
+reference model?", and on a shared machine the host's speed moves more between two moments than
+the configurations differ (the quickstart's dense configuration measured 6.0-8.9 ms in one
+sweep). So a trial also times the sweep pool's reference model (the base, or the pool's
+reference configuration) in the same process, at the same shape, threads and inputs: short
+rounds of ``calls`` calls of each, the order alternating per round (AB, BA, ...), so that both
+see the same moment's machine. Each round gives one ratio (median call of the trial / median
+call of the reference); the result is the median of the round ratios with a distribution-free
+95% interval on it (order statistics of the rounds; no normality or independence of calls
+assumed, only of rounds). Rounds go on until the interval's half-width is at most
+``halfwidth`` of the ratio, or ``max_rounds``, or ``max_seconds`` after ``min_rounds``. A drift
+that moves both models' times by 30% moves their ratio by the drift's change within a round,
+not by 30% (``tests/test_measurement.py`` checks this on a fake clock).
+
 Memory (``track_memory``), measured from a clean state (``limits.clean_state``: garbage
 collected, C allocator trimmed, accelerator cache emptied), two counters reported side by side:
 
@@ -36,7 +50,11 @@ clean state and a later call after the timing runs, and record both.
 
 A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
 measurement shape under the node's measurement gate and yield readings, small dataclasses
-named by ``TrialResult`` fields; ``apply(result, readings)`` is the one place they land.
+named by ``TrialResult`` fields; ``apply(result, readings)`` is the one place they land. With a
+reference model (``inference(..., reference=...)``) the latency and throughput trackers are the
+paired ones (``track_paired_latency``, ``track_paired_throughput``): the trial's raw and
+calibrated figures come from its calls in the paired rounds, so pairing adds the reference's
+calls, not a second loop.
 """
 
 from __future__ import annotations
@@ -61,7 +79,9 @@ __all__ = ["backend_for", "synchronize", "time_fn", "summarize", "LatencyStats",
            "track_memory", "peak_memory_mb", "load_average", "MeasureGate", "machine_facts", "Conditions",
            "MeasureSeconds", "TrainMemoryReading", "InferMemoryReading", "LaterMemoryReading", "LatencyReading",
            "ProbeReading", "ThroughputReading", "apply", "conditions", "track_latency", "track_throughput",
-           "live_tensor_bytes", "train_memory", "inference", "latency_probe", "PROBE_CALLS"]
+           "live_tensor_bytes", "train_memory", "inference", "latency_probe", "PROBE_CALLS", "median_interval",
+           "PairedTimes", "paired", "PairedLatencyReading", "PairedThroughputReading", "PairingReading",
+           "Reference", "track_paired_latency", "track_paired_throughput"]
 
 MB = 2**20
 
@@ -174,7 +194,7 @@ def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int
         if calibrate is not None:
             calibrate()
     synchronize(device)
-    rounds, s = 0, None
+    rounds = 0
     while rounds < max_rounds:
         rounds += 1
         times: list[float] = []
@@ -190,18 +210,122 @@ def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int
                 calibrate()
                 synchronize(device)
                 cal.append(time.perf_counter() - t1)
-        s = summarize(times)
-        if cal:
-            ratios = [t / c for t, c in zip(times, cal)]
-            r = summarize(ratios)
-            s.update(cal_ms=statistics.median(cal) * 1e3, rel_p50=r["median_s"], rel_cv=r["cv"])
-        judged_cv = s.get("rel_cv", s["cv"])  # calibrated: the ratios' variation, the drift taken out
+        stats = _stats(times, cal, rounds=rounds, noisy=False)
+        judged_cv = stats.cv if stats.rel_cv is None else stats.rel_cv  # calibrated: the ratios', the drift taken out
         if judged_cv <= max_cv:
             break
-    return LatencyStats(p50_ms=s["median_s"] * 1e3, p90_ms=s["p90_s"] * 1e3, p95_ms=s["p95_s"] * 1e3,
-                        p99_ms=s["p99_s"] * 1e3, mean_ms=s["mean_s"] * 1e3, cv=s["cv"], reps=s["reps"],
-                        rounds=rounds, noisy=judged_cv > max_cv, calibration_ms=s.get("cal_ms"),
-                        rel_p50=s.get("rel_p50"), rel_cv=s.get("rel_cv"))
+    stats.noisy = judged_cv > max_cv
+    return stats
+
+
+def _stats(times: list[float], cal: list[float], *, rounds: int, noisy: bool) -> LatencyStats:
+    """``LatencyStats`` of timed calls (s), with ``cal`` the calibration call timed after each."""
+    s = summarize(times)
+    out = LatencyStats(p50_ms=s["median_s"] * 1e3, p90_ms=s["p90_s"] * 1e3, p95_ms=s["p95_s"] * 1e3,
+                       p99_ms=s["p99_s"] * 1e3, mean_ms=s["mean_s"] * 1e3, cv=s["cv"], reps=s["reps"], rounds=rounds,
+                       noisy=noisy)
+    if cal:
+        r = summarize([t / c for t, c in zip(times, cal)])
+        out.calibration_ms, out.rel_p50, out.rel_cv = statistics.median(cal) * 1e3, r["median_s"], r["cv"]
+    return out
+
+
+# ---- paired timing ------------------------------------------------------------------------
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(median, lo, hi): the sample median and a distribution-free interval on the median of the
+    distribution the values come from: the order statistics x_(j) and x_(n+1-j) (1-based), with j
+    the largest such that P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2, so the coverage is at
+    least ``confidence`` whatever the distribution (only independence of the values is assumed).
+    Below 6 values no pair of order statistics reaches 95%: (median, min, max) is returned."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median_interval: no values")
+    tail, j, below = (1.0 - confidence) / 2.0, 0, 0.0
+    while j < n // 2:
+        below += math.comb(n, j) / 2.0**n  # P(Bin(n, 1/2) <= j)
+        if below > tail:
+            break
+        j += 1
+    j = max(j, 1)
+    return statistics.median(s), s[j - 1], s[n - j]
+
+
+@dataclass
+class PairedTimes:
+    """Two callables timed side by side (``paired``): every timed call of each (s) and the
+    calibration call after it (empty without one), the median call of each per round, and why
+    the rounds stopped."""
+
+    a_s: list[float]
+    b_s: list[float]
+    cal_a: list[float]
+    cal_b: list[float]
+    round_a: list[float]
+    round_b: list[float]
+    narrow: bool  # the interval reached the half-width asked for (else the rounds or time ran out)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.round_a)
+
+    def ratio(self, *, inverse: bool = False) -> tuple[float, float, float]:
+        """(median, lo, hi) of the per-round ratios a / b (``inverse``: b / a), 95% interval."""
+        pairs = zip(self.round_b, self.round_a) if inverse else zip(self.round_a, self.round_b)
+        return median_interval([x / y for x, y in pairs])
+
+
+# Paired rounds judge their interval at rounds min_rounds, x1.5, x1.5^2, ... (and at the last), not
+# after every round: each look is a chance to stop on an interval that is narrow by luck. The same
+# model against itself on a fake clock (per-call jitter up to 5%, 3% of calls 20% slower, a 30%
+# slow phase; defaults: 3 calls, 10-40 rounds, 2% half-width) held 1 in 94.6% of 1000 seeded runs
+# (98.5% with 1% jitter); with a look after every round, 93.7% of 300.
+LOOK_GROWTH = 1.5
+
+
+def paired(fn_a: Callable[[], object], fn_b: Callable[[], object], *, device=torch.device("cpu"), warmup: int = 2,
+           calls: int = 3, min_rounds: int = 10, max_rounds: int = 40, halfwidth: float = 0.02,
+           max_seconds: float = 3.0, min_calls: int = 0, calibrate: Callable[[], object] | None = None) -> PairedTimes:
+    """Times ``fn_a`` against ``fn_b`` in alternating rounds (see the module docstring): ``warmup``
+    untimed calls of each, then rounds of ``calls`` timed calls of each, a first in even rounds
+    and b first in odd ones, until the 95% interval of the round ratios has a half-width of at
+    most ``halfwidth`` x the ratio (judged after ``min_rounds`` rounds and ``min_calls`` calls of
+    a, then at ``LOOK_GROWTH`` x as many), or ``max_rounds`` rounds, or ``max_seconds`` of rounds. With ``calibrate``, every timed call of
+    either is followed by one timed call of it (both sides alike, so neither runs on a cache the
+    other left warmer)."""
+    for _ in range(warmup):
+        for fn in (fn_a, fn_b):
+            fn()
+            if calibrate is not None:
+                calibrate()
+    synchronize(device)
+    out = PairedTimes([], [], [], [], [], [], narrow=False)
+    sides = {"a": (fn_a, out.a_s, out.cal_a, out.round_a), "b": (fn_b, out.b_s, out.cal_b, out.round_b)}
+    start, look = time.perf_counter(), 0
+    while True:
+        for side in ("ab" if out.rounds % 2 == 0 else "ba"):
+            fn, times, cal, per_round = sides[side]
+            this = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                t1 = time.perf_counter()
+                this.append(t1 - t0)
+                if calibrate is not None:
+                    calibrate()
+                    synchronize(device)
+                    cal.append(time.perf_counter() - t1)
+            times += this
+            per_round.append(statistics.median(this))
+        last = out.rounds >= max_rounds or time.perf_counter() - start >= max_seconds
+        if out.rounds < min_rounds or len(out.a_s) < min_calls or not (last or out.rounds >= look):
+            continue
+        look = math.ceil(out.rounds * LOOK_GROWTH)
+        ratio, lo, hi = out.ratio()
+        out.narrow = (hi - lo) / 2.0 <= halfwidth * ratio
+        if out.narrow or last:
+            return out
 
 
 # ---- memory -----------------------------------------------------------------------------
@@ -459,6 +583,43 @@ class ThroughputReading:
     throughput_tokens_s: float
 
 
+@dataclass
+class PairedLatencyReading:
+    """Batch-1 latency against the reference model timed beside it (``paired``): the median round
+    ratio with its 95% interval, and the reference's own p50 in the same rounds."""
+
+    latency_ratio_ref: float
+    latency_ratio_ref_lo: float
+    latency_ratio_ref_hi: float
+    latency_ref_p50_ms: float
+
+
+@dataclass
+class PairedThroughputReading:
+    """Throughput at (B, N) against the reference model: (reference time / trial time) per round."""
+
+    throughput_ratio_ref: float
+    throughput_ratio_ref_lo: float
+    throughput_ratio_ref_hi: float
+
+
+@dataclass
+class PairingReading:
+    """What the trial was timed against ('base', 'enqueue[0]', ...), or why it was not ('unpaired: ...')."""
+
+    latency_pairing: str | None
+
+
+@dataclass
+class Reference:
+    """The model a trial is timed against (the sweep pool's reference): ``build()`` returns
+    (model, plan) on the trial's device, its own precision plan, the trial's inputs; ``label``
+    says what it is (the record's ``latency_pairing``)."""
+
+    build: Callable[[], tuple[torch.nn.Module, object]]
+    label: str
+
+
 def apply(result, readings) -> None:
     """Sets each field of each reading (one reading or an iterable of them, applied as they
     come: a phase that fails keeps the figures taken before) on ``result`` by name."""
@@ -490,6 +651,10 @@ def track_latency(fn: Callable[[], object], *, device, mcfg, ref_ms: float | Non
     lat = latency(fn, device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps, min_seconds=mcfg.min_seconds,
                   max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds,
                   calibrate=calibration(device) if mcfg.calibrate else None)
+    return _latency_reading(lat, ref_ms)
+
+
+def _latency_reading(lat: LatencyStats, ref_ms: float | None) -> LatencyReading:
     out = LatencyReading(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_p95_ms=lat.p95_ms,
                          latency_p99_ms=lat.p99_ms, latency_mean_ms=lat.mean_ms, latency_cv=lat.cv,
                          latency_reps=lat.reps, latency_rounds=lat.rounds, latency_noisy=lat.noisy)
@@ -504,6 +669,35 @@ def track_throughput(fn: Callable[[], object], *, device, warmup: int, reps: int
     """Tokens per second of ``fn`` (``tokens`` per call), from the median of ``reps`` calls."""
     return ThroughputReading(throughput_tokens_s=tokens / summarize(time_fn(fn, device=device, warmup=warmup,
                                                                                reps=reps))["median_s"])
+
+
+def _paired(fn, ref_fn, *, device, mcfg, calls: int, min_calls: int = 0) -> PairedTimes:
+    return paired(fn, ref_fn, device=device, warmup=mcfg.warmup, calls=calls, min_rounds=mcfg.pair_min_rounds,
+                  max_rounds=mcfg.pair_max_rounds, halfwidth=mcfg.pair_halfwidth, max_seconds=mcfg.pair_max_seconds,
+                  min_calls=min_calls, calibrate=calibration(device) if mcfg.calibrate else None)
+
+
+def track_paired_latency(fn: Callable[[], object], ref_fn: Callable[[], object], *, device, mcfg,
+                         ref_ms: float | None = None) -> tuple[LatencyReading, PairedLatencyReading]:
+    """Batch-1 latency of ``fn`` timed side by side with ``ref_fn`` (``paired``, ``mcfg.pair_calls``
+    calls of each per round, at least ``mcfg.latency_reps`` of ``fn``): the trial's raw and
+    calibrated figures from its own calls in the rounds (``latency_rounds``: the paired rounds;
+    ``latency_noisy``: the ratio's interval stayed wider than ``mcfg.pair_halfwidth``), and the ratio."""
+    t = _paired(fn, ref_fn, device=device, mcfg=mcfg, calls=mcfg.pair_calls, min_calls=mcfg.latency_reps)
+    ratio, lo, hi = t.ratio()
+    own = _latency_reading(_stats(t.a_s, t.cal_a, rounds=t.rounds, noisy=not t.narrow), ref_ms)
+    return own, PairedLatencyReading(latency_ratio_ref=ratio, latency_ratio_ref_lo=lo, latency_ratio_ref_hi=hi,
+                                     latency_ref_p50_ms=statistics.median(t.b_s) * 1e3)
+
+
+def track_paired_throughput(fn: Callable[[], object], ref_fn: Callable[[], object], *, device, mcfg,
+                            tokens: int) -> tuple[ThroughputReading, PairedThroughputReading]:
+    """Tokens per second of ``fn`` (``tokens`` per call) from its median call in rounds of one
+    call of each, and its throughput over ``ref_fn``'s (per round: reference time / trial time)."""
+    t = _paired(fn, ref_fn, device=device, mcfg=mcfg, calls=1)
+    ratio, lo, hi = t.ratio(inverse=True)
+    return (ThroughputReading(throughput_tokens_s=tokens / statistics.median(t.a_s)),
+            PairedThroughputReading(throughput_ratio_ref=ratio, throughput_ratio_ref_lo=lo, throughput_ratio_ref_hi=hi))
 
 
 def _tensor_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -563,11 +757,15 @@ def train_memory(model, opt, step: Callable[[dict], object], cfg, plan, gate) ->
     yield TrainMemoryReading(peak_memory_train_mb=m.tensor_peak_mb, peak_rss_train_mb=m.rss_peak_mb)
 
 
-def inference(model, cfg, plan, gate) -> Iterator[object]:
+def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Iterator[object]:
     """The inference figures at the deployment shape, in this order under ``gate.exclusive()``:
     memory of the first call at the measurement shape in a clean state, latency at batch 1,
     throughput at (B, N), then memory again after the timing runs (a figure that depends on the
-    call history shows up as a difference). Yields readings as they are taken."""
+    call history shows up as a difference). With a ``reference`` (and ``measure.paired``), it is
+    built after the first memory reading (its weights never count in the trial's peaks), latency
+    and throughput are timed side by side with it on the same inputs, and it is gone before the
+    later memory reading; a reference that fails to build leaves the trial unpaired, and says
+    why. Yields readings as they are taken."""
     mcfg, device = cfg.measure, plan.device
     n, b = cfg.seq_length, cfg.measure_batch_size
     model.eval()
@@ -583,9 +781,27 @@ def inference(model, cfg, plan, gate) -> Iterator[object]:
             first = track_memory(lambda: infer(many), device=device, live_bytes=live)
             yield InferMemoryReading(peak_memory_infer_mb=first.tensor_peak_mb, peak_rss_infer_mb=first.rss_peak_mb,
                                      memory_method=first.method)
-        yield track_latency(lambda: infer(one), device=device, mcfg=mcfg, ref_ms=plan.calibration_ref_ms)
-        yield track_throughput(lambda: infer(many), device=device, warmup=mcfg.warmup, reps=mcfg.throughput_reps,
-                               tokens=b * n)
+        ref_infer = None
+        if reference is not None and not mcfg.paired:
+            yield PairingReading("unpaired: measure.paired is false")
+        elif reference is not None:
+            try:
+                ref_model, ref_plan = reference.build()
+                ref_infer = _inference(ref_model.eval(), ref_plan)
+                yield PairingReading(reference.label)
+            except Exception as exc:  # noqa: BLE001 -- a reference that cannot be built must not fail the trial
+                yield PairingReading(f"unpaired: the reference ({reference.label}) failed to build: "
+                                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        if ref_infer is None:
+            yield track_latency(lambda: infer(one), device=device, mcfg=mcfg, ref_ms=plan.calibration_ref_ms)
+            yield track_throughput(lambda: infer(many), device=device, warmup=mcfg.warmup, reps=mcfg.throughput_reps,
+                                   tokens=b * n)
+        else:
+            yield from track_paired_latency(lambda: infer(one), lambda: ref_infer(one), device=device, mcfg=mcfg,
+                                            ref_ms=plan.calibration_ref_ms)
+            yield from track_paired_throughput(lambda: infer(many), lambda: ref_infer(many), device=device, mcfg=mcfg,
+                                               tokens=b * n)
+            del ref_infer, ref_model  # before the later memory reading: the trial's state as it was
         if mcfg.memory:  # again, after the timing runs: must match the first call
             clean_state(plan.backend, device.index or 0)
             yield LaterMemoryReading(track_memory(lambda: infer(many), device=device, live_bytes=live).tensor_peak_mb)

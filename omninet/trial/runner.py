@@ -22,6 +22,12 @@ memory again (``peak_memory_infer_later_mb``), so a figure that depends on call 
 up. Each phase yields readings that ``measure.apply`` puts on the result. The model is built
 and passed through its post-training passes by ``omninet.trial.build``.
 
+Paired timing: with a reference in the context (``RunContext.reference``: a sweep pool's
+reference model as a ``TrialConfig``), the inference phase also builds that model the same way
+(``build`` and ``post_passes``, its own precision plan, on this trial's device and threads) and
+times the trial against it side by side (``latency_ratio_ref``, ``throughput_ratio_ref``);
+``latency_pairing`` says what it was paired with, or why it was not.
+
 Memory budget: ``memory_budget_mb`` (argument, else ``hardware.memory_budget_mb``) is both the
 infeasibility threshold for the estimate and a hard limit at run time (``omninet.trial.limits``).
 Without a budget, ``memory_threshold`` (else 0.9) x the device's capacity is the infeasibility
@@ -117,6 +123,7 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         notes.append(note)
     plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
     plan.calibration_ref_ms = context.calibration_ref_ms
+    res.latency_pairing = context.reference_label if context.reference is None else None  # None or 'unpaired: ...'
     res.shape_buckets = None if plan.buckets is None else ",".join(map(str, plan.buckets))
     res.seed = cfg.train.seed
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.hardware.memory_budget_mb
@@ -138,7 +145,8 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         with limits.pinned(context.cores, cfg.hardware.num_threads) as (cores, threads), \
                 limits.memory_limit(device, budget, notes):
             res.cores, res.num_threads = (",".join(map(str, cores)) if cores else None), threads
-            _run(cfg, plan, res, gate, keep_model=context.keep_model, scheduler=context.scheduler)
+            _run(cfg, plan, res, gate, keep_model=context.keep_model, scheduler=context.scheduler,
+                 reference=_reference(context, plan))
     except Stopped as exc:
         limits.clean_state(plan.backend)
         return _finish(res, wall, notes, status=exc.status, error=exc.reason)
@@ -163,6 +171,28 @@ def measures_first_exactly(plan: loop.Plan) -> bool:
     return plan.post != "mixed"
 
 
+def _reference(context: RunContext, plan: loop.Plan) -> measure.Reference | None:
+    """The model the trial is timed against (``context.reference``), built when the inference
+    phase asks: as a trial of that config builds it (derived from the base, or from its seed),
+    through its post-passes, on its own precision plan; fed the trial's inputs (its shape
+    buckets). The global RNG is left as it was. None without a reference."""
+    ref_cfg = context.reference
+    if ref_cfg is None:
+        return None
+
+    def make():
+        import torch
+
+        ref_plan = loop.resolve_plan(ref_cfg.hardware)
+        ref_plan.buckets, ref_plan.pad_id = plan.buckets, plan.pad_id
+        with torch.random.fork_rng(devices=[]):
+            model = build(ref_cfg, ref_plan)
+            model = post_passes(model, ref_cfg, ref_plan, TrialResult(status="ok"))
+        return model, ref_plan
+
+    return measure.Reference(build=make, label=context.reference_label or "reference")
+
+
 PROBE_OVER = 1.25  # the probe's median must exceed the latency limit by this factor to skip the full measurement
 
 
@@ -174,7 +204,8 @@ def _measure_train_memory(model, opt, cfg: TrialConfig, plan: loop.Plan, res: Tr
     measure.apply(res, measure.train_memory(model, opt, step, cfg, plan, gate))
 
 
-def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, latency_limit: float | None = None) -> None:
+def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, latency_limit: float | None = None,
+                   reference: measure.Reference | None = None) -> None:
     """Latency and memory of the untrained model at the deployment shape, with the same
     post-passes and isolation as after training, on a throwaway copy built from the same seed
     (training then starts from the same weights as without measuring first). With a
@@ -199,7 +230,7 @@ def _measure_first(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, la
         del opt
         model.zero_grad(set_to_none=True)
     model = post_passes(model, cfg, plan, res)
-    measure.apply(res, measure.inference(model, cfg, plan, gate))
+    measure.apply(res, measure.inference(model, cfg, plan, gate, reference))
     del model
     limits.clean_state(plan.backend, plan.device.index or 0)
     res.cost_measured_first = True
@@ -244,7 +275,7 @@ def _rung_hook(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate,
 
 
 def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_model: bool = False,
-         scheduler=None) -> None:
+         scheduler=None, reference: measure.Reference | None = None) -> None:
     """(measure first -> screen) -> train (rungs) -> training-step memory -> prune heads ->
     (keep the model) -> mixed plan / int8 -> evaluate -> inference figures. An int8 or mixed
     trial keeps its fp32 weights (int8 packed weights are not plain tensors; quantize or plan
@@ -253,7 +284,8 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     remeasure = True  # without a scheduler nothing was measured yet
     if scheduler is not None:
-        _measure_first(cfg, plan, res, gate, latency_limit=getattr(scheduler, "limits", {}).get("latency_p50_ms"))
+        _measure_first(cfg, plan, res, gate, latency_limit=getattr(scheduler, "limits", {}).get("latency_p50_ms"),
+                       reference=reference)
         reason = scheduler.screen(res.to_dict())
         if reason is not None:
             raise Stopped("screened", reason)
@@ -296,7 +328,7 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
         if trains:
             record_evaluation(res, loop.evaluate(model, task, tc, plan, gate))
         if remeasure:
-            measure.apply(res, measure.inference(model, cfg, plan, gate))
+            measure.apply(res, measure.inference(model, cfg, plan, gate, reference))
     finally:
         res.memory_actions = _memory_actions(monitor, model)
 

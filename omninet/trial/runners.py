@@ -33,6 +33,7 @@ class TrialRunner:
     result_fields: frozenset[str] | None = None  # the numeric keys ``run`` returns; None: not declared
     supports_scheduler = False  # measures first and reports rungs (``RunContext.scheduler``)
     cost_keys: tuple[str, ...] = ()  # results measured before training (the scheduler's cost objectives)
+    pairs_latency = False  # times itself against the pool's reference model (``RunContext.reference``)
 
     # -- the config ---------------------------------------------------------------------------
     def parse(self, data: Any) -> Any:
@@ -95,12 +96,15 @@ class OmniNetRunner(TrialRunner):
     name = "omninet"
     result_fields = frozenset(TrialResult.numeric_fields())
     supports_scheduler = True
+    pairs_latency = True
     cost_keys = ("latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
-                 "latency_p50_rel", "latency_p50_norm_ms",
+                 "latency_p50_rel", "latency_p50_norm_ms", "latency_ratio_ref", "throughput_ratio_ref",
                  "peak_memory_infer_mb", "peak_memory_train_mb", "peak_rss_infer_mb", "peak_rss_train_mb",
                  "throughput_tokens_s", "num_params")  # what it measures before training
     calibrated_keys = ("latency_p50_rel", "latency_p50_norm_ms", "latency_rel_cv", "latency_calibration_ms",
                        "latency_calibration_ref_ms")
+    paired_keys = ("latency_ratio_ref", "latency_ratio_ref_lo", "latency_ratio_ref_hi", "throughput_ratio_ref",
+                   "throughput_ratio_ref_lo", "throughput_ratio_ref_hi", "latency_ref_p50_ms")
 
     def parse(self, data):
         from omninet.trial.config import TrialConfig
@@ -134,11 +138,16 @@ class OmniNetRunner(TrialRunner):
         return config.seq_length
 
     def unmeasured_keys(self, config) -> dict[str, str]:
-        """The calibrated latency without ``measure.calibrate``."""
-        if config.measure.calibrate:
-            return {}
-        why = "is a calibrated latency, but trial.measure.calibrate is false; set it true or use latency_p50_ms"
-        return dict.fromkeys(self.calibrated_keys, why)
+        """The calibrated latency without ``measure.calibrate``; the ratios to the reference
+        without ``measure.paired``."""
+        out = {}
+        if not config.measure.calibrate:
+            why = "is a calibrated latency, but trial.measure.calibrate is false; set it true or use latency_p50_ms"
+            out.update(dict.fromkeys(self.calibrated_keys, why))
+        if not config.measure.paired:
+            why = "is timed against the pool's reference, but trial.measure.paired is false; set it true"
+            out.update(dict.fromkeys(self.paired_keys, why))
+        return out
 
     def cost_features(self, config) -> dict[str, dict[str, float]]:
         from omninet.trial.cost import cost_features
