@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 __all__ = [
     "ConfigBase",
     "PositionConfig",
+    "RopeScalingConfig",
     "BlockSparseConfig",
     "LinformerConfig",
     "AttentionConfig",
@@ -178,11 +179,38 @@ class PositionConfig(ConfigBase):
     num_buckets: int = 32  # relative
     max_distance: int = 128  # relative
     rope_base: float = 10000.0  # rotary
+    rope_scaling: RopeScalingConfig | None = None  # rotary: stretched frequencies (imported checkpoints)
+    offset: int = 0  # learned: token i reads row offset + i (RoBERTa: padding_idx + 1)
 
     def validate(self) -> None:
         _check(self.num_buckets >= 4, f"PositionConfig.num_buckets must be >= 4, got {self.num_buckets}")
         _check(self.max_distance > 0, f"PositionConfig.max_distance must be > 0, got {self.max_distance}")
         _check(self.rope_base > 1.0, f"PositionConfig.rope_base must be > 1, got {self.rope_base}")
+        _check(self.offset >= 0, f"PositionConfig.offset must be >= 0, got {self.offset}")
+        _check(self.rope_scaling is None or self.kind == "rotary",
+               f"PositionConfig.rope_scaling applies to kind='rotary' only, not {self.kind!r}; drop it")
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig(ConfigBase):
+    """Rotary frequency scaling as Hugging Face configs state it. ``linear``: every frequency
+    divided by ``factor`` (position interpolation). ``llama3``: low frequencies divided by
+    ``factor``, high ones kept, a smooth ramp between (``low_freq_factor``,
+    ``high_freq_factor``, ``original_max_position``)."""
+
+    kind: Literal["linear", "llama3"] = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3
+
+    def validate(self) -> None:
+        _check(self.factor >= 1.0, f"RopeScalingConfig.factor must be >= 1, got {self.factor}")
+        _check(self.high_freq_factor > self.low_freq_factor > 0,
+               "RopeScalingConfig needs high_freq_factor > low_freq_factor > 0, "
+               f"got {self.high_freq_factor} and {self.low_freq_factor}")
+        _check(self.original_max_position >= 1,
+               f"RopeScalingConfig.original_max_position must be >= 1, got {self.original_max_position}")
 
 
 @dataclass(kw_only=True)
@@ -304,6 +332,23 @@ class ModelConfig(ConfigBase):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     gradient_checkpointing: bool = False
+    # Block options that pretrained families need (omninet.interop); the defaults are the
+    # GPT-2-like block OmniNet trains itself.
+    num_kv_heads: int | None = None  # grouped K/V: each K/V head serves num_heads // num_kv_heads query heads
+    attention_head_dim: int | None = None  # None: hidden_size // num_heads
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    intermediate_size: int | None = None  # the MLP's width; None: round(hidden_size * ff_ratio)
+    mlp: Literal["plain", "gated"] = "plain"  # gated: down(act(gate(x)) * up(x)) (Llama, Qwen2, Mistral)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_placement: Literal["pre", "post"] = "pre"  # post: x = norm(x + f(x)) (BERT, RoBERTa)
+    bias: bool = True  # biases of the attention and MLP projections
+    qkv_bias: bool | None = None  # None: as `bias` (Qwen2: bias=false, qkv_bias=true)
+    embedding_norm: bool = False  # a norm over the summed embeddings (BERT, RoBERTa)
+    final_norm: bool = True  # a norm after the last block of each stack
+    type_vocab_size: int = 0  # token-type (segment) embeddings added to the input (BERT: 2)
+    lm_head_transform: bool = False  # dense + activation + norm before the LM head (BERT's MLM head)
+    lm_head_bias: bool = False
+    pooler: bool = False  # classification: dense + tanh over the pooled state before the classifier (BERT)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
@@ -311,9 +356,19 @@ class ModelConfig(ConfigBase):
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_length"):
             _check(getattr(self, name) >= 1, f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.hidden_size % self.num_heads == 0,
+        _check(self.attention_head_dim is not None or self.hidden_size % self.num_heads == 0,
                f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}); "
-               f"try num_heads={_nearest_divisor(self.hidden_size, self.num_heads)}")
+               f"try num_heads={_nearest_divisor(self.hidden_size, self.num_heads)} or set attention_head_dim")
+        kv = self.num_kv_heads
+        _check(kv is None or (kv >= 1 and self.num_heads % kv == 0),
+               f"ModelConfig.num_kv_heads ({kv}) must divide num_heads ({self.num_heads}); "
+               f"try num_kv_heads={_nearest_divisor(self.num_heads, kv or 1)} (or null for one K/V head per query head)")
+        for name in ("attention_head_dim", "intermediate_size"):
+            _check(getattr(self, name) is None or getattr(self, name) >= 1,
+                   f"ModelConfig.{name} must be >= 1 (or null for the default), got {getattr(self, name)}")
+        _check(self.attention_scale is None or self.attention_scale > 0,
+               f"ModelConfig.attention_scale must be > 0 (or null for 1/sqrt(head_dim)), got {self.attention_scale}")
+        _check(self.type_vocab_size >= 0, f"ModelConfig.type_vocab_size must be >= 0, got {self.type_vocab_size}")
         _check(self.ff_ratio > 0, f"ModelConfig.ff_ratio must be > 0, got {self.ff_ratio}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         _check(self.num_decoder_layers is None or self.num_decoder_layers >= 1,
@@ -344,11 +399,16 @@ class ModelConfig(ConfigBase):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """K/V heads per layer before pruning (num_heads without grouped K/V)."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def ff_dim(self) -> int:
-        return int(round(self.hidden_size * self.ff_ratio))
+        return self.intermediate_size or int(round(self.hidden_size * self.ff_ratio))
 
     @property
     def total_layers(self) -> int:

@@ -1,7 +1,11 @@
 """The OmniNet transformer: encoder, decoder (causal LM) and encoder-decoder.
 
-Dimensions: B batch, N tokens, C hidden, H heads, D head dim (C = H * D before pruning),
-V vocabulary. Pre-norm blocks: x + Attn(LN(x)) [+ CrossAttn(LN(x), enc)] + FFN(LN(x)).
+Dimensions: B batch, N tokens, C hidden, H heads, Hk K/V heads (H with plain multi-head
+attention, fewer with grouped K/V), D head dim (C = H * D unless the config sets it), V
+vocabulary. Pre-norm blocks by default: x + Attn(LN(x)) [+ CrossAttn(LN(x), enc)] + FFN(LN(x));
+the options pretrained families need (RMSNorm, post-norm, gated MLP, grouped K/V, bias-free
+projections, embedding norm, token types, an MLM head transform) are config fields whose
+defaults give that block (``omninet.interop`` maps checkpoints onto them).
 
 Attention modules own projections, positions and the KV cache, and call a kernel looked up
 by name (``omninet.attention``); the model is plain single-device PyTorch. Precision,
@@ -34,6 +38,12 @@ ACTIVATIONS = {
 }
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
 class KVCache:
     """Per-layer keys and values of decoder self-attention, plus the encoder's projected
     keys/values for cross-attention (computed once). Keyed by layer index, never by shape."""
@@ -62,25 +72,31 @@ class KVCache:
 
 class Attention(nn.Module):
     """Multi-head attention with output projection. ``head_ids`` holds the original ids of
-    the heads this layer still has (physical pruning removes rows of qkv / columns of o)."""
+    the query heads this layer still has, ``kv_ids`` those of its K/V heads (physical pruning
+    removes rows of qkv / columns of o). With grouped K/V, query head h reads K/V head
+    h // (H / Hk); a K/V head is pruned only when its whole group of query heads is.
+    The fused ``qkv`` weight holds rows [q (H*D); k (Hk*D); v (Hk*D)]."""
 
     def __init__(self, config: ModelConfig, *, layer_idx: int, cross: bool = False, causal: bool = False):
         super().__init__()
-        C, H, D = config.hidden_size, config.num_heads, config.head_dim
+        C, H, Hk, D = config.hidden_size, config.num_heads, config.kv_heads, config.head_dim
         self.layer_idx, self.cross, self.causal = layer_idx, cross, causal
-        self.total_heads, self.head_dim = H, D
-        self.scale = 1.0 / math.sqrt(D)
+        self.total_heads, self.head_dim, self.group = H, D, H // Hk
+        self.scale = config.attention_scale or 1.0 / math.sqrt(D)
         self.dropout = config.attention.dropout
         spec = get_kernel(config.attention.kernel).for_layer(cross)  # the kernel names its cross-attention fallback
         self.spec = spec
         self.kernel_state = spec.make_state(config, layer_idx, cross) if spec.make_state else None
         self.register_buffer("head_ids", torch.arange(H), persistent=False)
+        self.register_buffer("kv_ids", torch.arange(Hk), persistent=False)
+        self.register_buffer("kv_index", torch.arange(H) // self.group, persistent=False)  # query head -> local K/V head
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
         if cross:
-            self.q_proj = nn.Linear(C, H * D)
-            self.kv_proj = nn.Linear(C, 2 * H * D)
+            self.q_proj = nn.Linear(C, H * D, bias=qkv_bias)
+            self.kv_proj = nn.Linear(C, 2 * Hk * D, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(C, 3 * H * D)
-        self.o_proj = nn.Linear(H * D, C)
+            self.qkv = nn.Linear(C, (H + 2 * Hk) * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.bias)
         hc = config.heads
         self.router = None if cross or hc.active_heads is None else gating.HeadRouter(
             C, H, active=hc.active_heads, gating=hc.gating, balance_weight=hc.balance_loss_weight, causal=causal)
@@ -96,6 +112,10 @@ class Attention(nn.Module):
     @property
     def num_heads(self) -> int:
         return self.head_ids.numel()
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_ids.numel()
 
     def forward(self, x, *, mask=None, memory=None, bias=None, rotary=None, cache=None, head_mask=None, need_weights=False):
         """x (B, N, C); memory (B, M, C) the encoder output for cross-attention. With a
@@ -126,34 +146,54 @@ class Attention(nn.Module):
         return gating.gather_out(self.o_proj, out, index, self.num_heads, self.head_dim)
 
     def _project(self, x, memory, rotary, cache, index):
-        """q (B, H|k, N, D) and k, v (B, H|k, Nk, D); only the selected heads when ``index``."""
+        """q (B, H|k, N, D) and k, v (B, H|k, Nk, D); only the selected heads when ``index``.
+        The cache holds the Hk K/V heads; they are repeated to their query heads after it."""
         B, N, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.cross:
             q = self.q_proj(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
             if cache is not None and self.layer_idx in cache.cross_kv:
                 k, v = cache.cross_kv[self.layer_idx]
             else:
                 M = memory.shape[1]
-                k, v = self.kv_proj(memory).view(B, M, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, M, D) each
+                k, v = self.kv_proj(memory).view(B, M, 2, Hk, D).permute(2, 0, 3, 1, 4)  # (B, Hk, M, D) each
                 if cache is not None:
                     cache.cross_kv[self.layer_idx] = (k, v)
+            return q, *self._repeat_kv(k, v)
+        if index is not None and Hk == H:
+            q, k, v = gating.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each: only those rows run
         else:
-            if index is None:
-                q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+            y = self.qkv(x)  # (B, N, (H + 2Hk) * D)
+            if Hk == H:
+                q, k, v = y.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
             else:
-                q, k, v = gating.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each
-            if rotary is not None:
-                offset = cache.length(self.layer_idx) if cache is not None else 0
-                q, k = rotary(q, offset), rotary(k, offset)
-            if cache is not None:
-                k, v = cache.append(self.layer_idx, k, v)
-        return q, k, v
+                q = y[..., : H * D].view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+                k, v = y[..., H * D :].view(B, N, 2, Hk, D).permute(2, 0, 3, 1, 4)  # (B, Hk, N, D) each
+        if rotary is not None:
+            offset = cache.length(self.layer_idx) if cache is not None else 0
+            q, k = rotary(q, offset), rotary(k, offset)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)
+        if Hk == H:
+            return q, k, v
+        if index is not None:  # grouped K/V under a router: every head projected, the selected ones kept
+            k, v = self._repeat_kv(k, v)
+            sel = index[:, :, None, None]
+            take = lambda t: t.gather(1, sel.expand(-1, -1, *t.shape[2:]))  # noqa: E731
+            return take(q), take(k), take(v)
+        return q, *self._repeat_kv(k, v)
+
+    def _repeat_kv(self, k, v):
+        """(B, Hk, Nk, D) -> (B, H, Nk, D): each query head's K/V head (a copy only with grouped K/V)."""
+        if self.num_kv_heads == self.num_heads:
+            return k, v
+        return k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
 
     @torch.no_grad()
     def prune(self, heads: list[int]) -> None:
-        """Physically removes the heads with original ids ``heads``: their q/k/v rows and
-        output-projection columns are dropped, so parameters and FLOPs shrink."""
+        """Physically removes the query heads with original ids ``heads``: their q rows and
+        output-projection columns are dropped, so parameters and FLOPs shrink. A K/V head's
+        rows (and its cache) go only when no query head of its group is left."""
         present = self.head_ids.tolist()
         missing = [h for h in heads if h not in present]
         if missing:
@@ -161,18 +201,25 @@ class Attention(nn.Module):
         keep = [i for i, h in enumerate(present) if h not in set(heads)]
         if not keep:
             raise ValueError(f"layer {self.layer_idx}: pruning {sorted(heads)} would remove every head; keep at least one")
-        H, D = len(present), self.head_dim
-        idx = torch.tensor(keep, device=self.head_ids.device)
-        cols = (idx[:, None] * D + torch.arange(D, device=idx.device)).reshape(-1)  # kept rows of one (H*D) slab
+        H, Hk, D = len(present), self.num_kv_heads, self.head_dim
+        dev = self.head_ids.device
+        idx = torch.tensor(keep, device=dev)
+        kept_heads = self.head_ids.index_select(0, idx)
+        kept_groups = sorted(set((kept_heads // self.group).tolist()))  # original K/V ids still read
+        kv_idx = torch.tensor([self.kv_ids.tolist().index(g) for g in kept_groups], device=dev)
+        rows = lambda ids: (ids[:, None] * D + torch.arange(D, device=dev)).reshape(-1)  # noqa: E731 (heads -> rows of an (n*D) slab)
+        q_rows, kv_rows = rows(idx), rows(kv_idx)
         if self.cross:
-            self.q_proj = _select_rows(self.q_proj, cols)
-            self.kv_proj = _select_rows(self.kv_proj, torch.cat([cols + t * H * D for t in range(2)]))
+            self.q_proj = _select_rows(self.q_proj, q_rows)
+            self.kv_proj = _select_rows(self.kv_proj, torch.cat([kv_rows, kv_rows + Hk * D]))
         else:
-            self.qkv = _select_rows(self.qkv, torch.cat([cols + t * H * D for t in range(3)]))
-        self.o_proj = _select_cols(self.o_proj, cols)
+            self.qkv = _select_rows(self.qkv, torch.cat([q_rows, H * D + kv_rows, (H + Hk) * D + kv_rows]))
+        self.o_proj = _select_cols(self.o_proj, q_rows)
         if self.router is not None:
             self.router.prune(idx)
-        self.head_ids = self.head_ids.index_select(0, idx)
+        self.head_ids = kept_heads
+        self.kv_ids = self.kv_ids.index_select(0, kv_idx)
+        self.kv_index = torch.tensor([kept_groups.index(g) for g in (kept_heads // self.group).tolist()], device=dev)
 
 
 def _select_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
@@ -192,38 +239,46 @@ def _select_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
 
 
 class FeedForward(nn.Module):
+    """down(act(up(x))), or with ``mlp='gated'`` down(act(gate(x)) * up(x))."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(config.hidden_size, config.ff_dim)
+        C, F_, bias = config.hidden_size, config.ff_dim, config.bias
+        self.gate = nn.Linear(C, F_, bias=bias) if config.mlp == "gated" else None
+        self.up = nn.Linear(C, F_, bias=bias)
         self.act = ACTIVATIONS[config.activation]()
-        self.down = nn.Linear(config.ff_dim, config.hidden_size)
+        self.down = nn.Linear(F_, C, bias=bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.drop(self.down(self.act(self.up(x))))
+        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
+        return self.drop(self.down(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, *, layer_idx: int, causal: bool, cross: bool):
         super().__init__()
-        eps = config.layer_norm_eps
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.post_norm = config.norm_placement == "post"
+        self.ln1 = make_norm(config)
         self.attn = Attention(config, layer_idx=layer_idx, causal=causal)
-        self.ln_cross = nn.LayerNorm(config.hidden_size, eps=eps) if cross else None
+        self.ln_cross = make_norm(config) if cross else None
         self.cross_attn = Attention(config, layer_idx=layer_idx, cross=True) if cross else None
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ln2 = make_norm(config)
         self.ffn = FeedForward(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, *, mask=None, memory=None, memory_mask=None, bias=None, rotary=None, cache=None,
                 head_mask=None, need_weights=False):
-        a, w = self.attn(self.ln1(x), mask=mask, bias=bias, rotary=rotary, cache=cache, head_mask=head_mask,
+        # pre-norm: x + f(norm(x)); post-norm: norm(x + f(x))
+        pre = (lambda ln, t: t) if self.post_norm else (lambda ln, t: ln(t))  # noqa: E731
+        post = (lambda ln, t: ln(t)) if self.post_norm else (lambda ln, t: t)  # noqa: E731
+        a, w = self.attn(pre(self.ln1, x), mask=mask, bias=bias, rotary=rotary, cache=cache, head_mask=head_mask,
                          need_weights=need_weights)
-        x = x + self.drop(a)
+        x = post(self.ln1, x + self.drop(a))
         if self.cross_attn is not None:
-            c, _ = self.cross_attn(self.ln_cross(x), mask=memory_mask, memory=memory, cache=cache)
-            x = x + self.drop(c)
-        return x + self.ffn(self.ln2(x)), w
+            c, _ = self.cross_attn(pre(self.ln_cross, x), mask=memory_mask, memory=memory, cache=cache)
+            x = post(self.ln_cross, x + self.drop(c))
+        return post(self.ln2, x + self.ffn(pre(self.ln2, x))), w
 
 
 class Stack(nn.Module):
@@ -239,7 +294,7 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, layer_idx=layer_offset + i, causal=causal, cross=cross) for i in range(num_layers)
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = make_norm(config) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, x, *, mask=None, memory=None, memory_mask=None, cache=None, head_mask=None, need_weights=False):
@@ -274,6 +329,8 @@ class OmniNetModel(nn.Module):
         C = config.hidden_size
         self.embed = nn.Embedding(config.vocab_size, C, padding_idx=None)
         self.pos = LearnedPositions(config) if config.position.kind == "learned" else None
+        self.token_types = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
+        self.embed_norm = make_norm(config) if config.embedding_norm else None
         self.drop = nn.Dropout(config.dropout)
         if config.arch == "encoder_decoder":
             self.encoder = Stack(config, num_layers=config.num_layers, causal=False)
@@ -283,12 +340,16 @@ class OmniNetModel(nn.Module):
             self.encoder, self.decoder = Stack(config, num_layers=config.num_layers, causal=False), None
         else:
             self.encoder, self.decoder = None, Stack(config, num_layers=config.num_layers, causal=True)
+        self.pooler = self.head_transform = None
         if config.num_classes is not None:
+            self.pooler = nn.Sequential(nn.Linear(C, C), nn.Tanh()) if config.pooler else None
             self.classifier = nn.Linear(C, config.num_classes)
             self.lm_head = None
         else:
             self.classifier = None
-            self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+            if config.lm_head_transform:  # BERT: dense -> activation -> norm, then the (tied) decoder
+                self.head_transform = nn.Sequential(nn.Linear(C, C), ACTIVATIONS[config.activation](), make_norm(config))
+            self.lm_head = nn.Linear(C, config.vocab_size, bias=config.lm_head_bias)
         self.apply(self._init_weights)
         if self.lm_head is not None and config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -301,11 +362,23 @@ class OmniNetModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ---- inputs -------------------------------------------------------------------------
-    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         _check_ids(input_ids, self.config.vocab_size, "input_ids")
         x = self.embed(input_ids)  # (B, N, C)
         if self.pos is not None:
             x = x + self.pos(input_ids.shape[1], offset)
+        if self.token_types is not None:  # no ids: every token is of type 0, as in BERT
+            if token_type_ids is None:
+                x = x + self.token_types.weight[0]
+            else:
+                if token_type_ids.shape != input_ids.shape:
+                    raise ValueError(f"token_type_ids must have the shape of input_ids {list(input_ids.shape)}, "
+                                     f"got {list(token_type_ids.shape)}")
+                x = x + self.token_types(token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but this model has no token-type embeddings (type_vocab_size=0)")
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return self.drop(x)
 
     def _head_mask(self, head_mask):
@@ -320,8 +393,9 @@ class OmniNetModel(nn.Module):
         raise ValueError(f"head_mask must have shape [num_heads={H}] or [num_layers={L}, num_heads={H}], got {list(head_mask.shape)}")
 
     # ---- forward ------------------------------------------------------------------------
-    def encode(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, head_mask=None, need_weights=False):
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else self.drop(inputs_embeds)
+    def encode(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, head_mask=None, need_weights=False,
+               token_type_ids=None):
+        x = self.embed_tokens(input_ids, token_type_ids=token_type_ids) if inputs_embeds is None else self.drop(inputs_embeds)
         mask = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads))
         hm = self._head_mask(head_mask)
         return self.encoder(x, mask=mask, head_mask=None if hm is None else hm[: len(self.encoder.blocks)],
@@ -329,7 +403,8 @@ class OmniNetModel(nn.Module):
 
     def forward(self, input_ids=None, *, attention_mask=None, labels=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, head_mask=None, cache: KVCache | None = None,
-                use_cache: bool = False, output_attentions: bool = False, encoder_hidden_states=None) -> ModelOutput:
+                use_cache: bool = False, output_attentions: bool = False, encoder_hidden_states=None,
+                token_type_ids=None) -> ModelOutput:
         """input_ids (B, N) long; attention_mask (B, N) bool, True = real token (or a bool mask
         broadcastable to (B, H, N, N)); labels: (B,) class ids with a classifier, else (B, N)
         target ids aligned with the logits (already shifted; -100 = ignore)."""
@@ -346,7 +421,7 @@ class OmniNetModel(nn.Module):
             h, attentions = self.decoder(x, mask=mask, cache=cache, head_mask=hm, need_weights=output_attentions)
         elif cfg.arch == "encoder":
             h, attentions = self.encode(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        head_mask=hm, need_weights=output_attentions)
+                                        head_mask=hm, need_weights=output_attentions, token_type_ids=token_type_ids)
             enc_out = h
         else:
             if enc_out is None:
@@ -378,9 +453,11 @@ class OmniNetModel(nn.Module):
 
     def _head(self, h, attention_mask):
         if self.classifier is None:
-            return self.lm_head(h)  # (B, N, V)
+            return self.lm_head(h if self.head_transform is None else self.head_transform(h))  # (B, N, V)
         pooled = pool(h, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
                       self.config.pooling)
+        if self.pooler is not None:
+            pooled = self.pooler(pooled)
         return self.classifier(pooled)  # (B, num_classes)
 
     def _loss(self, logits, labels):
@@ -443,12 +520,33 @@ class OmniNetModel(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
+        """config.json + model.safetensors, and the tokenizer files of the folder the model
+        came from (an imported checkpoint's travel with it)."""
         from safetensors.torch import save_model
+
+        from omninet.interop.hf import copy_tokenizer_files  # interop imports this module
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(self.config.to_json(indent=2))
         save_model(self, str(d / "model.safetensors"))
+        if getattr(self, "source_dir", None) is not None:
+            copy_tokenizer_files(self.source_dir, d)
+
+    @classmethod
+    def from_hf(cls, path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None) -> "OmniNetModel":
+        """A Hugging Face folder (config.json + safetensors) or a GGUF file, with the same
+        outputs as transformers' model of it (``omninet.interop``)."""
+        from omninet.interop.hf import load_hf  # interop imports this module
+
+        return load_hf(path, dtype=dtype, max_seq_length=max_seq_length)
+
+    def save_hf(self, directory, *, tokenizer_from=None):
+        """A Hugging Face folder of this model that transformers loads with the same logits,
+        for dense kernels; refuses what HF cannot express (``omninet.interop.hf.save_hf``)."""
+        from omninet.interop.hf import save_hf  # interop imports this module
+
+        return save_hf(self, directory, tokenizer_from=tokenizer_from)
 
     @classmethod
     def from_pretrained(cls, directory, *, device="cpu") -> "OmniNetModel":
@@ -459,6 +557,7 @@ class OmniNetModel(nn.Module):
             raise ValueError(f"{d} is not a saved OmniNet model: expected config.json and model.safetensors")
         model = cls(ModelConfig.from_dict(json.loads((d / "config.json").read_text())))
         load_model(model, str(d / "model.safetensors"), device=str(device))
+        model.source_dir = d
         return model.to(device)
 
     def num_parameters(self) -> int:

@@ -17,10 +17,13 @@ from omninet.config import ModelConfig
 
 
 class LearnedPositions(nn.Module):
+    """A table of ``position.offset + max_seq_length`` rows; token i reads row offset + i
+    (RoBERTa keeps its first padding_idx + 1 rows unused)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.max_len = config.max_seq_length
-        self.table = nn.Embedding(config.max_seq_length, config.hidden_size)
+        self.max_len, self.offset = config.max_seq_length, config.position.offset
+        self.table = nn.Embedding(self.offset + config.max_seq_length, config.hidden_size)
 
     def forward(self, n: int, offset: int = 0) -> torch.Tensor:  # (N, C)
         if offset + n > self.max_len:
@@ -28,7 +31,8 @@ class LearnedPositions(nn.Module):
                 f"sequence of {offset + n} tokens exceeds max_seq_length={self.max_len} of learned positions; "
                 "raise max_seq_length, or use position.kind='rotary' or 'alibi', which extrapolate"
             )
-        return self.table(torch.arange(offset, offset + n, device=self.table.weight.device))
+        start = self.offset + offset
+        return self.table(torch.arange(start, start + n, device=self.table.weight.device))
 
 
 class Rotary(nn.Module):
@@ -38,6 +42,8 @@ class Rotary(nn.Module):
         super().__init__()
         d = config.head_dim
         inv_freq = 1.0 / (config.position.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        if config.position.rope_scaling is not None:
+            inv_freq = scaled_inv_freq(inv_freq, config.position.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -57,6 +63,22 @@ class Rotary(nn.Module):
         cos, sin = cos[offset : offset + n], sin[offset : offset + n]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Rotary frequencies (D/2,) under a ``RopeScalingConfig``, as transformers computes them
+    (``_compute_linear_scaling_rope_parameters``, ``_compute_llama3_parameters``)."""
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)  # long waves: interpolated
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * out / scaling.factor + smooth * out
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, out)
 
 
 class RelativeBias(nn.Module):
