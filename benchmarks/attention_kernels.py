@@ -373,7 +373,7 @@ def in_kernel_ms(run, reps: int = 5) -> tuple[float, float]:
     """(median wall ms of a call, median ms of it spent inside the CPU flash kernel's own calls),
     the kernel entry points timed by wrapping them for these calls only: the rest is the
     block-sparse path's Python, views, merges and gradient sums, which no thread count splits."""
-    import omninet.attention.block_sparse as bsa
+    import omninet.attention.block_sparse.executor as bsa  # where the slab executor calls the flash kernel
 
     inside = [0.0]
 

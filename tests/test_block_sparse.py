@@ -308,7 +308,7 @@ def test_seed_flags_build_the_documented_kernels():
 
 # ---- the chunked path: slabs, log-sum-exp merges, the recomputing backward, memory -----------
 def slab_budget(state, n_blocks, *, h=4, d=16, itemsize=8):
-    """A chunk budget that cuts slabs at ``n_blocks`` key blocks (see block_sparse._budget)."""
+    """A chunk budget that cuts slabs at ``n_blocks`` key blocks (see block_sparse.plan._budget)."""
     state.chunk_bytes = (state.block_size + 2 * n_blocks * state.block_size) * h * d * itemsize
     return state
 
@@ -381,7 +381,7 @@ def test_gathered_groups_match_eager(monkeypatch, chunk_blocks):
     cut at the budget (the backward, on the slab path, reads the same lse); (B, N, H, D)-strided
     inputs like the model's, a padded row between two unpadded ones; values and gradients
     against eager."""
-    import omninet.attention.block_sparse as bs
+    import omninet.attention.block_sparse.executor as bs
 
     calls = []
     real = bs._gathered_calls
@@ -410,11 +410,12 @@ def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, sma
     """Slabs without a mask of their own that a group's blocks share (and one-block groups) run
     as one call for the batch rows that have the group; a sliding window's dk, dv are one index_add_;
     values and gradients against eager, with a padded row between two unpadded ones."""
-    import omninet.attention.block_sparse as bs
+    import omninet.attention.block_sparse.executor as bs
+    import omninet.attention.block_sparse.plan as plan
 
     rows, windows = [], []
     real_span, real_index = bs._span, bs._window_index
-    monkeypatch.setattr(bs, "TILE_ROWS", 16)  # block by block (tiles: test_tiled_sliding_windows_match_eager)
+    monkeypatch.setattr(plan, "TILE_ROWS", 16)  # block by block (tiles: test_tiled_sliding_windows_match_eager)
     monkeypatch.setattr(bs, "_span", lambda t, b, n, *a: rows.append(n) or real_span(t, b, n, *a))
     monkeypatch.setattr(bs, "_window_index", lambda *a: windows.append(a) or real_index(*a))
     state = layout(sparsity_factor=0.5, random_blocks=0)  # n=256: 16 blocks, 8 a row: global, shared and sliding slabs
@@ -441,8 +442,8 @@ def test_tiled_sliding_windows_match_eager(monkeypatch, block_size, sparsity, st
     sub-block masked to its own window (``band``), with the blocks left over as a group of
     their own; dk, dv of the overlapping tiles are summed by index_add_ in gcd(L, step)-row
     units. Values and gradients against eager, with end padding on one row."""
-    import omninet.attention.block_sparse as bs
-    from omninet.attention.block_sparse import _budget
+    import omninet.attention.block_sparse.executor as bs
+    from omninet.attention.block_sparse.plan import _budget
 
     windows = []
     real_index = bs._window_index
@@ -467,7 +468,8 @@ def test_tiled_sliding_windows_match_eager(monkeypatch, block_size, sparsity, st
 def test_window_sums_in_gcd_units_equal_a_loop(L, step):
     """``_add_block_windows`` of c overlapping windows (a tiled window's L need not be a multiple
     of its step: units of gcd(L, step) rows) equals adding block by block."""
-    from omninet.attention.block_sparse import _Slab, _add_block_windows, _grad_buffer
+    from omninet.attention.block_sparse.executor import _add_block_windows, _grad_buffer
+    from omninet.attention.block_sparse.plan import _Slab
 
     c, H, D, b, k0 = 5, 4, 16, 1, 16
     n = k0 + (c - 1) * step + L + 8
@@ -581,7 +583,8 @@ def test_sliding_windows_across_a_rows_length_are_one_group_and_match_eager(spar
     """A row's length cuts the sliding windows of its last blocks: they stay one group (the
     window's exact head slides, the rest is one staircase slab over real keys), values and
     grads match eager, and keys past the length are still never read (NaN there is harmless)."""
-    from omninet.attention.block_sparse import _budget, _row_padding
+    from omninet.attention.block_sparse.padding import _row_padding
+    from omninet.attention.block_sparse.plan import _budget
 
     n, bs = 16 * 24 + 5, 16
     state = layout(block_size=bs, sparsity_factor=sparsity, random_blocks=0)
@@ -632,7 +635,8 @@ def test_padding_is_never_read_and_dead_blocks_are_zero():
 def test_padding_skips_key_and_query_blocks_in_the_plan():
     """The plan of a padded row computes only its real blocks: fewer (query, key) pairs, in
     proportion, and its dead query blocks are listed, not planned."""
-    from omninet.attention.block_sparse import _budget, _row_padding
+    from omninet.attention.block_sparse.padding import _row_padding
+    from omninet.attention.block_sparse.plan import _budget
 
     n, state = 1024, layout(sparsity_factor=0.75, random_blocks=0)
     q = torch.randn(2, 4, n, 16)
