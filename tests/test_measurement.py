@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -503,6 +504,72 @@ def test_recommend_ranks_by_the_pessimistic_bound_and_flags_ties(tmp_path, caplo
     assert "not distinguishable" in caplog.text and "#0" in caplog.text
     rec = result.recommendations()["cpu"]
     assert rec["trial_number"] == 3 and rec["runs"] == 3 and rec["indistinguishable_from"] == [0]
+
+
+def _timed_sweep(tmp_path, runs: dict, objectives: list[dict]):
+    """A recorded toy sweep whose rows carry latency ratios to the reference: ``runs`` maps a
+    configuration x to its runs, each (accuracy, ratio, lo, hi)."""
+    import yaml
+
+    from omninet.sweep import SweepResult, load_config
+    from omninet.sweep.records import ParquetStore, params_key
+    from omninet.sweep.results import RecordedTrial
+
+    data = {"name": "timed", "trial_fn": "omninet.sweep.testing:toy_trial", "estimate_fn": None,
+            "trial": {"toy": {}}, "search_space": {"toy.x": {"choices": [1, 2, 3]}},
+            "pools": [{"name": "cpu", "resources": {"CPU": 1}}], "objectives": objectives}
+    results = tmp_path / "timed"
+    results.mkdir(parents=True)
+    (results / "sweep.yaml").write_text(yaml.safe_dump(data))
+    store = ParquetStore(results / "trials", load_config(data, runner=RecordedTrial()))
+    number = 0
+    for x, measured in runs.items():
+        first = number
+        for i, (acc, ratio, lo, hi) in enumerate(measured):
+            store.write("cpu", {"sweep": "timed", "trial_number": number, "status": "ok", "feasible": True,
+                                "accuracy": acc, "peak_memory_infer_mb": 10.0, "latency_p50_ms": 6.0 * ratio,
+                                "latency_ratio_ref": ratio, "latency_ratio_ref_lo": lo, "latency_ratio_ref_hi": hi,
+                                "param.toy.x": x, "config_key": params_key({"toy.x": x}),
+                                "repeat_of": None if i == 0 else first, "config_json": json.dumps({"toy": {"x": x}})})
+            number += 1
+    return SweepResult.load(results)
+
+
+def test_recommend_refuses_to_call_a_configuration_faster_when_its_interval_holds_1(tmp_path):
+    result = _timed_sweep(tmp_path, {1: [(0.50, 0.97, 0.93, 1.01)], 2: [(0.40, 1.02, 0.99, 1.05)]},
+                          [{"key": "accuracy", "direction": "maximize"},
+                           {"key": "latency_ratio_ref", "direction": "minimize"}])
+    rec = result.recommendations()["cpu"]
+    assert rec["trial_number"] == 0 and rec["latency_ratio_to_reference"] == {
+        "ratio": 0.97, "lo": 0.93, "hi": 1.01, "verdict": "indistinguishable"}  # 0.97 < 1, yet not faster
+    with pytest.raises(ValueError, match="no configuration of pool 'cpu' is faster than the reference"):
+        result.recommend("cpu", faster_than_reference=True)
+    assert set(result.aggregate("cpu")["speed_vs_ref"]) == {"indistinguishable"}
+
+    faster = _timed_sweep(tmp_path / "b", {1: [(0.50, 0.97, 0.93, 1.01)], 2: [(0.40, 0.90, 0.88, 0.92)]},
+                          [{"key": "accuracy", "direction": "maximize"},
+                           {"key": "latency_ratio_ref", "direction": "minimize"}])
+    assert faster.recommend("cpu", faster_than_reference=True) == {"toy": {"x": 2}}
+    assert faster.recommendations()["cpu"]["latency_ratio_to_reference"]["verdict"] == "indistinguishable"
+
+
+def test_repeats_combine_their_timing_as_measurements_not_over_seeds(tmp_path, caplog):
+    """Two runs of configuration 1 timed at 0.90 [0.88, 0.92] and 0.91 [0.89, 0.93]: combined on
+    the log scale by their intervals, 0.905 [0.891, 0.919], not a t-interval over 2 seeds (t = 12.7);
+    the raw latency gets no seed interval. Ranked on the ratio, overlapping intervals tie."""
+    result = _timed_sweep(tmp_path, {1: [(0.5, 0.90, 0.88, 0.92), (0.5, 0.91, 0.89, 0.93)],
+                                     2: [(0.5, 0.915, 0.90, 0.93)], 3: [(0.5, 1.00, 0.98, 1.02)]},
+                          [{"key": "latency_ratio_ref", "direction": "minimize"},
+                           {"key": "latency_p50_ms", "direction": "minimize"}])
+    agg = result.aggregate("cpu").set_index("trial_number")
+    assert agg.loc[0, "runs"] == 2
+    assert (agg.loc[0, "latency_ratio_ref_mean"], agg.loc[0, "latency_ratio_ref_lo"], agg.loc[0, "latency_ratio_ref_hi"]) \
+        == pytest.approx((0.905, 0.891, 0.919), rel=2e-3)
+    assert math.isnan(agg.loc[0, "latency_p50_ms_ci95"]) and agg.loc[0, "speed_vs_ref"] == "faster"
+    assert agg.loc[3, "speed_vs_ref"] == "indistinguishable"
+    with caplog.at_level("WARNING", logger="omninet.sweep"):
+        assert result.recommend("cpu") == {"toy": {"x": 1}}  # the lowest upper bound
+    assert "not distinguishable from #2 (timing" in caplog.text
 
 
 def test_pool_probe_is_the_fastest_window_not_one_busy_moment(monkeypatch):

@@ -21,9 +21,54 @@ import yaml
 from omninet.sweep.config import DEFAULT_TRIAL_FN, BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
 from omninet.trial.runners import OmniNetRunner, TrialRunner
 
-__all__ = ["SweepResult", "write_artifacts"]
+__all__ = ["SweepResult", "write_artifacts", "RATIOS", "speed_verdict", "combine_measurements"]
 
 log = logging.getLogger("omninet.sweep")
+
+# Figures timed side by side with the pool's reference model (``measure.paired``): each has
+# ``<key>_lo`` and ``<key>_hi`` (its 95% interval), and the side of 1 that is faster.
+RATIOS = {"latency_ratio_ref": "below", "throughput_ratio_ref": "above"}
+
+
+def speed_verdict(lo: Any, hi: Any, *, faster: str = "below") -> str | None:
+    """'faster' or 'slower' than the reference when the ratio's 95% interval [lo, hi] excludes 1,
+    'indistinguishable' when it holds 1 (timing noise could make either side), None without an
+    interval. ``faster``: which side of 1 is faster ('below' for latency, 'above' for throughput)."""
+    lo, hi = _num(lo), _num(hi)
+    if lo is None or hi is None:
+        return None
+    if lo <= 1.0 <= hi:
+        return "indistinguishable"
+    below = hi < 1.0
+    return "faster" if below == (faster == "below") else "slower"
+
+
+def _timing(key: str) -> bool:
+    """A timed figure: it depends on the configuration and the machine, not on the training
+    seed, so repeats of a configuration are repeated measurements of it."""
+    return key.startswith(("latency_", "throughput_"))
+
+
+def combine_measurements(values, los, his) -> tuple[float, float, float]:
+    """(value, lo, hi): runs of one configuration, each timed against the reference with its own
+    95% interval, combined as repeated measurements of one quantity (a model's time does not
+    depend on its training seed): on the log scale, each run weighted by the inverse square of
+    its interval's half-width taken as 1.96 standard errors, the combined interval widened by the
+    Birge ratio sqrt(chi2 / (k - 1)) when the runs disagree more than their intervals allow.
+    Runs without a finite positive interval are left out; none: NaNs."""
+    runs = [(math.log(v), max((math.log(h) - math.log(lo)) / (2 * 1.96), 1e-9))
+            for v, lo, h in zip(values, los, his) if all(_num(x) is not None and x > 0 for x in (v, lo, h))]
+    if not runs:
+        return math.nan, math.nan, math.nan
+    if len(runs) == 1:
+        v, lo, h = next((v, lo, h) for v, lo, h in zip(values, los, his)
+                        if all(_num(x) is not None and x > 0 for x in (v, lo, h)))
+        return float(v), float(lo), float(h)
+    weights = [1.0 / se**2 for _, se in runs]
+    mean = sum(w * x for w, (x, _) in zip(weights, runs)) / sum(weights)
+    chi2 = sum(w * (x - mean) ** 2 for w, (x, _) in zip(weights, runs))
+    se = math.sqrt(1.0 / sum(weights)) * max(1.0, math.sqrt(chi2 / (len(runs) - 1)))
+    return math.exp(mean), math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)
 
 
 OMNINET_RUNNERS = ("omninet.trial:run_trial", "omninet.trial.runner:run_trial", "omninet.trial:OmniNetRunner",
@@ -121,11 +166,15 @@ class SweepResult:
 
     def pareto_front(self, pool: str) -> pd.DataFrame:
         """The pool's feasible Pareto front (Optuna's ``study.best_trials``, which excludes
-        trials violating the pool's constraints), as rows of :meth:`trials`."""
+        trials violating the pool's constraints), as rows of :meth:`trials`, with
+        ``speed_vs_ref``: 'faster' or 'slower' than the pool's reference only where the trial's
+        latency ratio interval excludes 1, else 'indistinguishable' (None: not timed against it)."""
         numbers = [t.number for t in self.study(pool).best_trials if "duplicate_of" not in t.user_attrs]
         df = self.trials(pool)
         first = self.config.objectives[0]
-        front = df[df["trial_number"].isin(numbers) & (df["status"] != "duplicate")]
+        front = df[df["trial_number"].isin(numbers) & (df["status"] != "duplicate")].copy()
+        front["speed_vs_ref"] = [speed_verdict(r.get("latency_ratio_ref_lo"), r.get("latency_ratio_ref_hi"))
+                                 for _, r in front.iterrows()]
         return front.sort_values(first.key, ascending=first.direction == "minimize").reset_index(drop=True)
 
     # -- paired comparisons on the shared eval set --------------------------------------------
@@ -177,7 +226,13 @@ class SweepResult:
         ``<key>_ci95`` (half-width of the 95% t-interval of the mean), and ``<column>_mean`` of
         each column a pool constraint bounds. A configuration run once
         borrows the pooled within-configuration spread of those run several times (``noise``
-        says which: 'measured', 'pooled' or 'unknown' when nothing was repeated)."""
+        says which: 'measured', 'pooled' or 'unknown' when nothing was repeated).
+
+        Timing is not seed noise: a timed objective (``latency_*``, ``throughput_*``) gets no
+        t-interval over training seeds (its ``_ci95`` is NaN). The ratios to the reference
+        (:data:`RATIOS`) combine their runs as measurements (:func:`combine_measurements`):
+        ``<key>_mean``, ``<key>_lo``, ``<key>_hi`` (``_ci95``: half their distance), whether or not
+        they are objectives, and ``speed_vs_ref`` (:func:`speed_verdict` of the latency ratio)."""
         df = self.trials(pool)
         reference = self.reference_trial(pool)
         df = df[(df["status"] == "ok") & df["feasible"].astype(bool)].copy()
@@ -199,6 +254,12 @@ class SweepResult:
                 row[f"{o.key}_mean"] = float(values.mean()) if len(values) else math.nan
                 row[f"{o.key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
                 row[f"{o.key}_n"] = len(values)
+            for key in RATIOS:  # repeated measurements of one quantity, each with its interval
+                if {key, f"{key}_lo", f"{key}_hi"} <= set(group.columns):
+                    value, lo, hi = combine_measurements(*(pd.to_numeric(group[c], errors="coerce").tolist()
+                                                           for c in (key, f"{key}_lo", f"{key}_hi")))
+                    row.update({f"{key}_mean": value, f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_ci95": (hi - lo) / 2})
+            row["speed_vs_ref"] = speed_verdict(row.get("latency_ratio_ref_lo"), row.get("latency_ratio_ref_hi"))
             for column in PoolConstraints.columns():  # what a limit bounds (recommend), an objective or not
                 if f"{column}_mean" not in row and column in group:
                     values = pd.to_numeric(group[column], errors="coerce").dropna()
@@ -208,6 +269,11 @@ class SweepResult:
         repeated = out["runs"] > 1
         out["noise"] = ["measured" if r else ("pooled" if repeated.any() else "unknown") for r in repeated]
         for o in self.config.objectives:
+            if _timing(o.key):  # no t-interval over training seeds on a timed figure (ratios: combined above)
+                if o.key not in RATIOS:
+                    out[f"{o.key}_ci95"] = math.nan
+                del out[f"{o.key}_n"]
+                continue
             n, std = out[f"{o.key}_n"], out[f"{o.key}_std"]
             pooled = _pooled_std(std[repeated], n[repeated])
             pooled_dof = int((n[repeated] - 1).clip(lower=0).sum())
@@ -243,53 +309,75 @@ class SweepResult:
         return out
 
     def recommend(self, pool: str, *, max_latency_ms: float | None = None, max_memory_mb: float | None = None,
-                  min_accuracy: float | None = None) -> dict[str, Any]:
+                  min_accuracy: float | None = None, max_latency_ratio: float | None = None,
+                  faster_than_reference: bool = False) -> dict[str, Any]:
         """The best trial config for ``pool`` under the sweep's constraints and these limits
-        (on the means of the columns the pool's constraints bound, ``latency_p50_ms`` and
-        ``peak_memory_train_mb`` (:meth:`PoolConstraints.limits`), and of ``accuracy``), ranked
-        by the pessimistic bound of the first objective (the lower end of its 95% interval
-        when maximizing, the upper end when minimizing), ties broken by the others. Logs a
+        (on the means of the columns the pool's constraints bound, ``latency_p50_ms``,
+        ``peak_memory_train_mb`` and ``latency_ratio_ref`` (:meth:`PoolConstraints.limits`), and
+        of ``accuracy``), ranked by the pessimistic bound of the first objective (the lower end
+        of its 95% interval when maximizing, the upper end when minimizing), ties broken by the
+        others. ``faster_than_reference``: only configurations whose latency ratio interval lies
+        below 1 (ValueError when none does: an interval that holds 1 is not 'faster'). Logs a
         warning when the next configurations cannot be told apart from it (their intervals
         overlap). Returns the trial-config dict, ready for ``omninet.trial.run_trial``."""
         best = self._recommend_row(pool, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb,
-                                   min_accuracy=min_accuracy)
+                                   min_accuracy=min_accuracy, max_latency_ratio=max_latency_ratio,
+                                   faster_than_reference=faster_than_reference)
         if best.get("indistinguishable_from"):
-            log.warning("recommend(%s): trial #%d is not distinguishable from #%s (%s 95%% intervals of %s hold 0); "
-                        "a larger eval (train.eval_target_se) or more repeats would separate them", pool,
-                        int(best["trial_number"]), ", #".join(map(str, best["indistinguishable_from"])),
+            log.warning("recommend(%s): trial #%d is not distinguishable from #%s (%s 95%% intervals of %s overlap); "
+                        "a larger eval (train.eval_target_se), longer paired timing or more repeats would separate "
+                        "them", pool, int(best["trial_number"]), ", #".join(map(str, best["indistinguishable_from"])),
                         best.get("indistinguishable_by", "paired"), self.config.objectives[0].key)
+        if best.get("speed_vs_ref") == "indistinguishable":
+            log.info("recommend(%s): trial #%d is not faster than the reference: its latency ratio %.3f [%.3f, %.3f] "
+                     "holds 1", pool, int(best["trial_number"]), best["latency_ratio_ref_mean"],
+                     best["latency_ratio_ref_lo"], best["latency_ratio_ref_hi"])
         return json.loads(best["config_json"])
 
-    def _recommend_row(self, pool: str, **limits: float | None) -> pd.Series:
+    def _recommend_row(self, pool: str, *, faster_than_reference: bool = False, **limits: float | None) -> pd.Series:
         df = self.aggregate(pool)
-        upper = PoolConstraints(max_latency_ms=limits.get("max_latency_ms"),
-                                max_memory_mb=limits.get("max_memory_mb")).limits()  # on the constraints' own columns
+        upper = PoolConstraints(max_latency_ms=limits.get("max_latency_ms"), max_memory_mb=limits.get("max_memory_mb"),
+                                max_latency_ratio=limits.get("max_latency_ratio")).limits()  # the constraints' columns
         for column, bound in upper.items():
             if not df.empty and f"{column}_mean" in df:
                 df = df[df[f"{column}_mean"] <= bound]
         if limits.get("min_accuracy") is not None and not df.empty and "accuracy_mean" in df:
             df = df[df["accuracy_mean"] >= limits["min_accuracy"]]
+        if faster_than_reference and not df.empty:
+            df = df[df["speed_vs_ref"] == "faster"] if "speed_vs_ref" in df else df.iloc[0:0]
+            if df.empty:
+                raise ValueError(f"recommend: no configuration of pool {pool!r} is faster than the reference: every "
+                                 "latency ratio interval holds 1 or lies above it (or none was timed against it); "
+                                 "timing noise cannot tell them apart")
         if df.empty:
             given = ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None) or "the sweep's constraints"
             raise ValueError(f"recommend: no finished feasible trial in pool {pool!r} meets {given}; relax a limit")
         first = self.config.objectives[0]
-        sign = 1.0 if first.direction == "maximize" else -1.0
-        ci = df[f"{first.key}_ci95"].fillna(0.0)
-        df = df.assign(_bound=sign * df[f"{first.key}_mean"] - ci, _lo=df[f"{first.key}_mean"] - ci,
-                       _hi=df[f"{first.key}_mean"] + ci)
+        mean = df[f"{first.key}_mean"]
+        if first.key in RATIOS:  # its own interval, asymmetric
+            lo, hi = df[f"{first.key}_lo"].fillna(mean), df[f"{first.key}_hi"].fillna(mean)
+        else:
+            ci = df[f"{first.key}_ci95"].fillna(0.0)
+            lo, hi = mean - ci, mean + ci
+        df = df.assign(_bound=lo if first.direction == "maximize" else -hi, _lo=lo, _hi=hi)
         order = ["_bound"] + [f"{o.key}_mean" for o in self.config.objectives[1:]]
         ascending = [False] + [o.direction == "minimize" for o in self.config.objectives[1:]]
         df = df.sort_values(order, ascending=ascending)
         best = df.iloc[0].copy()
         same, how = [], "paired"
         for _, other in df.iloc[1:].iterrows():
+            if _timing(first.key):  # timed: indistinguishable while the intervals overlap
+                how = "timing"
+                if (df["_hi"] > df["_lo"]).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
+                    same.append(int(other["trial_number"]))
+                continue
             try:  # paired on the shared eval rows: indistinguishable when the 95% interval holds 0
                 d = self.paired_config(pool, list(other["trials"]), list(best["trials"]))
                 if not d.distinguishable:
                     same.append(int(other["trial_number"]))
             except ValueError:  # no per-unit scores: fall back to overlapping seed intervals
                 how = "intervals"
-                if (ci > 0).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
+                if (df["_hi"] > df["_lo"]).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
                     same.append(int(other["trial_number"]))
         best["indistinguishable_from"] = same
         best["indistinguishable_by"] = how
@@ -338,6 +426,11 @@ class SweepResult:
                 "accuracy_diff_to_reference": {k: _num(row.get(f"accuracy_diff{s}")) for k, s in
                                                (("diff", ""), ("lo", "_lo"), ("hi", "_hi"), ("p", "_p"))}
                 if "accuracy_diff" in row else None,
+                # timed side by side with the reference: 'faster' only when the interval lies below 1
+                "latency_ratio_to_reference": {"ratio": _num(row["latency_ratio_ref_mean"]),
+                                               "lo": _num(row["latency_ratio_ref_lo"]),
+                                               "hi": _num(row["latency_ratio_ref_hi"]), "verdict": row["speed_vs_ref"]}
+                if _num(row.get("latency_ratio_ref_mean")) is not None else None,
                 "config": json.loads(row["config_json"]),
             }
         return out

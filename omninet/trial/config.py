@@ -199,7 +199,7 @@ class MeasureConfig(ConfigBase):
     pair_min_rounds: int = 10
     pair_max_rounds: int = 40
     pair_halfwidth: float = 0.02
-    pair_max_seconds: float = 3.0
+    pair_max_seconds: float = 1.5
     # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
     # other than the task's max_length is refused unless this says so explicitly; the result
     # then records measure_other_length and the trial logs a warning (accuracy was judged at
@@ -323,21 +323,12 @@ class TrialConfig(ConfigBase):
                                            f"tokens); end the list with a bucket >= {longest}, e.g. 'pow2'")
 
     def _check_base(self) -> None:
-        """The base folder holds a model this trial can derive from (``omninet.passes.check_base``):
+        """The base holds a model this trial can derive from (``omninet.passes.check_base``):
         one line naming the mismatch, before anything runs."""
-        import json
-        from pathlib import Path
+        from omninet.passes import base_config, check_base  # passes imports the model, which is heavy
 
-        from omninet.passes import check_base
-
-        path = Path(self.base).expanduser() / "config.json"
-        _check(path.is_file(), f"base: {str(path.parent)!r} is not a saved OmniNet model (no config.json); point it at a "
-                               "save_pretrained folder or a sweep's models/pool=<pool>/trial-<n> folder")
-        try:
-            base = ModelConfig.from_dict(json.loads(path.read_text()), _where="base model")
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"base: {path} is not a valid model config ({str(exc).splitlines()[0]})") from None
-        check_base(base, self.model_config, task_length=self.task_obj.max_length, task_name=f"task {self.task_obj.name!r}")
+        check_base(base_config(self.base), self.model_config, task_length=self.task_obj.max_length,
+                   task_name=f"task {self.task_obj.name!r}")
 
     def _resolve_model(self, model: ModelOverrides) -> ModelConfig:
         """The full ModelConfig: ``SMALL_MODEL``, then the task's facts and defaults (arch by
@@ -358,8 +349,23 @@ class TrialConfig(ConfigBase):
         _check(task.kind != "classification" or arch != "encoder_decoder",
                f"model.arch='encoder_decoder' has no classification path; use 'encoder' for task {task.name!r}")
         n = max(task.max_length, self.measure.seq_length or 0)
+        if self.base is not None:  # a derived trial is its base's model with the trial's knobs on top
+            return ModelOverrides(values={k: v for k, v in given.items() if k != "arch"}).resolve(
+                self._base_defaults(facts, arch, n))
         defaults = {**SMALL_MODEL, "max_seq_length": n, **facts, "arch": arch}
         return ModelOverrides(values={k: v for k, v in given.items() if k != "arch"}).resolve(defaults)
+
+    def _base_defaults(self, facts: dict[str, Any], arch: str, n: int) -> dict[str, Any]:
+        """The base's own config (pruning and kernel aside) under the task's facts: its vocabulary
+        stays when the task's ids fit it (a tokenizer may cover fewer ids than the embedding has)
+        and its length when that covers the task. A mismatch is check_base's to report."""
+        from omninet.passes import base_config
+
+        base = base_config(self.base).to_dict()
+        base["heads"] = {**base["heads"], "pruned_heads": {}}
+        facts = {**facts, "vocab_size": max(base["vocab_size"], facts["vocab_size"])}
+        return {**base, **facts, "arch": base["arch"] if arch == base["arch"] else arch,
+                "max_seq_length": max(base["max_seq_length"], n)}
 
     def check_values(self, values: dict[str, Any]) -> None:
         """ValueError when setting ``{dotted path: value}`` would make an invalid config. Only

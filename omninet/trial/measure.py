@@ -285,7 +285,7 @@ LOOK_GROWTH = 1.5
 
 def paired(fn_a: Callable[[], object], fn_b: Callable[[], object], *, device=torch.device("cpu"), warmup: int = 2,
            calls: int = 3, min_rounds: int = 10, max_rounds: int = 40, halfwidth: float = 0.02,
-           max_seconds: float = 3.0, min_calls: int = 0, calibrate: Callable[[], object] | None = None) -> PairedTimes:
+           max_seconds: float = 1.5, min_calls: int = 0, calibrate: Callable[[], object] | None = None) -> PairedTimes:
     """Times ``fn_a`` against ``fn_b`` in alternating rounds (see the module docstring): ``warmup``
     untimed calls of each, then rounds of ``calls`` timed calls of each, a first in even rounds
     and b first in odd ones, until the 95% interval of the round ratios has a half-width of at
