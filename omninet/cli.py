@@ -6,6 +6,8 @@
     omninet recommend RESULTS_DIR ...    the best configuration under your budget
     omninet dashboard RESULTS_DIR        (re)build the trade-off dashboard of a sweep
     omninet serve RESULTS_DIR --pool P   serve a pool's trained model over HTTP (Ray Serve)
+    omninet import-hf SRC DST            a Hugging Face folder or GGUF file in as an OmniNet folder
+    omninet export-hf SRC DST            an OmniNet folder out as a Hugging Face folder
 
 Bad input exits with status 2 and one line on stderr.
 """
@@ -50,6 +52,8 @@ SUBCOMMANDS = {
     "recommend": (_delegate("omninet.sweep.cli", "recommend_main"), "best configuration of a finished sweep under a budget"),
     "dashboard": (_delegate("omninet.sweep.dashboard", "dashboard_main"), "(re)build a sweep's trade-off dashboard HTML"),
     "serve": (_delegate("omninet.serve.cli", "serve_main"), "serve a pool's trained model over HTTP (Ray Serve, dynamic batching)"),
+    "import-hf": (_delegate("omninet.interop.cli", "import_main"), "a Hugging Face folder or GGUF file in as an OmniNet folder"),
+    "export-hf": (_delegate("omninet.interop.cli", "export_main"), "an OmniNet folder out as a Hugging Face folder"),
 }
 
 

@@ -5,8 +5,9 @@ its knobs applied as passes over the built model (the torchtitan pattern: the mo
 single-device code, each change is an ``apply`` step owned by its component):
 
 1. ``load_base``     the base's ``save_pretrained`` folder (config.json + model.safetensors),
-                     checked against the trial: vocabulary, classes, arch, width, depth and head
-                     count must match and its length must cover the task (``check_base``);
+                     or a Hugging Face folder or GGUF file (imported by ``omninet.interop``),
+                     checked against the trial: every block option must match, the task's ids
+                     must fit its vocabulary and its length must cover the task (``check_base``);
 2. ``prune_heads``   head importance (Michel et al. 2019: |dL/d gate| on training batches) on
                      the *base* weights, then physical pruning of ``heads.prune_ratio`` of all
                      heads, least important first (``omninet.heads.prune_model``);
@@ -29,6 +30,9 @@ what was applied, in order, for the record.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,9 +47,45 @@ __all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "swap_attentio
            "derive"]
 
 PASS_ORDER = ("load_base", "prune_heads", "attention", "precision")
-# the fields a derived trial may not change: the base's weights only fit a model of this shape
-_SHAPE_FIELDS = ("arch", "vocab_size", "num_classes", "hidden_size", "num_layers", "num_heads", "ff_ratio",
-                 "pooling", "tie_embeddings")
+# What a derived trial may set for itself; every other ModelConfig field is the base's (its
+# weights only fit a model of that shape and block), and vocab_size is checked on its own.
+TRIAL_FIELDS = ("attention", "heads", "dropout", "gradient_checkpointing", "max_seq_length", "pad_token_id",
+                "bos_token_id", "eos_token_id", "vocab_size", "position")
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.init and f.name not in TRIAL_FIELDS)
+
+
+def is_foreign(path: str | Path) -> bool:
+    """A Hugging Face folder or a GGUF file rather than an OmniNet ``save_pretrained`` folder."""
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        return True
+    if not (p / "config.json").is_file():
+        return False
+    return "model_type" in json.loads((p / "config.json").read_text())
+
+
+def base_config(path: str | Path) -> ModelConfig:
+    """The base's ModelConfig without loading its weights: an OmniNet folder's config.json, or
+    the translation of a Hugging Face config.json or GGUF header (``omninet.interop``). Read
+    once per file version: a sweep checks every searched value against it."""
+    p = Path(path).expanduser()
+    stamp = p / "config.json" if p.is_dir() else p
+    return _base_config(p, stamp.stat().st_mtime_ns if stamp.exists() else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _base_config(p: Path, _stamp: int | None) -> ModelConfig:
+    if is_foreign(p):
+        from omninet.interop.hf import foreign_config
+
+        return foreign_config(p)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"base: {str(p)!r} is not a saved model (no config.json); point it at a save_pretrained folder, "
+                         "a sweep's models/pool=<pool>/trial-<n> folder, a Hugging Face folder or a .gguf file")
+    try:
+        return ModelConfig.from_dict(json.loads((p / "config.json").read_text()), _where="base model")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"base: {p}/config.json is not a valid model config ({str(exc).splitlines()[0]})") from None
 
 
 @dataclass
@@ -70,6 +110,8 @@ def load_base(base: str | Path | OmniNetModel, *, device: str | torch.device = "
 
         return copy.deepcopy(base).to(device)
     path = Path(base).expanduser()
+    if is_foreign(path):
+        return OmniNetModel.from_hf(path).to(device)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ValueError(f"base: {str(path)!r} is not a saved OmniNet model (config.json + model.safetensors); point "
                          "base.checkpoint at a save_pretrained folder or a sweep's models/pool=<pool>/trial-<n> folder")
@@ -85,9 +127,14 @@ def check_base(base: ModelConfig, trial: ModelConfig, *, task_length: int, task_
         if have != want:
             raise ValueError(f"base: {name}={have!r} but the trial's model needs {name}={want!r} for {task_name}; "
                              f"train the base on this task (base.train) or set trial.model.{name}: {have!r}")
-    if base.position.kind != trial.position.kind:
-        raise ValueError(f"base: position.kind={base.position.kind!r} but the trial's model uses "
-                         f"{trial.position.kind!r}; set trial.model.position.kind: {base.position.kind!r}")
+    if trial.vocab_size > base.vocab_size:
+        raise ValueError(f"base: vocab_size={base.vocab_size} but {task_name} has ids up to {trial.vocab_size - 1}; "
+                         "tokenize the task with the base's own tokenizer (task.tokenizer)")
+    for name in ("kind", "rope_base", "rope_scaling", "offset", "num_buckets", "max_distance"):
+        have, want = getattr(base.position, name), getattr(trial.position, name)
+        if have != want:
+            raise ValueError(f"base: position.{name}={have!r} but the trial's model uses {want!r}; "
+                             f"set trial.model.position.{name}: {have!r}")
     if base.position.kind == "learned" and base.max_seq_length < task_length:
         raise ValueError(f"base: max_seq_length={base.max_seq_length} is shorter than {task_name}'s {task_length} tokens "
                          "(learned positions cannot extrapolate); train the base at the deployment length")

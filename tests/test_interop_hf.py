@@ -223,3 +223,35 @@ def test_export_refuses_what_hf_cannot_express(saved, tmp_path):
     ours = OmniNetModel.from_hf(d)
     sparse = _with_kernel(ours, "block_sparse")
     _one_line_error(lambda: save_hf(sparse, tmp_path / "x"), "block_sparse", "save_pretrained", "export_onnx")
+
+
+def test_cli_import_then_export_carries_tokenizer_and_logits(saved, tmp_path, capsys):
+    import shutil
+
+    from omninet.cli import main
+
+    theirs, d = saved["llama"]
+    src = tmp_path / "src"
+    shutil.copytree(d, src)
+    (src / "tokenizer.json").write_text('{"stand-in": true}')
+    assert main(["import-hf", str(src), str(tmp_path / "omni")]) == 0
+    assert (tmp_path / "omni" / "tokenizer.json").is_file() and (tmp_path / "omni" / "model.safetensors").is_file()
+    assert main(["export-hf", str(tmp_path / "omni"), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == '{"stand-in": true}'
+    back = type(theirs).from_pretrained(tmp_path / "back").eval()
+    ids, mask = _batch("llama")
+    assert (_theirs_logits(back, ids, mask) - _theirs_logits(theirs, ids, mask)).abs().max() <= TOL
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "omni"), str(tmp_path / "back")]) == 2  # not empty: refused
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_sparse_model_exits_2_in_one_line(saved, tmp_path, capsys):
+    from omninet.cli import main
+
+    ours = _with_kernel(OmniNetModel.from_hf(saved["gpt2"][1]), "block_sparse")
+    ours.save_pretrained(tmp_path / "sparse")
+    assert main(["export-hf", str(tmp_path / "sparse"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "block_sparse" in err and "export_onnx" in err
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ from omninet.interop import bert, gpt2, llama
 from omninet.interop.base import Family, refuse
 from omninet.model import OmniNetModel
 
-__all__ = ["FAMILIES", "load_hf", "save_hf", "read_hf_config", "family_of", "copy_tokenizer_files", "TOKENIZER_FILES"]
+__all__ = ["FAMILIES", "load_hf", "load_gguf", "save_hf", "read_hf_config", "foreign_config", "import_checkpoint",
+           "family_of", "copy_tokenizer_files", "TOKENIZER_FILES"]
 
 log = logging.getLogger("omninet.interop")
 
@@ -53,6 +54,34 @@ def read_hf_config(path) -> dict:
         refuse(f"{d}/config.json: model_type {hf.get('model_type')!r} is not supported; "
                f"OmniNet imports {', '.join(sorted(_BY_TYPE))}")
     return hf
+
+
+def foreign_config(path) -> ModelConfig:
+    """The ModelConfig an import of ``path`` (HF folder or .gguf file) would build, read from its
+    config alone (no weights): what a sweep checks its trials against before converting."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        from omninet.interop.gguf import read_gguf_config  # the gguf library is needed only here
+
+        hf = read_gguf_config(p)
+        if hf.get("model_type") not in _BY_TYPE:
+            refuse(f"{p}: GGUF architecture {hf.get('model_type')!r} is not supported; "
+                   f"OmniNet imports {', '.join(sorted(_BY_TYPE))}")
+    else:
+        hf = read_hf_config(p)
+    return _BY_TYPE[hf["model_type"]].to_config(hf)
+
+
+def import_checkpoint(src, dst, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Converts an HF folder or GGUF file into an OmniNet folder (``save_pretrained``), with
+    its tokenizer files (a GGUF file's vocabulary written as tokenizer.json)."""
+    model = load_hf(src, dtype=dtype)
+    out = Path(dst)
+    model.save_pretrained(out)
+    tok = getattr(model, "gguf_tokenizer", None)
+    if tok is not None:
+        tok.save(str(out / "tokenizer.json"))
+    return out
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -138,6 +167,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, max_seq_length: int |
     model = _build(ck.config, _Checkpoint({n: (lambda n=n: tensors.pop(n)) for n in list(tensors)}), Path(path),
                    dtype=dtype, max_seq_length=max_seq_length)
     model.gguf_tokenizer = ck.tokenizer
+    model.source_dir = None  # no tokenizer files beside a GGUF file: its vocabulary is gguf_tokenizer
     return model
 
 

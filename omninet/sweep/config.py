@@ -434,7 +434,9 @@ class CostModelSpec(ConfigBase):
 
 @dataclass(kw_only=True)
 class BaseSpec(ConfigBase):
-    """The trained model every trial derives from (``omninet.passes``). Either ``checkpoint``: a
+    """The trained model every trial derives from (``omninet.passes``). One of ``hf``: your own
+    pretrained model, a Hugging Face folder (config.json + safetensors) or a GGUF file, converted
+    once into ``<results>/base`` (found there again on resume); ``checkpoint``: a
     ``save_pretrained`` folder or a kept trial model, checked against the task before any trial;
     or ``train``: the dense base (the sweep's first ``enqueue`` point) is trained once, at the
     task's length, with the trial's ``train`` section updated by these keys (e.g. ``{steps:
@@ -443,13 +445,15 @@ class BaseSpec(ConfigBase):
     ``<results>/base`` (and logged to MLflow) and reused on resume."""
 
     checkpoint: str | None = None
+    hf: str | None = None
     train: dict[str, Any] | None = None
     pool: str | None = None
     cpus: float | None = None
 
     def validate(self) -> None:
-        _check((self.checkpoint is None) != (self.train is None),
-               "base: give exactly one of checkpoint (a saved model folder) and train (e.g. {steps: 3000})")
+        _check(sum(x is not None for x in (self.checkpoint, self.hf, self.train)) == 1,
+               "base: give exactly one of hf (a Hugging Face folder or .gguf file), checkpoint (a saved OmniNet "
+               "folder) and train (e.g. {steps: 3000})")
         _check(self.cpus is None or self.cpus >= 1, f"base.cpus must be >= 1, got {self.cpus}")
         _check(self.train is None or isinstance(self.train, dict),
                "base.train must be a mapping of train keys such as {steps: 3000}")
@@ -563,8 +567,10 @@ class SweepConfig(ConfigBase):
         _check(self.base.pool is None or self.base.pool in pools, f"base.pool: {self.base.pool!r} is not a pool; pools are {pools}")
         _check(self._runner.name == "omninet",
                "base: trials derived from a trained model need the omninet trial runner (trial_fn: omninet.trial:run_trial)")
-        if self.base.checkpoint is not None:
-            path = os.path.expanduser(self.base.checkpoint)
+        if self.base.checkpoint is not None or self.base.hf is not None:
+            path = os.path.expanduser(self.base.checkpoint or self.base.hf)
+            _check(os.path.exists(path), f"base: {path!r} does not exist; give the path of your model's folder "
+                                         "(or .gguf file) on this machine")
             self.trial_config({"base": path})  # parses the trial with the base: check_base's one line on a mismatch
         else:
             try:  # only the train section is rebuilt (check_values): the trial itself was parsed once above

@@ -36,8 +36,11 @@ def prepare_base(config: SweepConfig, results_dir: Path, train: Callable[[Any, A
         return path
     out = results_dir / "base"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        log.info("base: %s (trained by an earlier run of this sweep; not trained again)", out)
+        log.info("base: %s (%s by an earlier run of this sweep; not again)", out,
+                 "converted" if spec.hf is not None else "trained")
         return out
+    if spec.hf is not None:
+        return _convert_base(Path(os.path.expanduser(spec.hf)).resolve(), out)
     from omninet.artifacts import write_trial_model
 
     pool = config.base_pool()
@@ -60,6 +63,23 @@ def prepare_base(config: SweepConfig, results_dir: Path, train: Callable[[Any, A
     first = config.objectives[0].key
     log.info("base: trained in %.0f s: %s %.4g (se %.2g), kept in %s", time.time() - started, first,
              result.get(first) or float("nan"), result.get("accuracy_se") or float("nan"), out)
+    return out
+
+
+def _convert_base(source: Path, out: Path) -> Path:
+    """An HF folder or GGUF file as the sweep's OmniNet base folder, written whole or not at all
+    (into a sibling folder, renamed when complete), so that resume never finds half a base."""
+    import shutil
+
+    from omninet.interop.hf import import_checkpoint
+
+    started = time.time()
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    import_checkpoint(source, partial)
+    (partial / "imported_from.json").write_text(json.dumps({"source": str(source), "seconds": time.time() - started}))
+    partial.rename(out)
+    log.info("base: %s converted into %s in %.1f s", source, out, time.time() - started)
     return out
 
 
