@@ -57,17 +57,17 @@ class _Client:
         self.status = status
 
 
-def _recorded(tmp_path):
+def _recorded(tmp_path, config=None, result=None):
     """A toy trial's result with the extra field, through the controller's row, the Parquet
     store, Optuna's tell and the MLflow recorder."""
-    config = _config(tmp_path)
+    config = config or _config(tmp_path)
     store = ParquetStore(tmp_path / "trials", config)
     study = optuna.create_study(directions=[o.direction for o in config.objectives])
     trial = study.ask()
     params = {"toy.x": 0.5}
     run = Running("cpu", trial.number, trial._trial_id, params, config.trial_config(params))
-    result = {"status": "ok", "accuracy": 0.7, "peak_memory_infer_mb": 80.0, "latency_p50_ms": 3.0, "node": "n1",
-              "device": "cpu", "gflops": 3.5}
+    result = result or {"status": "ok", "accuracy": 0.7, "peak_memory_infer_mb": 80.0, "latency_p50_ms": 3.0,
+                        "node": "n1", "device": "cpu", "gflops": 3.5}
     row = build_row(config, store.file_schema, run, result, simulated=False)
     store.write("cpu", row)
     tell_trial(study, trial._trial_id, row, config.objectives)
@@ -99,6 +99,34 @@ def test_without_the_subclass_no_store_has_it(tmp_path):
     assert "gflops" not in row and "gflops" not in store.file_schema.names
     assert "gflops" not in {m.key for m in client.metrics} and "gflops" not in frozen.user_attrs
     assert label("gflops") == "gflops"
+
+
+def test_the_latency_ratio_to_the_reference_reaches_every_store(tmp_path):
+    """The paired timing's fields are plain TrialResult fields: Parquet columns, MLflow metrics
+    (and the pairing as a tag), Optuna user attributes, and an objective's value in Optuna."""
+    from omninet.sweep.results import RecordedTrial
+
+    config = load_config({
+        "name": "ratio", "results_dir": str(tmp_path / "results"), "trial_fn": "omninet.sweep.testing:toy_trial",
+        "estimate_fn": None, "trial": {"toy": {}}, "search_space": {"toy.x": {"low": 0.1, "high": 1.0}},
+        "pools": [{"name": "cpu", "resources": {"CPU": 1}, "trials": 1}],
+        "objectives": [{"key": "accuracy", "direction": "maximize"}, {"key": "latency_ratio_ref", "direction": "minimize"}],
+        "constraints": {"cpu": {"max_latency_ratio": 1.2}},
+    }, runner=RecordedTrial())
+    paired = {"latency_ratio_ref": 0.91, "latency_ratio_ref_lo": 0.89, "latency_ratio_ref_hi": 0.93,
+              "throughput_ratio_ref": 1.08, "throughput_ratio_ref_lo": 1.05, "throughput_ratio_ref_hi": 1.11}
+    result = {"status": "ok", "accuracy": 0.7, "latency_p50_ms": 3.0, "latency_ref_p50_ms": 3.3,
+              "latency_pairing": "base", **paired}
+    row, store, frozen, client = _recorded(tmp_path, config, result)
+    assert {k: store.row("cpu", 0)[k] for k in paired} == paired
+    assert store.file_schema.field("latency_pairing").type == pa.string()
+    metrics = {m.key: m.value for m in client.metrics}
+    assert {k: metrics[k] for k in paired} == paired and metrics["latency_ref_p50_ms"] == 3.3
+    assert client.tags["latency_pairing"] == "base"
+    assert frozen.values == [0.7, 0.91] and {k: frozen.user_attrs[k] for k in paired} == paired
+    assert frozen.user_attrs["latency_pairing"] == "base"
+    assert row["constraint_latency_ratio"] == pytest.approx(0.91 - 1.2) and row["feasible"]
+    assert label("latency_ratio_ref") == "latency / reference"
 
 
 def test_trial_result_stays_a_plain_dataclass():
