@@ -539,7 +539,7 @@ class OmniNetModel(nn.Module):
         outputs as transformers' model of it (``omninet.interop``)."""
         from omninet.interop.hf import load_hf  # interop imports this module
 
-        return load_hf(path, dtype=dtype, max_seq_length=max_seq_length)
+        return load_hf(cls, path, dtype=dtype, max_seq_length=max_seq_length)
 
     def save_hf(self, directory, *, tokenizer_from=None):
         """A Hugging Face folder of this model that transformers loads with the same logits,

@@ -80,8 +80,9 @@ def _base_config(p: Path, _stamp: int | None) -> ModelConfig:
 
         return foreign_config(p)
     if not (p / "config.json").is_file():
-        raise ValueError(f"base: {str(p)!r} is not a saved model (no config.json); point it at a save_pretrained folder, "
-                         "a sweep's models/pool=<pool>/trial-<n> folder, a Hugging Face folder or a .gguf file")
+        raise ValueError(f"base: {str(p)!r} is not a saved OmniNet model, a Hugging Face folder or a .gguf file (no "
+                         "config.json); point it at a save_pretrained folder, a sweep's models/pool=<pool>/trial-<n> "
+                         "folder, a Hugging Face folder or a .gguf file")
     try:
         return ModelConfig.from_dict(json.loads((p / "config.json").read_text()), _where="base model")
     except (ValueError, TypeError) as exc:

@@ -24,7 +24,7 @@ def import_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from omninet.interop.hf import import_checkpoint
+    from omninet.interop.convert import import_checkpoint
 
     _free(args.dst)
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Hugging Face folders in and out, with safetensors alone (transformers is never imported).
 
-``load_hf(path)`` reads config.json and ``*.safetensors`` (sharded or not), picks the family
-map by ``model_type``, builds the model with its parameters on the meta device and assigns
+``load_hf(OmniNetModel, path)`` (what ``OmniNetModel.from_hf`` calls) reads config.json and
+``*.safetensors`` (sharded or not), picks the family map by ``model_type``, builds the model with its parameters on the meta device and assigns
 the checkpoint's tensors (converted once to ``dtype``), so an import holds one copy of the
 weights. ``save_hf(model, path)`` writes the family's config.json and tensors back; pruned heads
 go back as zero rows of q and zero columns of o_proj in the family's dense shape, which
@@ -26,10 +26,9 @@ from torch import nn
 from omninet.config import ModelConfig
 from omninet.interop import bert, gpt2, llama
 from omninet.interop.base import Family, refuse
-from omninet.model import OmniNetModel
 
-__all__ = ["FAMILIES", "load_hf", "load_gguf", "save_hf", "read_hf_config", "foreign_config", "import_checkpoint",
-           "family_of", "copy_tokenizer_files", "TOKENIZER_FILES"]
+__all__ = ["FAMILIES", "load_hf", "load_gguf", "save_hf", "read_hf_config", "foreign_config", "family_of",
+           "copy_tokenizer_files", "TOKENIZER_FILES"]
 
 log = logging.getLogger("omninet.interop")
 
@@ -70,18 +69,6 @@ def foreign_config(path) -> ModelConfig:
     else:
         hf = read_hf_config(p)
     return _BY_TYPE[hf["model_type"]].to_config(hf)
-
-
-def import_checkpoint(src, dst, *, dtype: torch.dtype = torch.float32) -> Path:
-    """Converts an HF folder or GGUF file into an OmniNet folder (``save_pretrained``), with
-    its tokenizer files (a GGUF file's vocabulary written as tokenizer.json)."""
-    model = load_hf(src, dtype=dtype)
-    out = Path(dst)
-    model.save_pretrained(out)
-    tok = getattr(model, "gguf_tokenizer", None)
-    if tok is not None:
-        tok.save(str(out / "tokenizer.json"))
-    return out
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -144,17 +131,18 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def load_hf(path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None) -> OmniNetModel:
-    """An ``OmniNetModel`` with the weights of the HF folder ``path`` (eval mode, on CPU).
-    ``max_seq_length`` caps the model's length (default: the checkpoint's)."""
+def load_hf(model_cls, path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None):
+    """A ``model_cls`` (``OmniNetModel``; passed in, as this module sits below the model) with
+    the weights of the HF folder ``path``, in eval mode on CPU. ``max_seq_length`` caps the
+    model's length (default: the checkpoint's)."""
     d = Path(path)
     if d.suffix == ".gguf":
-        return load_gguf(d, dtype=dtype, max_seq_length=max_seq_length)
+        return load_gguf(model_cls, d, dtype=dtype, max_seq_length=max_seq_length)
     hf = read_hf_config(d)
-    return _build(hf, _Checkpoint.from_files(_weight_files(d)), d, dtype=dtype, max_seq_length=max_seq_length)
+    return _build(model_cls, hf, _Checkpoint.from_files(_weight_files(d)), d, dtype=dtype, max_seq_length=max_seq_length)
 
 
-def load_gguf(path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None) -> OmniNetModel:
+def load_gguf(model_cls, path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None):
     """An ``OmniNetModel`` from a GGUF file (llama.cpp's format), dequantized by the ``gguf``
     library into the Hugging Face names and layout of its family (``omninet.interop.gguf``)."""
     from omninet.interop.gguf import read_gguf  # the gguf library is needed only here
@@ -164,18 +152,18 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, max_seq_length: int |
         refuse(f"{path}: GGUF architecture {ck.config.get('model_type')!r} is not supported; "
                f"OmniNet imports {', '.join(sorted(_BY_TYPE))}")
     tensors = ck.tensors
-    model = _build(ck.config, _Checkpoint({n: (lambda n=n: tensors.pop(n)) for n in list(tensors)}), Path(path),
+    model = _build(model_cls, ck.config, _Checkpoint({n: (lambda n=n: tensors.pop(n)) for n in list(tensors)}), Path(path),
                    dtype=dtype, max_seq_length=max_seq_length)
     model.gguf_tokenizer = ck.tokenizer
     model.source_dir = None  # no tokenizer files beside a GGUF file: its vocabulary is gguf_tokenizer
     return model
 
 
-def _build(hf: dict, ckpt: _Checkpoint, d: Path, *, dtype, max_seq_length) -> OmniNetModel:
+def _build(model_cls, hf: dict, ckpt: _Checkpoint, d: Path, *, dtype, max_seq_length):
     family = _BY_TYPE[hf["model_type"]]
     config = family.to_config(hf, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
     with _parameters_on_meta():
-        model = OmniNetModel(config)
+        model = model_cls(config)
     expected = model.state_dict()
     state = {}
     for rule in family.rules(config, hf):
@@ -211,7 +199,7 @@ def family_of(config: ModelConfig) -> Family:
     return fam
 
 
-def _exportable(model: OmniNetModel) -> None:
+def _exportable(model) -> None:
     cfg = model.config
     if cfg.attention.kernel not in DENSE_KERNELS:
         refuse(f"attention kernel {cfg.attention.kernel!r} has no Hugging Face form (it computes other outputs than "
@@ -230,7 +218,7 @@ def _exportable(model: OmniNetModel) -> None:
                "have no Hugging Face form; cast the model to one dtype first or keep it as an OmniNet folder")
 
 
-def _dense_state(model: OmniNetModel) -> dict[str, torch.Tensor]:
+def _dense_state(model) -> dict[str, torch.Tensor]:
     """The state dict with every pruned head back in place as zeros, in the unpruned shapes."""
     cfg = model.config
     state = dict(model.state_dict())
@@ -254,7 +242,7 @@ def _dense_state(model: OmniNetModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf(model: OmniNetModel, path, *, tokenizer_from=None) -> Path:
+def save_hf(model, path, *, tokenizer_from=None) -> Path:
     """Writes ``model`` as a Hugging Face folder that transformers loads with the same logits
     (config.json, model.safetensors, the tokenizer files of ``tokenizer_from`` or of the
     folder the model came from). Refuses what HF cannot express, naming the way out."""

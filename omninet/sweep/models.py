@@ -71,7 +71,7 @@ def _convert_base(source: Path, out: Path) -> Path:
     (into a sibling folder, renamed when complete), so that resume never finds half a base."""
     import shutil
 
-    from omninet.interop.hf import import_checkpoint
+    from omninet.interop.convert import import_checkpoint
 
     started = time.time()
     partial = out.with_name(out.name + ".partial")
