@@ -54,8 +54,9 @@ def sweep_config(results: Path) -> dict:
     }
 
 
-def write_results(results: Path, trials=TRIALS) -> Path:
-    """A finished sweep's results directory, as the controller leaves it."""
+def write_results(results: Path, trials=TRIALS, ratios: dict | None = None) -> Path:
+    """A finished sweep's results directory, as the controller leaves it; ``ratios``: {(pool,
+    number): (latency ratio to the reference, lo, hi)} for trials timed against it."""
     config = load_config(sweep_config(results))
     results.mkdir(parents=True, exist_ok=True)
     (results / "sweep.yaml").write_text(yaml.safe_dump(config.to_plain(), sort_keys=False))
@@ -70,6 +71,9 @@ def write_results(results: Path, trials=TRIALS) -> Path:
                "config_json": json.dumps(config.trial_config({f"toy.{k}": v for k, v in params.items()}), sort_keys=True),
                "result_json": "{}", "loss_curve": [1.0, 0.5]}
         row.update({f"param.toy.{k}": v for k, v in params.items()})
+        if (pool, number) in (ratios or {}):
+            row.update(zip(("latency_ratio_ref", "latency_ratio_ref_lo", "latency_ratio_ref_hi"), ratios[pool, number]),
+                       latency_pairing="enqueue[0]")
         constraints = {}
         if values is not None:
             row.update(zip(OBJ, values))
@@ -189,6 +193,40 @@ def test_recommendations_and_shared_configs(results) -> None:
     assert set(shared["configuration"]) == {"kernel=dense x=0.2", "kernel=sparse k=16 x=0.5", "kernel=sparse k=32 x=0.6"}
     bad = unfinished_table(sweep)
     assert sorted(zip(bad["pool"], bad["status"])) == [("cpu", "error"), ("gpu (simulated)", "infeasible")]
+
+
+def test_speed_against_the_reference_with_its_interval(tmp_path) -> None:
+    """Each front point's speed-up over its pool's reference with the 95% interval, called faster
+    only when the interval excludes 1; the pools chart draws the ratios' intervals, and the same
+    configuration on two pools of the same hardware is said to differ only by noise when its
+    ratio intervals overlap (cpu#0 2.0 ms against gpu#0 0.5 ms raw)."""
+    from omninet.sweep.dashboard import paired_table, pools_figure, pools_noise_table, recommendations_table, \
+        shared_configs
+
+    ratios = {("cpu", 0): (1.0, 0.98, 1.02), ("gpu", 0): (1.01, 0.99, 1.03), ("cpu", 1): (0.8, 0.78, 0.82),
+              ("gpu", 1): (0.9, 0.88, 0.92), ("cpu", 6): (0.97, 0.93, 1.01)}
+    results = write_results(tmp_path / "timed", ratios=ratios)
+    sweep = SweepData(results)
+    rec = recommendations_table(sweep).set_index("pool")
+    assert rec.loc["cpu", "speed-up vs reference [95%]"] == "1.250x [1.220, 1.282], faster"
+    table = paired_table(sweep).set_index(["pool", "trial"])  # next to the accuracy difference, per configuration
+    assert table.loc[("cpu", "#6"), "speed-up vs reference [95%]"] == "1.031x [0.990, 1.075], indistinguishable"
+    assert table.loc[("gpu (simulated)", "#1"), "speed-up vs reference [95%]"] == "1.111x [1.087, 1.136], faster"
+    agg = sweep.aggregates["cpu"].set_index("trial_number")
+    assert agg.loc[6, "speed_vs_ref"] == "indistinguishable" and agg.loc[1, "speed_vs_ref"] == "faster"
+    shared = shared_configs(sweep)
+    noise = pools_noise_table(sweep, shared).set_index("configuration")
+    assert noise.loc["kernel=dense x=0.2", "verdict"] == "differ only by noise (ratio intervals overlap)"
+    assert noise.loc["kernel=dense x=0.2", "hardware"] == "same (synthetic)"
+    assert noise.loc["kernel=sparse k=16 x=0.5", "verdict"] == "differ beyond noise (ratio intervals disjoint)"
+    bars = {t.name: t for t in pools_figure(sweep, shared).data if t.error_y is not None and t.error_y.array is not None}
+    gpu = bars["gpu (simulated)"]  # the ratio's own interval around each bar (gpu#3 was not timed: no bar)
+    assert list(gpu.error_y.arrayminus) == pytest.approx([0.02, 0.0, 0.02]) and list(gpu.y)[::2] == [0.9, 1.01]
+    hover = " ".join(t for tr in pareto_figure(sweep).data if tr.text is not None for t in tr.text)
+    assert "speed-up vs reference: 1.250x [1.220, 1.282], faster" in hover
+    assert "speed-up vs reference: 1.031x [0.990, 1.075], indistinguishable" in hover
+    page = build_dashboard(results).read_text()
+    assert "differ only by noise" in page and "speed-up vs reference" in page
 
 
 def test_sweep_without_trials_still_builds(tmp_path) -> None:

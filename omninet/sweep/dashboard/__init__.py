@@ -28,9 +28,10 @@ from omninet.sweep.dashboard.data import SweepData, config_label, label, non_dom
 from omninet.sweep.dashboard.figures import parallel_figure, pareto_figure, pools_figure
 from omninet.sweep.dashboard.render import DEFAULT_NAME, build_dashboard, dashboard_main, render
 from omninet.sweep.dashboard.tables import (baseline_table, conditions_table, cost_model_table, noise_table,
-                                            paired_table, recommendations_table, serving_table, unfinished_table)
+                                            paired_table, pools_noise_table, recommendations_table, serving_table,
+                                            unfinished_table)
 
 __all__ = ["build_dashboard", "dashboard_main", "DEFAULT_NAME", "SweepData", "label", "config_label", "non_dominated",
            "shared_configs", "pareto_figure", "parallel_figure", "pools_figure", "recommendations_table",
            "paired_table", "noise_table", "baseline_table", "conditions_table", "unfinished_table",
-           "cost_model_table", "serving_table", "render"]
+           "cost_model_table", "serving_table", "pools_noise_table", "render"]

@@ -12,11 +12,11 @@ from typing import Any, Iterator
 import pandas as pd
 
 __all__ = ["SweepData", "config_label", "diff_text", "finite_rows", "fmt", "label", "non_dominated", "plain", "present",
-           "shared_configs"]
+           "shared_configs", "speedup_text", "ratio_interval"]
 
 # Cost columns always shown against the first objective, even when not searched as objectives.
 _COST_VIEWS = (("peak_memory_infer_mb", ("peak_memory_infer_mb", "peak_memory_train_mb")),
-               ("latency_p50_ms", ("latency_p50_ms", "latency_p95_ms")))
+               ("latency_p50_ms", ("latency_p50_ms", "latency_p95_ms", "latency_ratio_ref", "latency_p50_norm_ms")))
 
 
 def label(key: str) -> str:
@@ -156,6 +156,27 @@ def diff_text(d: Any, lo: Any, hi: Any) -> str:
     if not (present(lo) and present(hi)):
         return f"{float(d):+.4f}"
     return f"{float(d):+.4f} [{float(lo):+.4f}, {float(hi):+.4f}]"
+
+
+def ratio_interval(row: Any, key: str = "latency_ratio_ref") -> tuple[float, float, float] | None:
+    """(ratio, lo, hi) of a row's (or an aggregate's ``_mean``) ratio to the reference; None without one."""
+    value = row.get(key) if present(row.get(key)) else row.get(f"{key}_mean")
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if not (present(value) and present(lo) and present(hi)):
+        return None
+    return float(value), float(lo), float(hi)
+
+
+def speedup_text(row: Any) -> str:
+    """'1.10x [1.08, 1.12], faster': the reference's latency over this one's (its speed-up) with
+    the 95% interval, and the verdict (faster or slower only when the interval excludes 1)."""
+    from omninet.sweep.results import speed_verdict
+
+    r = ratio_interval(row)
+    if r is None:
+        return "-"
+    ratio, lo, hi = r
+    return f"{1 / ratio:.3f}x [{1 / hi:.3f}, {1 / lo:.3f}], {speed_verdict(lo, hi)}"
 
 
 def shared_configs(sweep: SweepData) -> pd.DataFrame:

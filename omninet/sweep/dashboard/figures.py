@@ -8,7 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from omninet.sweep.dashboard.data import SweepData, diff_text, finite_rows, fmt, label, non_dominated, plain, present
+from omninet.sweep.dashboard.data import (SweepData, diff_text, finite_rows, fmt, label, non_dominated, plain, present,
+                                          ratio_interval, speedup_text)
+from omninet.sweep.results import RATIOS
 
 __all__ = ["pareto_figure", "parallel_figure", "pools_figure"]
 
@@ -27,6 +29,8 @@ def _hover(sweep: SweepData, row: pd.Series) -> str:
         lines.append(f"vs reference: {diff}")
     elif row.get("role") == "reference":
         lines.append("the pool's reference run")
+    if ratio_interval(row) is not None:
+        lines.append(f"speed-up vs reference: {speedup_text(row)}")
     if present(row.get("device_name")):
         lines.append(f"device: {html.escape(str(row['device_name']))}")
     return "<br>".join(dict.fromkeys(lines))
@@ -64,7 +68,7 @@ def pareto_figure(sweep: SweepData):
                 part = finite_rows(part, [key])
                 if not part.empty:
                     add(name, group, x=part[key], y=part[sweep.first], marker=marker,
-                        text=[_hover(sweep, row) for _, row in part.iterrows()], **mk)
+                        text=[_hover(sweep, row) for _, row in part.iterrows()], **_ratio_bars(part, key), **mk)
             # the front within this 2-D view, as a line (Optuna's non-domination over these two objectives)
             plane = finite_rows(feasible, [key])
             front2d = plane[plane["trial_number"].isin(
@@ -76,10 +80,9 @@ def pareto_figure(sweep: SweepData):
             agg = sweep.aggregates[pool]
             repeated = agg[agg["runs"] > 1] if not agg.empty else agg
             if not repeated.empty and f"{key}_mean" in repeated:
-                add("mean ± 95% interval (repeated seeds)", "noise", row=r, col=c, mode="markers",
-                    x=repeated[f"{key}_mean"], y=repeated[f"{sweep.first}_mean"],
-                    error_x=dict(type="data", array=repeated[f"{key}_ci95"].fillna(0).tolist(), visible=True),
-                    error_y=dict(type="data", array=repeated[f"{sweep.first}_ci95"].fillna(0).tolist(), visible=True),
+                add("mean ± 95% interval (repeats: seeds; timing: runs combined)", "noise", row=r, col=c,
+                    mode="markers", x=repeated[f"{key}_mean"], y=repeated[f"{sweep.first}_mean"],
+                    error_x=_aggregate_bars(repeated, key), error_y=_aggregate_bars(repeated, sweep.first),
                     marker=dict(color="black", size=6, symbol="diamond"),
                     text=[f"#{n}: {int(k)} runs" for n, k in zip(repeated["trial_number"], repeated["runs"])],
                     hovertemplate="%{text}<extra></extra>")
@@ -92,6 +95,26 @@ def pareto_figure(sweep: SweepData):
                       legend=dict(orientation="h", y=-0.08 if len(sweep.pools) > 1 else -0.2),
                       margin=dict(t=60, l=60, r=30, b=60))
     return fig
+
+
+def _aggregate_bars(agg: pd.DataFrame, key: str) -> dict[str, Any]:
+    """An aggregate's 95% interval: a ratio's combined [lo, hi], else +- its ``_ci95``."""
+    if key in RATIOS and f"{key}_lo" in agg:
+        mean = agg[f"{key}_mean"]
+        return dict(type="data", symmetric=False, array=(agg[f"{key}_hi"] - mean).fillna(0).tolist(),
+                    arrayminus=(mean - agg[f"{key}_lo"]).fillna(0).tolist(), visible=True)
+    return dict(type="data", array=agg[f"{key}_ci95"].fillna(0).tolist(), visible=True)
+
+
+def _ratio_bars(part: pd.DataFrame, key: str, axis: str = "x") -> dict[str, Any]:
+    """Error bars of a ratio to the reference: its own 95% interval (asymmetric), for each row."""
+    if key not in RATIOS or f"{key}_lo" not in part or f"{key}_hi" not in part:
+        return {}
+    value = pd.to_numeric(part[key], errors="coerce")
+    up = (pd.to_numeric(part[f"{key}_hi"], errors="coerce") - value).fillna(0)
+    down = (value - pd.to_numeric(part[f"{key}_lo"], errors="coerce")).fillna(0)
+    return {f"error_{axis}": dict(type="data", symmetric=False, array=up.tolist(), arrayminus=down.tolist(),
+                                  visible=True, thickness=1)}
 
 
 def _dimension(series: pd.Series, name: str) -> dict[str, Any]:
@@ -133,10 +156,15 @@ def parallel_figure(sweep: SweepData, pool: str):
 
 
 def pools_figure(sweep: SweepData, shared: pd.DataFrame):
+    """The objectives of the configurations run on several pools, side by side; the latency ratio
+    to each pool's reference (with its 95% interval) beside them even when it is no objective:
+    raw times of two pools on the same hardware differ by the moment they were taken."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     keys = [k for k, _ in sweep.objectives]
+    if "latency_ratio_ref" not in keys and "latency_ratio_ref" in shared and shared["latency_ratio_ref"].map(present).any():
+        keys.append("latency_ratio_ref")
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[label(k) for k in keys], horizontal_spacing=0.07)
     for i, pool in enumerate(sweep.pools):
         part = shared[shared["pool"] == pool]
@@ -144,7 +172,7 @@ def pools_figure(sweep: SweepData, shared: pd.DataFrame):
             continue
         for c, key in enumerate(keys, start=1):
             fig.add_trace(go.Bar(name=sweep.pool_title(pool), legendgroup=pool, showlegend=c == 1,
-                                 x=part["configuration"], y=part[key].astype(float),
+                                 x=part["configuration"], y=part[key].astype(float), **_ratio_bars(part, key, "y"),
                                  marker_color=_POOL_COLORS[i % len(_POOL_COLORS)],
                                  hovertemplate=f"{html.escape(sweep.pool_title(pool))}<br>%{{x}}<br>"
                                                f"{html.escape(label(key))}: %{{y:.4g}}<extra></extra>"),

@@ -15,8 +15,8 @@ import pandas as pd
 from omninet.sweep.dashboard.data import SweepData, label, shared_configs
 from omninet.sweep.dashboard.figures import parallel_figure, pareto_figure, pools_figure
 from omninet.sweep.dashboard.tables import (baseline_table, conditions_table, cost_model_table, noise_table,
-                                            paired_table, recommendations_table, serving_table, table_html,
-                                            unfinished_table)
+                                            paired_table, pools_noise_table, recommendations_table, serving_table,
+                                            table_html, unfinished_table)
 
 __all__ = ["DEFAULT_NAME", "build_dashboard", "dashboard_main", "render"]
 
@@ -85,7 +85,11 @@ def render(sweep: SweepData) -> str:
         table = shared[["configuration", "pool", "trial_number"] + keys].rename(
             columns={"trial_number": "trial", **{k: label(k) for k in keys}})
         table["pool"] = [sweep.pool_title(p) for p in table["pool"]]
-        pools_html = divs["pools"] + table_html(table, "")
+        pools_html = (divs["pools"] + table_html(table, "")
+                      + "<p class='meta'>Raw times of two pools are taken at different moments; on a shared machine the "
+                        "host's speed moves between them. Each pool's latency ratio to its own reference, timed side by "
+                        "side, is what compares: on the same hardware, overlapping intervals mean the pools differ only "
+                        "by noise.</p>" + table_html(pools_noise_table(sweep, shared), ""))
     title = f"OmniNet sweep {sweep.config.name}: trade-offs"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
@@ -100,12 +104,15 @@ Red crosses: ran but violate the pool's constraints. Dotted line: the front with
 {parallel}
 <h2 id="pools">Hardware pools side by side (same configuration)</h2>
 {pools_html}
-<h2 id="paired">Accuracy against the reference, paired on the same eval rows</h2>
+<h2 id="paired">Accuracy and speed against the reference, paired</h2>
 <p class="meta">Every trial scores the same eval rows in the same order as its pool's reference run (the trained
 base, or the dense baseline), so each accuracy is a paired difference with a 95% interval: 'eval' intervals are
 a paired bootstrap over eval rows (one training run each), 'eval+seed' a t-interval over seed repeats.
 Indistinguishable: the interval contains 0. Zero-shot: a derived trial right after its passes, before its
-fine-tune.</p>
+fine-tune. Speed-up: the reference's latency over the trial's, both timed side by side in the trial's worker
+(alternating short rounds, the same inputs and threads), with a 95% interval on the median round; 'faster' or
+'slower' only when the interval excludes 1, else 'indistinguishable'. Repeats combine their timing as
+measurements.</p>
 {table_html(paired_table(sweep), "No per-unit scores recorded (the runner keeps none, or no reference run finished).")}
 <h2 id="baseline">What the knobs buy against the baseline</h2>
 {table_html(baseline_table(sweep), "No baseline configuration (enqueue) finished.")}

@@ -8,10 +8,20 @@ from typing import Any
 
 import pandas as pd
 
-from omninet.sweep.dashboard.data import SweepData, config_label, diff_text, fmt, label, plain, present
+from omninet.sweep.dashboard.data import (SweepData, config_label, diff_text, fmt, label, plain, present, ratio_interval,
+                                          speedup_text)
+from omninet.sweep.results import RATIOS
 
-__all__ = ["baseline_table", "conditions_table", "cost_model_table", "noise_table", "paired_table",
+__all__ = ["baseline_table", "conditions_table", "cost_model_table", "noise_table", "paired_table", "pools_noise_table",
            "recommendations_table", "serving_table", "table_html", "unfinished_table"]
+
+
+def _interval(a: Any, key: str) -> str:
+    """An aggregate's objective with its 95% interval: a ratio's [lo, hi], else +- half-width."""
+    if key in RATIOS and present(a.get(f"{key}_lo")):
+        return f"{fmt(a[f'{key}_mean'])} [{fmt(a[f'{key}_lo'])}, {fmt(a[f'{key}_hi'])}]"
+    half = a.get(f"{key}_ci95")
+    return f"{fmt(a[f'{key}_mean'])} ± {fmt(half)}" if present(half) else fmt(a[f"{key}_mean"])
 
 def recommendations_table(sweep: SweepData) -> pd.DataFrame:
     rows = []
@@ -32,6 +42,10 @@ def recommendations_table(sweep: SweepData) -> pd.DataFrame:
             row["runs"] = rec.get("runs", 1)
             row.update({label(k): f"{fmt(v)} ± {fmt(rec['ci95'][k])}" if present(rec.get("ci95", {}).get(k))
                         else fmt(v) for k, v in rec["objectives"].items()})
+            speed = rec.get("latency_ratio_to_reference")
+            row["speed-up vs reference [95%]"] = speedup_text(
+                {"latency_ratio_ref": speed["ratio"], "latency_ratio_ref_lo": speed["lo"],
+                 "latency_ratio_ref_hi": speed["hi"]}) if speed else "-"
             others = rec.get("indistinguishable_from") or []
             row["indistinguishable from"] = ", ".join(f"#{n}" for n in others) or "-"
         rows.append(row)
@@ -63,7 +77,8 @@ def paired_table(sweep: SweepData) -> pd.DataFrame:
                    "configuration": config_label(sweep.params_of(trial)), "runs": int(a["runs"]),
                    "accuracy": f"{fmt(a[f'{first}_mean'])} (se {fmt(trial.get('accuracy_se'))})",
                    "vs reference [95%]": "0 (reference)" if number == ref else diff_text(a["accuracy_diff"], lo, hi),
-                   "interval covers": a.get("accuracy_diff_covers") or "-", "verdict": verdict}
+                   "interval covers": a.get("accuracy_diff_covers") or "-", "verdict": verdict,
+                   "speed-up vs reference [95%]": speedup_text(a)}
             if "accuracy_zero_shot_diff_ref" in trial and present(trial.get("accuracy_zero_shot_diff_ref")):
                 row["zero-shot vs reference [95%]"] = diff_text(trial["accuracy_zero_shot_diff_ref"],
                                                             trial.get("accuracy_zero_shot_diff_ref_lo"),
@@ -85,8 +100,42 @@ def noise_table(sweep: SweepData) -> pd.DataFrame:
             trial = sweep.df[(sweep.df["pool"] == pool) & (sweep.df["trial_number"] == a["trial_number"])].iloc[0]
             row = {"pool": sweep.pool_title(pool), "trial": f"#{int(a['trial_number'])}", "runs": int(a["runs"]),
                    "configuration": config_label(sweep.params_of(trial))}
-            row.update({label(k): f"{fmt(a[f'{k}_mean'])} ± {fmt(a[f'{k}_ci95'])}" for k, _ in sweep.objectives})
+            row.update({label(k): _interval(a, k) for k, _ in sweep.objectives})
+            if "latency_ratio_ref" not in dict(sweep.objectives) and present(a.get("latency_ratio_ref_mean")):
+                row[label("latency_ratio_ref")] = _interval(a, "latency_ratio_ref")
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pools_noise_table(sweep: SweepData, shared: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration run on several pools: each pool's raw latency and its latency ratio to
+    that pool's reference (timed side by side), and whether the pools differ beyond noise. On the
+    same hardware (the same device on the same node) the raw times differ by the moment they
+    were taken; the ratios are what to compare: overlapping intervals differ only by noise."""
+    rows = []
+    if shared.empty:
+        return pd.DataFrame()
+    for configuration, group in shared.groupby("configuration", sort=False):
+        ratios = {row["pool"]: ratio_interval(row) for _, row in group.iterrows()}
+        hardware = {(str(row.get("node") or "").split("/")[0], str(row.get("device_name") or ""))
+                    for _, row in group.iterrows()}
+        same = len(hardware) == 1
+        timed = [r for r in ratios.values() if r is not None]
+        if len(timed) < 2:
+            verdict = "no paired timing on two pools"
+        elif max(lo for _, lo, _ in timed) <= min(hi for _, _, hi in timed):
+            verdict = "differ only by noise (ratio intervals overlap)" if same else "ratio intervals overlap"
+        else:
+            verdict = "differ beyond noise (ratio intervals disjoint)"
+        rows.append({
+            "configuration": configuration,
+            "hardware": f"same ({next(iter(hardware))[1] or 'device'})" if same else "different",
+            label("latency_p50_ms"): ", ".join(f"{sweep.pool_title(row['pool'])} {fmt(row.get('latency_p50_ms'))}"
+                                               for _, row in group.iterrows()),
+            "latency / reference [95%]": ", ".join(
+                f"{sweep.pool_title(pool)} " + (f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" if r else "-")
+                for pool, r in ratios.items()),
+            "verdict": verdict})
     return pd.DataFrame(rows)
 
 
@@ -144,6 +193,11 @@ def conditions_table(sweep: SweepData) -> pd.DataFrame:
             def col(name):
                 return pd.to_numeric(ran[name], errors="coerce") if name in ran else pd.Series(dtype=float)
 
+            pairing = ran["latency_pairing"].dropna().unique() if "latency_pairing" in ran else []
+            row["timed against"] = ", ".join(map(str, pairing)) or "nothing (unpaired)"
+            half = (col("latency_ratio_ref_hi") - col("latency_ratio_ref_lo")) / 2 / col("latency_ratio_ref")
+            row["ratio half-width (median, max)"] = (f"{100 * half.median():.1f}%, {100 * half.max():.1f}%"
+                                                     if half.notna().any() else "")
             row["latency cv (median)"] = fmt(col("latency_cv").median())
             # calibrated: the per-call ratio to the reference workload, the machine's drift taken out
             row["latency / reference cv (median)"] = fmt(col("latency_rel_cv").median())
