@@ -191,12 +191,8 @@ def _group_runs(call: _Call, plans: tuple[_Plan, ...]) -> list[tuple[int, int, _
 
 # Forward only: a group whose blocks read at most this many key blocks each is gathered: its
 # slabs (and its batch rows with the same plan) copied into one run of keys per block, one kernel
-# call instead of one per slab and row, no log-sum-exp merges. Measured (issue 25, one thread,
-# B=2, H=4, D=16, forward, A/B in one process, load 5.8): as slabs against gathered, N=256 block 16
-# 85% 1.52 vs 1.19x SDPA's CPU time, block 64 50% 1.58 vs 1.34x; N=512 block 64 85% 0.79 vs 0.69x.
-# Rows of 33 blocks (N=1024, block 16) took 1.7x as long gathered: the copy (2 D floats per key
-# and block) outgrows the calls it saves. The backward keeps the slab path: with row-batched
-# shared slabs, gathering it measured 1.49 -> 1.61x (N=256, block 64, 50%, fwd+bwd, model strides).
+# call instead of one per slab and row, no log-sum-exp merges. Longer rows stay slabs (the copy
+# outgrows the calls it saves), and so does the backward. Measured: docs/kernels.md.
 GATHER_MAX_BLOCKS = 4
 
 
@@ -239,7 +235,8 @@ def _forward(call: _Call, q, k, v):
     B, H, nq, D = q.shape
     out = q.new_empty(B, nq, H, D).transpose(1, 2)
     lse = torch.empty(B, H, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
-    budget = _budget(q, 1, call.chunk_bytes)[0] // 4  # gathered calls: a quarter budget (the working set stays flat in N)
+    # gathered calls: a quarter budget (the working set stays flat in N)
+    budget = _budget(q, 1, call.chunk_bytes)[0] // 4
     index = 0
     for b0, n, plan, g in _group_runs(call, call.plans):
         per_block = 2 * g.r + 2 * sum(s.k1 - s.k0 for s in g.slabs)  # q and output rows, gathered k, v
@@ -420,9 +417,9 @@ _WINDOW_INDEX: dict = {}
 def _add_block_windows(dst: torch.Tensor, b: int, slab: _Slab, c: int, src: torch.Tensor) -> None:
     """dst[b, :, k0 + j * step + [0, L)] += src[j] for every block j of a group (src (c, H, L, D),
     ``_view`` order). A sliding window (0 < step < L) is one ``index_add_`` of gcd(L, step)-row
-    units where both sides are (N, H, D)-ordered runs (dst from ``_grad_buffer``, src
-    the flash kernel's own layout): N=1024, block 16, 31-block windows, 0.38 ms against 0.63 ms
-    for 31 strided passes (the passes remain where a stride does not fit)."""
+    units where both sides are (N, H, D)-ordered runs (dst from ``_grad_buffer``, src the flash
+    kernel's own layout), faster than one strided pass per shift (docs/kernels.md); the passes
+    remain where a stride does not fit."""
     k0, L, step = slab.k0, slab.k1 - slab.k0, slab.step
     if c == 1:
         dst[b, :, k0 : k0 + L] += src[0]

@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 if TYPE_CHECKING:
     from omninet.attention.block_sparse.layout import BlockSparseLayout
@@ -20,6 +21,7 @@ _compiled_flex = None
 
 
 def _flex_ok(q, mask, bias, dropout_p, backend: str) -> bool:
+    """Whether the call takes FlexAttention (see the module docstring)."""
     if backend == "gather" or mask is not None or bias is not None or dropout_p > 0:
         return False
     if q.shape[-1] not in (16, 32, 64, 128, 256):
@@ -31,10 +33,9 @@ def _flex_ok(q, mask, bias, dropout_p, backend: str) -> bool:
 
 
 def _flex(q, k, v, state: BlockSparseLayout, *, causal, scale):
+    """Compiled FlexAttention over the layout's cached ``BlockMask`` (compiled once per process)."""
     global _compiled_flex
     if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     block_mask = state.block_mask(q.shape[-2], k.shape[-2], causal, q.device)
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
@@ -42,8 +43,6 @@ def _flex(q, k, v, state: BlockSparseLayout, *, causal, scale):
 
 def build_block_mask(layout: "BlockSparseLayout", nq: int, nk: int, causal: bool, device):
     """The FlexAttention ``BlockMask`` of ``layout`` for one (Nq, Nk, causal) call."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     bs, offset = layout.block_size, nk - nq
     blocks = layout.block_layout(math.ceil(nk / bs), causal).to(device)  # (nb, nb)
 

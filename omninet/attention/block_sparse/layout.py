@@ -141,7 +141,8 @@ class BlockSparseLayout(nn.Module):
 
     def block_mask(self, nq: int, nk: int, causal: bool, device):
         """FlexAttention ``BlockMask`` of this layout, built once per length and cached."""
-        return self._block_masks.get_or((nq, nk, causal, str(device)), lambda: build_block_mask(self, nq, nk, causal, device))
+        return self._block_masks.get_or((nq, nk, causal, str(device)),
+                                        lambda: build_block_mask(self, nq, nk, causal, device))
 
 
 def layer_is_causal(config: ModelConfig, layer_idx: int, cross: bool) -> bool:

@@ -25,7 +25,35 @@ if TYPE_CHECKING:
     from omninet.attention.block_sparse.layout import BlockSparseLayout
 
 
+# The working set, in bytes of temporaries, that one group of query blocks may hold at once
+# (forward: its accumulator and one partial output; backward, BACKWARD_BUDGETS times this: its dq
+# rows and one slab's dk, dv; a single slab's dk, dv stay within one budget). Slabs are views of k
+# and v, so nothing else grows with N. Why 8 MB and 3: docs/kernels.md, "Why the tuning constants".
+CHUNK_BYTES = 8 * 2**20
+BACKWARD_BUDGETS = 3  # a backward group may hold 3 budgets (dq rows, dk, dv): 3x fewer kernel calls
+
+
+def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int]:
+    """``budget`` bytes as token rows of (H, D) temporaries, and the key blocks one backward
+    slab may span (its dk, dv and a block's dq rows within the budget)."""
+    tokens = budget // (q.shape[1] * q.shape[3] * q.element_size())  # one token of one sequence, all heads
+    return tokens, max(1, (tokens - bs) // (2 * bs))
+
+
 _CACHE_SIZE = 256  # plans per layer (decoding creates one per generated length; padding one per row length)
+
+
+class _LRU(OrderedDict):
+    """At most ``_CACHE_SIZE`` entries (a layer's plans, its block masks), least recently used out first."""
+
+    def get_or(self, key, build):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = build()
+        if len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+        return value
 
 
 @dataclass(frozen=True)
@@ -40,7 +68,8 @@ class _Slab:
     masked: bool = False  # its own causal block with unaligned queries (cached decoding): an explicit position mask
     pad: bool = False  # one key block that is part padding (a hole, not a row's end): the key mask applies here only
     stair: int = 0  # > 0: a shared slab that block i of the group reads from key i * stair on (``_clip_groups``)
-    band: int = 0  # a tiled window's edge: sub-block u of a tile reads keys from u * band on (> 0), or before u * -band (< 0)
+    # a tiled window's edge: sub-block u of a tile reads keys from u * band on (> 0), or before u * -band (< 0)
+    band: int = 0
 
     @property
     def own_mask(self) -> bool:
@@ -69,6 +98,60 @@ class _Plan:
     dead: tuple[tuple[int, int], ...] = ()  # query rows [a, b) of blocks that are all padding: zeros, no work
 
 
+def build_plan(layout: "BlockSparseLayout", nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
+               backward: bool, pad: int | tuple[int, ...] | None = None) -> _Plan:
+    """Every query block (global and prefix rows included: their keys are simply all
+    blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
+    slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
+    rows of temporaries allow (0: one block per group).
+
+    Padding folded in (``pad``: the row's real length, or per-block classes): key blocks
+    that are all padding are left out of every row, query blocks that are all padding are
+    ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no key
+    mask; a sliding window across it is first planned whole, marked ``pad``, and then cut
+    by ``_clip_groups`` into slabs that end there), and a key block that is only partly
+    padding (a hole) is a slab of its own that applies the key mask (``pad``)."""
+    bs, nb, offset = layout.block_size, math.ceil(nk / layout.block_size), nk - nq
+    end_key = pad if isinstance(pad, int) else nk  # keys at or past a row's length are padding
+    classes = pad if isinstance(pad, tuple) else None
+    rows, groups, dead = layout.rows(nb, causal), [], []
+    for i in range(offset // bs, nb):
+        q0 = max(i * bs, offset) - offset
+        q1 = min((i + 1) * bs, nk) - offset
+        if i * bs >= end_key or (classes is not None and classes[i] == _EMPTY):
+            if dead and dead[-1][1] == q0:
+                dead[-1] = (dead[-1][0], q1)
+            else:
+                dead.append((q0, q1))
+            continue
+        blocks = rows[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
+        if classes is not None:
+            blocks = [j for j in blocks if classes[j] != _EMPTY]
+        slabs = []
+        for a, b in _runs(blocks):
+            diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
+            end = i if diag else b
+            # A slab across a row's length keeps its full extent under the key mask (``pad``),
+            # so that the blocks of a sliding window stay one group; ``_clip_groups`` cuts it
+            # at the length wherever that costs no group.
+            slabs += [_Slab(j0 * bs, min(j1 * bs, nk), pad=mixed or min(j1 * bs, nk) > end_key)
+                      for j0, j1, mixed in _pieces(a, end, max_blocks, classes) if j0 * bs < end_key]
+            if diag:
+                aligned = i * bs >= offset
+                mixed = classes is not None and classes[i] == _MIXED
+                slabs.append(_Slab(i * bs, min((i + 1) * bs, nk, end_key), diag=aligned and not mixed,
+                                   masked=not aligned or mixed, pad=mixed))
+        row = _Group(q0, 1, q1 - q0, tuple(slabs))
+        if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
+            groups[-1] = _extend(groups[-1], row)
+        else:
+            groups.append(row)
+    if isinstance(pad, int):
+        groups = _clip_groups(groups, end_key, layout.chunk_bytes // STAIR_FRACTION)
+    groups = _tile_groups(groups, bs, layout.chunk_bytes)
+    return _Plan(offset=offset, groups=tuple(groups), dead=tuple(dead))
+
+
 def _batchable(group: _Group, row: _Group, bs: int, budget_tokens: int, backward: bool) -> bool:
     """Whether one-block group ``row`` extends ``group`` (same slabs, each shifted by a fixed
     step) within ``budget_tokens`` token rows of temporaries: per block, the forward holds its
@@ -95,7 +178,7 @@ def _extend(group: _Group, row: _Group) -> _Group:
 # A staircase slab's additive mask holds at most chunk_bytes / STAIR_FRACTION elements (the
 # default budget: 2^18, 1 MB in fp32) as (c * r, L) for a shared call, else (c, 1, 1, L) broadcast
 # over a block's rows; a group whose staircase would pass it (c blocks, L = (c - 1) * step keys)
-# is cut into groups of fewer blocks (``_clip_groups``).
+# is cut into groups of fewer blocks (``_clip_groups``). Why 32: docs/kernels.md.
 STAIR_FRACTION = 32
 
 
@@ -113,10 +196,8 @@ def _clip_groups(groups: list[_Group], end_key: int, max_elements: int) -> list[
     block and slab; instead they stay one group with two slabs: the window's first ``m``
     keys, sliding and exact (``m``: the last block's share), and the rest, [k0 + m, end_key),
     shared by the group and read by block i from its key i * step on (``stair``, an additive
-    mask over real keys only; groups cut so that it stays within ``max_elements``).
-    Measured (N=1024, block 16, 50%, 25% end padding on one of two rows, forward): the row's
-    last 15 blocks took 15 groups and 40 kernel calls a pass (8 unpadded) and cost 1.17x the
-    unpadded call; the staircase's masked half costs less than the calls it saves."""
+    mask over real keys only; groups cut so that it stays within ``max_elements``): its masked
+    half costs less than the calls it saves (measured: docs/kernels.md)."""
     out = []
     for group in groups:
         steps = [s.step for s in group.slabs if s.pad and s.step > 0]
@@ -141,16 +222,9 @@ def _clip_groups(groups: list[_Group], end_key: int, max_elements: int) -> list[
 # Sliding windows in tiles: t consecutive blocks of a sliding group read as one query tile of
 # t * bs rows against the union of their windows, t - 1 more key blocks (computed and masked:
 # the tile's two edges, ``band``), up to TILE_ROWS rows and while the masked pairs stay within
-# TILE_EXTRA of the window.
-# Measured (CPU flash kernel, one thread, H=4, D=16, fwd+bwd of 64 blocks of 16 rows against
-# 31-block windows): 23.8 ms as 16-row blocks, 19.2 in 32-row tiles, 14.7 in 64-row tiles; 32-row
-# blocks against 15-block windows 13.1 -> 11.9 ms in 64-row tiles; 64-row blocks gain nothing
-# (11.2 -> 12.3 ms), nor do windows of 3 blocks.
-# Only windows of at least TILE_MIN_WINDOW blocks are tiled: a tile is three calls (its edges and
-# middle), which at shorter windows cost more than the tile saves (N=256, block 16, 50%, 7-block
-# windows: 2.0 -> 3.0x SDPA's fwd+bwd time; N=1024, block 16, 85%, 10 blocks: 0.57 -> 0.63x; N=1024,
-# block 32, 50%, 15 blocks: 0.95 -> 0.99x; while N=1024, block 16, 50%, 31 blocks: 1.12 -> 0.98x and
-# N=4096, block 16, 50%: 1.01 -> 0.70x; one pinned thread, CPU time, same process).
+# TILE_EXTRA of the window. Only windows of at least TILE_MIN_WINDOW blocks are tiled: a tile is
+# three calls (its edges and middle), which at shorter windows cost more than the tile saves.
+# Measured on one CPU: docs/kernels.md, "Why the tuning constants have their values".
 TILE_ROWS = 64
 TILE_EXTRA = 0.15
 TILE_MIN_WINDOW = 24
@@ -220,83 +294,3 @@ def _runs(blocks) -> list[tuple[int, int]]:
         else:
             runs.append([j, j + 1])
     return [(a, b) for a, b in runs]
-
-
-class _LRU(OrderedDict):
-    def get_or(self, key, build):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = build()
-        if len(self) > _CACHE_SIZE:
-            self.popitem(last=False)
-        return value
-
-
-# Working-set budget: the bytes of temporaries one group of query blocks may hold at once
-# (forward: its accumulator and one partial output; backward, BACKWARD_BUDGETS times this: its
-# dq rows and one slab's dk, dv; a single slab's dk, dv stay within one budget). Slabs are views of k and v, so nothing else grows with N. 8 MB: within this CPU's L2 +
-# its share of L3, and within the +8 MB over SDPA that the forward may use.
-CHUNK_BYTES = 8 * 2**20
-BACKWARD_BUDGETS = 3  # a backward group may hold 3 budgets (dq rows, dk, dv): 3x fewer kernel calls
-
-
-def _budget(q: torch.Tensor, bs: int, budget: int) -> tuple[int, int]:
-    """``budget`` bytes as token rows of (H, D) temporaries, and the key blocks one backward
-    slab may span (its dk, dv and a block's dq rows within the budget)."""
-    tokens = budget // (q.shape[1] * q.shape[3] * q.element_size())  # one token of one sequence, all heads
-    return tokens, max(1, (tokens - bs) // (2 * bs))
-
-
-def build_plan(layout: "BlockSparseLayout", nq: int, nk: int, causal: bool, max_blocks: int, budget_tokens: int,
-               backward: bool, pad: int | tuple[int, ...] | None = None) -> _Plan:
-    """Every query block (global and prefix rows included: their keys are simply all
-    blocks) against slabs of at most ``max_blocks`` key blocks; consecutive blocks whose
-    slabs are the same up to a shift form one group, as many as ``budget_tokens`` token
-    rows of temporaries allow (0: one block per group).
-
-    Padding folded in (``pad``: the row's real length, or per-block classes): key blocks
-    that are all padding are left out of every row, query blocks that are all padding are
-    ``dead`` (zeros, no call), slabs end at the row's length (so a length needs no key
-    mask; a sliding window across it is first planned whole, marked ``pad``, and then cut
-    by ``_clip_groups`` into slabs that end there), and a key block that is only partly
-    padding (a hole) is a slab of its own that applies the key mask (``pad``)."""
-    bs, nb, offset = layout.block_size, math.ceil(nk / layout.block_size), nk - nq
-    end_key = pad if isinstance(pad, int) else nk  # keys at or past a row's length are padding
-    classes = pad if isinstance(pad, tuple) else None
-    rows, groups, dead = layout.rows(nb, causal), [], []
-    for i in range(offset // bs, nb):
-        q0 = max(i * bs, offset) - offset
-        q1 = min((i + 1) * bs, nk) - offset
-        if i * bs >= end_key or (classes is not None and classes[i] == _EMPTY):
-            if dead and dead[-1][1] == q0:
-                dead[-1] = (dead[-1][0], q1)
-            else:
-                dead.append((q0, q1))
-            continue
-        blocks = rows[i] or tuple(range(i + 1 if causal else nb))  # None: a dense row
-        if classes is not None:
-            blocks = [j for j in blocks if classes[j] != _EMPTY]
-        slabs = []
-        for a, b in _runs(blocks):
-            diag = causal and b == i + 1  # causal rows end with their own block (all j <= i)
-            end = i if diag else b
-            # A slab across a row's length keeps its full extent under the key mask (``pad``),
-            # so that the blocks of a sliding window stay one group; ``_clip_groups`` cuts it
-            # at the length wherever that costs no group.
-            slabs += [_Slab(j0 * bs, min(j1 * bs, nk), pad=mixed or min(j1 * bs, nk) > end_key)
-                      for j0, j1, mixed in _pieces(a, end, max_blocks, classes) if j0 * bs < end_key]
-            if diag:
-                aligned = i * bs >= offset
-                mixed = classes is not None and classes[i] == _MIXED
-                slabs.append(_Slab(i * bs, min((i + 1) * bs, nk, end_key), diag=aligned and not mixed,
-                                   masked=not aligned or mixed, pad=mixed))
-        row = _Group(q0, 1, q1 - q0, tuple(slabs))
-        if groups and _batchable(groups[-1], row, bs, budget_tokens, backward):
-            groups[-1] = _extend(groups[-1], row)
-        else:
-            groups.append(row)
-    if isinstance(pad, int):
-        groups = _clip_groups(groups, end_key, layout.chunk_bytes // STAIR_FRACTION)
-    groups = _tile_groups(groups, bs, layout.chunk_bytes)
-    return _Plan(offset=offset, groups=tuple(groups), dead=tuple(dead))
