@@ -74,6 +74,9 @@ def toy_trial(config: dict[str, Any], *, memory_budget_mb: float | None = None) 
         "status": "ok", "error": None, "accuracy": accuracy, "eval_loss": loss_curve[-1],
         "peak_memory_train_mb": estimate, "peak_memory_infer_mb": 50.0 + 100.0 * x * y,
         "latency_p50_ms": 1.0 + 4.0 * x * y, "latency_p95_ms": 1.5 + 5.0 * x * y,
+        # against a reference of 3 ms (x = 0.5, y = 1) timed side by side, with a +-2% interval
+        "latency_ratio_ref": (1.0 + 4.0 * x * y) / 3.0, "latency_ratio_ref_lo": (1.0 + 4.0 * x * y) / 3.0 * 0.98,
+        "latency_ratio_ref_hi": (1.0 + 4.0 * x * y) / 3.0 * 1.02, "latency_pairing": "toy reference",
         "throughput_tokens_s": 1000.0 / (1.0 + x * y), "num_params": int(1000 * (1 + y)),
         "train_seconds": time.perf_counter() - started, "wall_seconds": time.perf_counter() - started,
         "steps": len(loss_curve), "device": "cpu", "device_name": "toy", "estimated_memory_mb": estimate,
@@ -99,7 +102,8 @@ def _toy_scores(rows: int, accuracy: float, seed: int) -> dict[str, Any]:
 
 
 toy_trial.result_fields = ("accuracy", "eval_loss", "peak_memory_train_mb", "peak_memory_infer_mb", "latency_p50_ms",
-                           "latency_p95_ms", "throughput_tokens_s", "num_params", "train_seconds", "wall_seconds",
+                           "latency_p95_ms", "latency_ratio_ref", "throughput_tokens_s", "num_params", "train_seconds",
+                           "wall_seconds",
                            "steps", "estimated_memory_mb", "burn_iterations", "accuracy_se", "eval_units", "eval_rows")
 
 
