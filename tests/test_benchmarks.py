@@ -28,6 +28,7 @@ SMOKE = {
     "measurement_fidelity": (["--quick"], 33),
     "qat": (["--quick"], 7),
     "machine_drift": (["--quick"], 3),
+    "paired_latency": (["--quick"], 8),
     "records_soak": (["--quick"], 21),
     "attention_kernels": (["--quick"], 26),
     "device_check": (["--dry"], 6),
@@ -85,6 +86,23 @@ def test_benchmark_smoke_mode_writes_json(name, smokes):
     assert _cpu_model() in text, "the benchmark must record the CPU it ran on"
     figures = _numbers(result)
     assert figures and all(math.isfinite(x) for x in figures) and any(x > 0 for x in figures)
+
+
+def test_paired_latency_smoke_reports_raw_calibrated_and_paired_side_by_side(smokes):
+    """Issue 33: per configuration, the spread of the raw p50, the calibrated p50 and the paired
+    ratio over repeated runs, the A/A runs against 1, and what pairing costs a measurement."""
+    doc = json.loads(smokes["paired_latency"][1].read_text())
+    aa = doc["summary"]["reference (A/A)"]
+    for figure in ("raw_p50_ms", "calibrated_p50_rel", "latency_ratio_ref"):
+        assert aa[figure]["max_over_min"] >= 1.0
+    assert aa["latency_ratio_ref"]["runs"] == 2 and "intervals_holding_1" in aa["latency_ratio_ref"]
+    assert aa["measure_seconds"]["paired_over_unpaired"] > 0
+    for run in doc["runs"]["reference (A/A)"]:
+        paired = run["paired"]
+        assert paired["latency_pairing"] == "enqueue[0]" and run["unpaired"]["latency_ratio_ref"] is None
+        assert paired["latency_ratio_ref_lo"] <= paired["latency_ratio_ref"] <= paired["latency_ratio_ref_hi"]
+    assert set(doc["targets"]) == {"aa_intervals_hold_1", "aa_median_halfwidth_at_most_3pct",
+                                   "measure_seconds_paired_at_most_1.6x"}
 
 
 def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
