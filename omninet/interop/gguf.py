@@ -77,7 +77,10 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         raise ValueError(f"{path}: GGUF architecture {arch!r} (general.architecture) is not supported; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     family = _FAMILIES[arch]
-    stored = {t.name: t for t in reader.tensors}
+    stored = {t.name: t for t in reader.tensors}  # each holds a view of the mapped file
+    # the reader's parsed fields are small arrays, several per vocabulary entry: ~160 MB for a
+    # 49k vocabulary, a third of SmolLM2's float32 weights, freed before those are made
+    del reader
     shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in stored.items()}
     ignored = family.config_only
     if _same_data(stored.get("output.weight"), stored.get("token_embd.weight")):
@@ -90,11 +93,12 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
 
     if "rope_freqs.weight" in stored:
         config["rope_scaling"] = _llama3_scaling(path, config, _dequantize(path, stored["rope_freqs.weight"]))
+    tokenizer, tokenizer_config = _tokenizer(meta)
+    del meta
     tensors = {}
     for gguf_name, hf_name in names.items():
         w = _dequantize(path, stored[gguf_name])  # (rows, cols): transformers' layout
         tensors[hf_name] = torch.from_numpy(family.undo(gguf_name, w, config))
-    tokenizer, tokenizer_config = _tokenizer(meta)
     return GGUFCheckpoint(config, tensors, tokenizer, tokenizer_config)
 
 
@@ -368,18 +372,22 @@ def _same_data(a, b) -> bool:
 
 
 def _dequantize(path: Path, tensor) -> np.ndarray:
-    """One tensor as float32 (rows, cols), owned (not a view of the memory-mapped file)."""
+    """One tensor as float32 (rows, cols), in a new array (not a view of the mapped file).
+
+    Row blocks of ~16 MB at a time: the gguf library's block arithmetic makes several
+    temporaries the size of its input, which for a whole 49k-row embedding were a third of
+    the model again at peak."""
     from gguf.quants import dequantize
 
-    kind = tensor.tensor_type
+    out = np.empty(tuple(int(n) for n in reversed(tensor.shape)), dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, out[0].size)) if out.ndim > 1 else len(out)
     try:
-        w = dequantize(tensor.data, kind)
+        for i in range(0, len(out), step):
+            out[i:i + step] = dequantize(tensor.data[i:i + step], tensor.tensor_type).reshape(out[i:i + step].shape)
     except NotImplementedError:
-        raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {kind.name}, which the gguf "
-                         f"library cannot dequantize") from None
-    if w.dtype != np.float32 or np.shares_memory(w, tensor.data):
-        w = w.astype(np.float32)  # F32 comes back as a view of the read-only map
-    return w.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+        raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the "
+                         f"gguf library cannot dequantize") from None
+    return out
 
 
 # --- tokenizer ------------------------------------------------------------------------
