@@ -315,6 +315,8 @@ def test_refusals_are_one_line(byte_bpe, tmp_path):
                       r"architecture 'phi3'.*supported: gpt2, llama, qwen2")
     _one_line_refusal(write_gguf(tmp_path / "m.gguf", model, vocab, drop=("blk.1.ffn_down.weight",)),
                       "needs tensor 'blk.1.ffn_down.weight'")
+    _one_line_refusal(write_gguf(tmp_path / "t.gguf", model, vocab | {"pre": "tekken"}),
+                      "tokenizer.ggml.pre='tekken' names a pre-tokenizer not translated here")
     as_int = np.zeros(64, dtype=np.int16)  # I16: a type the gguf library cannot dequantize
     _one_line_refusal(write_gguf(tmp_path / "q.gguf", model, vocab, replace={"blk.0.attn_norm.weight": as_int}),
                       "'blk.0.attn_norm.weight' is stored as I16")

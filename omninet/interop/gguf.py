@@ -38,8 +38,6 @@ from tokenizers import (
     processors,
 )
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
-
 # llama.cpp's token types (gguf.TokenType): which vocabulary entries are special.
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -81,7 +79,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     # the reader's parsed fields are small arrays, several per vocabulary entry: ~160 MB for a
     # 49k vocabulary, a third of SmolLM2's float32 weights, freed before those are made
     del reader
-    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in stored.items()}
+    shapes = _Shapes(path, {name: tuple(int(n) for n in reversed(t.shape)) for name, t in stored.items()})
     ignored = family.config_only
     if _same_data(stored.get("output.weight"), stored.get("token_embd.weight")):
         # llama.cpp's GPT-2 converter writes the tied head as a copy: keep it tied, one matrix
@@ -147,6 +145,17 @@ class _Metadata:
         return int(value)
 
 
+class _Shapes(dict):
+    """Tensor name -> transformers-order shape; a missing tensor is refused by name."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+        super().__init__(shapes)
+        self.path = path
+
+    def __missing__(self, name: str):
+        raise ValueError(f"{self.path}: the file lacks tensor {name!r}")
+
+
 def _f32(value: float) -> float:
     """The shortest decimal of a float32 (the file stores 1e-05 as 9.999999747e-06)."""
     return float(str(np.float32(value)))
@@ -163,13 +172,13 @@ def _token_ids(meta: _Metadata) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _Family:
-    config: Callable[[_Metadata, dict[str, tuple[int, ...]]], dict]  # (meta, shapes) -> config.json
+    config: Callable[[_Metadata, _Shapes], dict]  # (meta, shapes) -> config.json
     names: Callable[[dict], dict[str, str]]  # config -> {GGUF name: transformers name}
     undo: Callable[[str, np.ndarray, dict], np.ndarray]  # the converter's change to one tensor, undone
     config_only: tuple[str, ...] = ()  # tensors read into the config, not into the weights
 
 
-def _decoder_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]], arch: str) -> dict:
+def _decoder_config(meta: _Metadata, shapes: _Shapes, arch: str) -> dict:
     """Llama and Qwen2: RMSNorm, rotary, gated SiLU MLP, grouped K/V heads."""
     heads = meta.count(f"{arch}.attention.head_count")
     kv_heads = meta.count(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in meta.values \
@@ -217,6 +226,8 @@ def _decoder_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]], arch: s
 def _rope_scaling(meta: _Metadata, arch: str) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = meta.get(f"{arch}.rope.scaling.factor")
+    if f"{arch}.rope.scale_linear" in meta.values:  # older files' key for the same thing
+        kind, factor = "linear", meta.values[f"{arch}.rope.scale_linear"]
     if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
@@ -234,23 +245,23 @@ def _rope_scaling(meta: _Metadata, arch: str) -> dict | None:
 
 def _llama3_scaling(path: Path, config: dict, rope_factors: np.ndarray) -> dict:
     """transformers' ``rope_type: llama3`` parameters that reproduce the file's per-frequency
-    factors. The factors fix only the ratios of those parameters, so this tries the ones every
-    Llama 3.x release uses and refuses a file they do not reproduce."""
+    factors. The factors fix only the ratios of those parameters, so this checks the ones every
+    Llama 3.x release uses (factor aside) and refuses a file they do not reproduce."""
     if config.get("rope_scaling") is not None:
         raise ValueError(f"{path}: rope_freqs.weight and rope.scaling.type are both set")
     head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
     inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     factor = float(rope_factors.max())
-    for low, high, context in ((1.0, 4.0, 8192),):
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (context / wavelen - low) / (high - low)
-        expect = np.where(wavelen < context / high, 1.0,
-                          np.where(wavelen > context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
-        if rope_factors.shape == expect.shape and np.allclose(rope_factors, expect, rtol=1e-5, atol=0):
-            return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": context}
-    raise ValueError(f"{path}: rope_freqs.weight is not a Llama 3 rotary scaling with low/high frequency "
-                     f"factors 1/4 at 8192 positions; no transformers rope_scaling is known to match it")
+    low, high, context = 1.0, 4.0, 8192
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    expect = np.where(wavelen < context / high, 1.0,
+                      np.where(wavelen > context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if rope_factors.shape != expect.shape or not np.allclose(rope_factors, expect, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: rope_freqs.weight is not a Llama 3 rotary scaling (low/high frequency factors "
+                         f"1/4 at 8192 positions); no transformers rope_scaling is known to match it")
+    return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": context}
 
 
 _CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -304,7 +315,7 @@ def _llama_undo(name: str, w: np.ndarray, config: dict) -> np.ndarray:
     return w
 
 
-def _gpt2_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict:
+def _gpt2_config(meta: _Metadata, shapes: _Shapes) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -353,6 +364,7 @@ _FAMILIES = {
     "qwen2": _Family(lambda m, s: _decoder_config(m, s, "qwen2"), _decoder_names, lambda n, w, c: w),
     "gpt2": _Family(_gpt2_config, _gpt2_names, _gpt2_undo),
 }
+SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))
 
 
 def _check_names(path: Path, arch: str, names: dict[str, str], stored: dict, config_only: tuple[str, ...]):
