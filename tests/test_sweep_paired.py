@@ -85,3 +85,32 @@ def test_pools_on_the_same_hardware_draw_their_own_proposals(cluster, tmp_path) 
     xb = list(result.trials("b").sort_values("trial_number")["param.toy.x"])
     assert len(xa) == len(xb) == 4 and xa != xb
     assert SweepResult.load(tmp_path / "pools").audit() == []
+
+
+def test_every_trial_of_a_pool_is_timed_against_one_reference(tmp_path) -> None:
+    """What a trial's worker builds to time itself against (``repeats.timing_reference``): the
+    base as the pool's reference run measures it, else the first enqueue point as the pool
+    searches it, else the configuration of the pool's first run (trial #0 of its study)."""
+    import optuna
+
+    from omninet.sweep import load_config, repeats
+    from omninet.sweep.state import PoolState, Running
+
+    cfg = load_config(config("timed", tmp_path / "timed", tmp_path / "started"))
+    ps = PoolState(spec=cfg.pools[0], study=optuna.create_study(), budget=8, params=cfg.params)
+    run = Running("a", 3, 3, {"toy.x": 0.1}, cfg.trial_config({"toy.x": 0.1}))
+    reference, label = repeats.timing_reference(cfg, ps, run, base=None)
+    assert label == "enqueue[0]" and reference["toy"]["x"] == 0.6
+    reference, label = repeats.timing_reference(cfg, ps, run, base=tmp_path / "base")
+    assert label == "base" and reference["base"] == str(tmp_path / "base") and reference["finetune"]["steps"] == 0
+    assert reference["toy"]["x"] == 0.6  # the base's own configuration: no passes, no fine-tune
+
+    scratch = load_config(config("scratch", tmp_path / "scratch", tmp_path / "started", enqueue=[]))
+    study = optuna.create_study()
+    first = study.ask()
+    first.suggest_categorical("toy.x", [0.1, 0.3, 0.6])
+    ps = PoolState(spec=scratch.pools[0], study=study, budget=8, params=scratch.params)
+    reference, label = repeats.timing_reference(scratch, ps, run, base=None)
+    assert label == "first run (#0)" and reference["toy"]["x"] == first.params["toy.x"]
+    itself = Running("a", 0, 0, {"toy.x": 0.3}, scratch.trial_config({"toy.x": 0.3}))
+    assert repeats.timing_reference(scratch, ps, itself, base=None)[0]["toy"]["x"] == 0.3

@@ -33,7 +33,7 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
     # whole stdlib, site-packages included, costs ~0.5 s at every task build)
     cfg["trial"]["task"].update(max_length=128, max_bytes=300_000, root=str(Path(sysconfig.get_paths()["stdlib"]) / "asyncio"))
     cfg["trial"]["train"].update(batch_size=8, eval_target_se=None, eval_max_examples=64)
-    cfg["trial"]["measure"].update(max_rounds=1, min_seconds=0.1)
+    cfg["trial"]["measure"].update(max_rounds=1, min_seconds=0.1, pair_min_rounds=6, pair_max_rounds=8)
     cfg["base"]["train"] = {"steps": 20}
     cfg["finetune"]["steps"] = 3
     cfg["sampler"] = {"kind": "random", "seed": 3}
@@ -74,6 +74,11 @@ def test_quickstart_sweep_with_the_real_runner(tmp_path) -> None:
         assert (rows.latency_p50_norm_ms - rows.latency_p50_rel * rows.latency_calibration_ref_ms).abs().max() < 1e-9
         assert (rows.latency_calibration_ms > 0).all() and rows.latency_rel_cv.notna().all()
     assert ok_shape.memory_method.str.contains("rss").all()
+    # every trial timed side by side with the base in its own worker: the objective, with its interval
+    assert (ok_shape.latency_pairing == "base").all() and ok_shape.latency_ref_p50_ms.gt(0).all()
+    for key in ("latency_ratio_ref", "throughput_ratio_ref"):
+        assert (ok_shape[f"{key}_lo"] <= ok_shape[key]).all() and (ok_shape[key] <= ok_shape[f"{key}_hi"]).all()
+    assert ok_shape.latency_rounds.between(7, 8).all()  # 20 calls of the trial in rounds of 3, at most 8 rounds
     # keep_models: pareto -> the front trials' trained weights, the served model is the trained one
     reopened = SweepResult.load(tmp_path / "quickstart")
     for pool in ("cpu", "gpu"):

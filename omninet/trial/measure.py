@@ -290,9 +290,10 @@ def paired(fn_a: Callable[[], object], fn_b: Callable[[], object], *, device=tor
     untimed calls of each, then rounds of ``calls`` timed calls of each, a first in even rounds
     and b first in odd ones, until the 95% interval of the round ratios has a half-width of at
     most ``halfwidth`` x the ratio (judged after ``min_rounds`` rounds and ``min_calls`` calls of
-    a, then at ``LOOK_GROWTH`` x as many), or ``max_rounds`` rounds, or ``max_seconds`` of rounds. With ``calibrate``, every timed call of
-    either is followed by one timed call of it (both sides alike, so neither runs on a cache the
-    other left warmer)."""
+    a, then at ``LOOK_GROWTH`` x as many), or ``max_rounds`` rounds, or ``max_seconds`` of rounds
+    (``min_calls`` calls of a are always made). With ``calibrate``, every timed call of either is
+    followed by one timed call of it (both sides alike, so neither runs on a cache the other left
+    warmer)."""
     for _ in range(warmup):
         for fn in (fn_a, fn_b):
             fn()
