@@ -230,7 +230,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _ids(vocab_size, n=24):
+def _ids(vocab_size, n=96):  # long enough that Llama 3's scaling of the slow frequencies shows (~1e-4)
     return torch.randint(0, vocab_size, (2, n), generator=torch.Generator().manual_seed(1))
 
 
@@ -254,7 +254,8 @@ def test_tensors_config_and_logits_equal_the_original(family, byte_bpe, tmp_path
     assert ck.config["model_type"] == model.config.model_type
     assert ck.config["tie_word_embeddings"] == model.config.tie_word_embeddings
     if family == "llama3":
-        assert ck.config["rope_scaling"]["rope_type"] == "llama3"
+        assert ck.config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
     out = gguf_to_hf(path, tmp_path / "hf")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
