@@ -670,6 +670,35 @@ def test_key_lengths_are_cached_on_the_mask_and_follow_its_version():
     assert key_lengths(mask) is None
 
 
+@pytest.mark.parametrize("lengths", [[120, 70], [120, 120]])  # end padding, and none (an all-True mask)
+def test_key_padding_read_once_gives_the_same_call(lengths):
+    """``KeyPadding.of(mask)`` passed as ``key_padding`` (what a model reads once per forward)
+    gives bitwise what the kernel computes from the mask itself, values and gradients; a hole
+    (left padding) has per-block classes instead of lengths; ``select`` keeps the rows it picks;
+    a key_padding that does not describe the mask is refused."""
+    from omninet.attention.block_sparse import KeyPadding
+
+    n, state = 120, layout(sparsity_factor=0.5)
+    mask = end_padding(2, n, lengths)
+    padding = KeyPadding.of(mask)
+    assert padding.lengths == tuple(lengths) and padding.keys.shape == (2, n)
+    q, k, v = qkv(n, n)
+    out = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=state)[0]
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    out2 = block_sparse_attention(q, k, v, mask=mask, scale=0.25, state=state, key_padding=padding)[0]
+    assert torch.equal(out2, out)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out2.sum(), (q, k, v)), grads))
+    hole = mask.clone()
+    hole[1, ..., :20] = False
+    assert KeyPadding.of(hole).lengths is None and KeyPadding.of(hole).row_padding(2, 16)[1][0] == 0
+    picked = padding.select(torch.tensor([1]))
+    assert picked.lengths == (lengths[1],) and torch.equal(picked.keys, mask[1:].reshape(1, n))
+    with pytest.raises(ValueError, match="key_padding"):
+        block_sparse_attention(q, k, v, scale=0.25, state=state, key_padding=padding)  # no mask
+    with pytest.raises(ValueError, match="KeyPadding.of takes a key-padding mask"):
+        KeyPadding.of(torch.ones(2, 4, n, n, dtype=torch.bool))
+
+
 def test_model_drops_all_true_masks_and_passes_lengths_once():
     """OmniNetModel decides the kernels' mask once: None for an all-True mask (every kernel),
     and an end-padding mask reaches every layer with its lengths already computed."""
