@@ -120,8 +120,8 @@ def model_files(model) -> dict[str, bytes]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        model.save_pretrained(tmp)  # tokenizer files of an imported base stay with the base folder
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.name in ("config.json", "model.safetensors")}
 
 
 def write_trial_model(files: dict[str, bytes], out_dir, *, trial_config: dict, identity: dict,
@@ -262,7 +262,7 @@ def load_trial_model(directory, *, device: str | torch.device = "cpu") -> Traine
 
         model = quantize_int8(model, inplace=True)
     task = build_task(trial_config["task"])
-    if task.vocab_size != model.config.vocab_size:
+    if task.vocab_size > model.config.vocab_size:  # a pretrained embedding may be padded past its tokenizer's ids
         raise ValueError(f"{d}: trial.json's task has vocab_size {task.vocab_size}, the model {model.config.vocab_size}")
     return TrainedModel(model=model, task=task, trial_config=trial_config,
                         identity=json.loads((d / "identity.json").read_text()),

@@ -191,7 +191,7 @@ def test_tune_takes_the_users_own_model_as_the_base(base_dir, tmp_path) -> None:
     becomes the sweep's ``base.checkpoint``, checked against the task before anything runs."""
     import yaml
 
-    from omninet.sweep.api import _with_base
+    from omninet.sweep.api import with_base
     from omninet.sweep.config import SweepConfigError, load_config
 
     doc = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
@@ -199,11 +199,11 @@ def test_tune_takes_the_users_own_model_as_the_base(base_dir, tmp_path) -> None:
     doc.pop("finetune")
     doc["results_dir"] = str(tmp_path / "r")
     mine = load_base(base_dir)
-    data = _with_base(doc, mine, None)
+    data = with_base(doc, mine, None)
     assert data["base"] == {"checkpoint": str((tmp_path / "r" / "base-checkpoint").resolve())}
     assert (tmp_path / "r" / "base-checkpoint" / "model.safetensors").is_file()
     assert load_config(data).base.checkpoint == data["base"]["checkpoint"]
-    assert _with_base(doc, str(base_dir), None)["base"] == {"checkpoint": str(base_dir.resolve())}
+    assert with_base(doc, str(base_dir), None)["base"] == {"checkpoint": str(base_dir.resolve())}
     wrong = dict(doc, trial={**trial(hidden_size=32), "finetune": {"steps": 2}})
     with pytest.raises(SweepConfigError, match="base: hidden_size=16 but the trial's model needs hidden_size=32"):
-        load_config(_with_base(wrong, str(base_dir), None))
+        load_config(with_base(wrong, str(base_dir), None))

@@ -20,12 +20,19 @@ def sweep_main(argv: list[str] | None = None, *, prog: str = "omninet sweep") ->
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
     parser.add_argument("--results-dir", default=None, help="overrides the config's results_dir")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    parser.add_argument("--base", default=None, help="tune this model: a Hugging Face folder, a .gguf file or an "
+                        "OmniNet folder (replaces the config's base; a text task without a tokenizer gets its own)")
     args = parser.parse_args(argv)
 
     from omninet.sweep import SweepConfigError, run_sweep
 
     try:
-        result = run_sweep(args.config, results_dir=args.results_dir, address=args.address, num_cpus=args.num_cpus)
+        config = args.config
+        if args.base is not None:
+            from omninet.sweep.api import with_base
+
+            config = with_base(config, args.base, args.results_dir)
+        result = run_sweep(config, results_dir=args.results_dir, address=args.address, num_cpus=args.num_cpus)
     except SweepConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -43,12 +50,25 @@ def recommend_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory-mb", type=float, default=None, help="bound on peak_memory_train_mb")
     parser.add_argument("--min-accuracy", type=float, default=None)
     parser.add_argument("--out", default=None, help="write the YAML here instead of stdout")
+    parser.add_argument("--model-out", default=None, help="also copy the recommended trial's kept model here")
+    parser.add_argument("--hf-out", default=None, help="also write it as a Hugging Face folder here (dense kernels)")
     args = parser.parse_args(argv)
 
     from omninet.sweep import SweepResult
 
-    config = SweepResult.load(args.results_dir).recommend(  # ValueError: one line, exit 2 (omninet.cli)
-        args.pool, max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy)
+    result = SweepResult.load(args.results_dir)
+    limits = dict(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy)
+    config = result.recommend(args.pool, **limits)  # ValueError: one line, exit 2 (omninet.cli)
+    if args.model_out or args.hf_out:
+        import tempfile
+
+        from omninet.sweep.models import export_recommended
+
+        with tempfile.TemporaryDirectory() as tmp:
+            written = export_recommended(result, args.pool, args.model_out or tmp, hf_out=args.hf_out, **limits)
+        print(f"# trial #{written['trial_number']}: " + ", ".join(f"{k} {v}" for k, v in written.items()
+                                                                  if k != "trial_number" and v and v != tmp),
+              file=sys.stderr)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.out:
         with open(args.out, "w") as fh:

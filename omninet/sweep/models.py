@@ -110,3 +110,41 @@ def keep_models(config: SweepConfig, results_dir: Path, result, mlflow) -> None:
                 log.info("pool %s: kept the models of the %d front trial(s), removed %d", pool, len(front), len(removed))
         folders = sorted((results_dir / "models" / f"pool={pool}").glob("trial-*"))
         mlflow.log_models(pool, folders, register=config.register_models)
+
+
+def export_recommended(result, pool: str, out, *, hf_out=None, **limits) -> dict[str, Any]:
+    """The recommended trial of ``pool`` (``SweepResult.recommend`` with ``limits``) written out:
+    its kept model folder copied to ``out`` (an OmniNet trial-model folder, with the base's
+    tokenizer files), and with ``hf_out`` also as a Hugging Face folder where HF can express it
+    (dense kernels, one floating dtype; a one-line ValueError names the way out otherwise).
+    Returns {trial_number, out, hf_out}."""
+    import shutil
+
+    from omninet.artifacts import model_subdir
+    from omninet.interop.hf import copy_tokenizer_files
+
+    config = result.recommend(pool, **limits)
+    number = int(result._recommend_row(pool, **limits)["trial_number"])
+    kept = Path(result.results_dir) / model_subdir(pool, number)
+    if not (kept / "model.safetensors").is_file():
+        raise ValueError(f"recommend: trial #{number} of pool {pool!r} kept no model ({kept} is missing; keep_models: "
+                         f"{result.config.keep_models}); rerun its config with `omninet trial --config` to get one")
+    dst = Path(out).expanduser()
+    shutil.copytree(kept, dst, dirs_exist_ok=True)
+    base = Path(result.results_dir) / "base"
+    if base.is_dir():
+        copy_tokenizer_files(base, dst)
+    written = {"trial_number": number, "out": str(dst), "hf_out": None}
+    if hf_out is not None:
+        from omninet.model import OmniNetModel
+
+        precision = (config.get("hardware") or {}).get("precision") or "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"recommend: trial #{number} runs in {precision}, which has no Hugging Face form; its "
+                             f"OmniNet folder is {dst} (or export it to ONNX with export_onnx)")
+        import torch
+
+        model = OmniNetModel.from_pretrained(dst)
+        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+        written["hf_out"] = str(model.save_hf(Path(hf_out).expanduser(), tokenizer_from=dst))
+    return written

@@ -1,0 +1,111 @@
+"""A sweep over the user's own Hugging Face checkpoint (issue 31): ``base: {hf: PATH}`` is
+converted once into ``<results>/base``, trials derive from it through Ray on text tokenized with
+its own tokenizer.json, a resumed sweep does not convert again, and the recommended model goes
+back out as an HF folder that transformers loads with the same logits."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray")
+transformers = pytest.importorskip("transformers", reason="transformers (the test oracle) is in the dev extra")
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "asyncio"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny random Llama (4 query heads over 2 K/V heads) with a byte-level BPE tokenizer
+    trained offline on the corpus, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(p) for p in sorted(CORPUS.glob("*.py"))[:8]],
+              trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(out / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0,
+                                   bos_token_id=None, pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _sweep(results: Path) -> dict:
+    return {
+        "name": "hf-tiny", "results_dir": str(results),
+        "trial": {"task": {"name": "text_lm", "max_length": 64, "max_bytes": 60_000, "root": str(CORPUS),
+                           "padding": "max_length"},
+                  "model": {"attention": {"block_sparse": {"min_seq_length": 0, "block_size": 16}}},
+                  "train": {"steps": 1, "batch_size": 4, "eval_batch_size": 8, "eval_max_examples": 32},
+                  "measure": {"batch_size": 2, "latency_reps": 20, "throughput_reps": 20, "warmup": 1, "min_seconds": 0.0,
+                              "max_rounds": 1, "memory": False}},
+        "base": {"hf": "set by tune(base=...)"},
+        "finetune": {"steps": 0},
+        "search_space": {"model.attention.kernel": {"choices": ["sdpa", "block_sparse"]},
+                         "model.heads.prune_ratio": {"choices": [0.0, 0.25]}},
+        "enqueue": [{"model.attention.kernel": "sdpa", "model.heads.prune_ratio": 0.0}],
+        "objectives": [{"key": "accuracy", "direction": "maximize"}, {"key": "latency_p50_ms", "direction": "minimize"}],
+        "pools": [{"name": "cpu", "resources": {"CPU": 1}, "concurrency": 1, "trials": 3}],
+        "repeats": {"count": 1}, "sampler": {"kind": "random", "seed": 1}, "keep_models": "all",
+    }
+
+
+@pytest.mark.slow  # one embedded Ray, 3 small trials and a resume: ~1-2 minutes on 2 cores
+def test_a_sweep_over_an_hf_checkpoint_converts_once_and_exports_its_winner(tiny_hf, tmp_path, monkeypatch) -> None:
+    import omninet.interop.convert as convert
+    from omninet import OmniNetModel
+    from omninet.sweep import SweepResult
+    from omninet.sweep.api import tune
+    from omninet.sweep.models import export_recommended
+
+    calls = []
+    real = convert.import_checkpoint
+    monkeypatch.setattr(convert, "import_checkpoint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    results = tmp_path / "r"
+    result = tune(_sweep(results), base=f"hf:{tiny_hf}", num_cpus=2)
+    assert len(calls) == 1 and (results / "base" / "tokenizer.json").is_file()
+    assert (results / "base" / "imported_from.json").is_file()
+    df = result.trials()
+    ok = df[df.status == "ok"]
+    assert len(ok) == 3, df[["trial_number", "status", "error"]].to_string()
+    ref = ok[ok.role == "reference"]
+    assert len(ref) == 1 and (ref.finetune_steps == 0).all()
+    assert ok.eval_hash.nunique() == 1 and (ok.eval_unit == "token").all()  # the same tokens for every trial
+    derived = ok[ok.role != "reference"]
+    assert derived.passes.str.startswith("load_base").all() and derived.accuracy_diff_ref.notna().all()
+    # the base model is the checkpoint: its reference accuracy is transformers' on the same windows
+    # (scored by the trial; here: the imported model reloads to transformers' logits)
+    base = OmniNetModel.from_pretrained(results / "base")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    ids = torch.randint(1, base.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (base(ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-4
+
+    again = tune(_sweep(results), base=f"hf:{tiny_hf}", num_cpus=2)  # resume: found, not converted again
+    assert len(calls) == 1 and len(again.trials()) == len(df)
+
+    reopened = SweepResult.load(results)
+    written = export_recommended(reopened, "cpu", tmp_path / "winner", hf_out=None)
+    assert (tmp_path / "winner" / "model.safetensors").is_file() and (tmp_path / "winner" / "tokenizer.json").is_file()
+    winner = OmniNetModel.from_pretrained(tmp_path / "winner").eval()
+    if winner.config.attention.kernel in ("sdpa", "eager"):
+        winner.save_hf(tmp_path / "winner-hf")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "winner-hf").eval()
+        with torch.no_grad():
+            assert (back(input_ids=ids).logits - winner(ids).logits).abs().max() <= 1e-4
+        assert (tmp_path / "winner-hf" / "tokenizer.json").is_file()
+    else:
+        with pytest.raises(ValueError, match="save_pretrained"):
+            winner.save_hf(tmp_path / "winner-hf")
+    assert written["trial_number"] in set(ok.trial_number)
