@@ -24,6 +24,8 @@ from omninet.hardware import (
     resolve_device_config,
     resolve_precision,
 )
+from omninet.hardware.cpu import ISA_LEVELS, cpu_flags
+from omninet.hardware.probe import _LEVEL_OF
 
 GiB = 2**30
 
@@ -90,6 +92,7 @@ def test_auto_picks_best_and_absent_devices_are_listed(monkeypatch):
 
 # ---- CPU capability logic (flags monkeypatched) -------------------------------------------
 def _cpu_flags(monkeypatch, **flags):
+    monkeypatch.delenv("OMNINET_CPU_ISA", raising=False)  # these flags, not a level simulated for the whole run
     names = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
              "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
              "amx_fp16": "_is_amx_fp16_supported"}
@@ -121,6 +124,24 @@ def test_cpu_precision_decision_table(monkeypatch, flags, auto, fp16_ok, bf16_ok
     assert resolve_precision("int8", cpu).name == "int8"
     with pytest.raises(ValueError, match="inference"):
         resolve_precision("int8", cpu, training=True)
+
+
+@pytest.mark.parametrize("level", list(ISA_LEVELS))
+def test_omninet_cpu_isa_treats_this_cpu_as_a_lesser_one(monkeypatch, level):
+    _cpu_flags(monkeypatch, avx2=True, avx512=True, avx512_vnni=True, avx512_bf16=True, amx_tile=True, amx_fp16=True)
+    monkeypatch.setenv("OMNINET_CPU_ISA", level)
+    assert {flag for flag, on in cpu_flags().items() if on} == set(ISA_LEVELS[level])
+    caps = probe_capabilities("cpu")
+    assert ("bf16" in caps["native_precisions"]) == (level in ("avx512_bf16", "amx"))
+    assert all(_LEVEL_OF[flag] in ISA_LEVELS[level] for flag, on in caps["cpu_flags"].items() if on)  # /proc too
+
+
+def test_omninet_cpu_isa_unknown_level_is_one_line(monkeypatch):
+    monkeypatch.setenv("OMNINET_CPU_ISA", "avx9")
+    with pytest.raises(ValueError, match=r"^OMNINET_CPU_ISA='avx9' is not a CPU level; use one of avx2, avx512, "):
+        cpu_flags()
+    monkeypatch.setenv("OMNINET_CPU_ISA", "")  # empty is unset
+    assert cpu_flags()["avx2"] == bool(torch.cpu._is_avx2_supported())
 
 
 def test_mixed_needs_a_low_precision_dtype(monkeypatch):

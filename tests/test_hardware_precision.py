@@ -14,6 +14,7 @@ from omninet.hardware import (
     MemoryMonitor,
     MonitorConfig,
     apply_precision,
+    cpu_flags,
     get_backend,
     low_precision_blocks,
     measure_sensitivity,
@@ -28,8 +29,10 @@ from omninet.hardware import (
 
 # Planning, sensitivity and the autocast hooks are logic, not speed: bf16 autocast runs on any
 # CPU (converted where not native), so only tests that resolve a bf16 *policy* need the device.
-needs_bf16 = pytest.mark.skipif(torch.bfloat16 not in get_backend("cpu").supported_dtypes(),
-                                reason="resolve_precision refuses bf16 on this CPU (no AVX512)")
+needs_bf16 = pytest.mark.skipif(
+    torch.bfloat16 not in get_backend("cpu").supported_dtypes(),
+    reason="resolve_precision refuses bf16 without AVX512 (converted) or AVX512-BF16/AMX (native); this CPU: "
+           + ", ".join(f for f, on in cpu_flags().items() if on))
 SENSITIVE = 3
 
 

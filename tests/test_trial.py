@@ -200,7 +200,8 @@ def test_low_precision_trial(precision):
     if precision not in caps["native_precisions"]:
         res = run_trial(tiny(hardware={"precision": precision}))
         assert res.status == "invalid" and precision in res.error and "allow_emulated" in res.error
-        pytest.skip(f"{precision} is not native on this CPU")
+        flags = ", ".join(f for f, on in caps["cpu_flags"].items() if on)
+        pytest.skip(f"{precision} needs native bf16 (AVX512-BF16/AMX); this CPU: {flags}")
     res = run_trial(tiny(hardware={"precision": precision}, measure={"memory": True}))
     assert res.status == "ok", res.error
     assert res.precision == precision and len(res.loss_curve) == 8 and res.peak_memory_train_mb > 0

@@ -5,6 +5,7 @@ seen by ``memory_stats`` since the reset)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -15,15 +16,44 @@ import torch
 from omninet.hardware.base import Backend, MemoryStats, register_backend
 
 
+# OMNINET_CPU_ISA=<level>: the features of a lesser x86 CPU that cpu_flags may report (it can
+# only take features away). Each level is a CPU class the suite must pass on.
+ISA_LEVELS = {
+    "avx2": ("avx2",),  # e.g. AMD EPYC Zen 2/3, Intel Haswell..Comet Lake
+    "avx512": ("avx2", "avx512", "avx512_vnni"),  # Intel Skylake-SP..Ice Lake: bf16 converted, not native
+    "avx512_bf16": ("avx2", "avx512", "avx512_vnni", "avx512_bf16"),  # Intel Cooper Lake, AMD Zen 4/5
+    "amx": ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_fp16"),  # Sapphire/Granite Rapids
+}
+
+
+def isa_level() -> tuple[str, ...] | None:
+    """The features ``OMNINET_CPU_ISA`` allows, or None when it is unset (or empty)."""
+    level = os.environ.get("OMNINET_CPU_ISA", "").strip().lower()
+    if not level:
+        return None
+    if level not in ISA_LEVELS:
+        raise ValueError(f"OMNINET_CPU_ISA={level!r} is not a CPU level; use one of {', '.join(ISA_LEVELS)}, or unset it")
+    return ISA_LEVELS[level]
+
+
 def cpu_flags() -> dict[str, bool]:
-    """The ISA features PyTorch's CPU kernels dispatch on (torch.cpu._is_*_supported)."""
+    """The ISA features PyTorch's CPU kernels dispatch on (torch.cpu._is_*_supported).
+
+    ``OMNINET_CPU_ISA`` (``avx2``, ``avx512``, ``avx512_bf16`` or ``amx``; see ``ISA_LEVELS``)
+    caps the answer to what a CPU of that level has, so that this machine is treated as that
+    lesser CPU (native dtypes, the default precision, the sweep's probe), e.g.
+    ``OMNINET_CPU_ISA=avx2 pytest`` runs the suite as an AVX2-only CPU would. It only removes
+    features, and only from this answer: PyTorch's own kernels still use what the CPU has.
+    Subprocesses and the Ray workers a driver starts inherit it with the environment; a cluster
+    started elsewhere needs it set there. An unknown level is a ValueError."""
     probes = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
               "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
               "amx_fp16": "_is_amx_fp16_supported"}
+    allowed = isa_level()
     out = {}
     for flag, fn in probes.items():
         probe = getattr(torch.cpu, fn, None)
-        out[flag] = bool(probe()) if probe is not None else False
+        out[flag] = bool(probe()) if probe is not None and (allowed is None or flag in allowed) else False
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from omninet.hardware.base import DTYPES
-from omninet.hardware.cpu import cpu_flags
+from omninet.hardware.cpu import cpu_flags, isa_level
 from omninet.hardware.device import resolve_backend
 from omninet.hardware.precision import resolve_precision
 from omninet.hardware.quantize import int8_engine
@@ -26,17 +26,22 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
              "amx_fp16")
 _PROBED = ("fp32", "bf16", "fp16", "mixed", "int8", "qat_int8")
 _TORCH_NAMES = {"avx512": "avx512f"}  # torch.cpu probe name -> /proc/cpuinfo name
+# /proc/cpuinfo name -> the cpu_flags feature whose ISA level brings it (OMNINET_CPU_ISA caps both)
+_LEVEL_OF = {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
+             "avx512_fp16": "amx_tile", "amx_tile": "amx_tile", "amx_bf16": "amx_tile", "amx_int8": "amx_tile",
+             "amx_fp16": "amx_fp16"}
 
 
 def _host_cpu_flags() -> dict[str, bool]:
-    """CPU_FLAGS from /proc/cpuinfo; elsewhere, what torch's own ISA probes report."""
+    """CPU_FLAGS from /proc/cpuinfo, capped by ``OMNINET_CPU_ISA``; elsewhere, what torch's own
+    ISA probes report."""
     try:
         m = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
         m = None
     if m:
-        present = set(m.group(1).split())
-        return {f: f in present for f in CPU_FLAGS}
+        present, allowed = set(m.group(1).split()), isa_level()
+        return {f: f in present and (allowed is None or _LEVEL_OF[f] in allowed) for f in CPU_FLAGS}
     torch_view = {_TORCH_NAMES.get(k, k): v for k, v in cpu_flags().items()}
     return {f: bool(torch_view.get(f, False)) for f in CPU_FLAGS}
 
