@@ -344,3 +344,27 @@ def test_smollm2_reads_as_transformers_reads_it(tmp_path):
     ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([their_tokenizer(TEXTS[0])["input_ids"]])
     assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "gpt2"])
+def test_omninet_imports_a_gguf_file_directly(family, byte_bpe, tmp_path):
+    """``OmniNetModel.from_hf(file.gguf)``: the same logits as transformers' model of the file's
+    weights; its config is read from the header alone (what a sweep checks before converting);
+    ``import_checkpoint`` writes the file's vocabulary as tokenizer.json."""
+    from omninet import OmniNetModel
+    from omninet.interop.convert import import_checkpoint
+    from omninet.interop.gguf import read_gguf_config
+    from omninet.interop.hf import foreign_config
+
+    _, vocab = byte_bpe
+    model = tiny(family, len(vocab["tokens"]))
+    path = write_gguf(tmp_path / "m.gguf", model, vocab)
+    ours = OmniNetModel.from_hf(path)
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert (ours(ids).logits - _logits(model, ids)).abs().max().item() <= 1e-4
+    assert read_gguf_config(path) == read_gguf(path).config
+    assert foreign_config(path) == ours.config
+    out = import_checkpoint(path, tmp_path / "omni")
+    assert (out / "tokenizer.json").is_file()
+    assert OmniNetModel.from_pretrained(out).config == ours.config

@@ -255,3 +255,38 @@ def test_cli_export_of_a_sparse_model_exits_2_in_one_line(saved, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "block_sparse" in err and "export_onnx" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "block_sparse", "linformer", "hybrid"])
+def test_every_kernel_takes_grouped_kv_heads(kernel):
+    """A model with 2 K/V heads for 4 query heads equals the plain multi-head model whose K/V
+    projections repeat each K/V head for its group, under every registered kernel."""
+    from omninet.config import ModelConfig
+
+    arch = "decoder" if kernel in ("sdpa", "eager", "block_sparse") else "encoder"
+    common = dict(arch=arch, vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, dropout=0.0, max_seq_length=64,
+                  position={"kind": "rotary"},
+                  attention={"kernel": kernel, "block_sparse": {"block_size": 16, "min_seq_length": 0, "sparsity_factor": 0.5},
+                             "linformer": {"k": 8, "min_seq_length": 0}})
+    torch.manual_seed(0)
+    gqa = OmniNetModel(ModelConfig(**common, num_kv_heads=2)).eval()
+    mha = OmniNetModel(ModelConfig(**common)).eval()
+    state = gqa.state_dict()
+    D = 8
+    for i in range(2):
+        stack = "decoder" if arch == "decoder" else "encoder"
+        w = state[f"{stack}.blocks.{i}.attn.qkv.weight"]  # rows [q 4D; k 2D; v 2D]
+        q, k, v = w[: 4 * D], w[4 * D : 6 * D], w[6 * D :]
+        rep = lambda t: t.view(2, D, -1).repeat_interleave(2, dim=0).reshape(4 * D, -1)  # noqa: E731
+        state[f"{stack}.blocks.{i}.attn.qkv.weight"] = torch.cat([q, rep(k), rep(v)])
+        b = state.get(f"{stack}.blocks.{i}.attn.qkv.bias")
+        if b is not None:
+            state[f"{stack}.blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [b[: 4 * D], rep(b[4 * D : 6 * D, None])[:, 0], rep(b[6 * D :, None])[:, 0]])
+    mha.load_state_dict(state)
+    ids = torch.randint(0, V, (2, 48))
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    mask[1, 40:] = False
+    with torch.no_grad():
+        a, b = gqa(ids, attention_mask=mask).logits, mha(ids, attention_mask=mask).logits
+    assert (a - b)[mask].abs().max() <= 1e-5

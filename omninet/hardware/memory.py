@@ -72,6 +72,7 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
         raise ValueError("int8 is inference-only; estimate training in 'fp32' or 'bf16'")
     B, N, C, F = batch_size, seq_len, config.hidden_size, config.ff_dim
     T, s = B * N, _ELEM[precision]
+    ff_live = 3 if config.mlp == "gated" else 2  # (T, F) tensors alive in the MLP: up and act; gated: gate, up, product
     P, P_lin = count_parameters(config)
     dec_layers = (config.num_decoder_layers or config.num_layers) if config.arch == "encoder_decoder" else 0
     layers = config.num_layers + dec_layers
@@ -82,13 +83,13 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
     attn = [_attention(config, B, N, s, layer_idx=i) for i in range(layers)]  # self-attention, global numbering
     if not training:
         transient = max(a.transient for a in attn)  # one block runs at a time
-        block = max((2 * C + 2 * F) * T * s, 7 * C * T * s) + transient + C * T * 4  # + the fp32 residual
+        block = max((2 * C + ff_live * F) * T * s, 7 * C * T * s) + transient + C * T * 4  # + the fp32 residual
         out["activations"] = max(block, C * T * 4 + head)  # blocks free their transients before the head runs
         if not config.num_classes:
             out["gemm_packing"] = config.vocab_size * C * 4  # the BLAS packs the (V, C) head weight for the (T, V) GEMM
         return out
     drop = config.dropout > 0 if dropout_masks is None else dropout_masks
-    per_block = (9 * C + 2 * F) * T * s + (2 * T * C if drop else 0)
+    per_block = (9 * C + ff_live * F) * T * s + (2 * T * C if drop else 0)
     cross = sum(6 * C * T * s + _attention(config, B, N, s, layer_idx=i, cross=True).saved + (T * C if drop else 0)
                 for i in range(config.num_layers, layers))  # cross-attention in decoder blocks
     out["gradients"] = P * 4

@@ -52,7 +52,13 @@ class GGUFCheckpoint:
     tokenizer_config: dict[str, Any]  # special tokens, BOS/EOS flags, chat template
 
 
-def read_gguf(path: str | Path) -> GGUFCheckpoint:
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """The transformers config.json of a GGUF file, from its header alone (nothing dequantized):
+    what a sweep checks its trials against before it converts the file."""
+    return read_gguf(path, weights=False).config
+
+
+def read_gguf(path: str | Path, *, weights: bool = True) -> GGUFCheckpoint:
     """Read a GGUF file into a transformers-shaped checkpoint (see the module docstring).
 
     Refuses, with a one-line ValueError, a file that is not GGUF, an architecture outside
@@ -94,7 +100,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     tokenizer, tokenizer_config = _tokenizer(meta)
     del meta
     tensors = {}
-    for gguf_name, hf_name in names.items():
+    for gguf_name, hf_name in (names.items() if weights else ()):
         w = _dequantize(path, stored[gguf_name])  # (rows, cols): transformers' layout
         tensors[hf_name] = torch.from_numpy(family.undo(gguf_name, w, config))
     return GGUFCheckpoint(config, tensors, tokenizer, tokenizer_config)

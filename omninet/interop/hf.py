@@ -208,7 +208,8 @@ def _exportable(model) -> None:
         refuse("per-input head gating (heads.active_heads) has no Hugging Face form; keep it as an OmniNet folder "
                "(save_pretrained) or export it to ONNX (export_onnx)")
     odd = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao")
-                  or "Quantized" in type(m).__name__ or "Int8" in type(m).__name__})
+                  or "Quantized" in type(m).__name__ or "Int8" in type(m).__name__}
+                 | {type(p.data).__name__ for p in model.parameters() if type(p.data) is not torch.Tensor})  # torchao
     if odd:
         refuse(f"quantized modules ({', '.join(odd)}) have no Hugging Face form; keep the model as an OmniNet folder "
                "(save_pretrained) or export it to ONNX (export_onnx)")

@@ -36,9 +36,13 @@ def cost_features(cfg: TrialConfig) -> dict[str, dict[str, float]]:
     mc = cfg.model_config
     n, b = cfg.seq_length, cfg.measure_batch_size
     layers, heads, d = mc.num_layers, mc.num_heads, mc.hidden_size
-    hd, f = d // heads, mc.ff_dim
+    hd, f = mc.head_dim, mc.ff_dim
     kept = heads * layers - round(mc.heads.prune_ratio * heads * layers)  # prune_model removes heads globally
     hr = kept / layers
+    # K/V heads left: with grouped K/V a K/V head goes only with its whole group (at least
+    # kept / group of them stay, at most all); plain multi-head attention: one per query head
+    kv = hr if mc.kv_heads == heads else min(mc.kv_heads, max(1.0, hr * mc.kv_heads / heads))
+    mats = 3 if mc.mlp == "gated" else 2  # gate, up, down
     spec = get_kernel(mc.attention.kernel)
     attended = [spec.attention_work(mc, n, layer_idx=i) for i in range(layers)]  # what each layer runs at N
     paths = {w.kernel for w in attended}
@@ -47,8 +51,8 @@ def cost_features(cfg: TrialConfig) -> dict[str, dict[str, float]]:
 
     def work(batch: int) -> list[tuple[str, float]]:
         return [
-            (f"proj|{precision}", layers * batch * n * d * 4 * hr * hd),  # Q, K, V, output projections
-            (f"ff|{precision}", layers * batch * n * d * f * 2),
+            (f"proj|{precision}", layers * batch * n * d * 2 * (hr + kv) * hd),  # Q and output, K and V projections
+            (f"ff|{precision}", layers * batch * n * d * f * mats),
             (f"lowrank|{precision}", batch * sum(w.projection for w in attended)),
             *((f"attn|{w.kernel}|{precision}", batch * hr * n * w.keys * hd) for w in attended),  # QK^T and PV
             *((f"calls|{w.kernel}", hr) for w in attended),  # per-head kernel launches and slabs
