@@ -1,6 +1,6 @@
 # Two commands from a fresh clone (see README.md):
 #   make quickstart   installs into .venv and runs the quickstart sweep on an embedded local Ray
-#   make test         installs into .venv (with the dev extra, Chromium and PostgreSQL) and runs the test suite
+#   make test         installs into .venv (with the dev extra, Chromium and PostgreSQL), lints (ruff check) and runs the test suite
 # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -35,5 +35,7 @@ postgresql:
 quickstart: install
 	$(BIN)/python sweeps/run.py --config sweeps/quickstart.yaml
 
+# Lint first (seconds; configured in pyproject.toml): an unused import or undefined name fails before the long suite.
 test: install-dev chromium postgresql
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

@@ -122,7 +122,7 @@ def _forward(folder: Path, n: int, reps: int) -> dict:
     with torch.inference_mode():
         for k, f in calls.items():
             start = time.perf_counter()
-            logits = f()
+            f()
             cold[k] = time.perf_counter() - start
         for k, f in calls.items():
             f()

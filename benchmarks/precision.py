@@ -114,7 +114,7 @@ def main() -> None:
     report = {
         "benchmark": "precision", "machine": machine_facts(), "model": cfg.to_dict(), "batch_size": 1, "seq_len": seq, "reps": args.reps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu.device_name(), "cpu_flags": cpu_flags(),
-        "int8_engine": int8_engine(), "bf16_supported": bf16_ok, "machine": platform.machine(),
+        "int8_engine": int8_engine(), "bf16_supported": bf16_ok, "arch": platform.machine(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "mixed_plan": None if plan is None else {k: v for k, v in plan.to_dict().items() if k != "table"} | {"table": plan.table},
         "results": results,

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=sorted(SUBCOMMANDS), metavar="COMMAND")
     if not argv or argv[0] not in SUBCOMMANDS:
-        args = parser.parse_args(argv[:1])  # --help, or an unknown command: argparse says so and exits 2
+        parser.parse_args(argv[:1])  # --help, or an unknown command: argparse says so and exits 2
         parser.print_help()
         return 2
     command, rest = argv[0], argv[1:]

@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from conformance import ALL_KERNELS, POSITIONS, kernel_compatible, small_config
 from omninet import OmniNetModel
 from omninet.attention import KERNELS, KernelSpec
-from omninet.config import ModelConfig
 from omninet.heads import (
     IterativePruner,
     compute_head_importance,

@@ -12,7 +12,6 @@ import torch
 from conformance import ALL_KERNELS, POSITIONS, kernel_compatible, small_config
 from omninet import AdvancedTransformer, ModelConfig, OmniNetModel
 from omninet.attention import KERNELS
-from omninet.config import AttentionConfig, BlockSparseConfig, LinformerConfig, PositionConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ARCHS = ["encoder", "decoder", "encoder_decoder"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omninet import AdvancedTransformer, ModelConfig, OmniNetModel
-from omninet.shapes import BucketedModel, bucket_for, check_buckets, compile_static, default_buckets, pad_batch
+from omninet.shapes import BucketedModel, bucket_for, check_buckets, default_buckets, pad_batch
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from omninet.sweep import SweepConfigError, load_config
+from omninet.sweep import load_config
 from omninet.sweep.config import resolve_results_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 from omninet.config import ConfigBase, ModelConfig, _coerce
 from omninet.hardware.device import DeviceConfig
 from omninet.paths import check_path, config_paths, set_path
-from omninet.tasks.base import TASKS, TaskConfig
+from omninet.tasks.base import TaskConfig
 
 __all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "FinetuneConfig", "HardwareConfig", "MeasureConfig",
            "ModelOverrides", "TrialConfig", "TrialResult", "ColumnInfo", "column", "parse_count"]
