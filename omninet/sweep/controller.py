@@ -217,8 +217,10 @@ class SweepController:
             values["base"] = str(self._base_path)
             if (not ps.reference_sent and ps.reference is None and repeat_of is None
                     and repeats.matches_reference(self.config, ps, params)):
+                # The fair control: the base with the trials' own fine-tune recipe and seed, no passes,
+                # so a trial's difference to it is its knobs' doing, not extra training; its zero-shot
+                # score (taken before the fine-tune) is the untouched base's. finetune.steps: 0: the same run.
                 ps.reference_sent = reference = True
-                values["finetune.steps"] = 0  # the base as it is: evaluated and measured on this pool
         seed = repeats.base_seed(self.config)
         if repeat_of is not None:  # the same configuration, another training seed
             seed = (seed if isinstance(seed, int) else 0) + index

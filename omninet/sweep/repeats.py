@@ -95,8 +95,9 @@ def timing_reference(config: SweepConfig, ps: PoolState, run: Running, *, base: 
     """The model every trial of the pool is timed against (``measure.paired``), as the runner's
     typed config, and what it is (the record's ``latency_pairing``):
 
-    - with a ``base``: the base itself, as the pool's reference run measures it (the first
-      ``enqueue`` point as the pool searches it, no fine-tune): 'base';
+    - with a ``base``: the base itself (the first ``enqueue`` point as the pool searches it, no
+      fine-tune: the pool's reference run fine-tunes it as the trials are, which changes its
+      weights, not its speed): 'base';
     - without: that ``enqueue`` point, the configuration of the pool's accuracy reference: 'enqueue[0]';
     - without either: the configuration of the pool's first run (trial #0 of its study; ``run``
       when it is that one): 'first run (#0)'.
@@ -120,8 +121,8 @@ def timing_reference(config: SweepConfig, ps: PoolState, run: Running, *, base: 
 
 
 def is_reference(config: SweepConfig, ps: PoolState, run: Running, *, has_base: bool) -> bool:
-    """The pool's reference run: with a base, the base itself on this pool (no passes, no
-    fine-tune); without, the pool's first run of the sweep's first ``enqueue`` point (the dense
+    """The pool's reference run: with a base, the base on this pool with no passes and the
+    trials' own fine-tune (its zero-shot score is the untouched base's); without, the pool's first run of the sweep's first ``enqueue`` point (the dense
     baseline), trained with the base seed."""
     if has_base:
         return run.reference

@@ -27,7 +27,7 @@ class Running:
     prediction: dict[str, Any] | None = None  # the cost model's, made before the trial measured anything
     seed_key: str | None = None  # the sampled parameters and the training seed (equal: the same run)
     duplicate_of: int | None = None  # an earlier trial of the pool with this seed_key: not trained again
-    reference: bool = False  # the base itself (no passes, no fine-tune): what every trial is paired against
+    reference: bool = False  # the base, no passes, the trials' fine-tune: what every trial is paired against
 
 
 @dataclass
