@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
+from omninet.hardware.base import INT8_PRECISIONS
 
 __all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_files",
            "model_subdir", "prune_models", "save_trial_model", "trial_identity", "write_trial_model"]
@@ -257,10 +258,11 @@ def load_trial_model(directory, *, device: str | torch.device = "cpu") -> Traine
         raise ValueError(f"{d} is not a saved trial model: missing {', '.join(missing)}")
     model = OmniNetModel.from_pretrained(d, device=device).eval()  # pruned heads and attention layout: its config
     trial_config = json.loads((d / "trial.json").read_text())
-    if (trial_config.get("hardware") or {}).get("precision") == "int8":  # kept as fp32: quantized again, as measured
+    precision = (trial_config.get("hardware") or {}).get("precision")
+    if precision in INT8_PRECISIONS:  # kept as fp32: quantized again, as measured
         from omninet.hardware import quantize_int8
 
-        model = quantize_int8(model, inplace=True)
+        model = quantize_int8(model, precision, inplace=True)
     task = build_task(trial_config["task"])
     if task.vocab_size > model.config.vocab_size:  # a pretrained embedding may be padded past its tokenizer's ids
         raise ValueError(f"{d}: trial.json's task has vocab_size {task.vocab_size}, the model {model.config.vocab_size}")

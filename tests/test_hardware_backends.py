@@ -352,19 +352,22 @@ def test_probe_on_this_cpu():
     _agrees_with_the_trial(caps, "cpu")
 
 
-@pytest.mark.parametrize("flags, native", [
-    (dict(avx2=True), ["fp32", "int8", "qat_int8"]),
-    (dict(avx2=True, avx512=True), ["fp32", "int8", "qat_int8"]),  # bf16 runs (converted), but is not native
-    (dict(avx512=True, avx512_bf16=True), ["fp32", "bf16", "mixed", "int8", "qat_int8"]),
+INT8 = ["int8", "int8_token", "int8_weight", "qat_int8"]
+
+
+@pytest.mark.parametrize("flags, native, int8_engine", [
+    (dict(avx2=True), ["fp32", *INT8], "torch.ao"),  # 7-bit activations: fbgemm's AVX2 sums are int16
+    (dict(avx2=True, avx512=True), ["fp32", *INT8], "torch.ao"),  # bf16 runs (converted), but is not native
+    (dict(avx512=True, avx512_vnni=True, avx512_bf16=True), ["fp32", "bf16", "mixed", *INT8], "torch.ao-vnni"),
     (dict(avx512=True, amx_tile=True, avx512_bf16=True, amx_fp16=True),
-     ["fp32", "bf16", "fp16", "mixed", "int8", "qat_int8"]),
+     ["fp32", "bf16", "fp16", "mixed", *INT8], "torch.ao-vnni"),
 ])
-def test_probe_follows_the_cpu_flags(monkeypatch, flags, native):
+def test_probe_follows_the_cpu_flags(monkeypatch, flags, native, int8_engine):
     _cpu_flags(monkeypatch, **flags)
     caps = probe_capabilities("cpu")
-    if caps["int8_engine"] is None:
-        native = [n for n in native if n not in ("int8", "qat_int8")]
+    native = [n for n in native if n not in INT8 or caps["int8_engines"].get("int8" if n == "qat_int8" else n)]
     assert caps["native_precisions"] == native
+    assert caps["int8_engines"].get("int8", int8_engine) == int8_engine == (caps["int8_engine"] or int8_engine)
     if "fp16" not in native:
         assert "AMX-FP16" in caps["refused"]["fp16"]
     _agrees_with_the_trial(caps, "cpu")

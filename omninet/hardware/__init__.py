@@ -10,7 +10,7 @@ Order of passes (torchtitan style; the model code never imports a vendor backend
                             config=MonitorConfig(memory_threshold=0.9))
     # or, with device_config['memory_threshold'] set, placement.apply(model) attaches a guard:
     # the forward then adapts itself (micro-batches, low-precision blocks; omninet.hardware.guard)
-    int8 = quantize_int8(model)                    # CPU inference (post-training)
+    int8 = quantize_int8(model, "int8_token")      # CPU inference (post-training): int8 | int8_token | int8_weight
     prepare_qat(model); train(model); convert_qat(model)   # precision='qat_int8': quantization-aware
     export_onnx(model, "model.onnx", seq_len=512)   # LPU toolchains
 
@@ -24,6 +24,7 @@ from omninet.hardware import cpu, cuda, mps, npu, rocm, tpu, xpu  # noqa: F401  
 from omninet.hardware.base import (
     BACKENDS,
     DTYPES,
+    INT8_PRECISIONS,
     PRECISIONS,
     Backend,
     MemoryStats,
@@ -58,11 +59,20 @@ from omninet.hardware.guard import MemoryGuard, accumulate, attach_memory_guard,
 from omninet.hardware.monitor import MemoryMonitor, MonitorConfig, memory_pressure
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision, training_step
 from omninet.hardware.probe import probe_capabilities
-from omninet.hardware.quantize import convert_qat, int8_engine, prepare_qat, qat_modules, quantize_int8
+from omninet.hardware.quantize import (
+    Int8TokenLinear,
+    Int8WeightOnlyLinear,
+    convert_qat,
+    int8_engine,
+    int8_engines,
+    prepare_qat,
+    qat_modules,
+    quantize_int8,
+)
 from omninet.hardware.table import ACCELERATOR_RESOURCES, backends_for_resource, device_present
 
 __all__ = [
-    "BACKENDS", "DTYPES", "PRECISIONS", "Backend", "MemoryStats", "available_backends", "get_backend",
+    "BACKENDS", "DTYPES", "PRECISIONS", "INT8_PRECISIONS", "int8_engines", "Int8TokenLinear", "Int8WeightOnlyLinear", "Backend", "MemoryStats", "available_backends", "get_backend",
     "register_backend", "cpu_flags", "resolve_backend", "Placement", "resolve_device_config", "PrecisionPolicy",
     "resolve_precision", "training_step", "MixedPrecisionPlan", "plan_mixed_precision", "measure_sensitivity",
     "apply_precision", "remove_precision", "low_precision_blocks", "eligible_blocks", "named_blocks", "set_block_precision",

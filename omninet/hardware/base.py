@@ -21,11 +21,15 @@ from types import ModuleType
 import torch
 
 __all__ = ["Backend", "MemoryStats", "BACKENDS", "register_backend", "get_backend", "available_backends",
-           "PRECISIONS", "DTYPES", "lazy_import"]
+           "PRECISIONS", "INT8_PRECISIONS", "DTYPES", "lazy_import"]
 
 # Precision names used everywhere in OmniNet (trial configs, sweeps, benchmark output).
 # 'qat_int8': quantization-aware training (fake-quantized Linear layers), int8 for inference.
-PRECISIONS = ("fp32", "bf16", "fp16", "mixed", "int8", "qat_int8", "auto")
+# INT8_PRECISIONS: post-training int8 variants for CPU inference (omninet.hardware.quantize):
+# 'int8' dynamic per-tensor activations (fast), 'int8_token' per-token activations (keeps
+# quality), 'int8_weight' weight-only (keeps quality, saves weight memory).
+INT8_PRECISIONS = ("int8", "int8_token", "int8_weight")
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed", *INT8_PRECISIONS, "qat_int8", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from omninet.config import ConfigBase
-from omninet.hardware.base import BACKENDS, PRECISIONS, Backend, available_backends, get_backend
+from omninet.hardware.base import BACKENDS, INT8_PRECISIONS, PRECISIONS, Backend, available_backends, get_backend
 from omninet.hardware.mixed import MixedPrecisionPlan, apply_precision, plan_mixed_precision, set_block_precision
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision
 from omninet.hardware.quantize import prepare_qat, quantize_int8
@@ -113,7 +113,7 @@ class Placement:
     def apply(self, module: nn.Module, *, calibration: dict | None = None, error_budget: float = 1e-2) -> nn.Module:
         """Moves ``module`` to the device and applies the precision: bf16/fp16 put the whole
         module under autocast (hooks; fp32 master weights), 'mixed' measures a layer-wise plan
-        on the ``calibration`` batch (required), 'int8' quantizes Linear layers in place,
+        on the ``calibration`` batch (required), 'int8'/'int8_token'/'int8_weight' quantize Linear layers in place,
         'qat_int8' swaps Linear layers for fake-quantized ones (train, then ``convert_qat``).
         With a ``memory_threshold`` the forward then consults a memory monitor
         (``omninet.hardware.guard.attach_memory_guard``)."""
@@ -138,8 +138,8 @@ class Placement:
             self.plan = plan_mixed_precision(module, calibration, dtype=policy.compute_dtype, error_budget=error_budget)
             self.plan.log()
             apply_precision(module, self.plan)
-        elif policy.name == "int8":
-            module = quantize_int8(module, inplace=True)
+        elif policy.name in INT8_PRECISIONS:
+            module = quantize_int8(module, policy.name, inplace=True)
         elif policy.name == "qat_int8":
             module = prepare_qat(module)
         return module

@@ -31,11 +31,12 @@ from torch import nn
 
 from omninet.attention.registry import AttentionMemory, get_kernel
 from omninet.config import ModelConfig
+from omninet.hardware.base import INT8_PRECISIONS
 
 __all__ = ["estimate_memory_mb", "memory_breakdown", "max_batch_size", "AttentionMemory", "count_parameters"]
 
 MB = 2**20
-_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 4, "int8": 4}  # activation bytes ('mixed': fp32 upper bound)
+_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 4, **{n: 4 for n in INT8_PRECISIONS}}  # activation bytes ('mixed': fp32 upper bound)
 
 
 def _attention(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool = False) -> AttentionMemory:
@@ -48,14 +49,19 @@ def _attention(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, c
 
 
 def count_parameters(config: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters inside nn.Linear layers), exact: the model is built on the
-    meta device, so no memory is used."""
+    """(all parameters, parameters inside the nn.Linear layers that int8 quantizes: all but one
+    tied to another module's weight, an LM head sharing the embedding), exact: the model is
+    built on the meta device, so no memory is used."""
     from omninet.model import OmniNetModel
 
     with torch.device("meta"):
         model = OmniNetModel(config)
     unique = {id(p): p for p in model.parameters()}
-    linear = {id(p): p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    linear = {id(p): p for m in model.modules() if isinstance(m, nn.Linear) and holders[id(m.weight)] == 1
+              for p in m.parameters()}
     return sum(p.numel() for p in unique.values()), sum(p.numel() for p in linear.values())
 
 
@@ -68,15 +74,15 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
     if precision not in _ELEM:
         raise ValueError(f"precision must be one of {', '.join(_ELEM)} (resolve 'auto' first), got {precision!r}")
-    if precision == "int8" and training:
-        raise ValueError("int8 is inference-only; estimate training in 'fp32' or 'bf16'")
+    if precision in INT8_PRECISIONS and training:
+        raise ValueError(f"{precision} is inference-only; estimate training in 'fp32' or 'bf16'")
     B, N, C, F = batch_size, seq_len, config.hidden_size, config.ff_dim
     T, s = B * N, _ELEM[precision]
     ff_live = 3 if config.mlp == "gated" else 2  # (T, F) tensors alive in the MLP: up and act; gated: gate, up, product
     P, P_lin = count_parameters(config)
     dec_layers = (config.num_decoder_layers or config.num_layers) if config.arch == "encoder_decoder" else 0
     layers = config.num_layers + dec_layers
-    out = {"parameters": (P - P_lin) * 4 + P_lin * (1 if precision == "int8" else 4)}
+    out = {"parameters": (P - P_lin) * 4 + P_lin * (1 if precision in INT8_PRECISIONS else 4)}
     if precision in ("bf16", "fp16"):
         out["autocast_weight_copies"] = P_lin * 2
     head = (B * config.num_classes * 4) if config.num_classes else T * config.vocab_size * 4

@@ -1,4 +1,4 @@
-"""Precision policy: what ``precision='auto'|'fp32'|'bf16'|'fp16'|'mixed'|'int8'`` means on a
+"""Precision policy: what ``precision='auto'|'fp32'|'bf16'|'fp16'|'mixed'|'int8'|...`` means on a
 backend, and the training step that honours it.
 
 Decision table for ``'auto'`` (``Backend.default_precision``):
@@ -21,7 +21,9 @@ fp16 on a CPU without AMX-FP16 is refused (scalar fallback kernels, ~100x slower
 Low precision always runs under ``torch.autocast``: parameters stay fp32 (the master
 weights), matmuls run in the low dtype, so weights and activations always agree in dtype.
 ``mixed`` is the layer-wise plan of ``omninet.hardware.mixed`` (autocast per block);
-``int8`` is dynamic int8 quantization of Linear layers for CPU inference (post-training);
+``int8``, ``int8_token`` and ``int8_weight`` quantize Linear layers to int8 for CPU inference
+after training (dynamic per-tensor activations, dynamic per-token activations, weight-only;
+``omninet.hardware.quantize``);
 ``qat_int8`` trains in fp32 with fake-quantized Linear layers (per-channel int8 weights,
 ``omninet.hardware.quantize.prepare_qat``) and converts them to int8 for inference (CPU).
 """
@@ -34,9 +36,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omninet.hardware.base import DTYPES, PRECISIONS, Backend
+from omninet.hardware.base import DTYPES, INT8_PRECISIONS, PRECISIONS, Backend
 
 __all__ = ["PrecisionPolicy", "resolve_precision", "training_step"]
+
+_INT8_WHAT = {"int8": "int8 Linear layers, dynamic per-tensor activations",
+              "int8_token": "int8 Linear layers, dynamic per-token activations",
+              "int8_weight": "int8 weight-only Linear layers"}
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,13 @@ def resolve_precision(requested: str, backend: Backend, *, training: bool = Fals
         name = backend.default_precision()
         why = f"auto on {backend.name} ({backend.device_name()}): {_auto_reason(backend, name)}"
         return PrecisionPolicy(name, DTYPES[name], dev, training and backend.needs_grad_scaler(name), why)
-    if requested == "int8":
+    if requested in INT8_PRECISIONS:
         if backend.name != "cpu":
-            raise ValueError(f"precision='int8' (dynamic int8 Linear) runs on CPU only, not {backend.name}; "
+            raise ValueError(f"precision={requested!r} (int8 Linear layers) runs on CPU only, not {backend.name}; "
                              "use device='cpu' or precision 'auto'")
         if training:
-            raise ValueError("precision='int8' is for inference; train in 'fp32'/'bf16'/'auto' and quantize afterwards")
-        return PrecisionPolicy("int8", torch.float32, dev, False, "dynamic int8 Linear layers (CPU inference)")
+            raise ValueError(f"precision={requested!r} is for inference; train in 'fp32'/'bf16'/'auto' and quantize afterwards")
+        return PrecisionPolicy(requested, torch.float32, dev, False, f"{_INT8_WHAT[requested]} (CPU inference)")
     if requested == "qat_int8":
         if backend.name != "cpu":
             raise ValueError(f"precision='qat_int8' converts to int8 kernels that run on CPU only, not {backend.name}; "

@@ -60,7 +60,7 @@ def post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, k
     elif plan.int8:
         from omninet.hardware import quantize_int8
 
-        model = quantize_int8(model, inplace=True)
+        model = quantize_int8(model, plan.post, inplace=True)  # engine: plan.int8_engine, fixed by resolve_plan
     elif plan.post == "qat_int8":
         from omninet.hardware import convert_qat
 
@@ -84,7 +84,7 @@ def _derive(cfg: TrialConfig, plan: loop.Plan, res: TrialResult | None):
         res.derived = True
         precision = f"precision: {plan.precision}" + (" (fake-quantized for the fine-tune, int8 after)"
                                                       if plan.post == "qat_int8" else
-                                                      " (after the fine-tune)" if plan.post in ("int8", "mixed") else "")
+                                                      " (after the fine-tune)" if plan.int8 or plan.post == "mixed" else "")
         res.passes = "; ".join(log.passes + [precision])
         if log.heads_pruned:
             res.heads_pruned, res.heads_remaining = log.heads_pruned, log.heads_remaining

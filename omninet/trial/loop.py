@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omninet.hardware.base import INT8_PRECISIONS
 from omninet.trial.config import HardwareConfig, TrainConfig
 
 __all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
@@ -37,16 +38,16 @@ class Diverged(Exception):
 @dataclass
 class Plan:
     """How this trial computes: the training placement (device, precision policy), its loss
-    scaler, what happens to the trained model before evaluation (``post``: 'int8' quantizes it,
-    'qat_int8' converts its fake-quantized layers to int8, 'mixed' plans layer-wise precision on
-    the trained weights in ``low_dtype``), and whether the precision runs emulated (no native
-    support here; ``allow_emulated``)."""
+    scaler, what happens to the trained model before evaluation (``post``: 'int8', 'int8_token'
+    or 'int8_weight' quantizes it, through ``int8_engine``; 'qat_int8' converts its fake-quantized
+    layers to int8, 'mixed' plans layer-wise precision on the trained weights in ``low_dtype``),
+    and whether the precision runs emulated (no native support here; ``allow_emulated``)."""
 
     placement: Any
     scaler: Any
-    int8: bool
     emulated: bool = False
-    post: str | None = None  # None | 'int8' | 'qat_int8' | 'mixed'
+    post: str | None = None  # None | an INT8_PRECISIONS name | 'qat_int8' | 'mixed'
+    int8_engine: str | None = None  # the engine of a post-training int8 variant (omninet.hardware.int8_engine)
     low_dtype: torch.dtype | None = None  # the low dtype of 'mixed'
     precision: str = "fp32"  # what the trial records
     emulated_reason: str | None = None
@@ -67,6 +68,11 @@ class Plan:
         return pad_batch(batch, self.buckets, pad_id=self.pad_id)
 
     @property
+    def int8(self) -> bool:
+        """Quantized to int8 after training (post-training: not QAT)."""
+        return self.post in INT8_PRECISIONS
+
+    @property
     def device(self) -> torch.device:
         return self.placement.device
 
@@ -80,6 +86,7 @@ class Plan:
 
 
 _LOW = ("bf16", "fp16", "mixed")
+_QUANTIZED = (*INT8_PRECISIONS, "qat_int8")  # train in fp32, int8 for evaluation and measurement
 
 
 def native_refusal(hw: HardwareConfig) -> str | None:
@@ -87,7 +94,7 @@ def native_refusal(hw: HardwareConfig) -> str | None:
     (``omninet.hardware.probe_capabilities``, the one source of truth) sees it; None if it does."""
     from omninet.hardware import probe_capabilities
 
-    if hw.precision not in _LOW + ("int8", "qat_int8"):
+    if hw.precision not in _LOW + _QUANTIZED:
         return None
     caps = probe_capabilities(hw.device)
     if hw.precision in caps["native_precisions"]:
@@ -100,8 +107,8 @@ def native_refusal(hw: HardwareConfig) -> str | None:
 def resolve_plan(hw: HardwareConfig) -> Plan:
     """ValueError, before anything runs, when this machine cannot run the requested device /
     precision natively (per the capability probe), unless the config allows emulation, in which
-    case bf16/fp16/mixed run tagged emulated. int8 and qat_int8 train in fp32 and quantize
-    after training; mixed trains in fp32 and plans its layer-wise precision on the trained
+    case bf16/fp16/mixed run tagged emulated. The int8 variants and qat_int8 train in fp32 and
+    quantize after training; mixed trains in fp32 and plans its layer-wise precision on the trained
     weights."""
     from omninet.hardware import resolve_device_config
 
@@ -113,10 +120,14 @@ def resolve_plan(hw: HardwareConfig) -> Plan:
             fix = "; set hardware.allow_emulated: true to run it tagged emulated" if name in _LOW else ""
             raise ValueError(refusal + fix)
         emulated = True
-    post, low_dtype, train_hw = None, None, hw
-    if name in ("int8", "qat_int8"):
+    post, low_dtype, train_hw, engine = None, None, hw, None
+    if name in _QUANTIZED:
         resolve_device_config(hw, training=name == "qat_int8")  # int8 inference must be possible here
         post = name
+        if name in INT8_PRECISIONS:
+            from omninet.hardware import int8_engine
+
+            engine = int8_engine(name)  # ValueError now, not after training, for an engine that is not here
         train_hw = dataclasses.replace(hw, precision="fp32")  # trains in fp32 (QAT with fake-quant modules), int8 after
     elif name == "mixed":
         post = "mixed"
@@ -131,9 +142,10 @@ def resolve_plan(hw: HardwareConfig) -> Plan:
         placement = resolve_device_config(train_hw, training=True)
     policy = getattr(placement, "policy", None)
     scaler = policy.make_grad_scaler() if policy is not None else None
-    precision = name if name in ("int8", "qat_int8", "mixed") else placement.precision
+    precision = name if name in _QUANTIZED + ("mixed",) else placement.precision
     reason = f"emulated: {refusal}" if emulated else None
-    return Plan(placement, scaler, post == "int8", emulated, post, low_dtype, precision, reason)
+    return Plan(placement, scaler, emulated=emulated, post=post, int8_engine=engine, low_dtype=low_dtype,
+                precision=precision, emulated_reason=reason)
 
 
 def _emulated_placement(hw: HardwareConfig, refusal: ValueError):

@@ -46,6 +46,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from omninet.hardware.base import INT8_PRECISIONS
 from omninet.trial import limits, loop, measure
 from omninet.trial.build import build, distilling, post_passes
 from omninet.trial.config import TrialConfig, TrialResult
@@ -65,7 +66,7 @@ def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
     from omninet.hardware import resolve_device_config
 
     precision = cfg.hardware.precision
-    if precision in ("int8", "qat_int8", "mixed"):  # these train in fp32 (mixed is planned after training)
+    if precision in (*INT8_PRECISIONS, "qat_int8", "mixed"):  # these train in fp32 (mixed is planned after training)
         precision = "fp32"
     elif precision == "auto":
         precision = resolve_device_config(cfg.hardware, training=True).precision
