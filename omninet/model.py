@@ -46,28 +46,103 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 class KVCache:
     """Per-layer keys and values of decoder self-attention, plus the encoder's projected
-    keys/values for cross-attention (computed once). Keyed by layer index, never by shape."""
+    keys/values for cross-attention (computed once). Keyed by layer index, never by shape.
 
-    def __init__(self):
-        self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    Each layer's self-attention K/V live in a preallocated buffer (B, Hk, capacity, D) written
+    in place: a step copies only its own tokens, and ``self_kv[layer]`` holds views of the
+    tokens cached so far. The buffer is sized from ``capacity`` (tokens; e.g. prompt +
+    max_new_tokens) and otherwise grows by doubling, so it moves O(log N) times, not every step."""
+
+    def __init__(self, capacity: int | None = None):
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"KVCache(capacity=...) is a token count >= 1 (or None to grow by doubling), got {capacity}")
+        self.capacity = capacity
+        self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # views (B, Hk, N, D) of the buffers
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, Hk, capacity, D) each
+        self.allocations = 0  # buffer (re)allocations so far, all layers
 
     def length(self, layer: int = 0) -> int:
         kv = self.self_kv.get(layer)
         return 0 if kv is None else kv[0].shape[-2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if layer in self.self_kv:
+        """k, v (B, Hk, T, D) -> views (B, Hk, N_past + T, D) of everything cached for ``layer``."""
+        n, t = self.length(layer), k.shape[-2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Under autograd an in-place write would invalidate the graph of earlier steps.
+            if n:
+                pk, pv = self.self_kv[layer]
+                k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+            self._buffers.pop(layer, None)
+            self.self_kv[layer] = (k, v)
+            return k, v
+        kb, vb = self._reserve(layer, k, n + t)
+        kb[..., n : n + t, :] = k
+        vb[..., n : n + t, :] = v
+        self.self_kv[layer] = (kb[..., : n + t, :], vb[..., : n + t, :])
+        return self.self_kv[layer]
+
+    def _reserve(self, layer, k, need):
+        """The layer's buffers with room for ``need`` tokens, (re)allocated in k's dtype and device."""
+        buf = self._buffers.get(layer)
+        if buf is not None and buf[0].shape[-2] >= need and buf[0].dtype == k.dtype and buf[0].device == k.device:
+            return buf
+        B, Hk, _, D = k.shape
+        old = buf[0].shape[-2] if buf is not None else 0
+        cap = max(need, 2 * old, self.capacity or 0)
+        kb = k.new_empty(B, Hk, cap, D)
+        vb = k.new_empty(B, Hk, cap, D)
+        n = self.length(layer)
+        if n:  # carry the cached tokens over (also from a cache that concatenated under autograd)
             pk, pv = self.self_kv[layer]
-            k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)  # (B, H, N_past + N, D)
-        self.self_kv[layer] = (k, v)
-        return k, v
+            kb[..., :n, :], vb[..., :n, :] = pk, pv
+        self._buffers[layer] = (kb, vb)
+        self.allocations += 1
+        return kb, vb
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps only batch rows ``index`` (e.g. after dropping finished sequences)."""
-        for store in (self.self_kv, self.cross_kv):
+        for store in (self._buffers, self.cross_kv):
             for layer, (k, v) in store.items():
                 store[layer] = (k.index_select(0, index), v.index_select(0, index))
+        for layer, (k, v) in self.self_kv.items():
+            if layer in self._buffers:
+                kb, vb = self._buffers[layer]
+                self.self_kv[layer] = (kb[..., : k.shape[-2], :], vb[..., : k.shape[-2], :])
+            else:
+                self.self_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values cached so far (self- and cross-attention), not counting
+        a buffer's room for later tokens (``allocated_bytes``)."""
+        return sum(t.numel() * t.element_size() for store in (self.self_kv, self.cross_kv)
+                   for kv in store.values() for t in kv)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the cache holds in memory: the self-attention buffers whole, plus cross-attention."""
+        kv = [t for b in self._buffers.values() for t in b]
+        kv += [t for layer, b in self.self_kv.items() if layer not in self._buffers for t in b]
+        kv += [t for b in self.cross_kv.values() for t in b]
+        return sum(t.numel() * t.element_size() for t in kv)
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
+                   memory_tokens: int = 0) -> int:
+    """Bytes of the keys and values a ``KVCache`` holds after ``tokens`` decoder positions:
+    2 (K and V) x B x N x D x bytes x Σ_layers Hk_layer, with Hk_layer the K/V heads a layer
+    keeps after pruning (a K/V head goes only with its whole query group). Encoder-decoders
+    add the cross-attention K/V of ``memory_tokens`` encoder positions (every K/V head)."""
+    if config.arch == "encoder":
+        return 0
+    H, Hk, D = config.num_heads, config.kv_heads, config.head_dim
+    group = H // Hk
+    first = config.num_layers if config.arch == "encoder_decoder" else 0
+    layers = range(first, config.total_layers)
+    self_heads = sum(len({h // group for h in set(range(H)) - set(config.heads.pruned_heads.get(layer, []))})
+                     for layer in layers)  # K/V heads still read by a query head
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch * D * size * (self_heads * tokens + len(layers) * Hk * memory_tokens)
 
 
 class Attention(nn.Module):
@@ -404,13 +479,19 @@ class OmniNetModel(nn.Module):
     def forward(self, input_ids=None, *, attention_mask=None, labels=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, head_mask=None, cache: KVCache | None = None,
                 use_cache: bool = False, output_attentions: bool = False, encoder_hidden_states=None,
-                token_type_ids=None) -> ModelOutput:
+                token_type_ids=None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, N) long; attention_mask (B, N) bool, True = real token (or a bool mask
         broadcastable to (B, H, N, N)); labels: (B,) class ids with a classifier, else (B, N)
-        target ids aligned with the logits (already shifted; -100 = ignore)."""
+        target ids aligned with the logits (already shifted; -100 = ignore). ``logits_to_keep``
+        n > 0 gives LM logits of the last n positions only, (B, n, V) (a prefill needs one);
+        0 gives every position's."""
         cfg = self.config
         if input_ids is None and inputs_embeds is None and encoder_hidden_states is None:
             raise ValueError("pass input_ids (B, N) or inputs_embeds (B, N, C)")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need every position's logits; pass logits_to_keep=0 with labels")
         if use_cache and cache is None:
             cache = KVCache()
         hm = self._head_mask(head_mask)
@@ -436,7 +517,7 @@ class OmniNetModel(nn.Module):
             h, dec_w = self.decoder(x, mask=mask, memory=enc_out, memory_mask=memory_mask, cache=cache,
                                     head_mask=None if hm is None else hm[cfg.num_layers :], need_weights=output_attentions)
             attentions = attentions + dec_w if output_attentions else None
-        logits = self._head(h, attention_mask if cfg.arch == "encoder" else None)
+        logits = self._head(h, attention_mask if cfg.arch == "encoder" else None, logits_to_keep)
         loss = self._loss(logits, labels) if labels is not None else None
         aux = gating.collect_aux_loss(self.attention_layers())  # head routers' balance term (training)
         if aux is not None and loss is not None:
@@ -451,8 +532,10 @@ class OmniNetModel(nn.Module):
                                              num_heads=self.config.num_heads))
         return x, mask
 
-    def _head(self, h, attention_mask):
+    def _head(self, h, attention_mask, logits_to_keep=0):
         if self.classifier is None:
+            if logits_to_keep:
+                h = h[:, -logits_to_keep:]  # (B, n, C)
             return self.lm_head(h if self.head_transform is None else self.head_transform(h))  # (B, N, V)
         pooled = pool(h, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
                       self.config.pooling)
@@ -473,27 +556,32 @@ class OmniNetModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, eos_token_id: int | None = None, attention_mask=None,
-                 decoder_start_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 decoder_start_token_id: int | None = None, generator: torch.Generator | None = None,
+                 ignore_eos: bool = False) -> torch.Tensor:
         """Autoregressive decoding with the KV cache. ``temperature=0`` is greedy. Decoder
         models continue ``input_ids`` (B, N; unpadded); encoder-decoder models encode
         ``input_ids`` and decode from ``decoder_start_token_id``. Returns the generated ids
         (B, N + new) for decoders, (B, 1 + new) for encoder-decoders; finished rows are
-        padded with ``pad_token_id``."""
+        padded with ``pad_token_id``. ``ignore_eos`` generates exactly ``max_new_tokens``
+        (benchmarks). The prefill forms logits for the last position only, and the cache is
+        allocated once for prompt + max_new_tokens."""
         cfg = self.config
         if cfg.arch == "encoder":
             raise ValueError("generate() needs arch='decoder' or 'encoder_decoder'; this model is an encoder")
         if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("generate(): max_new_tokens >= 1, temperature >= 0 and top_k >= 1 (or None) are required")
-        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-        cache = KVCache()
+        eos = None if ignore_eos else (cfg.eos_token_id if eos_token_id is None else eos_token_id)
+        prompt = 1 if cfg.arch == "encoder_decoder" else input_ids.shape[1]
+        cache = KVCache(capacity=prompt + max_new_tokens)
         if cfg.arch == "encoder_decoder":
             start = decoder_start_token_id if decoder_start_token_id is not None else (cfg.bos_token_id or cfg.pad_token_id)
             enc, _ = self.encode(input_ids, attention_mask=attention_mask)
             seq = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-            step = lambda ids: self(decoder_input_ids=ids, attention_mask=attention_mask, encoder_hidden_states=enc, cache=cache)
+            step = lambda ids: self(decoder_input_ids=ids, attention_mask=attention_mask, encoder_hidden_states=enc,
+                                    cache=cache, logits_to_keep=1)
         else:
             seq = input_ids
-            step = lambda ids: self(ids, cache=cache)
+            step = lambda ids: self(ids, cache=cache, logits_to_keep=1)
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
         logits = step(seq).logits[:, -1]
         for i in range(max_new_tokens):
