@@ -33,6 +33,7 @@ SMOKE = {
     "attention_kernels": (["--quick"], 26),
     "device_check": (["--dry"], 6),
     "trained_base": (["--quick"], 10),
+    "hf_import": (["--quick"], 14),
 }
 
 
