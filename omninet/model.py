@@ -113,6 +113,12 @@ class KVCache:
             else:
                 self.self_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
 
+    def crop(self, length: int) -> None:
+        """Forgets every self-attention position from ``length`` on (the buffers stay: the next
+        append writes over them), e.g. to decode again from the same prompt."""
+        for layer, (k, v) in self.self_kv.items():
+            self.self_kv[layer] = (k[..., :length, :], v[..., :length, :])
+
     def nbytes(self) -> int:
         """Bytes of the keys and values cached so far (self- and cross-attention), not counting
         a buffer's room for later tokens (``allocated_bytes``)."""

@@ -164,3 +164,17 @@ def test_cache_under_autograd_keeps_gradients():
     (a.sum() + b.sum()).backward()  # earlier steps' K/V are not overwritten in place
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.testing.assert_close(torch.cat([a, b], 1), model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_decodes_again_from_the_same_prompt():
+    model = build("rotary", num_kv_heads=2)
+    prompt, more = ids(b=2, n=7), ids(b=2, n=3, seed=4)
+    cache = KVCache(capacity=10)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        first = model(more, cache=cache).logits
+        ptr = cache.self_kv[0][0].data_ptr()
+        cache.crop(7)
+        again = model(more, cache=cache).logits
+    assert cache.length(0) == 10 and cache.self_kv[0][0].data_ptr() == ptr and cache.allocations == 2
+    assert torch.equal(first, again)
