@@ -200,6 +200,14 @@ class MeasureConfig(ConfigBase):
     pair_max_rounds: int = 40
     pair_halfwidth: float = 0.02
     pair_max_seconds: float = 1.5
+    # Generation (decoders only; omninet.trial.measure.generation): prefill and per-token decode
+    # latency, decode tokens/s and the KV cache's size, after the forward figures. Off: the
+    # generation fields stay None. Each of its two latency loops runs at least generation_reps
+    # calls and generation_min_seconds; the decode window is generation_tokens new tokens.
+    generation: bool = True
+    generation_tokens: int = 16
+    generation_reps: int = 20
+    generation_min_seconds: float = 0.25
     # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
     # other than the task's max_length is refused unless this says so explicitly; the result
     # then records measure_other_length and the trial logs a warning (accuracy was judged at
@@ -223,6 +231,11 @@ class MeasureConfig(ConfigBase):
         _check(self.pair_max_rounds * self.pair_calls >= self.latency_reps,
                f"measure: pair_max_rounds x pair_calls ({self.pair_max_rounds} x {self.pair_calls}) must reach "
                f"latency_reps ({self.latency_reps}): the paired rounds are the trial's latency calls")
+        _check(self.generation_tokens >= 1, f"measure.generation_tokens must be >= 1, got {self.generation_tokens}")
+        _check(self.generation_reps >= 20, f"measure.generation_reps must be >= 20 for stable percentiles, got "
+                                           f"{self.generation_reps}")
+        _check(self.generation_min_seconds >= 0,
+               f"measure.generation_min_seconds must be >= 0, got {self.generation_min_seconds}")
         for name in ("seq_length", "batch_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"measure.{name} must be >= 1 (or null), got {value}")
@@ -565,6 +578,27 @@ class TrialResult:
     throughput_ratio_ref_hi: float | None = column(optuna=True)
     latency_ref_p50_ms: float | None = None
     latency_pairing: str | None = column(tag="if_set", optuna=True)
+    # generation (decoders, measure.generation; None for encoders): prefill of the prompt at
+    # seq_length, batch 1, last position's logits; decode per new token at batch 1 over cache depths
+    # [decode_context, decode_context + decode_new_tokens); greedy decode tokens/s at the measure
+    # batch; the KV cache after seq_length tokens at the measure batch, measured and from
+    # omninet.model.kv_cache_bytes (K/V heads, head dim, the dtype it holds); or why they are missing
+    prefill_ms_p50: float | None = column(label="prefill p50", unit="ms")
+    prefill_ms_p90: float | None = None
+    prefill_cv: float | None = None
+    prefill_noisy: bool | None = None
+    decode_ms_p50: float | None = column(label="decode per token p50", unit="ms")
+    decode_ms_p90: float | None = None
+    decode_ms_p99: float | None = None
+    decode_cv: float | None = None
+    decode_noisy: bool | None = None
+    decode_reps: int | None = None
+    decode_tokens_s: float | None = column(label="decode throughput", unit="tokens/s")
+    decode_context: int | None = None
+    decode_new_tokens: int | None = None
+    kv_cache_mb: float | None = column(label="KV cache", unit="MB")
+    kv_cache_formula_mb: float | None = None
+    generation_error: str | None = column(tag="if_set")
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
     num_params: int | None = column(label="parameters")  # after head pruning
     heads_pruned: int | None = None

@@ -48,6 +48,20 @@ collected, C allocator trimmed, accelerator cache emptied), two counters reporte
 A measured peak must not depend on what ran before: callers measure the first call in a
 clean state and a later call after the timing runs, and record both.
 
+Generation (``generation``, decoders, ``measure.generation``): what a decoder deployment sees,
+after the forward figures under the same gate. Prefill: batch-1 calls of the whole prompt at the
+trial's length N into a fresh KV cache, forming the last position's logits only (time to the
+first token). Decode: one call is one greedy step of one new token against the cache; the
+steps cover cache depths P .. P + T - 1 (T = ``measure.generation_tokens``, at most N - 1;
+P = N - T, so the last step reads N keys) and then the cache is cropped back to P (no copy), so every call of
+the loop decodes at a depth of that window. Both run through ``latency`` with the trial's
+warm-up, CV check, rounds and calibration, at least ``generation_reps`` calls and
+``generation_min_seconds``; p50/p90/p99 per token. Decode tokens/s: B / median step at the
+measure batch B. KV-cache MB: the cache's tensors after P + T tokens at batch B
+(``KVCache.nbytes``) and ``model.kv_cache_bytes`` of the same shape and the dtype the cache
+holds; they differ only if the formula misses a layer or head. Encoder trials leave every
+generation field None.
+
 A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
 measurement shape under the node's measurement gate and yield readings, small dataclasses
 named by ``TrialResult`` fields; ``apply(result, readings)`` is the one place they land. With a
@@ -81,7 +95,7 @@ __all__ = ["backend_for", "synchronize", "time_fn", "summarize", "LatencyStats",
            "ProbeReading", "ThroughputReading", "apply", "conditions", "track_latency", "track_throughput",
            "live_tensor_bytes", "train_memory", "inference", "latency_probe", "PROBE_CALLS", "median_interval",
            "PairedTimes", "paired", "PairedLatencyReading", "PairedThroughputReading", "PairingReading",
-           "Reference", "track_paired_latency", "track_paired_throughput"]
+           "Reference", "track_paired_latency", "track_paired_throughput", "GenerationReading", "generation"]
 
 MB = 2**20
 
@@ -585,6 +599,37 @@ class ThroughputReading:
 
 
 @dataclass
+class GenerationReading:
+    """A decoder's generation (``generation``): prefill at batch 1 and length N, last position's
+    logits only; decode per token at batch 1 over cache depths [P, P + T); decode tokens/s at
+    the measure batch; the KV cache after P + T tokens at the measure batch, measured and from
+    the formula."""
+
+    prefill_ms_p50: float
+    prefill_ms_p90: float
+    prefill_cv: float
+    prefill_noisy: bool
+    decode_ms_p50: float
+    decode_ms_p90: float
+    decode_ms_p99: float
+    decode_cv: float
+    decode_noisy: bool
+    decode_reps: int
+    decode_tokens_s: float
+    decode_context: int  # P: the cache depth the decode window starts at
+    decode_new_tokens: int  # T
+    kv_cache_mb: float
+    kv_cache_formula_mb: float
+
+
+@dataclass
+class GenerationErrorReading:
+    """Why a decoder's generation figures are missing (the forward figures stand)."""
+
+    generation_error: str
+
+
+@dataclass
 class PairedLatencyReading:
     """Batch-1 latency against the reference model timed beside it (``paired``): the median round
     ratio with its 95% interval, and the reference's own p50 in the same rounds."""
@@ -649,10 +694,15 @@ def conditions(info: dict, before: float | None) -> Conditions:
 def track_latency(fn: Callable[[], object], *, device, mcfg, ref_ms: float | None = None) -> LatencyReading:
     """``latency`` with the trial's settings (``mcfg``: a ``MeasureConfig``); a calibrated
     latency is also scaled to ``ref_ms`` (the sweep pool's reference time, else this loop's)."""
-    lat = latency(fn, device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps, min_seconds=mcfg.min_seconds,
-                  max_cv=mcfg.max_cv, max_rounds=mcfg.max_rounds,
-                  calibrate=calibration(device) if mcfg.calibrate else None)
-    return _latency_reading(lat, ref_ms)
+    return _latency_reading(_trial_latency(fn, device=device, mcfg=mcfg), ref_ms)
+
+
+def _trial_latency(fn: Callable[[], object], *, device, mcfg, min_reps: int | None = None,
+                   min_seconds: float | None = None) -> LatencyStats:
+    """``latency`` with the trial's warm-up, CV check, rounds and calibration (``mcfg``)."""
+    return latency(fn, device=device, warmup=mcfg.warmup, min_reps=mcfg.latency_reps if min_reps is None else min_reps,
+                   min_seconds=mcfg.min_seconds if min_seconds is None else min_seconds, max_cv=mcfg.max_cv,
+                   max_rounds=mcfg.max_rounds, calibrate=calibration(device) if mcfg.calibrate else None)
 
 
 def _latency_reading(lat: LatencyStats, ref_ms: float | None) -> LatencyReading:
@@ -806,8 +856,70 @@ def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Ite
         if mcfg.memory:  # again, after the timing runs: must match the first call
             clean_state(plan.backend, device.index or 0)
             yield LaterMemoryReading(track_memory(lambda: infer(many), device=device, live_bytes=live).tensor_peak_mb)
+        if mcfg.generation and getattr(getattr(model, "config", None), "arch", None) == "decoder":
+            yield generation(model, cfg, plan, one["input_ids"][:, :n], many["input_ids"][:, :n])
         yield MeasureSeconds(time.perf_counter() - start)
     yield conditions(info, before)
+
+
+def _decode_steps(model, plan, prompt: torch.Tensor, depth: int, new: int) -> tuple[Callable[[], None], object]:
+    """A greedy decode step of ``model`` after ``prompt[:, :depth]`` (prefilled here), and its
+    cache. Each call decodes one token; once the cache holds ``depth + new`` tokens the next
+    call first crops it back to ``depth``, so the calls cycle through the same depths."""
+    from omninet.model import KVCache
+
+    cache = KVCache(capacity=depth + new)
+    with torch.no_grad(), plan.autocast():
+        nxt = [model(prompt[:, :depth], cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)]
+
+    def step() -> None:
+        if cache.length(0) >= depth + new:
+            cache.crop(depth)
+        with torch.no_grad(), plan.autocast():
+            nxt[0] = model(nxt[0], cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+
+    return step, cache
+
+
+def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> GenerationReading | GenerationErrorReading:
+    """A decoder's generation figures (see the module docstring) for prompts ``one`` (1, N) and
+    ``many`` (B, N) of real task tokens; run by ``inference`` under its gate. A failure is
+    recorded (``generation_error``), not raised: the forward figures stand without it."""
+    from omninet.model import kv_cache_bytes
+
+    mcfg, device = cfg.measure, plan.device
+    n, b = one.shape[1], many.shape[0]
+    mc = model.config
+    new = min(mcfg.generation_tokens, n - 1)  # the window ends at depth N (within a learned table's length)
+    depth = n - new
+    if new < 1:
+        return GenerationErrorReading(f"no room to decode: the prompt has {n} token(s), at least 2 are needed")
+    try:
+        from omninet.model import KVCache
+
+        def prefill() -> None:
+            with torch.no_grad(), plan.autocast():
+                model(one, cache=KVCache(capacity=n + new), logits_to_keep=1)
+
+        pre = _trial_latency(prefill, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps,
+                             min_seconds=mcfg.generation_min_seconds)
+        step, _ = _decode_steps(model, plan, one, depth, new)
+        dec = _trial_latency(step, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps,
+                             min_seconds=mcfg.generation_min_seconds)
+        step_b, cache_b = _decode_steps(model, plan, many, depth, new)
+        for _ in range(new):  # the cache at depth + new: its bytes, and the throughput's warm-up
+            step_b()
+        synchronize(device)
+        kv, kv_dtype = cache_b.nbytes(), cache_b.self_kv[0][0].dtype
+        step_s = summarize(time_fn(step_b, device=device, warmup=0, reps=max(new, 8)))["median_s"]
+    except Exception as exc:  # noqa: BLE001 -- the generation figures must not fail a trial that measured the rest
+        return GenerationErrorReading(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    return GenerationReading(
+        prefill_ms_p50=pre.p50_ms, prefill_ms_p90=pre.p90_ms, prefill_cv=pre.cv, prefill_noisy=pre.noisy,
+        decode_ms_p50=dec.p50_ms, decode_ms_p90=dec.p90_ms, decode_ms_p99=dec.p99_ms, decode_cv=dec.cv,
+        decode_noisy=dec.noisy, decode_reps=dec.reps, decode_tokens_s=b / step_s, decode_context=depth,
+        decode_new_tokens=new, kv_cache_mb=kv / MB,
+        kv_cache_formula_mb=kv_cache_bytes(mc, b, depth + new, kv_dtype) / MB)
 
 
 PROBE_CALLS = 3  # latency calls of the measure-first probe
