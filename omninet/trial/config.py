@@ -203,11 +203,12 @@ class MeasureConfig(ConfigBase):
     # Generation (decoders only; omninet.trial.measure.generation): prefill and per-token decode
     # latency, decode tokens/s and the KV cache's size, after the forward figures. Off: the
     # generation fields stay None. Each of its two latency loops runs at least generation_reps
-    # calls and generation_min_seconds; the decode window is generation_tokens new tokens.
+    # calls and generation_min_seconds (None: min_seconds / 4, 0.25 s at the default); the
+    # decode window is generation_tokens new tokens.
     generation: bool = True
     generation_tokens: int = 16
     generation_reps: int = 20
-    generation_min_seconds: float = 0.25
+    generation_min_seconds: float | None = None
     # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
     # other than the task's max_length is refused unless this says so explicitly; the result
     # then records measure_other_length and the trial logs a warning (accuracy was judged at
@@ -234,8 +235,8 @@ class MeasureConfig(ConfigBase):
         _check(self.generation_tokens >= 1, f"measure.generation_tokens must be >= 1, got {self.generation_tokens}")
         _check(self.generation_reps >= 20, f"measure.generation_reps must be >= 20 for stable percentiles, got "
                                            f"{self.generation_reps}")
-        _check(self.generation_min_seconds >= 0,
-               f"measure.generation_min_seconds must be >= 0, got {self.generation_min_seconds}")
+        _check(self.generation_min_seconds is None or self.generation_min_seconds >= 0,
+               f"measure.generation_min_seconds must be >= 0 (or null: min_seconds / 4), got {self.generation_min_seconds}")
         for name in ("seq_length", "batch_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"measure.{name} must be >= 1 (or null), got {value}")

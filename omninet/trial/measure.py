@@ -53,14 +53,14 @@ after the forward figures under the same gate. Prefill: batch-1 calls of the who
 trial's length N into a fresh KV cache, forming the last position's logits only (time to the
 first token). Decode: one call is one greedy step of one new token against the cache; the
 steps cover cache depths P .. P + T - 1 (T = ``measure.generation_tokens``, at most N - 1;
-P = N - T, so the last step reads N keys) and then the cache is cropped back to P (no copy), so every call of
-the loop decodes at a depth of that window. Both run through ``latency`` with the trial's
-warm-up, CV check, rounds and calibration, at least ``generation_reps`` calls and
-``generation_min_seconds``; p50/p90/p99 per token. Decode tokens/s: B / median step at the
-measure batch B. KV-cache MB: the cache's tensors after P + T tokens at batch B
-(``KVCache.nbytes``) and ``model.kv_cache_bytes`` of the same shape and the dtype the cache
-holds; they differ only if the formula misses a layer or head. Encoder trials leave every
-generation field None.
+P = N - T, so the last step reads N keys), then the cache is cropped back to P (no copy), so
+every call of the loop decodes at a depth of that window. Both run through ``latency`` with the
+trial's warm-up, CV check, rounds and calibration, at least ``generation_reps`` calls and
+``generation_min_seconds`` (by default a quarter of ``min_seconds``); p50/p90/p99 per token.
+Decode tokens/s: B / median step at the measure batch B. KV-cache MB: the cache's tensors
+after P + T tokens at batch B (``KVCache.nbytes``) and ``model.kv_cache_bytes`` of the same
+shape and the dtype the cache holds; they differ only if the formula misses a layer or head.
+Encoder trials leave every generation field None.
 
 A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
 measurement shape under the node's measurement gate and yield readings, small dataclasses
@@ -901,11 +901,10 @@ def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> Gener
             with torch.no_grad(), plan.autocast():
                 model(one, cache=KVCache(capacity=n + new), logits_to_keep=1)
 
-        pre = _trial_latency(prefill, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps,
-                             min_seconds=mcfg.generation_min_seconds)
+        seconds = mcfg.min_seconds / 4 if mcfg.generation_min_seconds is None else mcfg.generation_min_seconds
+        pre = _trial_latency(prefill, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds)
         step, _ = _decode_steps(model, plan, one, depth, new)
-        dec = _trial_latency(step, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps,
-                             min_seconds=mcfg.generation_min_seconds)
+        dec = _trial_latency(step, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds)
         step_b, cache_b = _decode_steps(model, plan, many, depth, new)
         for _ in range(new):  # the cache at depth + new: its bytes, and the throughput's warm-up
             step_b()
