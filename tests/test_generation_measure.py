@@ -26,9 +26,9 @@ DECODER = {"name": "copy", "length": 16}
 ENCODER = {"name": "listops", "min_length": 5, "max_length": 40, "max_depth": 3, "num_train": 64, "num_eval": 16}
 
 
-@pytest.mark.parametrize("kv_heads", [None, 2])
-def test_a_decoder_trial_measures_generation(kv_heads):
-    res = run_trial(trial(DECODER, {"num_kv_heads": kv_heads}, generation_tokens=8))
+@pytest.mark.parametrize("kv_heads, memory", [(None, False), (2, True)])
+def test_a_decoder_trial_measures_generation(kv_heads, memory):
+    res = run_trial(trial(DECODER, {"num_kv_heads": kv_heads}, generation_tokens=8, memory=memory))
     assert res.status == "ok", res.error
     assert res.generation_error is None
     assert all(getattr(res, f) is not None and getattr(res, f) > 0 for f in GENERATION)
@@ -39,12 +39,14 @@ def test_a_decoder_trial_measures_generation(kv_heads):
     mc = cfg.model_config
     expect = 2 * mc.num_layers * res.measure_batch_size * mc.kv_heads * res.seq_length * mc.head_dim * 4 / 2**20
     assert res.kv_cache_mb == pytest.approx(expect) and res.kv_cache_formula_mb == pytest.approx(expect)
+    peaks = [res.peak_memory_prefill_mb, res.peak_memory_generate_mb]  # measured with measure.memory only
+    assert all(p is not None and p > res.kv_cache_mb for p in peaks) if memory else peaks == [None, None]
 
 
 def test_an_encoder_trial_and_a_switched_off_one_leave_generation_none():
     for res in (run_trial(trial(ENCODER)), run_trial(trial(DECODER, generation=False))):
         assert res.status == "ok", res.error
-        assert all(getattr(res, f) is None for f in GENERATION + ["generation_error"])
+        assert all(getattr(res, f) is None for f in GENERATION + ["generation_error", "peak_memory_generate_mb"])
         assert res.latency_p50_ms is not None  # the forward figures are still there
 
 

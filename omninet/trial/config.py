@@ -599,6 +599,10 @@ class TrialResult:
     decode_new_tokens: int | None = None
     kv_cache_mb: float | None = column(label="KV cache", unit="MB")
     kv_cache_formula_mb: float | None = None
+    # with measure.memory: tensor peaks of a prefill of seq_length tokens and of a whole generation
+    # (a prompt of decode_context tokens, then decode_new_tokens) at the measure batch
+    peak_memory_prefill_mb: float | None = None
+    peak_memory_generate_mb: float | None = None
     generation_error: str | None = column(tag="if_set")
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
     num_params: int | None = column(label="parameters")  # after head pruning

@@ -60,7 +60,8 @@ trial's warm-up, CV check, rounds and calibration, at least ``generation_reps`` 
 Decode tokens/s: B / median step at the measure batch B. KV-cache MB: the cache's tensors
 after P + T tokens at batch B (``KVCache.nbytes``) and ``model.kv_cache_bytes`` of the same
 shape and the dtype the cache holds; they differ only if the formula misses a layer or head.
-Encoder trials leave every generation field None.
+With ``measure.memory``, the tensor peaks of a prefill and of a whole generation at (B, N)
+come first, each from a clean state. Encoder trials leave every generation field None.
 
 A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
 measurement shape under the node's measurement gate and yield readings, small dataclasses
@@ -623,6 +624,16 @@ class GenerationReading:
 
 
 @dataclass
+class GenerationMemoryReading:
+    """Tensor peaks (live tensors + the call's peak, as ``InferMemoryReading``) at the measure
+    batch: a prefill of N tokens (last position's logits, cache sized for N + T), and a whole
+    ``generate`` of T tokens after a prompt of N - T (the cache ends at N)."""
+
+    peak_memory_prefill_mb: float
+    peak_memory_generate_mb: float
+
+
+@dataclass
 class GenerationErrorReading:
     """Why a decoder's generation figures are missing (the forward figures stand)."""
 
@@ -857,7 +868,7 @@ def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Ite
             clean_state(plan.backend, device.index or 0)
             yield LaterMemoryReading(track_memory(lambda: infer(many), device=device, live_bytes=live).tensor_peak_mb)
         if mcfg.generation and getattr(getattr(model, "config", None), "arch", None) == "decoder":
-            yield generation(model, cfg, plan, one["input_ids"][:, :n], many["input_ids"][:, :n])
+            yield from generation(model, cfg, plan, one["input_ids"][:, :n], many["input_ids"][:, :n])
         yield MeasureSeconds(time.perf_counter() - start)
     yield conditions(info, before)
 
@@ -881,11 +892,13 @@ def _decode_steps(model, plan, prompt: torch.Tensor, depth: int, new: int) -> tu
     return step, cache
 
 
-def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> GenerationReading | GenerationErrorReading:
+def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> Iterator[object]:
     """A decoder's generation figures (see the module docstring) for prompts ``one`` (1, N) and
-    ``many`` (B, N) of real task tokens; run by ``inference`` under its gate. A failure is
-    recorded (``generation_error``), not raised: the forward figures stand without it."""
-    from omninet.model import kv_cache_bytes
+    ``many`` (B, N) of real task tokens; run by ``inference`` under its gate. With
+    ``measure.memory``, first the peaks of a prefill and of a whole generation at (B, N), each
+    from a clean state. A failure is recorded (``generation_error``), not raised: the forward
+    figures stand without it. Yields readings."""
+    from omninet.model import KVCache, kv_cache_bytes
 
     mcfg, device = cfg.measure, plan.device
     n, b = one.shape[1], many.shape[0]
@@ -893,13 +906,25 @@ def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> Gener
     new = min(mcfg.generation_tokens, n - 1)  # the window ends at depth N (within a learned table's length)
     depth = n - new
     if new < 1:
-        return GenerationErrorReading(f"no room to decode: the prompt has {n} token(s), at least 2 are needed")
-    try:
-        from omninet.model import KVCache
+        yield GenerationErrorReading(f"no room to decode: the prompt has {n} token(s), at least 2 are needed")
+        return
 
-        def prefill() -> None:
-            with torch.no_grad(), plan.autocast():
-                model(one, cache=KVCache(capacity=n + new), logits_to_keep=1)
+    def prefill(prompt=one) -> None:
+        with torch.no_grad(), plan.autocast():
+            model(prompt, cache=KVCache(capacity=n + new), logits_to_keep=1)
+
+    def generate() -> None:  # prefill to depth P, then T greedy tokens: the cache ends at N
+        with plan.autocast():
+            model.generate(many[:, :depth], max_new_tokens=new, ignore_eos=True)
+
+    try:
+        if mcfg.memory:
+            live = live_tensor_bytes(model)
+            peaks = []
+            for fn in (lambda: prefill(many), generate):
+                clean_state(plan.backend, device.index or 0)
+                peaks.append(track_memory(fn, device=device, live_bytes=live).tensor_peak_mb)
+            yield GenerationMemoryReading(peak_memory_prefill_mb=peaks[0], peak_memory_generate_mb=peaks[1])
 
         seconds = mcfg.min_seconds / 4 if mcfg.generation_min_seconds is None else mcfg.generation_min_seconds
         pre = _trial_latency(prefill, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds)
@@ -912,8 +937,9 @@ def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> Gener
         kv, kv_dtype = cache_b.nbytes(), cache_b.self_kv[0][0].dtype
         step_s = summarize(time_fn(step_b, device=device, warmup=0, reps=max(new, 8)))["median_s"]
     except Exception as exc:  # noqa: BLE001 -- the generation figures must not fail a trial that measured the rest
-        return GenerationErrorReading(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    return GenerationReading(
+        yield GenerationErrorReading(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return
+    yield GenerationReading(
         prefill_ms_p50=pre.p50_ms, prefill_ms_p90=pre.p90_ms, prefill_cv=pre.cv, prefill_noisy=pre.noisy,
         decode_ms_p50=dec.p50_ms, decode_ms_p90=dec.p90_ms, decode_ms_p99=dec.p99_ms, decode_cv=dec.cv,
         decode_noisy=dec.noisy, decode_reps=dec.reps, decode_tokens_s=b / step_s, decode_context=depth,
