@@ -142,7 +142,11 @@ class BucketedModel(nn.Module):
             args = args[1:]
         key = next(k for k in ("input_ids", "hidden_states", "inputs_embeds") if kwargs.get(k) is not None)
         N = kwargs[key].shape[1]
+        keep = kwargs.pop("logits_to_keep", 0)
         padded = pad_batch({k: v for k, v in kwargs.items()}, self.buckets, pad_id=self.pad_id, length_key=key)
         Nb = padded[key].shape[1]
-        out = self.model(*args, **padded)
+        if keep and Nb != N:  # the padding sits after the last n real positions: keep it too, then drop it
+            out = _crop(self.model(*args, **padded, logits_to_keep=keep + Nb - N), N, Nb)
+            return dataclasses.replace(out, logits=out.logits[:, :keep])
+        out = self.model(*args, **padded, **({"logits_to_keep": keep} if keep else {}))
         return _crop(out, N, Nb) if Nb != N else out

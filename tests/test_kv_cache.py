@@ -178,3 +178,16 @@ def test_crop_decodes_again_from_the_same_prompt():
         again = model(more, cache=cache).logits
     assert cache.length(0) == 10 and cache.self_kv[0][0].data_ptr() == ptr and cache.allocations == 2
     assert torch.equal(first, again)
+
+
+def test_logits_to_keep_behind_static_shape_buckets():
+    from omninet.shapes import BucketedModel
+
+    model = build("rotary")
+    bucketed = BucketedModel(model, buckets=[16, 32])
+    x = ids(b=2, n=11)  # padded to 16 inside
+    with torch.no_grad():
+        full = model(x).logits
+        for keep in (1, 3, 11):
+            got = bucketed(x, logits_to_keep=keep).logits
+            assert got.shape == (2, keep, 97) and (got - full[:, -keep:]).abs().max() <= MAX_DIFF
