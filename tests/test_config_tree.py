@@ -24,7 +24,15 @@ LEGACY = ROOT / "tests" / "fixtures" / "legacy_results"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_sweep_loads_with_the_real_runner(path):
+def test_every_shipped_sweep_loads_with_the_real_runner(path, tmp_path):
+    data = yaml.safe_load(path.read_text())
+    if (data.get("base") or {}).get("hf"):  # a sweep over the user's model: given one (a tiny Llama) as --base does
+        pytest.importorskip("transformers", reason="the tiny stand-in checkpoint is built with transformers")
+        from hf_models import CORPUS, tiny_llama_folder
+        from omninet.sweep.api import with_base
+
+        data["trial"]["task"]["root"] = str(CORPUS)  # one stdlib package: the whole stdlib takes seconds to tokenize
+        path = with_base(data, str(tiny_llama_folder(tmp_path / "model")), None)
     cfg = load_config(path)
     assert isinstance(cfg.trial, TrialConfig)
     assert load_config(cfg.to_plain()).to_plain() == cfg.to_plain()  # the manifest round-trips

@@ -5,7 +5,6 @@ back out as an HF folder that transformers loads with the same logits."""
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,14 @@ import torch
 pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers", reason="transformers (the test oracle) is in the dev extra")
 
+from hf_models import CORPUS, tiny_llama_folder  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "asyncio"
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
-    """A tiny random Llama (4 query heads over 2 K/V heads) with a byte-level BPE tokenizer
-    trained offline on the corpus, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(p) for p in sorted(CORPUS.glob("*.py"))[:8]],
-              trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(out / "tokenizer.json"))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0,
-                                   bos_token_id=None, pad_token_id=0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _sweep(results: Path) -> dict:
