@@ -29,10 +29,13 @@ from omninet.hardware import (
 
 # Planning, sensitivity and the autocast hooks are logic, not speed: bf16 autocast runs on any
 # CPU (converted where not native), so only tests that resolve a bf16 *policy* need the device.
+# 'mixed' resolves only where the low dtype is native (its default is the backend's default precision).
+_FLAGS = ", ".join(f for f, on in cpu_flags().items() if on)
 needs_bf16 = pytest.mark.skipif(
     torch.bfloat16 not in get_backend("cpu").supported_dtypes(),
-    reason="resolve_precision refuses bf16 without AVX512 (converted) or AVX512-BF16/AMX (native); this CPU: "
-           + ", ".join(f for f, on in cpu_flags().items() if on))
+    reason=f"resolve_precision refuses bf16 without AVX512 (converted) or AVX512-BF16/AMX (native); this CPU: {_FLAGS}")
+needs_native_bf16 = pytest.mark.skipif(not get_backend("cpu").native_bf16(),
+                                       reason=f"'mixed' needs native bf16 (AVX512-BF16/AMX); this CPU: {_FLAGS}")
 SENSITIVE = 3
 
 
@@ -118,7 +121,7 @@ def test_cast_weights_inference_agrees_with_autocast_and_refuses_training():
 
 
 @needs_bf16
-@pytest.mark.parametrize("mode", ["bf16", "mixed"])
+@pytest.mark.parametrize("mode", ["bf16", pytest.param("mixed", marks=needs_native_bf16)])
 def test_mixed_precision_training_matches_fp32(mode):
     """Same init, same batches, 5 AdamW steps: the low-precision loss curve tracks fp32's, the
     parameters stay fp32 (master weights) and receive fp32 gradients."""
@@ -183,11 +186,19 @@ def test_seed_api_honours_precision():
     with torch.no_grad():
         a, b = fp32(hidden_states=x)[0], bf16(hidden_states=x)[0]
     assert b.dtype == torch.float32 and not torch.equal(a, b) and torch.allclose(a, b, atol=0.1)
+
+
+@needs_native_bf16
+def test_seed_api_plans_mixed_on_a_calibration_batch():
+    x = torch.randn(2, 16, 64)
+    kw = dict(num_layers=4, hidden_size=64, num_heads=4, ff_dim=128, max_seq_length=16, use_sparse_attention=False,
+              use_linformer=False, dropout=0.0)
     with pytest.raises(ValueError, match="calibration"):
         AdvancedTransformer(**kw, device_config={"device": "cpu", "precision": "mixed"})
+    torch.manual_seed(0)
+    model = AdvancedTransformer(**kw, device_config={"device": "cpu", "precision": "fp32"}).eval()
     placement = resolve_device_config({"device": "cpu", "precision": "mixed"})
-    plan_model = fp32
-    placement.apply(plan_model, calibration={"hidden_states": x}, error_budget=1e-2)
+    placement.apply(model, calibration={"hidden_states": x}, error_budget=1e-2)
     assert placement.plan is not None and placement.plan.measured_error <= 1e-2
 
 
