@@ -190,3 +190,25 @@ def test_hf_export_refuses_an_int8_model(decoder, tmp_path, precision):
     with pytest.raises(ValueError, match="quantized modules") as exc:
         quantize_int8(decoder[0], precision).save_hf(tmp_path / precision)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_mode_reports_every_variant(tmp_path):
+    """benchmarks/int8_variants.py --quick (a tiny decoder): every variant's time ratio, NLL and bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "int8.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "int8_variants.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "int8_variants" and doc["machine"]["cpu_model"]
+    assert set(INT8_PRECISIONS) | {"fp32"} <= set(doc["variants"])
+    for name, row in doc["variants"].items():
+        assert row["time_ratio_to_fp32"]["median"] > 0 and abs(row["nll_minus_fp32"]) < 0.05, name
+        assert row["linear_weight_bytes_ratio_to_fp32"] < (0.35 if name != "fp32" else 1.01), name
