@@ -20,18 +20,18 @@ int8_weight    fp32 (weights dequantized per call):       ``torch``: ``Int8Weigh
                memory, no faster than fp32                tokens); ``torchao``: ``Int8WeightOnlyConfig``
 =============  =========================================  ===========================================
 
-Why three: on SmolLM2-135M (512 tokens of ``json/decoder.py``, one forward, AMD EPYC with
-AVX512-VNNI) the NLL is 1.927 in fp32, 1.924 with int8 weights alone, 1.947 with per-token
-activations, but 2.58 with one activation scale per call (8 bits; 3.20 with 7 bits; 3.63 for
-the old default, per-tensor weights and the tied head quantized): a real LM's few
-massive-activation tokens set that one scale for all the others. ``benchmarks/int8_variants.py`` measures each variant's time, NLL and
-weight bytes. ``int8`` also makes a token's output depend on the other tokens of the call (the
-shared scale): in the tests a KV-cache step differs from the full forward by 1e-2 (relative),
-the other variants by under 1e-4.
+Why three: on SmolLM2-135M (512 tokens of ``json/decoder.py``, AMD EPYC with AVX512-VNNI;
+``benchmarks/int8_variants.py``, figures in docs/kernels.md) the NLL is 1.927 in fp32, 1.924
+with int8 weights alone, 1.941 with per-token activations, but 2.58 with one activation scale
+per call (8 bits; 3.20 with the 7 bits an AVX2 CPU gets): a real LM's few massive-activation
+tokens set that one scale for all the others. ``int8`` also makes a token's output depend on
+the other tokens of the call (the shared scale): in the tests a KV-cache step differs from the
+full forward by 1e-2 (relative), the other variants by under 1e-4.
 
 Engines: torchao 0.18 runs the same two kernels on CPU in eager mode (``torch._int_mm``; a
 matmul on the int8 weight cast to the activations' dtype) behind a tensor subclass, and was
-slower or equal here, so the default engine is torch's own; ``OMNINET_INT8_ENGINE=torchao``
+slower (1.26x for ``int8_token``) or equal within the noise (0.95x [0.74, 1.01] for
+``int8_weight``) here, so the default engine is torch's own; ``OMNINET_INT8_ENGINE=torchao``
 selects torchao for ``int8_token`` / ``int8_weight`` where the benchmark shows it faster
 (``python benchmarks/int8_variants.py`` measures both when torchao is installed). torchao is
 optional and imported only then.
@@ -58,13 +58,16 @@ from torch import nn
 
 from omninet.hardware.base import INT8_PRECISIONS, lazy_import
 
-__all__ = ["quantize_int8", "int8_engine", "int8_engines", "Int8TokenLinear", "Int8WeightOnlyLinear", "Int8DynamicLinearVNNI",
-           "ENGINE_ENV", "prepare_qat", "convert_qat", "qat_modules"]
+__all__ = ["quantize_int8", "int8_engine", "int8_engines", "Int8TokenLinear", "Int8WeightOnlyLinear",
+           "Int8DynamicLinearVNNI", "ENGINE_ENV", "prepare_qat", "convert_qat", "qat_modules"]
 
 log = logging.getLogger("omninet.hardware")
 
 ENGINE_ENV = "OMNINET_INT8_ENGINE"  # 'torch' (default) or 'torchao': the engine of int8_token / int8_weight
-PACK_MM_MAX_ROWS = 2  # int8_weight: _weight_int8pack_mm up to this many tokens, dequantize above (measured, AVX2)
+# int8_weight: torch._weight_int8pack_mm (a matrix-vector kernel) up to this many tokens, the cast
+# int8 weight in one matmul above. Measured (AMD EPYC, AVX512-VNNI, one thread, a 4096x2048
+# weight): 11 against 33 ms at 1 token, 31 against 50 at 2, 70 against 53 at 4.
+PACK_MM_MAX_ROWS = 2
 
 
 def _full_range_activations() -> bool:
