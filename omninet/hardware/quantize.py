@@ -30,8 +30,8 @@ full forward by 1e-2 (relative), the other variants by under 1e-4.
 
 Engines: torchao 0.18 runs the same two kernels on CPU in eager mode (``torch._int_mm``; a
 matmul on the int8 weight cast to the activations' dtype) behind a tensor subclass, and was
-slower (1.26x for ``int8_token``) or equal within the noise (0.95x [0.74, 1.01] for
-``int8_weight``) here, so the default engine is torch's own; ``OMNINET_INT8_ENGINE=torchao``
+slower (1.13x-1.26x for ``int8_token``) or equal within the noise (0.91x-0.95x, quartiles
+spanning 1, for ``int8_weight``) here, so the default engine is torch's own; ``OMNINET_INT8_ENGINE=torchao``
 selects torchao for ``int8_token`` / ``int8_weight`` where the benchmark shows it faster
 (``python benchmarks/int8_variants.py`` measures both when torchao is installed). torchao is
 optional and imported only then.
