@@ -123,8 +123,8 @@ def export_recommended(result, pool: str, out, *, hf_out=None, **limits) -> dict
     from omninet.artifacts import model_subdir
     from omninet.interop.hf import copy_tokenizer_files
 
-    config = result.recommend(pool, **limits)
-    number = int(result._recommend_row(pool, **limits)["trial_number"])
+    row = result._recommend_row(pool, **limits)  # the row recommend() returns the config of, ranked once
+    number, config = int(row["trial_number"]), json.loads(row["config_json"])
     kept = Path(result.results_dir) / model_subdir(pool, number)
     if not (kept / "model.safetensors").is_file():
         raise ValueError(f"recommend: trial #{number} of pool {pool!r} kept no model ({kept} is missing; keep_models: "

@@ -216,15 +216,7 @@ def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int
         cal: list[float] = []
         start = time.perf_counter()
         while len(times) < min_reps or time.perf_counter() - start < min_seconds:
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            if calibrate is not None:
-                calibrate()
-                synchronize(device)
-                cal.append(time.perf_counter() - t1)
+            times.append(_timed_call(fn, calibrate, device, cal))
         stats = _stats(times, cal, rounds=rounds, noisy=False)
         judged_cv = stats.cv if stats.rel_cv is None else stats.rel_cv  # calibrated: the ratios', the drift taken out
         if judged_cv <= max_cv:
@@ -232,6 +224,20 @@ def latency(fn: Callable[[], object], *, device=torch.device("cpu"), warmup: int
     stats.noisy = judged_cv > max_cv
     return stats
 
+
+
+def _timed_call(fn, calibrate, device, cal: list[float]) -> float:
+    """One timed call of ``fn`` (seconds); with ``calibrate``, the calibration workload runs right
+    after it and its time is appended to ``cal`` (both loops time calls this one way)."""
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    t1 = time.perf_counter()
+    if calibrate is not None:
+        calibrate()
+        synchronize(device)
+        cal.append(time.perf_counter() - t1)
+    return t1 - t0
 
 def _stats(times: list[float], cal: list[float], *, rounds: int, noisy: bool) -> LatencyStats:
     """``LatencyStats`` of timed calls (s), with ``cal`` the calibration call timed after each."""
@@ -323,15 +329,7 @@ def paired(fn_a: Callable[[], object], fn_b: Callable[[], object], *, device=tor
             fn, times, cal, per_round = sides[side]
             this = []
             for _ in range(calls):
-                t0 = time.perf_counter()
-                fn()
-                synchronize(device)
-                t1 = time.perf_counter()
-                this.append(t1 - t0)
-                if calibrate is not None:
-                    calibrate()
-                    synchronize(device)
-                    cal.append(time.perf_counter() - t1)
+                this.append(_timed_call(fn, calibrate, device, cal))
             times += this
             per_round.append(statistics.median(this))
         last = out.rounds >= max_rounds or time.perf_counter() - start >= max_seconds
