@@ -590,3 +590,37 @@ def test_pool_probe_is_the_fastest_window_not_one_busy_moment(monkeypatch):
     # and on the real workload: a positive time
     monkeypatch.undo()
     assert 0 < measure.calibration_ms(seconds=0.05, windows=2, gap_s=0.0) < 1000
+
+
+def test_front_configurations_that_tie_on_every_objective_form_one_group(tmp_path):
+    """Configurations 1 and 2 overlap on accuracy (seed intervals: no per-unit scores) and on the
+    latency ratio and use the same memory: one group. Configuration 3 is as accurate but its ratio
+    interval lies apart: its own group, as does 4 whose memory differs by 20%."""
+    result = _timed_sweep(tmp_path, {1: [(0.50, 0.90, 0.88, 0.92), (0.52, 0.90, 0.88, 0.92)],
+                                     2: [(0.51, 0.91, 0.89, 0.93), (0.49, 0.91, 0.89, 0.93)],
+                                     3: [(0.51, 0.70, 0.68, 0.72), (0.50, 0.70, 0.68, 0.72)]},
+                          [{"key": "accuracy", "direction": "maximize"},
+                           {"key": "latency_ratio_ref", "direction": "minimize"},
+                           {"key": "peak_memory_infer_mb", "direction": "minimize"}])
+    groups = result.front_groups("cpu", front={0, 2, 4}).set_index("trial_number")
+    assert groups.loc[0, "front_group"] == groups.loc[2, "front_group"] != groups.loc[4, "front_group"]
+    assert sorted(groups.loc[0, "front_group_trials"]) == [0, 2] and groups.loc[4, "front_group_trials"] == [4]
+    a, b = (result.aggregate("cpu").set_index("trial_number").loc[n] for n in (0, 2))
+    assert result._same_on("cpu", "peak_memory_infer_mb", a, b) == (True, "exact")
+    assert result._same_on("cpu", "peak_memory_infer_mb", a, b.copy().replace({10.0: 12.0})) == (False, "exact")
+    assert result._same_on("cpu", "latency_p50_ms", a, b) == (False, "untimed")  # a raw time has no interval
+
+
+def test_recommend_cli_takes_the_ratio_limits(tmp_path, capsys):
+    import yaml
+
+    from omninet.sweep.cli import recommend_main
+
+    result = _timed_sweep(tmp_path, {1: [(0.50, 0.97, 0.93, 1.01)], 2: [(0.40, 0.90, 0.88, 0.92)]},
+                          [{"key": "accuracy", "direction": "maximize"},
+                           {"key": "latency_ratio_ref", "direction": "minimize"}])
+    assert recommend_main([str(result.results_dir), "--pool", "cpu"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {"toy": {"x": 1}}
+    for flags in (["--faster-than-reference"], ["--max-latency-ratio", "0.95"]):
+        assert recommend_main([str(result.results_dir), "--pool", "cpu", *flags]) == 0
+        assert yaml.safe_load(capsys.readouterr().out) == {"toy": {"x": 2}}

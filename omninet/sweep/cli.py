@@ -49,6 +49,10 @@ def recommend_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-latency-ms", type=float, default=None, help="bound on latency_p50_ms")
     parser.add_argument("--max-memory-mb", type=float, default=None, help="bound on peak_memory_train_mb")
     parser.add_argument("--min-accuracy", type=float, default=None)
+    parser.add_argument("--max-latency-ratio", type=float, default=None,
+                        help="bound on latency_ratio_ref (latency / the pool's reference, timed side by side)")
+    parser.add_argument("--faster-than-reference", action="store_true",
+                        help="only configurations whose latency ratio interval lies below 1")
     parser.add_argument("--out", default=None, help="write the YAML here instead of stdout")
     parser.add_argument("--model-out", default=None, help="also copy the recommended trial's kept model here")
     parser.add_argument("--hf-out", default=None, help="also write it as a Hugging Face folder here (dense kernels)")
@@ -57,7 +61,8 @@ def recommend_main(argv: list[str] | None = None) -> int:
     from omninet.sweep import SweepResult
 
     result = SweepResult.load(args.results_dir)
-    limits = dict(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy)
+    limits = dict(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy,
+                  max_latency_ratio=args.max_latency_ratio, faster_than_reference=args.faster_than_reference)
     config = result.recommend(args.pool, **limits)  # ValueError: one line, exit 2 (omninet.cli)
     if args.model_out or args.hf_out:
         import tempfile

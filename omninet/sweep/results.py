@@ -364,24 +364,71 @@ class SweepResult:
         ascending = [False] + [o.direction == "minimize" for o in self.config.objectives[1:]]
         df = df.sort_values(order, ascending=ascending)
         best = df.iloc[0].copy()
-        same, how = [], "paired"
+        same, how = [], None
+        spread = bool((df["_hi"] > df["_lo"]).any())
         for _, other in df.iloc[1:].iterrows():
-            if _timing(first.key):  # timed: indistinguishable while the intervals overlap
-                how = "timing"
-                if (df["_hi"] > df["_lo"]).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
-                    same.append(int(other["trial_number"]))
-                continue
-            try:  # paired on the shared eval rows: indistinguishable when the 95% interval holds 0
-                d = self.paired_config(pool, list(other["trials"]), list(best["trials"]))
-                if not d.distinguishable:
-                    same.append(int(other["trial_number"]))
-            except ValueError:  # no per-unit scores: fall back to overlapping seed intervals
-                how = "intervals"
-                if (df["_hi"] > df["_lo"]).any() and other["_lo"] <= best["_hi"] and other["_hi"] >= best["_lo"]:
-                    same.append(int(other["trial_number"]))
+            tie, how = self._same_on(pool, first.key, best, other, spread=spread)
+            if tie:
+                same.append(int(other["trial_number"]))
         best["indistinguishable_from"] = same
-        best["indistinguishable_by"] = how
+        best["indistinguishable_by"] = how or "paired"
         return best
+
+    def _same_on(self, pool: str, key: str, a: pd.Series, b: pd.Series, *, spread: bool = True) -> tuple[bool, str]:
+        """Whether configurations ``a`` and ``b`` (rows of :meth:`aggregate`) cannot be told apart
+        on objective ``key``, and how that was decided: 'timing' (a ratio's 95% intervals, each
+        timed side by side with the reference, overlap), 'untimed' (a raw time has no interval:
+        never called equal), 'paired' (accuracy: their paired difference on the shared eval rows
+        holds 0), 'exact' (a count such as a memory peak or parameters: equal within 1%, the
+        allocator's rounding), 'intervals' (else, or without per-unit scores: their 95% seed
+        intervals overlap). ``spread``: False when no interval of the ranking has any width."""
+        def interval(row: pd.Series) -> tuple[float | None, float | None]:
+            if _num(row.get(f"{key}_lo")) is not None:
+                return _num(row[f"{key}_lo"]), _num(row[f"{key}_hi"])
+            mean, half = _num(row.get(f"{key}_mean")), _num(row.get(f"{key}_ci95"))
+            return (None, None) if mean is None or half is None else (mean - half, mean + half)
+
+        (lo_a, hi_a), (lo_b, hi_b) = interval(a), interval(b)
+        overlap = spread and None not in (lo_a, hi_a, lo_b, hi_b) and lo_b <= hi_a and hi_b >= lo_a
+        if _timing(key):
+            return (overlap, "timing") if key in RATIOS else (False, "untimed")
+        if key == "accuracy":
+            try:
+                return not self.paired_config(pool, list(b["trials"]), list(a["trials"])).distinguishable, "paired"
+            except ValueError:  # no per-unit scores
+                return overlap, "intervals"
+        if "memory" in key or key.endswith(("_mb", "_bytes", "params")):
+            x, y = _num(a.get(f"{key}_mean")), _num(b.get(f"{key}_mean"))
+            return x is not None and y is not None and abs(x - y) <= 0.01 * max(abs(x), abs(y)), "exact"
+        return overlap, "intervals"
+
+    def front_groups(self, pool: str, front: set[int] | None = None) -> pd.DataFrame:
+        """The pool's front configurations (rows of :meth:`aggregate` with a run among ``front``,
+        default :meth:`pareto_front`'s trials), each with ``front_group`` and
+        ``front_group_trials``: configurations that cannot be told apart on any objective
+        (:meth:`_same_on` on every one) share a group, so a front of noise-level differences reads
+        as one choice, not several. Groups are built best-first by the first objective; a
+        configuration joins a group only when it ties with every member."""
+        if front is None:
+            front = set(int(n) for n in self.pareto_front(pool)["trial_number"])
+        agg = self.aggregate(pool)
+        if agg.empty:
+            return agg.assign(front_group=pd.Series(dtype="int64"))
+        agg = agg[[bool(front & set(ts)) for ts in agg["trials"]]]
+        first = self.config.objectives[0]
+        agg = agg.sort_values(f"{first.key}_mean", ascending=first.direction == "minimize").reset_index(drop=True)
+        groups: list[list[int]] = []
+        for i, row in agg.iterrows():
+            home = next((g for g in groups if all(all(self._same_on(pool, o.key, agg.loc[j], row)[0]
+                                                      for o in self.config.objectives) for j in g)), None)
+            if home is None:
+                groups.append([i])
+            else:
+                home.append(i)
+        label = {i: n + 1 for n, g in enumerate(groups) for i in g}
+        agg["front_group"] = [label[i] for i in agg.index]
+        agg["front_group_trials"] = [[int(agg.loc[j, "trial_number"]) for j in groups[label[i] - 1]] for i in agg.index]
+        return agg
 
     def model_path(self, pool: str, trial: int | None = None) -> Path:
         """The folder of the trained model of ``trial`` in ``pool`` (default: the recommended

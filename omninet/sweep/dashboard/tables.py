@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from typing import Any
 
 import pandas as pd
@@ -14,6 +15,8 @@ from omninet.sweep.results import RATIOS
 
 __all__ = ["baseline_table", "conditions_table", "cost_model_table", "noise_table", "paired_table", "pools_noise_table",
            "recommendations_table", "serving_table", "table_html", "unfinished_table"]
+
+log = logging.getLogger("omninet.sweep")
 
 
 def _interval(a: Any, key: str) -> str:
@@ -64,6 +67,7 @@ def paired_table(sweep: SweepData) -> pd.DataFrame:
         if agg.empty or "accuracy_diff" not in agg:
             continue
         ref = sweep.result.reference_trial(pool)
+        groups = _front_groups(sweep, pool)
         agg = agg.sort_values(f"{first}_mean", ascending=sweep.first_dir == "minimize")
         for _, a in agg.iterrows():
             number = int(a["trial_number"])
@@ -73,7 +77,7 @@ def paired_table(sweep: SweepData) -> pd.DataFrame:
             verdict = "reference" if number == ref else (
                 "differs" if present(lo) and present(hi) and (lo > 0 or hi < 0) else
                 "indistinguishable" if present(lo) else "-")
-            row = {"pool": sweep.pool_title(pool), "trial": f"#{number}", "front": "yes" if on_front else "",
+            row = {"pool": sweep.pool_title(pool), "trial": f"#{number}", "front": _front_text(on_front, groups.get(number)),
                    "configuration": config_label(sweep.params_of(trial)), "runs": int(a["runs"]),
                    "accuracy": f"{fmt(a[f'{first}_mean'])} (se {fmt(trial.get('accuracy_se'))})",
                    "vs reference [95%]": "0 (reference)" if number == ref else diff_text(a["accuracy_diff"], lo, hi),
@@ -87,6 +91,26 @@ def paired_table(sweep: SweepData) -> pd.DataFrame:
                 row[label(key)] = fmt(a.get(f"{key}_mean"))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _front_groups(sweep: SweepData, pool: str) -> dict[int, tuple[int, list[int]]]:
+    """trial number -> (front group, its members) from ``SweepResult.front_groups`` over the
+    dashboard's front; empty when they cannot be computed (the table then says only 'yes')."""
+    try:
+        groups = sweep.result.front_groups(pool, set(sweep.fronts[pool]))
+    except Exception as exc:  # a partial record: the table still renders, without groups
+        log.warning("dashboard: front groups of pool %s not computed (%s: %s)", pool, type(exc).__name__, exc)
+        return {}
+    return {int(r["trial_number"]): (int(r["front_group"]), list(r["front_group_trials"])) for _, r in groups.iterrows()}
+
+
+def _front_text(on_front: bool, group: tuple[int, list[int]] | None) -> str:
+    """'yes', or 'yes, group 2 (= #5, #9)' when other front configurations tie with it on every objective."""
+    if not on_front:
+        return ""
+    if group is None or len(group[1]) < 2:
+        return "yes" if group is None else f"yes, group {group[0]}"
+    return f"yes, group {group[0]} (ties on every objective: {', '.join(f'#{n}' for n in group[1])})"
 
 
 def noise_table(sweep: SweepData) -> pd.DataFrame:
