@@ -139,6 +139,23 @@ def test_cost_model_learns_the_calibrated_latency_when_a_trial_has_it() -> None:
     assert next(s for s in cm.pools["cpu"].samples if s.trial == 50).measured["latency_p50_ms"] == values["latency_p50_ms"]
 
 
+def test_cost_model_predicts_the_latency_ratio_from_the_latencys_features() -> None:
+    """The ratio to the reference (the configuration's time over one fixed model's) is learned
+    from the paired ratios on the latency's counts, so a max_latency_ratio limit can screen."""
+    from omninet.sweep.config import PoolConstraints
+
+    cm = CostModel(CostModelSpec(enabled=True, min_fit=3, holdout_every=4), ["cpu"])
+    reference_ms = 2.0 + 3.0 * 0.5
+    for t in range(8):
+        feats, values = toy_features(0.1 + 0.3 * t)
+        cm.observe("cpu", t, feats, {**values, "latency_ratio_ref": values["latency_p50_ms"] / reference_ms})
+    assert cm.validation("cpu")["latency_ratio_ref"]["mape"] < 0.02
+    feats, values = toy_features(3.0)
+    predicted = cm.predict("cpu", feats)["latency_ratio_ref"]
+    assert predicted == pytest.approx(values["latency_p50_ms"] / reference_ms, rel=0.02)
+    assert "latency_ratio_ref" in PoolConstraints(max_latency_ratio=1.5).limits()  # what screen_reason compares
+
+
 def test_cost_model_validation_split_never_holds_predicted_trials() -> None:
     cm = CostModel(CostModelSpec(enabled=True, min_fit=3, holdout_every=4), ["cpu"])
     splits = {}

@@ -9,6 +9,9 @@ on the pool's measured trials (``cost_model:`` in the sweep YAML).
   relative error (weights 1 / y^2), so a pool is described by a handful of trials.
 - **Latency** is learned from and judged against the calibrated latency at the pool's reference
   speed when trials record it (``MEASURED_AS``): the raw p50 carries the host's speed drift.
+  The latency ratio to the pool's reference (``latency_ratio_ref``, paired timing) is a target
+  of its own on the latency's features (``FEATURES_OF``), so a ``max_latency_ratio`` constraint
+  screens on a predicted ratio.
 - **Validation**: every ``holdout_every``-th measured trial of a pool is held out: never fitted,
   only predicted. ``validation()`` fits on the fit split and reports, per target, the mean
   absolute percentage error and the shares within +-10% and +-15% on the held-out split (the
@@ -30,7 +33,12 @@ import numpy as np
 
 __all__ = ["CostModel", "Sample", "measured_value", "param_features"]
 
-TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb")
+TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb", "latency_ratio_ref")
+# A target described by another's features: the latency ratio to the pool's reference (timed side
+# by side, ``measure.paired``) is the configuration's time over one fixed model's, so the same
+# roofline counts predict it, with weights in units of the reference's time; it is learned from
+# the ratios themselves, which carry neither the host's drift nor the moment of measurement.
+FEATURES_OF = {"latency_ratio_ref": "latency_p50_ms"}
 # What a target is learned from and judged against, first available: latency at the pool's
 # reference speed (calibrated, ``latency_p50_norm_ms``), so the model fits the configuration and
 # not the machine's speed drift at the moment each trial measured; else the raw p50.
@@ -117,7 +125,7 @@ class CostModel:
         rows = [s for s in samples if target in s.measured]
         if len(rows) < 2:
             return None
-        X = [s.features[target] for s in rows]
+        X = [s.features[FEATURES_OF.get(target, target)] for s in rows]
         y = [s.measured[target] for s in rows]
         # ridge: a few trials and many (collinear) counts; positive: every count costs, none saves
         model = make_pipeline(DictVectorizer(sparse=False), MaxAbsScaler(), Ridge(alpha=RIDGE_ALPHA, positive=True))
@@ -145,13 +153,13 @@ class CostModel:
             if own < 2:
                 return None
             models = self._models(pool)
-            out = {t: _predict(m, features[t]) for t, m in models.items() if m is not None}
+            out = {t: _predict(m, _features(features, t)) for t, m in models.items() if m is not None}
             return {**out, "source": "own", "fit_trials": own, "trusted": own >= self.spec.min_fit}
         if len(self.fit_split(seed)) < self.spec.min_fit:
             return None
         models = self._models(seed)
         scale = self.scale(pool)
-        out = {t: _predict(m, features[t]) * scale.get(t, 1.0) for t, m in models.items() if m is not None}
+        out = {t: _predict(m, _features(features, t)) * scale.get(t, 1.0) for t, m in models.items() if m is not None}
         return {**out, "source": f"seeded:{seed}", "fit_trials": own, "scale": scale,
                 "trusted": bool(scale)}
 
@@ -163,7 +171,7 @@ class CostModel:
         out = {}
         for target, model in models.items():
             logs = [math.log(s.measured[target] / p) for s in self.fit_split(pool) if target in s.measured and model
-                    for p in [_predict(model, s.features[target])] if p > 0]
+                    for p in [_predict(model, _features(s.features, target))] if p > 0]
             if logs:
                 out[target] = math.exp(sum(logs) / len(logs))
         return out
@@ -191,6 +199,10 @@ class CostModel:
                                "within_15": sum(e <= 0.15 for e in errors) / len(errors),
                                "fit_trials": len(self.fit_split(pool)), "holdout_trials": trials}
         return out
+
+
+def _features(features: dict[str, dict[str, float]], target: str) -> dict[str, float]:
+    return features[FEATURES_OF.get(target, target)]
 
 
 def _predict(model, features: dict[str, float]) -> float:

@@ -69,6 +69,7 @@ class TrialRecord:
     cost_model_source: str | None = column(tag="if_set")  # 'own' or 'seeded:<pool>'
     cost_model_mape_latency: float | None = column(metric=False)
     cost_model_mape_memory: float | None = column(metric=False)
+    predicted_latency_ratio_ref: float | None = column(label="predicted latency / reference")
     cost_split: str | None = column(tag="if_set")  # 'fit' or 'holdout': the cost model's split this trial joined
     # status 'duplicate': the trial of the pool with the same parameters and seed
     duplicate_of: int | None = column(optuna=True)
@@ -235,7 +236,8 @@ def build_row(config, schema: pa.Schema, run, result: dict[str, Any], *, simulat
         config_key=params_key({**run.params, **({"role": "reference"} if run.reference else {})}),
         screened_by=result.get("screened_by") or ("measure_first" if status == "screened" else None),
         predicted_latency_ms=pred.get("latency_p50_ms"), predicted_memory_infer_mb=pred.get("peak_memory_infer_mb"),
-        predicted_memory_train_mb=pred.get("peak_memory_train_mb"), cost_model_source=pred.get("source"),
+        predicted_memory_train_mb=pred.get("peak_memory_train_mb"),
+        predicted_latency_ratio_ref=pred.get("latency_ratio_ref"), cost_model_source=pred.get("source"),
         cost_model_mape_latency=pred.get("mape", {}).get("latency_p50_ms"),
         cost_model_mape_memory=pred.get("mape", {}).get("peak_memory_infer_mb"),
         duplicate_of=run.duplicate_of, seed_key=run.seed_key,

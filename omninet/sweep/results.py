@@ -559,8 +559,11 @@ class SweepResult:
         online = {}
         held = df[df["cost_split"] == "holdout"]
         for target, column in (("latency_p50_ms", "predicted_latency_ms"), ("peak_memory_infer_mb", "predicted_memory_infer_mb"),
-                               ("peak_memory_train_mb", "predicted_memory_train_mb")):
+                               ("peak_memory_train_mb", "predicted_memory_train_mb"),
+                               ("latency_ratio_ref", "predicted_latency_ratio_ref")):
             measured = held.apply(lambda row: measured_value(row, target), axis=1) if len(held) else pd.Series(dtype=float)
+            if column not in held:  # a record from before this target
+                continue
             pairs = pd.DataFrame({target: pd.to_numeric(measured, errors="coerce"),
                                   column: pd.to_numeric(held[column], errors="coerce")}).dropna()
             pairs = pairs[pairs[target] > 0]
