@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from omninet.config import AttentionConfig, ModelConfig, PositionConfig
-from omninet.model import Attention, Stack, attention_mask_4d, prune_layer_heads
+from omninet.model import Attention, Stack, attention_mask_4d, key_padding_of, prune_layer_heads
 
 if TYPE_CHECKING:
     from omninet.hardware import DeviceConfig
@@ -96,7 +96,8 @@ class AdvancedTransformer(nn.Module):
             if head_mask.shape not in ((H,), (L, H)):
                 raise ValueError(f"head_mask must have shape [num_heads={H}] or [num_layers={L}, num_heads={H}], got {list(head_mask.shape)}")
             head_mask = head_mask.expand(L, H)
-        out, weights = self.encoder(self.drop(x), mask=mask, head_mask=head_mask, need_weights=output_attentions)
+        out, weights = self.encoder(self.drop(x), mask=mask, key_padding=key_padding_of(mask), head_mask=head_mask,
+                                    need_weights=output_attentions)
         return out, weights
 
     # ---- heads: importance and pruning (the same semantics as OmniNetModel) ------------------

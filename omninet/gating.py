@@ -135,22 +135,25 @@ def restrict_mask(mask, head_ids: torch.Tensor, total_heads: int, index: torch.T
     return mask[torch.arange(B, device=index.device)[:, None], index]  # (B, k, Nq|1, Nk)
 
 
-def attend(kernel, q, k, v, *, index, head_ids, total_heads, mask, bias, **kw):
+def attend(kernel, q, k, v, *, index, head_ids, total_heads, mask, bias, key_padding=None, **kw):
     """Calls an attention kernel on the heads that run. ``index`` (B, k) or None (every
-    remaining head). Kernels take a bias ``(H, Nq, Nk)`` shared by the batch, but gated
-    sequences select different heads; so with a position bias the batch is split into groups
-    of sequences that selected the same head set, and each group gets its own restricted
-    bias. Without a bias the whole batch is one call."""
+    remaining head). ``key_padding``: ``KeyPadding.of(mask)`` for a key-padding mask, read once
+    per forward (its rows follow the mask's). Kernels take a bias ``(H, Nq, Nk)`` shared by the
+    batch, but gated sequences select different heads; so with a position bias the batch is
+    split into groups of sequences that selected the same head set, and each group gets its own
+    restricted bias. Without a bias the whole batch is one call."""
     mask = restrict_mask(mask, head_ids, total_heads, index)
     if index is None or bias is None:
         heads = None if head_ids.numel() == total_heads else head_ids
-        return kernel.fn(q, k, v, mask=mask, bias=None if bias is None else HeadBias(bias, heads), **kw)
+        return kernel.fn(q, k, v, mask=mask, bias=None if bias is None else HeadBias(bias, heads),
+                         key_padding=key_padding, **kw)
     sets, group = torch.unique(index, dim=0, return_inverse=True)  # (G, k), (B,)
     out = weights = None
     for g in range(sets.shape[0]):
         rows = (group == g).nonzero().squeeze(1)
         m = mask if mask is None or mask.shape[0] == 1 else mask.index_select(0, rows)
-        o, w = kernel.fn(q[rows], k[rows], v[rows], mask=m, bias=HeadBias(bias, head_ids[sets[g]]), **kw)
+        kp = None if key_padding is None else key_padding.select(rows)
+        o, w = kernel.fn(q[rows], k[rows], v[rows], mask=m, bias=HeadBias(bias, head_ids[sets[g]]), key_padding=kp, **kw)
         out = (o.new_zeros(q.shape[0], *o.shape[1:]) if out is None else out).index_copy(0, rows, o)
         if w is not None:
             weights = (w.new_zeros(q.shape[0], *w.shape[1:]) if weights is None else weights).index_copy(0, rows, w)

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omninet.attention import get_kernel
-from omninet.attention.block_sparse import key_lengths
+from omninet.attention import KeyPadding, get_kernel
 from omninet import gating
 from omninet.config import ModelConfig
 from omninet.positions import Alibi, LearnedPositions, RelativeBias, Rotary
@@ -198,8 +197,10 @@ class Attention(nn.Module):
     def num_kv_heads(self) -> int:
         return self.kv_ids.numel()
 
-    def forward(self, x, *, mask=None, memory=None, bias=None, rotary=None, cache=None, head_mask=None, need_weights=False):
-        """x (B, N, C); memory (B, M, C) the encoder output for cross-attention. With a
+    def forward(self, x, *, mask=None, key_padding=None, memory=None, bias=None, rotary=None, cache=None, head_mask=None,
+                need_weights=False):
+        """x (B, N, C); memory (B, M, C) the encoder output for cross-attention; key_padding the
+        ``KeyPadding`` of ``mask`` when it is a key-padding mask (``kernel_mask``). With a
         sequence-level router only the selected heads (index (B, k)) are computed."""
         gate = self.router(x, mask) if self.router is not None else None
         index = None if gate is None else gate.index
@@ -207,7 +208,7 @@ class Attention(nn.Module):
         kernel = get_kernel("eager") if need_weights and not self.spec.forms_weights else self.spec
         out, weights = gating.attend(
             kernel, q, k, v, index=index, head_ids=self.head_ids, total_heads=self.total_heads, mask=mask, bias=bias,
-            causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            key_padding=key_padding, causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights, state=self.kernel_state,
         )  # out (B, H|k, N, D)
         scale = gating.head_scale(gate, head_mask, self.head_ids)
@@ -348,16 +349,17 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, *, mask=None, memory=None, memory_mask=None, bias=None, rotary=None, cache=None,
-                head_mask=None, need_weights=False):
+    def forward(self, x, *, mask=None, key_padding=None, memory=None, memory_mask=None, memory_padding=None, bias=None,
+                rotary=None, cache=None, head_mask=None, need_weights=False):
         # pre-norm: x + f(norm(x)); post-norm: norm(x + f(x))
         pre = (lambda ln, t: t) if self.post_norm else (lambda ln, t: ln(t))  # noqa: E731
         post = (lambda ln, t: ln(t)) if self.post_norm else (lambda ln, t: t)  # noqa: E731
-        a, w = self.attn(pre(self.ln1, x), mask=mask, bias=bias, rotary=rotary, cache=cache, head_mask=head_mask,
-                         need_weights=need_weights)
+        a, w = self.attn(pre(self.ln1, x), mask=mask, key_padding=key_padding, bias=bias, rotary=rotary, cache=cache,
+                         head_mask=head_mask, need_weights=need_weights)
         x = post(self.ln1, x + self.drop(a))
         if self.cross_attn is not None:
-            c, _ = self.cross_attn(pre(self.ln_cross, x), mask=memory_mask, memory=memory, cache=cache)
+            c, _ = self.cross_attn(pre(self.ln_cross, x), mask=memory_mask, key_padding=memory_padding, memory=memory,
+                                   cache=cache)
             x = post(self.ln_cross, x + self.drop(c))
         return post(self.ln2, x + self.ffn(pre(self.ln2, x))), w
 
@@ -378,12 +380,16 @@ class Stack(nn.Module):
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, x, *, mask=None, memory=None, memory_mask=None, cache=None, head_mask=None, need_weights=False):
-        """x (B, N, C); head_mask (num_layers_of_this_stack, H) or None. Returns (B, N, C), weights."""
+    def forward(self, x, *, mask=None, key_padding=None, memory=None, memory_mask=None, memory_padding=None, cache=None,
+                head_mask=None, need_weights=False):
+        """x (B, N, C); key_padding, memory_padding: the ``KeyPadding`` of mask, memory_mask
+        (``kernel_mask``), read once for every layer; head_mask (num_layers_of_this_stack, H) or
+        None. Returns (B, N, C), weights."""
         all_weights = []
         for i, block in enumerate(self.blocks):
-            kwargs = dict(mask=mask, memory=memory, memory_mask=memory_mask, bias=self.bias, rotary=self.rotary,
-                          cache=cache, head_mask=None if head_mask is None else head_mask[i], need_weights=need_weights)
+            kwargs = dict(mask=mask, key_padding=key_padding, memory=memory, memory_mask=memory_mask,
+                          memory_padding=memory_padding, bias=self.bias, rotary=self.rotary, cache=cache,
+                          head_mask=None if head_mask is None else head_mask[i], need_weights=need_weights)
             if self.gradient_checkpointing and self.training and cache is None:
                 x, w = checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
@@ -477,9 +483,9 @@ class OmniNetModel(nn.Module):
     def encode(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, head_mask=None, need_weights=False,
                token_type_ids=None):
         x = self.embed_tokens(input_ids, token_type_ids=token_type_ids) if inputs_embeds is None else self.drop(inputs_embeds)
-        mask = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads))
+        mask, padding = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", num_heads=self.config.num_heads))
         hm = self._head_mask(head_mask)
-        return self.encoder(x, mask=mask, head_mask=None if hm is None else hm[: len(self.encoder.blocks)],
+        return self.encoder(x, mask=mask, key_padding=padding, head_mask=None if hm is None else hm[: len(self.encoder.blocks)],
                             need_weights=need_weights)
 
     def forward(self, input_ids=None, *, attention_mask=None, labels=None, decoder_input_ids=None,
@@ -504,8 +510,9 @@ class OmniNetModel(nn.Module):
         enc_out = encoder_hidden_states
         attentions = None
         if cfg.arch == "decoder":
-            x, mask = self._decoder_inputs(input_ids, inputs_embeds, attention_mask, cache)
-            h, attentions = self.decoder(x, mask=mask, cache=cache, head_mask=hm, need_weights=output_attentions)
+            x, mask, padding = self._decoder_inputs(input_ids, inputs_embeds, attention_mask, cache)
+            h, attentions = self.decoder(x, mask=mask, key_padding=padding, cache=cache, head_mask=hm,
+                                         need_weights=output_attentions)
         elif cfg.arch == "encoder":
             h, attentions = self.encode(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                         head_mask=hm, need_weights=output_attentions, token_type_ids=token_type_ids)
@@ -516,11 +523,12 @@ class OmniNetModel(nn.Module):
                                                   head_mask=hm, need_weights=output_attentions)
             if decoder_input_ids is None:
                 raise ValueError("encoder_decoder models need decoder_input_ids (B, T)")
-            x, mask = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask, cache)
+            x, mask, padding = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask, cache)
             if attention_mask is not None and attention_mask.dim() != 2:
                 raise ValueError("encoder_decoder models take a [B, N] padding attention_mask for the encoder")
-            memory_mask = kernel_mask(attention_mask_4d(attention_mask, enc_out, "attention_mask")) if attention_mask is not None else None
-            h, dec_w = self.decoder(x, mask=mask, memory=enc_out, memory_mask=memory_mask, cache=cache,
+            memory_mask, memory_padding = kernel_mask(attention_mask_4d(attention_mask, enc_out, "attention_mask"))
+            h, dec_w = self.decoder(x, mask=mask, key_padding=padding, memory=enc_out, memory_mask=memory_mask,
+                                    memory_padding=memory_padding, cache=cache,
                                     head_mask=None if hm is None else hm[cfg.num_layers :], need_weights=output_attentions)
             attentions = attentions + dec_w if output_attentions else None
         logits = self._head(h, attention_mask if cfg.arch == "encoder" else None, logits_to_keep)
@@ -534,9 +542,9 @@ class OmniNetModel(nn.Module):
     def _decoder_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
         offset = cache.length(self.decoder.blocks[0].attn.layer_idx) if cache is not None else 0
         x = self.embed_tokens(input_ids, offset) if inputs_embeds is None else self.drop(inputs_embeds)
-        mask = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", total_keys=offset + x.shape[1],
-                                             num_heads=self.config.num_heads))
-        return x, mask
+        mask, padding = kernel_mask(attention_mask_4d(attention_mask, x, "attention_mask", total_keys=offset + x.shape[1],
+                                                      num_heads=self.config.num_heads))
+        return x, mask, padding
 
     def _head(self, h, attention_mask, logits_to_keep=0):
         if self.classifier is None:
@@ -746,16 +754,21 @@ def attention_mask_4d(mask, x, name: str, *, total_keys: int | None = None, num_
     return m
 
 
-def kernel_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The mask every layer's kernel gets, decided once per forward: None when it is all True
-    (no padding: each kernel takes its no-mask path, SDPA its fused one), else the mask; a
-    key-padding mask (B, 1, 1, Nk) with padding only at the row ends carries its rows' lengths
-    (``key_lengths``, computed here once), which block-sparse layouts fold into their plans."""
+def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, KeyPadding | None]:
+    """The mask every layer's kernel gets, decided once per forward, and its key padding: None
+    when it is all True (no padding: each kernel takes its no-mask path, SDPA its fused one),
+    else the mask; a key-padding mask (B, 1, 1, Nk) also gives its ``KeyPadding`` (each row's
+    length, read here once), which block-sparse layouts fold into their plans."""
     if mask is None or bool(mask.all()):
+        return None, None
+    return mask, key_padding_of(mask)
+
+
+def key_padding_of(mask: torch.Tensor | None) -> KeyPadding | None:
+    """``KeyPadding.of(mask)`` when ``mask`` is a key-padding mask (B|1, 1, 1, Nk), else None."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         return None
-    if mask.shape[1] == 1 and mask.shape[2] == 1:
-        key_lengths(mask)
-    return mask
+    return KeyPadding.of(mask)
 
 
 def _check_ids(ids, vocab: int, name: str) -> None:

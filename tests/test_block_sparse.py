@@ -661,11 +661,14 @@ def test_all_true_mask_is_no_mask():
     assert torch.equal(block_sparse_attention(q, k, v, mask=ones, scale=0.25, state=state)[0], plain)
 
 
-def test_key_lengths_are_cached_on_the_mask_and_follow_its_version():
+def test_key_lengths_read_the_mask_as_it_is_now():
+    """Lengths are read from the mask each time (no cache on the tensor): a mask changed in
+    place reads anew."""
     from omninet.attention.block_sparse import key_lengths
 
     mask = end_padding(2, 50, [50, 20])
     assert key_lengths(mask) == (50, 20)
+    assert "_omninet_key_lengths" not in mask.__dict__
     mask[1, ..., 30] = True  # a hole now: not end padding
     assert key_lengths(mask) is None
 
@@ -701,7 +704,8 @@ def test_key_padding_read_once_gives_the_same_call(lengths):
 
 def test_model_drops_all_true_masks_and_passes_lengths_once():
     """OmniNetModel decides the kernels' mask once: None for an all-True mask (every kernel),
-    and an end-padding mask reaches every layer with its lengths already computed."""
+    and an end-padding mask reaches every layer with one ``KeyPadding`` read once (the same
+    value in every layer, its lengths already computed)."""
     import dataclasses
 
     from omninet.model import OmniNetModel
@@ -718,8 +722,8 @@ def test_model_drops_all_true_masks_and_passes_lengths_once():
                 fn = m.spec.fn
 
                 def spy(*a, fn=fn, **kw):
-                    mask = kw.get("mask")
-                    seen.append(None if mask is None else mask.__dict__.get("_omninet_key_lengths"))
+                    seen.append(kw.get("key_padding"))
+                    assert (kw.get("mask") is None) == (seen[-1] is None)
                     return fn(*a, **kw)
 
                 m.spec = dataclasses.replace(m.spec, fn=spy)
@@ -731,4 +735,4 @@ def test_model_drops_all_true_masks_and_passes_lengths_once():
             torch.testing.assert_close(a, model(ids).logits, rtol=0, atol=0)
             seen.clear()
             model(ids, attention_mask=torch.arange(100)[None, :] < torch.tensor([[100], [61]]))
-        assert len(seen) == 2 and all(s is not None and s[1] == (100, 61) for s in seen)
+        assert len(seen) == 2 and seen[0] is seen[1] and seen[0].lengths == (100, 61)

@@ -2,13 +2,17 @@
 
 Every kernel is a function::
 
-    kernel(q, k, v, *, mask, bias, causal, scale, dropout_p, need_weights, state)
+    kernel(q, k, v, *, mask, bias, causal, scale, dropout_p, need_weights, state, key_padding)
         -> (out, weights | None)
 
 Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
 
 - ``q`` (B, H, Nq, D); ``k``, ``v`` (B, H, Nk, D).
 - ``mask``: bool, broadcastable to (B, H, Nq, Nk), True = may attend; or None.
+- ``key_padding``: ``KeyPadding.of(mask)`` when ``mask`` is a key-padding mask (B|1, 1, 1, Nk),
+  read once per forward by the model (each row's real length) and passed to every layer as a
+  value; else None. A kernel that folds padding into its plans (block-sparse) reads it; the
+  others ignore it (they have ``mask``).
 - ``bias``: a callable ``bias(q_pos, k_pos) -> (H, len(q_pos), len(k_pos))`` float additive
   score bias (relative / ALiBi positions), evaluated lazily so a sparse kernel can ask for
   just the blocks it computes; or None.
@@ -35,6 +39,7 @@ enrols every registered kernel automatically).
 
 from __future__ import annotations
 
+from omninet.attention.block_sparse.padding import KeyPadding
 from omninet.attention.registry import (
     KERNELS,
     AttentionMemory,
@@ -44,7 +49,7 @@ from omninet.attention.registry import (
     register_kernel,
 )
 
-__all__ = ["AttentionMemory", "KernelSpec", "KERNELS", "register_kernel", "get_kernel", "check_kernel_config"]
+__all__ = ["AttentionMemory", "KernelSpec", "KeyPadding", "KERNELS", "register_kernel", "get_kernel", "check_kernel_config"]
 
 from omninet.attention import dense as _dense  # noqa: E402,F401  (registers eager, sdpa)
 from omninet.attention import block_sparse as _block_sparse  # noqa: E402,F401  (registers block_sparse)

@@ -57,7 +57,8 @@ def dense_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool, kern
 
 
 @register_kernel("eager", memory=eager_memory, work=partial(dense_work, kernel="eager"))
-def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
+def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None,
+                    key_padding=None):  # key_padding: read from mask
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Nq, Nk)
     if bias is not None:
         scores = scores + bias(*positions(q.shape[-2], k.shape[-2], q.device)).float()
@@ -76,7 +77,8 @@ def eager_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropo
 
 
 @register_kernel("sdpa", forms_weights=False, memory=sdpa_memory, work=dense_work)
-def sdpa_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None):
+def sdpa_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False, state=None,
+                   key_padding=None):  # key_padding: read from mask
     nq, nk = q.shape[-2], k.shape[-2]
     if bias is None and mask is None and (not causal or nq == nk):
         # The fused kernels' own causal path (top-left aligned, which equals ours when Nq == Nk).

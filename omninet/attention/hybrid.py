@@ -111,7 +111,7 @@ def hybrid_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool) -> 
 @register_kernel("hybrid", make_state=make_hybrid_state, exact=False, memory=hybrid_memory, work=hybrid_work,
                  check_config=check_linformer_layers)
 def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
-                     state=None):
+                     state=None, key_padding=None):
     if not isinstance(state, HybridState):
         raise ValueError("hybrid attention needs state=HybridState; build it with "
                          "KERNELS['hybrid'].make_state(model_config, layer_idx, cross)")
@@ -120,4 +120,4 @@ def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, drop
         return linformer_core(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, need_weights=need_weights,
                               state=state.linformer)
     return block_sparse_attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
-                                  need_weights=need_weights, state=state.sparse)
+                                  need_weights=need_weights, state=state.sparse, key_padding=key_padding)

@@ -241,7 +241,7 @@ def linformer_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: 
                  memory=linformer_memory, supports_cross=False, cross_fallback="sdpa",
                  check_config=check_linformer_config, work=linformer_work, search_space=fit_linformer_rank)
 def linformer_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
-                        state=None):
+                        state=None, key_padding=None):  # key_padding: read from mask
     if state is None or k.shape[-2] <= state.config.min_seq_length:
         if causal and state is not None:
             check_linformer_call(q, k, mask=mask, bias=bias, causal=causal, state=state)

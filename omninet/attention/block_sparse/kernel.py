@@ -19,7 +19,7 @@ from omninet.attention.block_sparse.executor import (
 )
 from omninet.attention.block_sparse.flex import _flex, _flex_ok
 from omninet.attention.block_sparse.layout import BlockSparseLayout
-from omninet.attention.block_sparse.padding import KeyPadding, _is_key_padding, key_lengths
+from omninet.attention.block_sparse.padding import KeyPadding, _is_key_padding
 from omninet.attention.block_sparse.plan import BACKWARD_BUDGETS, _budget
 from omninet.attention.dense import eager_attention, sdpa_attention
 
@@ -82,7 +82,7 @@ def _key_padding(mask, key_padding: KeyPadding | None, nk: int) -> KeyPadding | 
     """The call's key padding: the one given, else ``mask`` read now when it is a key-padding mask."""
     if key_padding is not None or mask is None or not _is_key_padding(mask, nk):
         return key_padding
-    return KeyPadding(mask.reshape(-1, nk), key_lengths(mask))
+    return KeyPadding.of(mask)
 
 
 def block_sparse_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,

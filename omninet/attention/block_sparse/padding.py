@@ -25,18 +25,12 @@ def _is_key_padding(mask: torch.Tensor, nk: int) -> bool:
 
 def key_lengths(mask: torch.Tensor) -> tuple[int, ...] | None:
     """Real length of each row of a key-padding mask (B|1, 1, 1, Nk) that is True on a prefix
-    of every row (padding only at the end), else None. Stored on the mask (with its version),
-    so that a model which calls this once per forward has every layer read it from there;
-    ``KeyPadding.of`` carries the same lengths as a value."""
-    cached = mask.__dict__.get("_omninet_key_lengths")
-    if cached is not None and cached[0] == mask._version:
-        return cached[1]
+    of every row (padding only at the end), else None. Reading it costs a device sync:
+    ``KeyPadding.of`` reads it once, and the model passes that value to every layer."""
     rows = mask.reshape(-1, mask.shape[-1])  # (B|1, Nk)
     lengths = rows.sum(-1)
     prefix = torch.arange(rows.shape[-1], device=rows.device)[None, :] < lengths[:, None]
-    out = tuple(lengths.tolist()) if torch.equal(prefix, rows) else None
-    mask._omninet_key_lengths = (mask._version, out)
-    return out
+    return tuple(lengths.tolist()) if torch.equal(prefix, rows) else None
 
 
 def _block_classes(rows: torch.Tensor, bs: int) -> torch.Tensor:
