@@ -142,8 +142,8 @@ def test_pool_constraints_own_the_limit_column_pairing():
     c = PoolConstraints(max_memory_mb=500.0, max_latency_ms=5.0)
     assert c.limits() == {"peak_memory_train_mb": 500.0, "latency_p50_ms": 5.0}
     assert PoolConstraints(max_latency_ms=5.0).limits() == {"latency_p50_ms": 5.0}
-    assert c.excess({"peak_memory_train_mb": 600.0, "latency_p50_ms": 4.0}) == {"memory": 100.0, "latency": -1.0,
-                                                                              "latency_ratio": None}
+    assert c.excess({"peak_memory_train_mb": 600.0, "latency_p50_ms": 4.0}) == {
+        "memory": 100.0, "latency": -1.0, "latency_ratio": None, "prefill": None, "decode": None, "kv_cache": None}
     ratio = PoolConstraints(max_latency_ratio=0.9)
     assert ratio.limits() == {"latency_ratio_ref": 0.9}
     assert ratio.excess({"latency_ratio_ref": 0.95})["latency_ratio"] == pytest.approx(0.05)

@@ -194,16 +194,23 @@ class PoolConstraints(ConfigBase):
     (``peak_memory_train_mb``) and, before running, the trial runner's memory estimate;
     ``max_latency_ms`` bounds ``latency_p50_ms``; ``max_latency_ratio`` bounds
     ``latency_ratio_ref`` (the trial's latency over the pool's reference model, timed side by
-    side: 1.0 = as fast as the reference). Infeasible trials never enter the Pareto front."""
+    side: 1.0 = as fast as the reference). For decoders (the generation phase): ``max_prefill_ms``
+    bounds ``prefill_ms_p50``, ``max_decode_ms`` ``decode_ms_p50`` (per token) and
+    ``max_kv_cache_mb`` ``kv_cache_mb``. Infeasible trials never enter the Pareto front."""
 
     max_memory_mb: float | None = None
     max_latency_ms: float | None = None
     max_latency_ratio: float | None = None
+    max_prefill_ms: float | None = None
+    max_decode_ms: float | None = None
+    max_kv_cache_mb: float | None = None
 
     # Each limit: its name as an Optuna constraint (the record's ``constraint_<name>`` column)
     # and the result column it bounds. The one place a limit meets its column.
     _BOUNDS = (("memory", "max_memory_mb", "peak_memory_train_mb"), ("latency", "max_latency_ms", "latency_p50_ms"),
-               ("latency_ratio", "max_latency_ratio", "latency_ratio_ref"))
+               ("latency_ratio", "max_latency_ratio", "latency_ratio_ref"),
+               ("prefill", "max_prefill_ms", "prefill_ms_p50"), ("decode", "max_decode_ms", "decode_ms_p50"),
+               ("kv_cache", "max_kv_cache_mb", "kv_cache_mb"))
 
     def validate(self) -> None:
         for _, name, _ in self._BOUNDS:
@@ -617,6 +624,10 @@ class SweepConfig(ConfigBase):
             _check(o.key in fields, f"objectives: {o.key!r} is not a result of the trial runner; "
                                     f"choose from {', '.join(sorted(fields))}")
             _check(o.key not in unmeasured, f"objectives: {o.key!r} {unmeasured.get(o.key)}")
+        for pool, limits in self.constraints.items():
+            for name, column, limit in limits.bounds():
+                _check(not limit or column not in unmeasured,
+                       f"constraints.{pool}: the {name} limit bounds {column!r}, which {unmeasured.get(column)}")
 
     def _check_scheduler(self, pools: list[str]) -> None:
         """``mo_successive_halving`` needs a runner that measures first and reports rungs, a

@@ -58,6 +58,9 @@ class TrialRecord:
     constraint_memory: float | None = column(label="memory over the limit", unit="MB")
     constraint_latency: float | None = column(label="latency over the limit", unit="ms")
     constraint_latency_ratio: float | None = column(label="latency / reference over the limit")
+    constraint_prefill: float | None = column(label="prefill over the limit", unit="ms")
+    constraint_decode: float | None = column(label="decode per token over the limit", unit="ms")
+    constraint_kv_cache: float | None = column(label="KV cache over the limit", unit="MB")
     repeat_of: int | None = column(metric=False)  # the trial whose configuration this run repeats with another seed
     config_key: str | None = None  # the searched parameters, canonical JSON: runs of one configuration share it
     # 'measure_first' (measured, then stopped) or 'cost_model' (predicted; never ran)

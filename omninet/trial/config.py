@@ -204,11 +204,13 @@ class MeasureConfig(ConfigBase):
     # latency, decode tokens/s and the KV cache's size, after the forward figures. Off: the
     # generation fields stay None. Each of its two latency loops runs at least generation_reps
     # calls and generation_min_seconds (None: min_seconds / 4, 0.25 s at the default); the
-    # decode window is generation_tokens new tokens.
+    # decode window is generation_tokens new tokens. generation_depths: decode again at cache
+    # depths 4N and 16N (capped at the model's max_seq_length) for the slope per 1K tokens.
     generation: bool = True
     generation_tokens: int = 16
     generation_reps: int = 20
     generation_min_seconds: float | None = None
+    generation_depths: bool = True
     # One length: a trial trains, evaluates and is measured at the task's length. A seq_length
     # other than the task's max_length is refused unless this says so explicitly; the result
     # then records measure_other_length and the trial logs a warning (accuracy was judged at
@@ -583,27 +585,47 @@ class TrialResult:
     # seq_length, batch 1, last position's logits; decode per new token at batch 1 over cache depths
     # [decode_context, decode_context + decode_new_tokens); greedy decode tokens/s at the measure
     # batch; the KV cache after seq_length tokens at the measure batch, measured and from
-    # omninet.model.kv_cache_bytes (K/V heads, head dim, the dtype it holds); or why they are missing
-    prefill_ms_p50: float | None = column(label="prefill p50", unit="ms")
-    prefill_ms_p90: float | None = None
-    prefill_cv: float | None = None
-    prefill_noisy: bool | None = None
-    decode_ms_p50: float | None = column(label="decode per token p50", unit="ms")
-    decode_ms_p90: float | None = None
-    decode_ms_p99: float | None = None
-    decode_cv: float | None = None
-    decode_noisy: bool | None = None
-    decode_reps: int | None = None
-    decode_tokens_s: float | None = column(label="decode throughput", unit="tokens/s")
-    decode_context: int | None = None
-    decode_new_tokens: int | None = None
-    kv_cache_mb: float | None = column(label="KV cache", unit="MB")
-    kv_cache_formula_mb: float | None = None
+    # omninet.model.kv_cache_bytes (K/V heads, head dim, the dtype it holds); or why they are missing.
+    # Each is an Optuna user attribute too (optuna=True), so every store holds every figure.
+    prefill_ms_p50: float | None = column(label="prefill p50", unit="ms", optuna=True)
+    prefill_ms_p90: float | None = column(optuna=True)
+    prefill_cv: float | None = column(optuna=True)
+    prefill_noisy: bool | None = column(optuna=True)
+    decode_ms_p50: float | None = column(label="decode per token p50", unit="ms", optuna=True)
+    decode_ms_p90: float | None = column(label="decode per token p90", unit="ms", optuna=True)
+    decode_ms_p99: float | None = column(optuna=True)
+    decode_cv: float | None = column(optuna=True)
+    decode_noisy: bool | None = column(optuna=True)
+    decode_reps: int | None = column(optuna=True)
+    decode_tokens_s: float | None = column(label="decode throughput", unit="tokens/s", optuna=True)
+    decode_context: int | None = column(optuna=True)
+    decode_new_tokens: int | None = column(optuna=True)
+    kv_cache_mb: float | None = column(label="KV cache", unit="MB", optuna=True)
+    kv_cache_formula_mb: float | None = column(optuna=True)
+    # decode per token p50 with windows ending at cache depths N (= seq_length), 4N and 16N, capped at
+    # the model's max_seq_length (decode_depth_cap, set when the cap applied; a depth the cap makes
+    # equal to the one before is None), each depth in tokens, and the least-squares slope
+    decode_ms_1p: float | None = column(label="decode at depth N", unit="ms", optuna=True)
+    decode_ms_4p: float | None = column(label="decode at depth 4N", unit="ms", optuna=True)
+    decode_ms_16p: float | None = column(label="decode at depth 16N", unit="ms", optuna=True)
+    decode_depth_1p: int | None = column(optuna=True)
+    decode_depth_4p: int | None = column(optuna=True)
+    decode_depth_16p: int | None = column(optuna=True)
+    decode_ms_per_1k_depth: float | None = column(label="decode slope", unit="ms per 1K tokens of depth", optuna=True)
+    decode_depth_cap: int | None = column(optuna=True)
+    # timed side by side with the pool's reference model (measure.paired): prefill and decode per token,
+    # trial / reference, median of per-round ratios with its 95% interval (as latency_ratio_ref)
+    prefill_ratio_ref: float | None = column(label="prefill / reference", optuna=True)
+    prefill_ratio_ref_lo: float | None = column(optuna=True)
+    prefill_ratio_ref_hi: float | None = column(optuna=True)
+    decode_ratio_ref: float | None = column(label="decode / reference", optuna=True)
+    decode_ratio_ref_lo: float | None = column(optuna=True)
+    decode_ratio_ref_hi: float | None = column(optuna=True)
     # with measure.memory: tensor peaks of a prefill of seq_length tokens and of a whole generation
     # (a prompt of decode_context tokens, then decode_new_tokens) at the measure batch
-    peak_memory_prefill_mb: float | None = None
-    peak_memory_generate_mb: float | None = None
-    generation_error: str | None = column(tag="if_set")
+    peak_memory_prefill_mb: float | None = column(label="peak prefill memory", unit="MB", optuna=True)
+    peak_memory_generate_mb: float | None = column(label="peak generation memory", unit="MB", optuna=True)
+    generation_error: str | None = column(tag="if_set", optuna=True)
     train_tokens_s: float | None = None  # real (unpadded) tokens trained on per second
     num_params: int | None = column(label="parameters")  # after head pruning
     heads_pruned: int | None = None

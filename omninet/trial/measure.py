@@ -60,8 +60,17 @@ trial's warm-up, CV check, rounds and calibration, at least ``generation_reps`` 
 Decode tokens/s: B / median step at the measure batch B. KV-cache MB: the cache's tensors
 after P + T tokens at batch B (``KVCache.nbytes``) and ``model.kv_cache_bytes`` of the same
 shape and the dtype the cache holds; they differ only if the formula misses a layer or head.
-With ``measure.memory``, the tensor peaks of a prefill and of a whole generation at (B, N)
-come first, each from a clean state. Encoder trials leave every generation field None.
+Depths (``measure.generation_depths``): the decode loop again with windows ending at cache depths
+4N and 16N (prompts of the task's N tokens repeated), capped at the model's ``max_seq_length`` (its
+trained length: a learned table ends there, and rotary or ALiBi models are measured where they
+were trained; the record's ``decode_depth_cap`` says when the cap applied, and a depth the cap
+makes equal to the one before is None), with the least-squares slope in ms per 1K tokens of depth.
+With a reference model, the prefill and decode loops are paired rounds against the reference's
+own prefill and decode (``paired``, as the forward's), giving ``prefill_ratio_ref`` and
+``decode_ratio_ref`` with their 95% intervals; the trial's figures come from its calls there.
+With ``measure.memory``, the tensor peaks of a prefill and of a whole generation at (B, N) come
+after the later memory reading, each from a clean state, the reference gone. Encoder trials leave
+every generation field None.
 
 A trial's phases (``train_memory``, ``inference``, ``latency_probe``) run these trackers at the
 measurement shape under the node's measurement gate and yield readings, small dataclasses
@@ -96,7 +105,8 @@ __all__ = ["backend_for", "synchronize", "time_fn", "summarize", "LatencyStats",
            "ProbeReading", "ThroughputReading", "apply", "conditions", "track_latency", "track_throughput",
            "live_tensor_bytes", "train_memory", "inference", "latency_probe", "PROBE_CALLS", "median_interval",
            "PairedTimes", "paired", "PairedLatencyReading", "PairedThroughputReading", "PairingReading",
-           "Reference", "track_paired_latency", "track_paired_throughput", "GenerationReading", "generation"]
+           "Reference", "track_paired_latency", "track_paired_throughput", "GenerationReading", "generation",
+           "GenerationPairedReading", "DepthReading", "DEPTH_MULTIPLES", "decode_depths", "generation_memory"]
 
 MB = 2**20
 
@@ -622,6 +632,35 @@ class GenerationReading:
 
 
 @dataclass
+class GenerationPairedReading:
+    """Prefill and per-token decode (batch 1) against the reference model timed beside them
+    (``paired``): the median round ratio (trial / reference) with its 95% interval."""
+
+    prefill_ratio_ref: float
+    prefill_ratio_ref_lo: float
+    prefill_ratio_ref_hi: float
+    decode_ratio_ref: float
+    decode_ratio_ref_lo: float
+    decode_ratio_ref_hi: float
+
+
+@dataclass
+class DepthReading:
+    """Decode per token (p50 ms, batch 1) at cache depths N, 4N and 16N (``decode_depths``: None
+    where the model's length cap left no new depth), each depth in tokens, the least-squares
+    slope in ms per 1,000 tokens of depth, and the cap (``max_seq_length``) when it applied."""
+
+    decode_ms_1p: float | None = None
+    decode_ms_4p: float | None = None
+    decode_ms_16p: float | None = None
+    decode_depth_1p: int | None = None
+    decode_depth_4p: int | None = None
+    decode_depth_16p: int | None = None
+    decode_ms_per_1k_depth: float | None = None
+    decode_depth_cap: int | None = None
+
+
+@dataclass
 class GenerationMemoryReading:
     """Tensor peaks (live tensors + the call's peak, as ``InferMemoryReading``) at the measure
     batch: a prefill of N tokens (last position's logits, cache sized for N + T), and a whole
@@ -820,12 +859,13 @@ def train_memory(model, opt, step: Callable[[dict], object], cfg, plan, gate) ->
 def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Iterator[object]:
     """The inference figures at the deployment shape, in this order under ``gate.exclusive()``:
     memory of the first call at the measurement shape in a clean state, latency at batch 1,
-    throughput at (B, N), then memory again after the timing runs (a figure that depends on the
-    call history shows up as a difference). With a ``reference`` (and ``measure.paired``), it is
-    built after the first memory reading (its weights never count in the trial's peaks), latency
-    and throughput are timed side by side with it on the same inputs, and it is gone before the
-    later memory reading; a reference that fails to build leaves the trial unpaired, and says
-    why. Yields readings as they are taken."""
+    throughput at (B, N), a decoder's generation timings, then memory again after the timing
+    runs (a figure that depends on the call history shows up as a difference), and a decoder's
+    generation memory. With a ``reference`` (and ``measure.paired``), it is built after the
+    first memory reading (its weights never count in the trial's peaks), latency, throughput and
+    a decoder's prefill and decode are timed side by side with it on the same inputs, and it is
+    gone before the later memory readings; a reference that fails to build leaves the trial
+    unpaired, and says why. Yields readings as they are taken."""
     mcfg, device = cfg.measure, plan.device
     n, b = cfg.seq_length, cfg.measure_batch_size
     model.eval()
@@ -833,6 +873,7 @@ def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Ite
     many = plan.batch(cfg.task_obj.measurement_batch(b, n))
     infer = _inference(model, plan)
     live = live_tensor_bytes(model)
+    decoder = mcfg.generation and getattr(getattr(model, "config", None), "arch", None) == "decoder"
     with gate.exclusive() as info:
         before = load_average()
         start = time.perf_counter()
@@ -841,7 +882,7 @@ def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Ite
             first = track_memory(lambda: infer(many), device=device, live_bytes=live)
             yield InferMemoryReading(peak_memory_infer_mb=first.tensor_peak_mb, peak_rss_infer_mb=first.rss_peak_mb,
                                      memory_method=first.method)
-        ref_infer = None
+        ref_model = ref_plan = ref_infer = None
         if reference is not None and not mcfg.paired:
             yield PairingReading("unpaired: measure.paired is false")
         elif reference is not None:
@@ -861,12 +902,17 @@ def inference(model, cfg, plan, gate, reference: Reference | None = None) -> Ite
                                             ref_ms=plan.calibration_ref_ms)
             yield from track_paired_throughput(lambda: infer(many), lambda: ref_infer(many), device=device, mcfg=mcfg,
                                                tokens=b * n)
-            del ref_infer, ref_model  # before the later memory reading: the trial's state as it was
+        if decoder:
+            paired_with = None if ref_infer is None else (ref_model, ref_plan)
+            yield from generation(model, cfg, plan, one["input_ids"][:, :n], many["input_ids"][:, :n],
+                                  reference=paired_with)
+            del paired_with
+        ref_infer = ref_model = ref_plan = None  # gone before the later memory readings: the trial's state as it was
         if mcfg.memory:  # again, after the timing runs: must match the first call
             clean_state(plan.backend, device.index or 0)
             yield LaterMemoryReading(track_memory(lambda: infer(many), device=device, live_bytes=live).tensor_peak_mb)
-        if mcfg.generation and getattr(getattr(model, "config", None), "arch", None) == "decoder":
-            yield from generation(model, cfg, plan, one["input_ids"][:, :n], many["input_ids"][:, :n])
+            if decoder:
+                yield from generation_memory(model, cfg, plan, many["input_ids"][:, :n])
         yield MeasureSeconds(time.perf_counter() - start)
     yield conditions(info, before)
 
@@ -890,59 +936,173 @@ def _decode_steps(model, plan, prompt: torch.Tensor, depth: int, new: int) -> tu
     return step, cache
 
 
-def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor) -> Iterator[object]:
-    """A decoder's generation figures (see the module docstring) for prompts ``one`` (1, N) and
-    ``many`` (B, N) of real task tokens; run by ``inference`` under its gate. With
-    ``measure.memory``, first the peaks of a prefill and of a whole generation at (B, N), each
-    from a clean state. A failure is recorded (``generation_error``), not raised: the forward
+def _error(exc: Exception) -> GenerationErrorReading:
+    return GenerationErrorReading(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+
+
+def _gen_window(cfg, n: int) -> tuple[int, int]:
+    """(P, T): the decode window's first cache depth and its number of new tokens; it ends at
+    depth N (within a learned table's length)."""
+    new = min(cfg.measure.generation_tokens, n - 1)
+    return n - new, new
+
+
+DEPTH_MULTIPLES = (1, 4, 16)  # decode latency at cache depths N, 4N and 16N (TrialResult.decode_ms_{k}p)
+
+
+def decode_depths(n: int, max_len: int, new: int) -> list[int | None]:
+    """The cache depths (keys read by a window's last step) of the depth series: k x N for each
+    of ``DEPTH_MULTIPLES``, capped at the model's ``max_len`` (its trained length: a learned
+    table ends there, and rotary or ALiBi models are measured where they were trained). A depth
+    that the cap makes equal to the one before it is None (not measured twice); so is one with
+    no room for the window's ``new`` tokens."""
+    out: list[int | None] = []
+    last = 0
+    for k in DEPTH_MULTIPLES:
+        d = min(k * n, max_len)
+        out.append(d if d > last and d - new >= 1 else None)
+        last = max(last, d)
+    return out
+
+
+def _slope_ms_per_1k(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of decode ms against cache depth, in ms per 1,000 tokens of depth."""
+    if len(points) < 2:
+        return None
+    mx = statistics.fmean(d for d, _ in points)
+    my = statistics.fmean(ms for _, ms in points)
+    sxx = sum((d - mx) ** 2 for d, _ in points)
+    return 1000.0 * sum((d - mx) * (ms - my) for d, ms in points) / sxx
+
+
+def _gen_latency(fn, ref_fn, *, device, mcfg, seconds: float) -> tuple[LatencyStats, tuple[float, float, float] | None]:
+    """A generation loop's latency: alone (``_trial_latency``), or with ``ref_fn`` timed side by
+    side in the paired rounds (``paired``, as the forward's: ``mcfg.pair_calls`` calls of each
+    per round, at least ``generation_reps`` of ``fn``), its stats from its own calls there and
+    the (median, lo, hi) of the per-round ratios."""
+    if ref_fn is None:
+        return _trial_latency(fn, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds), None
+    t = _paired(fn, ref_fn, device=device, mcfg=mcfg, calls=mcfg.pair_calls, min_calls=mcfg.generation_reps)
+    return _stats(t.a_s, t.cal_a, rounds=t.rounds, noisy=not t.narrow), t.ratio()
+
+
+def generation(model, cfg, plan, one: torch.Tensor, many: torch.Tensor, *,
+               reference: tuple[torch.nn.Module, object] | None = None) -> Iterator[object]:
+    """A decoder's generation timings (see the module docstring) for prompts ``one`` (1, N) and
+    ``many`` (B, N) of real task tokens; run by ``inference`` under its gate. ``reference``:
+    (model, plan) of the pool's reference, whose prefill and decode are then timed side by side
+    with the trial's. A failure is recorded (``generation_error``), not raised: the forward
     figures stand without it. Yields readings."""
     from omninet.model import KVCache, kv_cache_bytes
 
     mcfg, device = cfg.measure, plan.device
     n, b = one.shape[1], many.shape[0]
-    mc = model.config
-    new = min(mcfg.generation_tokens, n - 1)  # the window ends at depth N (within a learned table's length)
-    depth = n - new
+    depth, new = _gen_window(cfg, n)
     if new < 1:
         yield GenerationErrorReading(f"no room to decode: the prompt has {n} token(s), at least 2 are needed")
         return
 
-    def prefill(prompt=one) -> None:
-        with torch.no_grad(), plan.autocast():
-            model(prompt, cache=KVCache(capacity=n + new), logits_to_keep=1)
+    def prefill_of(m, p):
+        def prefill() -> None:
+            with torch.no_grad(), p.autocast():
+                m(one, cache=KVCache(capacity=n + new), logits_to_keep=1)
+        return prefill
 
-    def generate() -> None:  # prefill to depth P, then T greedy tokens: the cache ends at N
-        with plan.autocast():
-            model.generate(many[:, :depth], max_new_tokens=new, ignore_eos=True)
-
+    seconds = mcfg.min_seconds / 4 if mcfg.generation_min_seconds is None else mcfg.generation_min_seconds
     try:
-        if mcfg.memory:
-            live = live_tensor_bytes(model)
-            peaks = []
-            for fn in (lambda: prefill(many), generate):
-                clean_state(plan.backend, device.index or 0)
-                peaks.append(track_memory(fn, device=device, live_bytes=live).tensor_peak_mb)
-            yield GenerationMemoryReading(peak_memory_prefill_mb=peaks[0], peak_memory_generate_mb=peaks[1])
-
-        seconds = mcfg.min_seconds / 4 if mcfg.generation_min_seconds is None else mcfg.generation_min_seconds
-        pre = _trial_latency(prefill, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds)
+        ref_prefill = ref_step = None
+        if reference is not None:
+            ref_prefill = prefill_of(*reference)
+            ref_step, _ = _decode_steps(reference[0], reference[1], one, depth, new)
+        pre, pre_ratio = _gen_latency(prefill_of(model, plan), ref_prefill, device=device, mcfg=mcfg, seconds=seconds)
         step, _ = _decode_steps(model, plan, one, depth, new)
-        dec = _trial_latency(step, device=device, mcfg=mcfg, min_reps=mcfg.generation_reps, min_seconds=seconds)
+        dec, dec_ratio = _gen_latency(step, ref_step, device=device, mcfg=mcfg, seconds=seconds)
+        del ref_prefill, ref_step
         step_b, cache_b = _decode_steps(model, plan, many, depth, new)
         for _ in range(new):  # the cache at depth + new: its bytes, and the throughput's warm-up
             step_b()
         synchronize(device)
         kv, kv_dtype = cache_b.nbytes(), cache_b.self_kv[0][0].dtype
         step_s = summarize(time_fn(step_b, device=device, warmup=0, reps=max(new, 8)))["median_s"]
+        del step_b, cache_b
     except Exception as exc:  # noqa: BLE001 -- the generation figures must not fail a trial that measured the rest
-        yield GenerationErrorReading(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        yield _error(exc)
         return
     yield GenerationReading(
         prefill_ms_p50=pre.p50_ms, prefill_ms_p90=pre.p90_ms, prefill_cv=pre.cv, prefill_noisy=pre.noisy,
         decode_ms_p50=dec.p50_ms, decode_ms_p90=dec.p90_ms, decode_ms_p99=dec.p99_ms, decode_cv=dec.cv,
         decode_noisy=dec.noisy, decode_reps=dec.reps, decode_tokens_s=b / step_s, decode_context=depth,
         decode_new_tokens=new, kv_cache_mb=kv / MB,
-        kv_cache_formula_mb=kv_cache_bytes(mc, b, depth + new, kv_dtype) / MB)
+        kv_cache_formula_mb=kv_cache_bytes(model.config, b, depth + new, kv_dtype) / MB)
+    if pre_ratio is not None and dec_ratio is not None:
+        yield GenerationPairedReading(prefill_ratio_ref=pre_ratio[0], prefill_ratio_ref_lo=pre_ratio[1],
+                                      prefill_ratio_ref_hi=pre_ratio[2], decode_ratio_ref=dec_ratio[0],
+                                      decode_ratio_ref_lo=dec_ratio[1], decode_ratio_ref_hi=dec_ratio[2])
+    if mcfg.generation_depths:  # depth N reuses the decode loop's figure only when it ran alone (the same loop)
+        yield from _depth_series(model, cfg, plan, one, dec.p50_ms if dec_ratio is None else None, seconds)
+
+
+def _depth_series(model, cfg, plan, one: torch.Tensor, decode_ms: float | None, seconds: float) -> Iterator[object]:
+    """Decode latency per token (p50, batch 1) with windows of T steps ending at cache depths N,
+    4N and 16N (``decode_depths``), and its slope, each depth through the same loop. The prompt
+    for a depth beyond N is the task's N tokens repeated. Depth N is the decode loop's own
+    window: ``decode_ms`` when that loop ran alone, else timed here."""
+    mcfg, n = cfg.measure, one.shape[1]
+    _, new = _gen_window(cfg, n)
+    max_len = model.config.max_seq_length
+    depths = decode_depths(n, max_len, new)
+    out = DepthReading(decode_depth_cap=max_len if any(k * n > max_len for k in DEPTH_MULTIPLES) else None)
+    points = []
+    try:
+        for k, d in zip(DEPTH_MULTIPLES, depths):
+            if d is None:
+                continue
+            if d == n and decode_ms is not None:
+                ms = decode_ms
+            else:
+                prompt = one.repeat(1, math.ceil(d / n))[:, :d]
+                step, cache = _decode_steps(model, plan, prompt, d - new, new)
+                ms = _trial_latency(step, device=plan.device, mcfg=mcfg, min_reps=mcfg.generation_reps,
+                                    min_seconds=seconds).p50_ms
+                del step, cache
+            setattr(out, f"decode_depth_{k}p", d)
+            setattr(out, f"decode_ms_{k}p", ms)
+            points.append((d, ms))
+    except Exception as exc:  # noqa: BLE001 -- the depths measured so far stand; the rest say why not
+        yield _error(exc)
+    out.decode_ms_per_1k_depth = _slope_ms_per_1k(points)
+    yield out
+
+
+def generation_memory(model, cfg, plan, many: torch.Tensor) -> Iterator[object]:
+    """With ``measure.memory``: the tensor peaks of a prefill of N tokens and of a whole
+    ``generate`` of T tokens after N - T, at the measure batch, each from a clean state. Run
+    by ``inference`` after the timings, the reference gone. A failure is recorded, not raised."""
+    from omninet.model import KVCache
+
+    device, n = plan.device, many.shape[1]
+    depth, new = _gen_window(cfg, n)
+    if new < 1:
+        return
+
+    def prefill() -> None:
+        with torch.no_grad(), plan.autocast():
+            model(many, cache=KVCache(capacity=n + new), logits_to_keep=1)
+
+    def generate() -> None:  # prefill to depth P, then T greedy tokens: the cache ends at N
+        with plan.autocast():
+            model.generate(many[:, :depth], max_new_tokens=new, ignore_eos=True)
+
+    try:
+        live = live_tensor_bytes(model)
+        peaks = []
+        for fn in (prefill, generate):
+            clean_state(plan.backend, device.index or 0)
+            peaks.append(track_memory(fn, device=device, live_bytes=live).tensor_peak_mb)
+    except Exception as exc:  # noqa: BLE001
+        yield _error(exc)
+        return
+    yield GenerationMemoryReading(peak_memory_prefill_mb=peaks[0], peak_memory_generate_mb=peaks[1])
 
 
 PROBE_CALLS = 3  # latency calls of the measure-first probe

@@ -105,6 +105,16 @@ class OmniNetRunner(TrialRunner):
                        "latency_calibration_ref_ms")
     paired_keys = ("latency_ratio_ref", "latency_ratio_ref_lo", "latency_ratio_ref_hi", "throughput_ratio_ref",
                    "throughput_ratio_ref_lo", "throughput_ratio_ref_hi", "latency_ref_p50_ms")
+    # a decoder's generation phase (omninet.trial.measure.generation): the GenerationReading,
+    # DepthReading and GenerationPairedReading fields, and the generation memory peaks
+    depth_keys = ("decode_ms_1p", "decode_ms_4p", "decode_ms_16p", "decode_depth_1p", "decode_depth_4p",
+                  "decode_depth_16p", "decode_ms_per_1k_depth", "decode_depth_cap")
+    generation_paired_keys = ("prefill_ratio_ref", "prefill_ratio_ref_lo", "prefill_ratio_ref_hi", "decode_ratio_ref",
+                              "decode_ratio_ref_lo", "decode_ratio_ref_hi")
+    generation_keys = ("prefill_ms_p50", "prefill_ms_p90", "prefill_cv", "decode_ms_p50", "decode_ms_p90",
+                       "decode_ms_p99", "decode_cv", "decode_reps", "decode_tokens_s", "decode_context",
+                       "decode_new_tokens", "kv_cache_mb", "kv_cache_formula_mb", "peak_memory_prefill_mb",
+                       "peak_memory_generate_mb") + depth_keys + generation_paired_keys
 
     def parse(self, data):
         from omninet.trial.config import TrialConfig
@@ -139,14 +149,27 @@ class OmniNetRunner(TrialRunner):
 
     def unmeasured_keys(self, config) -> dict[str, str]:
         """The calibrated latency without ``measure.calibrate``; the ratios to the reference
-        without ``measure.paired``."""
+        without ``measure.paired``; the generation figures for a model that is not a decoder or
+        without ``measure.generation`` (the depth ones without ``measure.generation_depths``, the
+        generation peaks without ``measure.memory``)."""
         out = {}
         if not config.measure.calibrate:
             why = "is a calibrated latency, but trial.measure.calibrate is false; set it true or use latency_p50_ms"
             out.update(dict.fromkeys(self.calibrated_keys, why))
         if not config.measure.paired:
             why = "is timed against the pool's reference, but trial.measure.paired is false; set it true"
-            out.update(dict.fromkeys(self.paired_keys, why))
+            out.update(dict.fromkeys(self.paired_keys + self.generation_paired_keys, why))
+        if not config.measure.generation_depths:
+            out.update(dict.fromkeys(self.depth_keys, "is a decode depth figure, but trial.measure.generation_depths "
+                                                      "is false; set it true"))
+        if not config.measure.memory:
+            out.update(dict.fromkeys(("peak_memory_prefill_mb", "peak_memory_generate_mb"),
+                                     "is a memory peak, but trial.measure.memory is false; set it true"))
+        arch = config.model_config.arch
+        if arch != "decoder" or not config.measure.generation:
+            why = (f"is measured for decoders only, and this model is an {arch}" if arch != "decoder" else
+                   "is a generation figure, but trial.measure.generation is false; set it true")
+            out.update(dict.fromkeys(self.generation_keys, why))
         return out
 
     def cost_features(self, config) -> dict[str, dict[str, float]]:
