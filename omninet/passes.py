@@ -12,10 +12,11 @@ single-device code, each change is an ``apply`` step owned by its component):
                      the *base* weights, then physical pruning of ``heads.prune_ratio`` of all
                      heads, least important first (``omninet.heads.prune_model``);
 3. ``attention``     the attention kernel swap with its parameters (``swap_attention``): the
-                     trial's ``attention`` config on the pruned model, every weight reused.
-                     Block-sparse and hybrid layouts have no weights of their own; Linformer's
-                     sequence projections E/F are new, initialized by the strided mean pool
-                     rule (``init_linformer_mean_pool``: projected row j averages keys
+                     trial's ``attention`` config on the pruned model, every weight reused; a
+                     kernel with weights of its own starts them by its ``from_dense`` hook
+                     (``omninet.attention.KernelSpec``), so a new kernel needs no edit here.
+                     Block-sparse layouts have none; Linformer's sequence projections E/F
+                     start as a strided mean pool (projected row j averages keys
                      j*s .. (j+1)*s - 1, s = ceil(N / k)), so the zero-shot model attends to k
                      segment means, and are learned by the fine-tune;
 4. ``precision``     applied by the trial's precision plan (``omninet.trial.loop.Plan``): bf16 /
@@ -33,18 +34,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from omninet.attention import get_kernel
 from omninet.config import AttentionConfig, ModelConfig
-from omninet.model import OmniNetModel
+from omninet.model import Attention, OmniNetModel
 
-__all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "swap_attention", "init_linformer_mean_pool",
-           "derive"]
+__all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "swap_attention", "derive"]
 
 PASS_ORDER = ("load_base", "prune_heads", "attention", "precision")
 # What a derived trial may set for itself; every other ModelConfig field is the base's (its
@@ -143,56 +144,30 @@ def check_base(base: ModelConfig, trial: ModelConfig, *, task_length: int, task_
         raise ValueError("base: the model already has pruned heads; derive from the unpruned base")
 
 
-def init_linformer_mean_pool(model: OmniNetModel, seq_length: int) -> int:
-    """Sets every Linformer projection E (and F) so that projected row j is the mean of keys
-    ``j*s .. min((j+1)*s, N) - 1`` with ``s = ceil(N / k)`` at length ``N = seq_length`` (the
-    rows past N get the same rule on the continuation). Returns the projections set."""
-    from omninet.attention.linformer import LinformerProjection, projected_length
-
-    done = 0
-    for module in {id(m): m for m in model.modules() if isinstance(m, LinformerProjection)}.values():
-        k = projected_length(module.config, seq_length)
-        stride = math.ceil(seq_length / k)
-        with torch.no_grad():
-            for p in (module.E, module.F):
-                if p is None:
-                    continue
-                w = torch.zeros_like(p)  # (k_max, n_max)
-                for j in range(p.shape[0]):
-                    lo = j * stride
-                    hi = min(lo + stride, p.shape[1])
-                    if lo < hi:
-                        w[j, lo:hi] = 1.0 / (hi - lo)
-                p.copy_(w)
-        done += 1
-    return done
-
-
 def swap_attention(model: OmniNetModel, attention: AttentionConfig, *, seq_length: int) -> tuple[OmniNetModel, str]:
     """The same model with another attention kernel and parameters: a model built from the
-    config with ``attention`` replaced, every existing weight copied in. Only the new kernel's
-    own parameters may be new (Linformer's projections: mean-pool rule); anything else missing
-    or left over is a bug (RuntimeError). Returns the model and a line for the record."""
+    config with ``attention`` replaced, every existing weight copied in, then each layer's new
+    kernel state started by its kernel's ``from_dense`` hook (``KernelSpec``: Linformer's E/F as a
+    strided mean pool at ``seq_length``). Only kernel states may hold new weights; anything else
+    missing or left over is a bug (RuntimeError). Returns the model and a line for the record."""
     config = model.config.replace(attention=attention)
     if config == model.config:
         return model, f"attention: {attention.kernel} (the base's kernel, unchanged)"
     new = OmniNetModel(config).to(next(model.parameters()).device)
     result = new.load_state_dict(model.state_dict(), strict=False)
     unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if ".E" not in k and ".F" not in k]
+    missing = [k for k in result.missing_keys if ".kernel_state." not in k]
     if unexpected or missing:
         raise RuntimeError(f"swap_attention: weights do not carry over (missing {missing[:4]}, unexpected "
                            f"{unexpected[:4]})")
-    line = f"attention: {model.config.attention.kernel} -> {attention.kernel}"
-    if attention.kernel == "block_sparse":
-        b = attention.block_sparse
-        line += f" (block {b.block_size}, sparsity {b.sparsity_factor:g}; weights reused)"
-    elif attention.kernel == "linformer":
-        n = init_linformer_mean_pool(new, seq_length)
-        line += f" (k {attention.linformer.k}; {n} projection(s) initialized by the strided mean pool)"
-    elif attention.kernel == "hybrid":
-        line += " (weights reused)"
-    return new, line
+    notes = []
+    for attn in (m for m in new.modules() if isinstance(m, Attention)):
+        if attn.spec.from_dense is not None and attn.kernel_state is not None:
+            notes.append(attn.spec.from_dense(attn.kernel_state, seq_length=seq_length))
+    spec = get_kernel(attention.kernel)
+    parts = [spec.describe(config, seq_length)] if spec.describe else []
+    parts += ["weights reused"] + [f"{n} layer(s): {note}" for note, n in Counter(filter(None, notes)).items()]
+    return new, f"attention: {model.config.attention.kernel} -> {attention.kernel} ({'; '.join(parts)})"
 
 
 def derive(base: OmniNetModel, trial: ModelConfig, *, calibration: Iterable[dict], seq_length: int,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omninet.passes import PASS_ORDER, check_base, derive, init_linformer_mean_pool, load_base
+from omninet.passes import PASS_ORDER, check_base, derive, load_base
 from omninet.trial import TrialConfig, run_trial
 from omninet.trial.runners import RunContext
 
@@ -99,8 +99,51 @@ def test_linformer_projections_start_as_a_strided_mean_pool(base_dir) -> None:
     stride = N // 16
     assert torch.allclose(proj.E[0, :stride], torch.full((stride,), 1 / stride))
     assert proj.E[0, stride:].abs().sum() == 0 and torch.allclose(proj.E[:16, :N].sum(1), torch.ones(16))
-    assert "strided mean pool" in log.passes[-1]
-    assert init_linformer_mean_pool(model, N) >= 1
+    assert "strided mean pool" in log.passes[-1] and "k 16 at" in log.passes[-1]
+    # the kernel's own hook did it (KernelSpec.from_dense): the pass names no kernel
+    from omninet.attention import get_kernel
+
+    before = proj.E.detach().clone()
+    proj.E.data.normal_()
+    assert get_kernel("linformer").from_dense(proj, seq_length=N) and torch.equal(proj.E, before)
+
+
+def test_a_new_kernel_derives_through_its_own_hook_without_a_pass_edit() -> None:
+    """A kernel registered with weights of its own and a ``from_dense`` hook: the kernel swap
+    copies every shared weight, lets the hook start the new ones, and records the hook's line."""
+    from torch import nn
+
+    from omninet.attention import KERNELS, get_kernel, register_kernel
+    from omninet.config import _KERNEL_RULES, ModelConfig
+    from omninet.model import OmniNetModel
+    from omninet.passes import swap_attention
+
+    class Temperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.randn(()))
+
+    def start(state, *, seq_length):
+        state.t.data.fill_(1.0)
+        return f"temperature 1 at {seq_length} tokens"
+
+    def tempered(q, k, v, *, state, scale, **kw):
+        return get_kernel("sdpa").fn(q * state.t, k, v, scale=scale, **kw)
+
+    register_kernel("tempered_test", make_state=lambda config, layer_idx, cross: Temperature(), from_dense=start,
+                    describe=lambda config, n: "a learned temperature")(tempered)
+    try:
+        dense = OmniNetModel(ModelConfig(arch="encoder", vocab_size=40, hidden_size=16, num_heads=2, num_layers=2,
+                                         max_seq_length=32)).eval()
+        model, line = swap_attention(dense, dense.config.attention.replace(kernel="tempered_test"), seq_length=32)
+        assert line == ("attention: sdpa -> tempered_test (a learned temperature; weights reused; "
+                        "2 layer(s): temperature 1 at 32 tokens)")
+        assert all(a.kernel_state.t.item() == 1.0 for a in model.attention_layers())
+        ids = torch.randint(0, 40, (2, 32))
+        torch.testing.assert_close(model.eval()(ids).logits, dense(ids).logits)  # temperature 1: the dense model
+    finally:
+        KERNELS.pop("tempered_test")
+        _KERNEL_RULES.pop("tempered_test")
 
 
 def test_finetune_steps_zero_is_the_zero_shot_record(base_dir) -> None:

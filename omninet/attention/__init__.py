@@ -30,8 +30,10 @@ Dimensions: B batch, H heads, Nq queries, Nk keys, D head dim.
 A kernel's registration (``register_kernel``, ``omninet.attention.registry``) also carries its
 facts: its per-layer memory cost (``memory``, summed by ``omninet.hardware.estimate_memory_mb``),
 which models it fits (``supports_causal`` / ``supports_bias`` / ``supports_cross`` and a
-``check_config`` hook, run at ``ModelConfig`` construction) and the kernel its cross-attention
-layers use instead (``cross_fallback``).
+``check_config`` hook, run at ``ModelConfig`` construction), the kernel its cross-attention
+layers use instead (``cross_fallback``), and how a layer of it starts from a trained dense layer
+(``from_dense``: its own weights, e.g. Linformer's E/F as a strided mean pool; ``describe``: its
+parameters for the record), which is all a derived trial's kernel swap (``omninet.passes``) needs.
 
 ``eager`` is the reference every other kernel is tested against (tests/test_kernels.py
 enrols every registered kernel automatically).

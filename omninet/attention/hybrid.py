@@ -33,8 +33,8 @@ from torch import nn
 
 from omninet.attention.block_sparse import BlockSparseLayout, block_sparse_attention, make_block_sparse_state
 from omninet.attention.linformer import (LinformerProjection, check_linformer_call, check_linformer_layers,
-                                         linformer_core, linformer_layers, linformer_memory, linformer_work,
-                                         make_linformer_state)
+                                         describe_linformer, linformer_core, linformer_from_dense, linformer_layers,
+                                         linformer_memory, linformer_work, make_linformer_state)
 from omninet.attention.registry import AttentionMemory, AttentionWork, get_kernel, register_kernel
 from omninet.config import ModelConfig
 
@@ -108,8 +108,18 @@ def hybrid_work(config: ModelConfig, N: int, *, layer_idx: int, cross: bool) -> 
     return get_kernel("block_sparse").attention_work(config, N, layer_idx=layer_idx, cross=cross)
 
 
+def hybrid_from_dense(state: HybridState, *, seq_length: int) -> str | None:
+    """The kernel swap's start: the Linformer layers' E/F as Linformer's own (block-sparse has no weights)."""
+    return linformer_from_dense(state.linformer, seq_length=seq_length)
+
+
+def describe_hybrid(config: ModelConfig, seq_length: int) -> str:
+    return (f"block-sparse {get_kernel('block_sparse').describe(config, seq_length)}; "
+            f"Linformer {describe_linformer(config, seq_length)}")
+
+
 @register_kernel("hybrid", make_state=make_hybrid_state, exact=False, memory=hybrid_memory, work=hybrid_work,
-                 check_config=check_linformer_layers)
+                 check_config=check_linformer_layers, from_dense=hybrid_from_dense, describe=describe_hybrid)
 def hybrid_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                      state=None, key_padding=None):
     if not isinstance(state, HybridState):

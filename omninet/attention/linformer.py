@@ -25,6 +25,9 @@ n_max = ModelConfig.max_seq_length.
 - ``set_identity_()`` sets E = F = I, so that with k >= N the kernel equals dense attention
   (how the conformance suite checks this approximate kernel); ``make_exact(n)`` does the
   same after checking that k >= n (ValueError otherwise).
+- ``mean_pool_(n)`` sets projected row j to the mean of keys j*s .. (j+1)*s - 1 (s = ceil(N / k)):
+  how a Linformer layer starts from a trained dense one (the spec's ``from_dense`` hook, run by a
+  derived trial's kernel swap), attending to k segment means until the fine-tune learns E/F.
 - Sequences of at most ``min_seq_length`` keys use dense SDPA; a layer not listed in
   ``LinformerConfig.layers`` has state None and always uses dense SDPA.
 - ``need_weights``: the effective (B, H, Nq, N) weights P @ F[:k, :N] (out = weights @ V).
@@ -47,7 +50,7 @@ from omninet.attention.registry import AttentionMemory, AttentionWork, get_kerne
 from omninet.config import LinformerConfig, ModelConfig
 
 __all__ = ["LinformerProjection", "linformer_attention", "linformer_layers", "make_linformer_state", "projected_length",
-           "check_linformer_config", "linformer_memory", "linformer_work", "fit_linformer_rank"]
+           "check_linformer_config", "linformer_memory", "linformer_work", "fit_linformer_rank", "linformer_from_dense"]
 
 
 class LinformerProjection(nn.Module):
@@ -74,6 +77,22 @@ class LinformerProjection(nn.Module):
         """E = F = I (rectangular): with k >= N the kernel then equals dense attention."""
         for p in self.parameters():
             p.copy_(torch.eye(*p.shape, dtype=p.dtype, device=p.device))
+        return self
+
+    @torch.no_grad()
+    def mean_pool_(self, n: int) -> "LinformerProjection":
+        """E (and F) such that projected row j is the mean of keys ``j*s .. min((j+1)*s, n) - 1``,
+        ``s = ceil(n / k)`` at length n (rows past n follow the same rule on the continuation):
+        the start of a projection added to a trained dense layer, which then attends to k
+        segment means."""
+        stride = math.ceil(n / self.rank(n))
+        for p in self.parameters():
+            w = torch.zeros_like(p)  # (k_max, n_max)
+            for j in range(p.shape[0]):
+                lo, hi = j * stride, min((j + 1) * stride, p.shape[1])
+                if lo < hi:
+                    w[j, lo:hi] = 1.0 / (hi - lo)
+            p.copy_(w)
         return self
 
     def make_exact(self, n: int) -> "LinformerProjection":
@@ -226,6 +245,18 @@ def fit_linformer_rank(param, seq_length: int):
             f"clipped {param.path} high {param.high:g} -> {seq_length} (the measured length)")
 
 
+def linformer_from_dense(state: LinformerProjection | None, *, seq_length: int) -> str | None:
+    """The kernel swap's start for a Linformer layer: E/F as a strided mean pool at the task's length."""
+    if state is None:
+        return None
+    state.mean_pool_(seq_length)
+    return "E/F start as a strided mean pool"
+
+
+def describe_linformer(config: ModelConfig, seq_length: int) -> str:
+    return f"k {projected_length(config.attention.linformer, seq_length)} at {seq_length} tokens"
+
+
 def linformer_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: int, cross: bool,
                      default_all: bool = True):
     """Per layer: the (B, H, N, k) scores in fp32 (and their low-precision copy saved for backward)
@@ -239,7 +270,8 @@ def linformer_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_idx: 
 
 @register_kernel("linformer", make_state=make_linformer_state, supports_causal=False, supports_bias=False, exact=False,
                  memory=linformer_memory, supports_cross=False, cross_fallback="sdpa",
-                 check_config=check_linformer_config, work=linformer_work, search_space=fit_linformer_rank)
+                 check_config=check_linformer_config, work=linformer_work, search_space=fit_linformer_rank,
+                 from_dense=linformer_from_dense, describe=describe_linformer)
 def linformer_attention(q, k, v, *, mask=None, bias=None, causal=False, scale, dropout_p=0.0, need_weights=False,
                         state=None, key_padding=None):  # key_padding: read from mask
     if state is None or k.shape[-2] <= state.config.min_seq_length:

@@ -47,6 +47,16 @@ class AttentionWork:
 # make_state(model_config, layer_idx, cross) builds; omninet.trial.cost counts it per layer.
 WorkFn = Callable[..., AttentionWork]
 
+# (state, *, seq_length) -> note or None: gives a layer's kernel state its own weights when every
+# other weight of the layer comes from a dense model (a derived trial's kernel swap, omninet.passes):
+# Linformer's E/F start as a strided mean pool at the task's length. Returns a line for the record
+# (what it set), or None when it set nothing.
+FromDenseFn = Callable[..., str | None]
+
+# (model_config, seq_length) -> str: the kernel's parameters at that length in a few words, for the
+# record of a kernel swap.
+DescribeFn = Callable[[ModelConfig, int], str]
+
 # (param, seq_length) -> (param, note or None): a kernel's rule for one searched parameter of its
 # config at the measured length (Linformer: rank k <= N). ``param`` is a sweep ``ParamSpec`` (path,
 # kind, low, high), returned unchanged when the rule does not concern it; a one-line ValueError when
@@ -64,7 +74,12 @@ class KernelSpec:
     calls, per-pair position biases (relative / ALiBi) and cross-attention; a model whose
     attention would need what the kernel lacks is refused at ``ModelConfig`` construction
     (``check_config`` first, with the kernel's own wording), except cross-attention, which runs
-    ``cross_fallback`` instead when one is named."""
+    ``cross_fallback`` instead when one is named.
+
+    ``from_dense``: how a layer built with this kernel starts from a dense layer's weights (the
+    kernel swap of a derived trial): every weight the layers share is copied, then this hook
+    initializes the kernel state's own (None: the kernel has none). ``describe``: its parameters
+    for the record (None: the kernel's name says it all)."""
 
     name: str
     fn: Callable
@@ -79,6 +94,8 @@ class KernelSpec:
     check_config: Callable[[ModelConfig], None] | None = None  # raises a one-line ValueError
     work: WorkFn | None = None  # None: dense, every layer attends to all N keys under the kernel's own name
     search_space: SearchSpaceFn | None = None  # None: no rule for searched parameters
+    from_dense: FromDenseFn | None = None  # None: no weights of its own to start
+    describe: DescribeFn | None = None
 
     def for_layer(self, cross: bool) -> "KernelSpec":
         """The spec an attention layer actually runs (cross-attention may fall back)."""
@@ -104,14 +121,15 @@ KERNELS: dict[str, KernelSpec] = {}
 def register_kernel(name: str, *, make_state=None, supports_causal=True, supports_bias=True, exact=True,
                     forms_weights=True, memory: MemoryFn | None = None, supports_cross=True,
                     cross_fallback: str | None = None, check_config: Callable[[ModelConfig], None] | None = None,
-                    work: WorkFn | None = None, search_space: SearchSpaceFn | None = None):
+                    work: WorkFn | None = None, search_space: SearchSpaceFn | None = None,
+                    from_dense: FromDenseFn | None = None, describe: DescribeFn | None = None):
     """Decorator: ``@register_kernel("mine")`` makes ``AttentionConfig(kernel="mine")`` valid."""
 
     def wrap(fn):
         if name in KERNELS:
             raise ValueError(f"attention kernel {name!r} is already registered")
         spec = KernelSpec(name, fn, make_state, supports_causal, supports_bias, exact, forms_weights, memory,
-                          supports_cross, cross_fallback, check_config, work, search_space)
+                          supports_cross, cross_fallback, check_config, work, search_space, from_dense, describe)
         KERNELS[name] = spec
         register_kernel_rules(name, lambda config: check_kernel_config(spec, config))
         return fn

@@ -25,9 +25,16 @@ from omninet.attention.block_sparse.layout import BlockSparseLayout, layer_is_ca
 from omninet.attention.block_sparse.padding import KeyPadding, key_lengths
 from omninet.attention.block_sparse.plan import BACKWARD_BUDGETS, CHUNK_BYTES
 from omninet.attention.registry import register_kernel
+from omninet.config import ModelConfig
 
 __all__ = ["BlockSparseLayout", "block_sparse_attention", "make_block_sparse_state", "layer_is_causal", "KeyPadding",
            "key_lengths", "block_sparse_work", "block_sparse_memory", "CHUNK_BYTES", "BACKWARD_BUDGETS"]
 
+
+def describe_block_sparse(config: ModelConfig, seq_length: int) -> str:
+    b = config.attention.block_sparse
+    return f"block {b.block_size}, sparsity {b.sparsity_factor:g}"
+
+
 register_kernel("block_sparse", make_state=make_block_sparse_state, work=block_sparse_work,
-                memory=block_sparse_memory)(block_sparse_attention)
+                memory=block_sparse_memory, describe=describe_block_sparse)(block_sparse_attention)
