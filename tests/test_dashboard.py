@@ -54,9 +54,10 @@ def sweep_config(results: Path) -> dict:
     }
 
 
-def write_results(results: Path, trials=TRIALS, ratios: dict | None = None) -> Path:
+def write_results(results: Path, trials=TRIALS, ratios: dict | None = None, extra: dict | None = None) -> Path:
     """A finished sweep's results directory, as the controller leaves it; ``ratios``: {(pool,
-    number): (latency ratio to the reference, lo, hi)} for trials timed against it."""
+    number): (latency ratio to the reference, lo, hi)} for trials timed against it; ``extra``:
+    {(pool, number): {column: value}} more result columns of a row (a decoder's generation)."""
     config = load_config(sweep_config(results))
     results.mkdir(parents=True, exist_ok=True)
     (results / "sweep.yaml").write_text(yaml.safe_dump(config.to_plain(), sort_keys=False))
@@ -74,6 +75,7 @@ def write_results(results: Path, trials=TRIALS, ratios: dict | None = None) -> P
         if (pool, number) in (ratios or {}):
             row.update(zip(("latency_ratio_ref", "latency_ratio_ref_lo", "latency_ratio_ref_hi"), ratios[pool, number]),
                        latency_pairing="enqueue[0]")
+        row.update((extra or {}).get((pool, number), {}))
         constraints = {}
         if values is not None:
             row.update(zip(OBJ, values))
@@ -247,3 +249,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, results) -> None:
     assert err.startswith("omninet dashboard: error: results_dir:") and err.count("\n") == 1
     assert dashboard_main([str(results), "--out", str(tmp_path / "ok.html")]) == 0
     assert capsys.readouterr().out.strip() == str((tmp_path / "ok.html").resolve())
+
+
+def test_a_decoder_sweep_shows_prefill_decode_and_kv_cache_per_configuration(results, tmp_path) -> None:
+    """The generation view: one row per finished decoder trial, fastest decode first, with the
+    depths, the slope, the KV cache, and prefill and decode against the reference where paired;
+    a sweep without generation figures has no such section."""
+    from omninet.sweep.dashboard import generation_table, label, render
+
+    gen = {("cpu", 0): {"prefill_ms_p50": 12.5, "decode_ms_p50": 2.25, "decode_ms_p90": 2.5, "decode_tokens_s": 3100.0,
+                        "kv_cache_mb": 1.5, "decode_ms_1p": 2.25, "decode_ms_4p": 2.5, "decode_depth_1p": 64,
+                        "decode_depth_4p": 256, "decode_depth_cap": 256, "decode_ms_per_1k_depth": 1.302,
+                        "seq_length": 64, "measure_batch_size": 8},
+           ("cpu", 1): {"prefill_ms_p50": 9.0, "decode_ms_p50": 1.75, "kv_cache_mb": 0.75, "seq_length": 64,
+                        "prefill_ratio_ref": 0.72, "prefill_ratio_ref_lo": 0.7, "prefill_ratio_ref_hi": 0.74,
+                        "decode_ratio_ref": 0.99, "decode_ratio_ref_lo": 0.95, "decode_ratio_ref_hi": 1.03}}
+    sweep = SweepData(write_results(tmp_path / "decoder", extra=gen))
+    table = generation_table(sweep)
+    assert table["trial"].tolist() == ["#1", "#0"]  # the cpu trials that measured generation, fastest decode first
+    one, zero = table.iloc[0], table.iloc[1]
+    assert zero[label("prefill_ms_p50")] == "12.5" and zero[label("decode_ms_p50")] == "2.25"
+    assert zero[label("kv_cache_mb")] == "1.5" and zero["decode at depths"] == "2.25 / 2.5 / - ms at 64 / 256 / - (cap 256)"
+    assert zero["decode / reference [95%]"] == "-"  # not paired
+    assert one["prefill / reference [95%]"] == "0.720 [0.700, 0.740], faster"
+    assert one["decode / reference [95%]"] == "0.990 [0.950, 1.030], indistinguishable"
+    page = render(sweep)
+    assert "Generation (decoders)" in page and "plot-generation" in page and "0.720 [0.700, 0.740], faster" in page
+    assert generation_table(SweepData(results)).empty  # no generation figures: no section (render skips it)

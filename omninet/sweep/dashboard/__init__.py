@@ -16,16 +16,19 @@ Optuna studies, read through :class:`omninet.sweep.SweepResult`). Views, per poo
 2. Parallel coordinates: searched parameters against the objectives.
 3. Pools side by side: trials with identical searched parameters run on several pools.
 4. Recommended configurations under the sweep's constraints (``SweepResult.recommendations``).
+5. Generation (decoder sweeps): prefill, decode per token (and at several cache depths), decode
+   throughput and the KV cache per configuration, with prefill and decode against the reference.
 
 Pools whose accelerator was simulated on CPU are labelled "simulated" everywhere.
 
 The package: ``data`` (what the views read, once, and shared formatting), ``figures``
-(Plotly), ``tables`` (pandas frames and their HTML), ``render`` (the page, ``build_dashboard``
+(Plotly), ``tables`` (pandas frames and their HTML), ``generation`` (the decoder view), ``render`` (the page, ``build_dashboard``
 and the ``omninet dashboard`` command).
 """
 
 from omninet.sweep.dashboard.data import SweepData, config_label, label, non_dominated, shared_configs
 from omninet.sweep.dashboard.figures import parallel_figure, pareto_figure, pools_figure
+from omninet.sweep.dashboard.generation import generation_figure, generation_table
 from omninet.sweep.dashboard.render import DEFAULT_NAME, build_dashboard, dashboard_main, render
 from omninet.sweep.dashboard.tables import (baseline_table, conditions_table, cost_model_table, noise_table,
                                             paired_table, pools_noise_table, recommendations_table, serving_table,
@@ -34,4 +37,4 @@ from omninet.sweep.dashboard.tables import (baseline_table, conditions_table, co
 __all__ = ["build_dashboard", "dashboard_main", "DEFAULT_NAME", "SweepData", "label", "config_label", "non_dominated",
            "shared_configs", "pareto_figure", "parallel_figure", "pools_figure", "recommendations_table",
            "paired_table", "noise_table", "baseline_table", "conditions_table", "unfinished_table",
-           "cost_model_table", "serving_table", "pools_noise_table", "render"]
+           "cost_model_table", "serving_table", "pools_noise_table", "render", "generation_table", "generation_figure"]

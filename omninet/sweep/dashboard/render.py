@@ -14,6 +14,7 @@ import pandas as pd
 
 from omninet.sweep.dashboard.data import SweepData, label, shared_configs
 from omninet.sweep.dashboard.figures import parallel_figure, pareto_figure, pools_figure
+from omninet.sweep.dashboard.generation import GENERATION_NOTE, generation_figure, generation_table
 from omninet.sweep.dashboard.tables import (baseline_table, conditions_table, cost_model_table, noise_table,
                                             paired_table, pools_noise_table, recommendations_table, serving_table,
                                             table_html, unfinished_table)
@@ -60,9 +61,21 @@ def _serving_html(sweep: SweepData) -> str:
             + table_html(table, ""))
 
 
+def _generation_html(sweep: SweepData, div: str) -> str:
+    """The decoder trials' generation section; nothing for sweeps that measured none."""
+    table = generation_table(sweep)
+    if table.empty:
+        return ""
+    return (f"<h2 id='generation'>Generation (decoders): prefill, decode per token, KV cache</h2>"
+            f"<p class='meta'>{html.escape(GENERATION_NOTE)}</p>{div}" + table_html(table, ""))
+
+
 def render(sweep: SweepData) -> str:
     """The whole page. plotly.js is inlined once, with the first figure."""
     figures: list[tuple[str, Any]] = [("pareto", pareto_figure(sweep))]
+    generation = generation_figure(sweep)
+    if generation is not None:
+        figures.append(("generation", generation))
     for pool in sweep.pools:
         fig = parallel_figure(sweep, pool)
         if fig is not None:
@@ -114,6 +127,7 @@ fine-tune. Speed-up: the reference's latency over the trial's, both timed side b
 'slower' only when the interval excludes 1, else 'indistinguishable'. Repeats combine their timing as
 measurements.</p>
 {table_html(paired_table(sweep), "No per-unit scores recorded (the runner keeps none, or no reference run finished).")}
+{_generation_html(sweep, divs.get("generation", ""))}
 <h2 id="baseline">What the knobs buy against the baseline</h2>
 {table_html(baseline_table(sweep), "No baseline configuration (enqueue) finished.")}
 <h2 id="recommended">Recommended configurations under the sweep's constraints</h2>
