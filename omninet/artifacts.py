@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,9 @@ from typing import Any
 import torch
 
 from omninet.buckets import bucket_for, default_buckets, pad_to_bucket
+from omninet.hardware import quantize_int8
 from omninet.hardware.base import INT8_PRECISIONS
+from omninet.model import OmniNetModel
 
 __all__ = ["KEEP_MODELS", "TrainedModel", "config_hash", "keep_model", "load_trial_model", "model_files",
            "model_subdir", "prune_models", "save_trial_model", "trial_identity", "write_trial_model"]
@@ -70,8 +74,6 @@ def prune_models(results_dir, pool: str, keep: set[int]) -> list[Path]:
     """Deletes the model folders of ``pool`` whose trial number is not in ``keep`` (for the
     ``pareto`` policy: a trial's place on the front is known only after later trials, so the
     controller saves every ``ok`` trial and prunes to the front at the end). Returns what it removed."""
-    import shutil
-
     removed = []
     for folder in sorted((Path(results_dir) / "models" / f"pool={pool}").glob("trial-*")):
         number = folder.name.removeprefix("trial-")
@@ -96,8 +98,6 @@ def save_trial_model(model, out_dir, *, trial_config: dict, identity: dict, metr
     needs ``sweep``, ``pool`` and ``trial``; ``config_hash`` is computed from ``trial_config``
     (a given one must match). The model is saved as it was evaluated (after head pruning);
     int8-quantized models are refused (their packed weights are not plain tensors)."""
-    from omninet.model import OmniNetModel
-
     if not isinstance(model, OmniNetModel):
         raise ValueError(f"save_trial_model needs an OmniNetModel, got {type(model).__name__} (an int8-quantized "
                          f"model cannot be saved as safetensors; save the fp32 model)")
@@ -118,8 +118,6 @@ def save_trial_model(model, out_dir, *, trial_config: dict, identity: dict, metr
 def model_files(model) -> dict[str, bytes]:
     """The ``save_pretrained`` files of a model as bytes: what a worker on another node sends
     back to the controller, which writes them with :func:`write_trial_model`."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # tokenizer files of an imported base stay with the base folder
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.name in ("config.json", "model.safetensors")}
@@ -247,8 +245,7 @@ class TrainedModel:
 def load_trial_model(directory, *, device: str | torch.device = "cpu") -> TrainedModel:
     """Reads a folder written by ``save_trial_model``: the model (eval mode, on ``device``), the
     task rebuilt from trial.json, identity and metrics. ValueError names a missing file."""
-    from omninet.model import OmniNetModel
-    from omninet.tasks import build_task
+    from omninet.tasks import build_task  # heavy: pyarrow (omninet.tasks reads Parquet)
 
     d = Path(directory)
     if not d.is_dir():
@@ -260,8 +257,6 @@ def load_trial_model(directory, *, device: str | torch.device = "cpu") -> Traine
     trial_config = json.loads((d / "trial.json").read_text())
     precision = (trial_config.get("hardware") or {}).get("precision")
     if precision in INT8_PRECISIONS:  # kept as fp32: quantized again, as measured
-        from omninet.hardware import quantize_int8
-
         model = quantize_int8(model, precision, inplace=True)
     task = build_task(trial_config["task"])
     if task.vocab_size > model.config.vocab_size:  # a pretrained embedding may be padded past its tokenizer's ids

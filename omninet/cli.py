@@ -19,17 +19,17 @@ import importlib
 import json
 import sys
 
+import torch
+
+from omninet.attention import KERNELS
+from omninet.hardware import describe_backends, probe_capabilities
+
 
 class UsageError(Exception):
     """Bad input from the command line: one line, exit status 2."""
 
 
 def _info(args) -> int:
-    import torch
-
-    from omninet.attention import KERNELS
-    from omninet.hardware import describe_backends, probe_capabilities
-
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": sorted(KERNELS),
            "backends": describe_backends(), "capabilities": probe_capabilities()}
     print(json.dumps(out, indent=2, default=str))

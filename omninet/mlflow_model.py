@@ -16,7 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.pyfunc
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+from omninet.artifacts import load_trial_model
 
 __all__ = ["OmniNetPyfunc", "log_mlflow_model", "registry_name"]
 
@@ -32,13 +39,9 @@ class OmniNetPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the trained trial model from the ``model_dir`` artifact; predicts classes and probabilities."""
 
     def load_context(self, context) -> None:
-        from omninet.artifacts import load_trial_model
-
         self.trained = load_trial_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
         if "input_ids" in model_input.columns:
             sequences = [[int(x) for x in ids] for ids in model_input["input_ids"]]
         elif "text" in model_input.columns:
@@ -54,12 +57,6 @@ class OmniNetPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _signature_and_example(model_dir: Path):
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
-
-    from omninet.artifacts import load_trial_model
-
     trained = load_trial_model(model_dir)
     split = trained.task.split("eval")
     example = pd.DataFrame({"input_ids": [split[i]["input_ids"].tolist() for i in range(min(2, len(split)))]})
@@ -75,9 +72,6 @@ def log_mlflow_model(run_id: str, model_dir, *, tracking_uri: str | None = None,
     """Logs ``model_dir`` (a ``save_trial_model`` folder) to run ``run_id`` as a pyfunc model
     with a signature and an input example; registers it as ``register_as`` when given
     (``registry_name(sweep, pool)``). Returns the model URI."""
-    import mlflow
-    import torch
-
     model_dir = Path(model_dir)
     signature, example, identity = _signature_and_example(model_dir)
     if tracking_uri is not None:

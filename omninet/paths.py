@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, Iterable, Union, get_args, get_origin
 
+from omninet.config import ConfigBase
+
 __all__ = ["MISSING", "get_path", "set_path", "with_path", "flatten", "config_paths", "check_path"]
 
 
@@ -70,8 +72,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _config_class(tp: Any) -> type | None:
     """The ConfigBase class inside an annotation (``X``, ``X | None``), else None."""
-    from omninet.config import ConfigBase
-
     if get_origin(tp) in (Union, types.UnionType):
         found = [c for c in (_config_class(a) for a in get_args(tp)) if c is not None]
         return found[0] if len(found) == 1 else None

@@ -25,6 +25,7 @@ import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -152,8 +153,6 @@ class UnitScores:
             return cls(str(z["unit"]), correct, z["loss"].astype(np.float32), row, str(z["eval_hash"]) or None)
 
     def save(self, path) -> None:
-        from pathlib import Path
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -162,8 +161,6 @@ class UnitScores:
 
     @classmethod
     def load(cls, path) -> "UnitScores":
-        from pathlib import Path
-
         return cls.from_bytes(Path(path).read_bytes())
 
 

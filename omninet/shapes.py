@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from omninet.buckets import bucket_for, default_buckets  # one definition, shared with serving
+from omninet.model import Stack
 
 __all__ = ["default_buckets", "bucket_for", "check_buckets", "pad_batch", "BucketedModel", "compile_static"]
 
@@ -103,9 +104,7 @@ def _crop(x, N: int, Nb: int):
 def compile_static(model: nn.Module, buckets: Sequence[int], *, backend="inductor", **options) -> nn.Module:
     """Compiles every transformer stack of ``model`` in place with ``dynamic=False`` (one graph
     per bucket; on XLA pass ``backend='openxla'``). Returns ``model``."""
-    import torch._dynamo
-
-    from omninet.model import Stack
+    import torch._dynamo  # heavy: torch._dynamo (~1.5 s), needed only to compile
 
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
     if not stacks:
