@@ -191,3 +191,26 @@ def test_shipped_configs_parse(name) -> None:
         assert sum(cfg.trials_for(p) for p in cfg.pools) >= 12
     else:
         assert {p.accelerator for p in cfg.pools} >= {None, "GPU", "TPU", "NPU"}
+
+
+def test_parsing_needs_no_runner_and_reopening_a_sweep_needs_neither_runner_nor_task(tmp_path) -> None:
+    """Construction only parses: a sweep whose runner is gone (or whose task cannot be built
+    here) still reads back, as ``SweepResult.load`` does; the runner's checks are one separate
+    step (``check``, which ``load_config`` runs) with the same one-line messages."""
+    from omninet.sweep import SweepResult
+    from omninet.sweep.config import SweepConfigError
+
+    data = {**copy.deepcopy(TOY), "trial_fn": "no_such_package.runner:run", "estimate_fn": None}
+    config = load_config(data, check=False)
+    assert [p.path for p in config.params][:2] == ["toy.x", "toy.y"] and config.trial == TOY["trial"]
+    with pytest.raises(SweepConfigError, match=r"resolved by check\(\)"):
+        config.runner
+    with pytest.raises(SweepConfigError, match="trial_fn"):
+        config.check()
+    with pytest.raises(SweepConfigError, match="trial_fn"):
+        load_config(data)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
+    result = SweepResult.load(tmp_path)
+    assert result.pools == ["cpu", "gpu"] and result.objectives == [o.key for o in config.objectives]
+    checked = load_config(copy.deepcopy(TOY))  # parse, then check: the runner resolved once
+    assert checked.runner is checked.check().runner

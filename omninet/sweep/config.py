@@ -521,16 +521,10 @@ class SweepConfig(ConfigBase):
                 _check("finetune" not in self.trial, "finetune: given both at the top level and in trial; keep one")
                 self.trial = {**self.trial, "finetune": dict(self.finetune)}
                 self.finetune = None
-        self._runner = self._resolve_runner()
+        self._runner = None  # set by check()
         self._base_trial: dict[str, Any] | None = None
-        try:
-            self.trial = self._runner.parse(self.trial)
-        except (ValueError, TypeError) as exc:
-            raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
-        base = self.base_trial
-        # search space: typed specs in declared order; `when` may name earlier params or base paths
+        # search space: typed specs in declared order
         self._params: list[ParamSpec] = []
-        seen: set[str] = set()
         for path, spec in self.search_space.items():
             _check(isinstance(spec, dict), f"search_space.{path}: expected a mapping such as {{low: 0.1, high: 0.9}}")
             spec = dict(spec)
@@ -548,20 +542,49 @@ class SweepConfig(ConfigBase):
                     if isinstance(spec.get(key), str):
                         hint = f" (YAML reads {spec[key]!r} as text: write it with a dot, e.g. 1.0e-4)"
                 raise SweepConfigError(f"search_space.{path}: {_one_line(str(exc).replace('ParamSpec.', ''))}{hint}") from None
+            self._params.append(param)
+
+    def check(self, runner: Any = None) -> "SweepConfig":
+        """The checks that need the trial runner or the task's data, run once, before anything
+        is written: resolves the runner (``runner``, a ``TrialRunner`` object, replaces
+        ``trial_fn``), parses the trial with it, and checks the search space's paths and values,
+        the objectives, constraints, scheduler and base against it. Construction only parses (a
+        finished sweep's ``SweepResult.load`` reads its config that way); ``load_config`` runs
+        both. Returns the config; a second call does nothing."""
+        if self._runner is not None:
+            return self
+        if runner is not None:
+            self.trial_fn = runner
+        self._runner = self._resolve_runner()
+        try:
+            self.trial = self._runner.parse(self.trial)
+        except (ValueError, TypeError) as exc:
+            self._runner = None
+            raise SweepConfigError(f"trial: {_one_line(str(exc))}") from None
+        try:
+            self._check_against_runner()
+        except Exception:
+            self._runner = None  # not checked: a second check() runs every check again
+            raise
+        return self
+
+    def _check_against_runner(self) -> None:
+        base = self.base_trial
+        seen: set[str] = set()  # `when` may name earlier params or paths set in the trial
+        for param in self._params:
             try:
-                self._runner.check_path(self.trial, path, where="search_space")
+                self._runner.check_path(self.trial, param.path, where="search_space")
             except ValueError as exc:
                 raise SweepConfigError(_one_line(str(exc))) from None
             for key in param.when:
                 _check(key in seen or get_path(base, key) is not MISSING,
-                       f"search_space.{path}.when: {key!r} is neither an earlier search-space parameter nor set in trial")
-            seen.add(path)
-            self._params.append(param)
+                       f"search_space.{param.path}.when: {key!r} is neither an earlier search-space parameter nor set in trial")
+            seen.add(param.path)
         self._check_result_keys()
         self._check_values()
         self._check_enqueue()
         self._check_scheduler([p.name for p in self.pools])
-        self._check_base(names)
+        self._check_base([p.name for p in self.pools])
 
     def _check_base(self, pools: list[str]) -> None:
         """A base needs the omninet runner, a known pool, and (a checkpoint) a model this task's
@@ -670,7 +693,9 @@ class SweepConfig(ConfigBase):
 
     @property
     def runner(self):
-        """The trial runner object (validate / estimate / run), resolved once from ``trial_fn``."""
+        """The trial runner object (validate / estimate / run), resolved once from ``trial_fn`` by ``check``."""
+        _check(self._runner is not None, "SweepConfig: the trial runner is resolved by check(); "
+                                         "build the config with load_config (which runs it) or call config.check()")
         return self._runner
 
     @property
@@ -685,7 +710,7 @@ class SweepConfig(ConfigBase):
     def base_trial(self) -> dict[str, Any]:
         """The trial config as a plain dict (for ``when:`` paths and the repeat seed), built once."""
         if self._base_trial is None:
-            self._base_trial = self._runner.to_dict(self.trial)
+            self._base_trial = self.runner.to_dict(self.trial)
         return self._base_trial
 
     def to_plain(self) -> dict[str, Any]:
@@ -725,7 +750,7 @@ class SweepConfig(ConfigBase):
         """The base trial config with ``params`` set at their dotted paths: a new config of the
         runner's type, parsed once (for the omninet runner, a validated ``TrialConfig``)."""
         try:
-            return self._runner.with_values(self.trial, params)
+            return self.runner.with_values(self.trial, params)
         except SweepConfigError:
             raise
         except ValueError as exc:
@@ -765,12 +790,16 @@ def resolve_results_dir(config: SweepConfig, override: str | os.PathLike | None 
     return (base / path).resolve()
 
 
-def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig, *, runner: Any = None) -> SweepConfig:
-    """Reads and validates a sweep config from a YAML path, a dict or a ``SweepConfig``.
-    ``runner``: a ``TrialRunner`` object that replaces the config's ``trial_fn``."""
+def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig, *, runner: Any = None,
+                check: bool = True) -> SweepConfig:
+    """Reads and validates a sweep config from a YAML path, a dict or a ``SweepConfig``: parses
+    it, then (``check``) runs ``SweepConfig.check``, the checks that need the trial runner and
+    the task. ``runner``: a ``TrialRunner`` object that replaces the config's ``trial_fn``.
+    ``check=False`` only parses: no runner is imported and no task is built (reading a
+    finished sweep's records)."""
     if isinstance(source, SweepConfig):
         if runner is None:
-            return source
+            return source.check() if check else source
         source = source.to_plain()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -794,7 +823,8 @@ def load_config(source: str | os.PathLike | dict[str, Any] | SweepConfig, *, run
             _check(isinstance(data["objectives"], list), "objectives: expected a list of {key, direction}")
         if "pools" in data:
             _check(isinstance(data["pools"], list), "pools: expected a list of {name, resources, concurrency, trials}")
-        return SweepConfig.from_dict(data)
+        config = SweepConfig.from_dict(data)
+        return config.check() if check else config
     except SweepConfigError:
         raise
     except (ValueError, TypeError) as exc:

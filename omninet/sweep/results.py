@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from omninet.sweep.config import DEFAULT_TRIAL_FN, BaseSpec, PoolConstraints, SchedulerSpec, SweepConfig, load_config
-from omninet.trial.runners import OmniNetRunner, TrialRunner
+from omninet.sweep.config import PoolConstraints, SweepConfig, load_config
+from omninet.trial.runners import TrialRunner
 
 __all__ = ["SweepResult", "write_artifacts", "RATIOS", "speed_verdict", "combine_measurements"]
 
@@ -71,31 +71,14 @@ def combine_measurements(values, los, his) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)
 
 
-OMNINET_RUNNERS = ("omninet.trial:run_trial", "omninet.trial.runner:run_trial", "omninet.trial:OmniNetRunner",
-                   "omninet.trial.runners:OmniNetRunner")
-
-
 def _never_runs(self, config, *, memory_budget_mb, context):
-    raise RuntimeError("a loaded SweepResult reads records; it does not run trials (use run_sweep)")
+    raise RuntimeError("a RecordedTrial reads records; it does not run trials (use run_sweep)")
 
 
 class RecordedTrial(TrialRunner):
-    """Another runner's recorded trial: the dict it recorded, without importing that runner."""
+    """A runner that never runs: for a sweep config whose rows are written by hand (tests)."""
 
     name, run = "recorded", _never_runs
-
-
-class RecordedOmniNetTrial(OmniNetRunner):
-    """An OmniNet sweep's recorded trial, parsed typed (``TrialConfig``). No result keys are
-    declared, so every objective the sweep recorded is accepted."""
-
-    name, run, result_fields = "recorded", _never_runs, None
-
-
-def recorded_runner(trial_fn: str | None) -> TrialRunner:
-    """What a reopened ``SweepResult`` holds in place of the sweep's runner: it parses the
-    recorded trial and never runs one."""
-    return RecordedOmniNetTrial() if (trial_fn or DEFAULT_TRIAL_FN) in OMNINET_RUNNERS else RecordedTrial()
 
 
 class SweepResult:
@@ -115,19 +98,9 @@ class SweepResult:
         manifest = results_dir / "sweep.yaml"
         if not manifest.is_file():
             raise ValueError(f"results_dir: {results_dir} has no sweep.yaml; is it a sweep's results directory?")
-        data = yaml.safe_load(manifest.read_text())
-        # Reading results must not need the sweep's own runner to import: the recorded runner
-        # stands in, then the recorded names are restored. The scheduler and base are checked
-        # against the runner that ran them, so they are restored the same way.
-        scheduler = data.get("scheduler")
-        config = load_config({**data, "estimate_fn": None, "scheduler": {"kind": "fifo"}, "base": None},
-                             runner=recorded_runner(data.get("trial_fn")))
-        config.trial_fn, config.estimate_fn = data.get("trial_fn", DEFAULT_TRIAL_FN), data.get("estimate_fn")
-        if scheduler is not None:
-            config.scheduler = SchedulerSpec.from_dict(scheduler)
-        if data.get("base") is not None:  # checked against the runner when the sweep ran; here it is a record
-            config.base = BaseSpec.from_dict(data["base"])
-        return cls(results_dir, config)
+        # Parsed only: reading results needs neither the sweep's runner nor its task (the checks
+        # against them ran when the sweep started).
+        return cls(results_dir, load_config(yaml.safe_load(manifest.read_text()), check=False))
 
     # -- tables -----------------------------------------------------------------------------
     @property
