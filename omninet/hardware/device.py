@@ -12,6 +12,7 @@ from torch import nn
 
 from omninet.config import ConfigBase
 from omninet.hardware.base import BACKENDS, INT8_PRECISIONS, PRECISIONS, Backend, available_backends, get_backend
+from omninet.hardware.guard import attach_memory_guard
 from omninet.hardware.mixed import MixedPrecisionPlan, apply_precision, plan_mixed_precision, set_block_precision
 from omninet.hardware.precision import PrecisionPolicy, resolve_precision
 from omninet.hardware.quantize import prepare_qat, quantize_int8
@@ -119,8 +120,6 @@ class Placement:
         (``omninet.hardware.guard.attach_memory_guard``)."""
         module = self._apply_precision(module.to(self.device), calibration, error_budget)
         if self.memory_threshold is not None:
-            from omninet.hardware.guard import attach_memory_guard
-
             attach_memory_guard(module, memory_threshold=self.memory_threshold, backend=self.backend, plan=self.plan,
                                 low_dtype="native")
         return module

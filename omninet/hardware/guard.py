@@ -18,6 +18,8 @@ call, hooks included, still runs) and ``detach_memory_guard`` removes it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import logging
@@ -26,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from omninet.hardware.base import get_backend
 from omninet.hardware.monitor import MemoryMonitor, MonitorConfig, memory_pressure
 
 __all__ = ["MemoryGuard", "attach_memory_guard", "detach_memory_guard", "is_oom", "split_batch", "merge_outputs",
@@ -57,9 +60,6 @@ def release_memory() -> None:
     again under an RLIMIT."""
     gc.collect()
     try:
-        import ctypes
-        import ctypes.util
-
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
         pass
@@ -180,8 +180,6 @@ def attach_memory_guard(model: nn.Module, *, memory_threshold: float, backend=No
     """Makes ``model``'s forward consult a monitor at ``memory_threshold`` (a fraction in (0, 1]).
     ``low_dtype='native'``: the backend's native bf16/fp16 for the low-precision rungs, none
     where the device has no native low dtype; None: never change precision."""
-    from omninet.hardware.base import get_backend
-
     t = memory_threshold
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
         raise ValueError(f"memory_threshold must be a fraction in (0, 1], got {t!r}; e.g. 0.85")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from omninet.hardware.base import lazy_import
+from omninet.model import OmniNetModel
 
 __all__ = ["export_onnx", "onnx_available"]
 
@@ -48,8 +49,6 @@ def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int, batch_size:
                 opset_version: int | None = None) -> Path:
     """Writes ``model`` (an ``OmniNetModel``, encoder or decoder, fp32) as an ONNX graph taking
     ``input_ids`` int64 [batch_size, seq_len] and returning ``logits``. Returns the path."""
-    from omninet.model import OmniNetModel
-
     if not isinstance(model, OmniNetModel):
         raise ValueError(f"export_onnx takes an OmniNetModel, got {type(model).__name__}")
     if model.config.arch == "encoder_decoder":

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from omninet.hardware.base import DTYPES
+from omninet.model import Stack
 
 __all__ = ["named_blocks", "measure_sensitivity", "plan_mixed_precision", "MixedPrecisionPlan", "apply_precision",
            "remove_precision", "low_precision_blocks", "set_block_precision", "eligible_blocks", "SHALLOW_STACK"]
@@ -42,8 +43,6 @@ _HANDLES = "_omninet_precision_hooks"  # attribute on a block: its hook handles 
 
 def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every transformer block, in execution order (encoder then decoder), by qualified name."""
-    from omninet.model import Stack
-
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, Stack):
@@ -59,8 +58,6 @@ SHALLOW_STACK = 2  # stacks of at most this many blocks keep no block fp32 by po
 def _stack_ends(model: nn.Module) -> set[str]:
     """The first and last block of each stack deeper than ``SHALLOW_STACK`` (on a shallow
     stack protecting them would leave nothing to plan, so sensitivity alone decides there)."""
-    from omninet.model import Stack
-
     ends = set()
     for name, mod in model.named_modules():
         if isinstance(mod, Stack) and len(mod.blocks) > SHALLOW_STACK:
@@ -293,8 +290,6 @@ def plan_mixed_precision(model: nn.Module, batch: dict, *, dtype: torch.dtype | 
 
 
 def _table(model: nn.Module, plan: MixedPrecisionPlan, rejected: dict[str, float]) -> list[dict]:
-    from omninet.model import Stack
-
     def nparams(m):
         return sum(p.numel() for p in m.parameters())
 

@@ -34,18 +34,22 @@ budget a trial registered, else RLIMIT_DATA, the cgroup, or the memory still ava
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from torch import nn
 
 from omninet.hardware.base import Backend
 from omninet.hardware.mixed import _HANDLES as _PRECISION_HOOKS
 from omninet.hardware.mixed import MixedPrecisionPlan, eligible_blocks, named_blocks, set_block_precision
+from omninet.model import Stack
 
 __all__ = ["MonitorConfig", "MemoryMonitor", "memory_pressure", "register_data_budget", "clear_data_budget"]
 
@@ -110,9 +114,6 @@ def _malloc_free() -> int:
     """Bytes glibc holds free for reuse (``mallinfo2().fordblks``): inside VmData, yet usable
     without raising it. 0 where that is not glibc >= 2.33."""
     try:
-        import ctypes
-        import ctypes.util
-
         class _MallInfo2(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in
                         ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -139,8 +140,6 @@ def memory_pressure(backend: Backend | None = None, index: int = 0) -> tuple[flo
     registered RLIMIT budget's use (VmData less glibc's reusable free chunks), VmData against
     RLIMIT_DATA, the cgroup's use against its
     limit, and the resident set against resident + available memory."""
-    import psutil
-
     if backend is not None and backend.device_type != "cpu":
         stats = backend.memory_stats(index)
         return (stats.in_use / stats.capacity if stats.capacity else 0.0), f"{backend.name} allocator"
@@ -172,8 +171,6 @@ class MemoryMonitor:
     def __init__(self, model: nn.Module, *, backend: Backend | None = None, plan: MixedPrecisionPlan | None = None,
                  config: MonitorConfig | None = None, read: Callable[[], float] | None = None,
                  dtype: torch.dtype | None = None, hook: bool = True, mode: str | None = None):
-        from omninet.model import Stack
-
         if mode not in (None, "inference", "training"):
             raise ValueError(f"MemoryMonitor mode must be None, 'inference' or 'training', got {mode!r}")
         self.model, self.config, self.plan, self.mode = model, config or MonitorConfig(), plan, mode

@@ -52,11 +52,16 @@ import os
 import warnings
 
 import torch
+import torch.ao.nn.qat.dynamic as nnqatd
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
 from torch import nn
 
+from torch.ao.quantization import (QConfig, default_dynamic_fake_quant, default_per_channel_weight_fake_quant,
+                                   per_channel_dynamic_qconfig)
+
 from omninet.hardware.base import INT8_PRECISIONS, lazy_import
+from omninet.hardware.cpu import cpu_flags
 
 __all__ = ["quantize_int8", "int8_engine", "int8_engines", "Int8TokenLinear", "Int8WeightOnlyLinear",
            "Int8DynamicLinearVNNI", "ENGINE_ENV", "prepare_qat", "convert_qat", "qat_modules"]
@@ -73,8 +78,6 @@ PACK_MM_MAX_ROWS = 2
 def _full_range_activations() -> bool:
     """fbgemm's int8 kernels sum u8*s8 pairs in int16 without VNNI (overflow with 8-bit
     activations), in int32 with AVX512-VNNI / AMX."""
-    from omninet.hardware.cpu import cpu_flags
-
     flags = cpu_flags()
     return bool(flags.get("avx512_vnni") or flags.get("amx_tile"))
 
@@ -211,7 +214,7 @@ def quantize_int8(model: nn.Module, precision: str = "int8", *, inplace: bool = 
     target.eval()
     names = _quantizable(target)
     if engine == "torchao":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_  # optional: torchao
 
         config = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False) if precision == "int8_token"
                   else Int8WeightOnlyConfig(set_inductor_config=False))
@@ -222,8 +225,6 @@ def quantize_int8(model: nn.Module, precision: str = "int8", *, inplace: bool = 
     elif precision == "int8_weight":
         _replace(target, names, Int8WeightOnlyLinear)
     else:
-        from torch.ao.quantization import per_channel_dynamic_qconfig
-
         cls = Int8DynamicLinearVNNI if engine == "torch.ao-vnni" else nnqd.Linear
 
         def make(lin):
@@ -241,8 +242,6 @@ def quantize_int8(model: nn.Module, precision: str = "int8", *, inplace: bool = 
 
 # ---- quantization-aware training ---------------------------------------------------------
 def _qat_qconfig():
-    from torch.ao.quantization import QConfig, default_dynamic_fake_quant, default_per_channel_weight_fake_quant
-
     return QConfig(activation=default_dynamic_fake_quant, weight=default_per_channel_weight_fake_quant)
 
 
@@ -276,8 +275,6 @@ def prepare_qat(model: nn.Module) -> nn.Module:
                          "(device 'cpu') or use precision 'auto' on an accelerator")
     if params and any(p.dtype != torch.float32 for p in params if p.is_floating_point()):
         raise ValueError("prepare_qat needs an fp32 model: remove low-precision casts first (omninet.hardware.remove_precision)")
-    import torch.ao.nn.qat.dynamic as nnqatd
-
     qconfig = _qat_qconfig()
 
     def make(lin):
@@ -303,8 +300,6 @@ def convert_qat(model: nn.Module) -> nn.Module:
     """In place, after training: each fake-quantized Linear (and any plain one) becomes a
     dynamic int8 Linear whose per-channel weights are the trained weights quantized with the
     same scheme training simulated. Puts the model in eval mode. Returns ``model``."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     model.eval()
 
     def make(lin):
