@@ -9,6 +9,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from omninet.interop.convert import import_checkpoint
+from omninet.model import OmniNetModel
+
 __all__ = ["import_main", "export_main"]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,10 +27,6 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("dst", help="the OmniNet folder to write")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
-    import torch
-
-    from omninet.interop.convert import import_checkpoint
-
     _free(args.dst)
     started = time.perf_counter()
     out = import_checkpoint(Path(args.src).expanduser(), Path(args.dst).expanduser(), dtype=getattr(torch, args.dtype))
@@ -41,10 +42,6 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("dst", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights first (default: as saved)")
     args = parser.parse_args(argv)
-    import torch
-
-    from omninet.model import OmniNetModel
-
     _free(args.dst)
     model = OmniNetModel.from_pretrained(Path(args.src).expanduser())
     if args.dtype is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tokenizers import (
     AddedToken,
     Regex,
@@ -64,7 +65,7 @@ def read_gguf(path: str | Path, *, weights: bool = True) -> GGUFCheckpoint:
     Refuses, with a one-line ValueError, a file that is not GGUF, an architecture outside
     ``SUPPORTED_ARCHITECTURES``, a tensor the family has no place for or one it lacks, and a
     tensor type the ``gguf`` library cannot dequantize."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # optional: gguf (the [gguf] extra)
 
     path = Path(path)
     with open(path, "rb") as f:
@@ -110,8 +111,6 @@ def gguf_to_hf(path: str | Path, out_dir: str | Path) -> Path:
     """Write a GGUF file as a Hugging Face folder (config.json, model.safetensors,
     tokenizer.json, tokenizer_config.json) that transformers' ``from_pretrained`` loads.
     Holds one float32 copy of the weights: safetensors writes straight from the tensors."""
-    from safetensors.torch import save_file
-
     checkpoint = read_gguf(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +394,7 @@ def _dequantize(path: Path, tensor) -> np.ndarray:
     Row blocks of ~16 MB at a time: the gguf library's block arithmetic makes several
     temporaries the size of its input, which for a whole 49k-row embedding were a third of
     the model again at peak."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # optional: gguf (the [gguf] extra)
 
     out = np.empty(tuple(int(n) for n in reversed(tensor.shape)), dtype=np.float32)
     step = max(1, (1 << 22) // max(1, out[0].size)) if out.ndim > 1 else len(out)

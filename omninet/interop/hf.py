@@ -26,6 +26,7 @@ from torch import nn
 from omninet.config import ModelConfig
 from omninet.interop import bert, gpt2, llama
 from omninet.interop.base import Family, refuse
+from omninet.interop.gguf import read_gguf, read_gguf_config  # the gguf library itself is imported there on use
 
 __all__ = ["FAMILIES", "load_hf", "load_gguf", "save_hf", "read_hf_config", "foreign_config", "family_of",
            "copy_tokenizer_files", "TOKENIZER_FILES"]
@@ -60,8 +61,6 @@ def foreign_config(path) -> ModelConfig:
     config alone (no weights): what a sweep checks its trials against before converting."""
     p = Path(path)
     if p.suffix == ".gguf":
-        from omninet.interop.gguf import read_gguf_config  # the gguf library is needed only here
-
         hf = read_gguf_config(p)
         if hf.get("model_type") not in _BY_TYPE:
             refuse(f"{p}: GGUF architecture {hf.get('model_type')!r} is not supported; "
@@ -179,8 +178,6 @@ def load_hf(model_cls, path, *, dtype: torch.dtype = torch.float32, max_seq_leng
 def load_gguf(model_cls, path, *, dtype: torch.dtype = torch.float32, max_seq_length: int | None = None):
     """An ``OmniNetModel`` from a GGUF file (llama.cpp's format), dequantized by the ``gguf``
     library into the Hugging Face names and layout of its family (``omninet.interop.gguf``)."""
-    from omninet.interop.gguf import read_gguf  # the gguf library is needed only here
-
     ck = read_gguf(path)
     if ck.config.get("model_type") not in _BY_TYPE:
         refuse(f"{path}: GGUF architecture {ck.config.get('model_type')!r} is not supported; "
