@@ -1,32 +1,38 @@
-"""Passes that derive a trial's model from a trained base, in one documented order.
+"""The passes of a trial, in one documented order (``PASS_ORDER``).
 
-A sweep with a ``base`` trains (or loads) one dense model, and every trial is that model with
-its knobs applied as passes over the built model (the torchtitan pattern: the model is plain
-single-device code, each change is an ``apply`` step owned by its component):
+A trial's model is plain single-device code; every change to it after it is built is a pass
+over the built model (the torchtitan pattern: each change is an ``apply`` step owned by its
+component). A trial built from its seed trains first and runs the passes that need trained
+weights after training; a trial derived from a trained ``base`` (a sweep with a ``base``) runs
+them on the base before a short fine-tune. ``omninet.trial.build`` runs them for both:
+``build`` what comes before training, ``post_passes`` what comes after.
 
-1. ``load_base``     the base's ``save_pretrained`` folder (config.json + model.safetensors),
-                     or a Hugging Face folder or GGUF file (imported by ``omninet.interop``),
-                     checked against the trial: every block option must match, the task's ids
-                     must fit its vocabulary and its length must cover the task (``check_base``);
-2. ``prune_heads``   head importance (Michel et al. 2019: |dL/d gate| on training batches) on
-                     the *base* weights, then physical pruning of ``heads.prune_ratio`` of all
-                     heads, least important first (``omninet.heads.prune_model``);
-3. ``attention``     the attention kernel swap with its parameters (``swap_attention``): the
-                     trial's ``attention`` config on the pruned model, every weight reused; a
-                     kernel with weights of its own starts them by its ``from_dense`` hook
-                     (``omninet.attention.KernelSpec``), so a new kernel needs no edit here.
-                     Block-sparse layouts have none; Linformer's sequence projections E/F
-                     start as a strided mean pool (projected row j averages keys
+1. ``load_base``     derived trials: the base's ``save_pretrained`` folder (config.json +
+                     model.safetensors), or a Hugging Face folder or GGUF file (imported by
+                     ``omninet.interop``), checked against the trial: every block option must
+                     match, the task's ids must fit its vocabulary and its length must cover the
+                     task (``check_base``);
+2. ``prune_heads``   head importance (Michel et al. 2019: |dL/d gate| on ``PRUNE_CALIBRATION_BATCHES``
+                     training batches), then physical pruning of ``heads.prune_ratio`` of all
+                     heads, least important first (``prune_heads`` here, ``omninet.heads.prune_model``):
+                     a derived trial's on the *base* weights, a trial from its seed after training;
+3. ``attention``     derived trials: the attention kernel swap with its parameters
+                     (``swap_attention``): the trial's ``attention`` config on the pruned model,
+                     every weight reused; a kernel with weights of its own starts them by its
+                     ``from_dense`` hook (``omninet.attention.KernelSpec``), so a new kernel needs
+                     no edit here. Block-sparse layouts have none; Linformer's sequence
+                     projections E/F start as a strided mean pool (projected row j averages keys
                      j*s .. (j+1)*s - 1, s = ceil(N / k)), so the zero-shot model attends to k
-                     segment means, and are learned by the fine-tune;
-4. ``precision``     applied by the trial's precision plan (``omninet.trial.loop.Plan``): bf16 /
-                     fp16 autocast placement before the fine-tune; ``qat_int8`` fake-quantizes
-                     before it and converts after; ``int8`` (post-training) and ``mixed``
-                     (layer-wise, from the sensitivity measured on the derived weights) after it.
+                     segment means, and are learned by the fine-tune. (A trial from its seed is
+                     built with its kernel.);
+4. ``precision``     the trial's precision plan (``omninet.trial.loop.Plan``): placement and bf16 /
+                     fp16 autocast before training; ``qat_int8`` fake-quantizes before it and
+                     converts after; ``int8`` (post-training) and ``mixed`` (layer-wise, from the
+                     sensitivity measured on the trained weights) after it.
 
-Then the trial evaluates (zero-shot), fine-tunes ``finetune.steps`` (optionally distilling
-from the base's outputs) and evaluates and measures as any trial. ``Derivation.passes`` lists
-what was applied, in order, for the record.
+A derived trial then evaluates (zero-shot), fine-tunes ``finetune.steps`` (optionally distilling
+from the base's outputs) and evaluates and measures as any trial; ``Derivation.passes`` lists
+what was applied to it, in order, for the record (``TrialResult.passes``).
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ import torch
 
 from omninet.attention import get_kernel
 from omninet.config import AttentionConfig, ModelConfig
+from omninet.heads import prune_model
 from omninet.model import Attention, OmniNetModel
 
-__all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "swap_attention", "derive"]
+__all__ = ["PASS_ORDER", "Derivation", "load_base", "check_base", "prune_heads", "swap_attention", "derive"]
 
 PASS_ORDER = ("load_base", "prune_heads", "attention", "precision")
+PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
 # What a derived trial may set for itself; every other ModelConfig field is the base's (its
 # weights only fit a model of that shape and block), and vocab_size is checked on its own.
 TRIAL_FIELDS = ("attention", "heads", "dropout", "gradient_checkpointing", "max_seq_length", "pad_token_id",
@@ -170,24 +178,32 @@ def swap_attention(model: OmniNetModel, attention: AttentionConfig, *, seq_lengt
     return new, f"attention: {model.config.attention.kernel} -> {attention.kernel} ({'; '.join(parts)})"
 
 
+def prune_heads(model: OmniNetModel, *, ratio: float, calibration: Iterable[dict]) -> tuple[int, int] | None:
+    """Pass 2: removes ``ratio`` of all heads, least important first by gradient importance on
+    ``calibration`` batches (``omninet.heads.prune_model``). Returns (heads pruned, heads
+    left), or None when ``ratio`` is 0 (nothing runs)."""
+    if ratio <= 0:
+        return None
+    report = prune_model(model, list(calibration), prune_ratio=ratio)
+    return report.heads_before - report.heads_after, report.heads_after
+
+
 def derive(base: OmniNetModel, trial: ModelConfig, *, calibration: Iterable[dict], seq_length: int,
            task_name: str = "the task") -> tuple[OmniNetModel, Derivation]:
     """Passes 1-3 of ``PASS_ORDER`` on a copy of ``base`` (already loaded): check, prune heads by
     importance on ``calibration`` batches (training data), swap the attention kernel. Precision
-    (pass 4) belongs to the trial's plan. ``trial`` is the trial's resolved ModelConfig."""
+    (pass 4) is the trial's plan (``omninet.trial.build``). ``trial`` is the trial's resolved
+    ModelConfig."""
     check_base(base.config, trial, task_length=seq_length, task_name=task_name)
     model = load_base(base)
     log = Derivation(passes=["load_base: dense base, "
                              f"{sum(a.num_heads for a in model.attention_layers())} heads, {model.num_parameters()} params"])
-    ratio = trial.heads.prune_ratio
     heads_before = sum(a.num_heads for a in model.attention_layers())
-    if ratio > 0:
-        from omninet.heads import prune_model
-
-        report = prune_model(model, list(calibration), prune_ratio=ratio)
-        log.heads_pruned = report.heads_before - report.heads_after
-        log.passes.append(f"prune_heads: {log.heads_pruned} of {report.heads_before} heads by importance on the base")
-    log.heads_remaining = sum(a.num_heads for a in model.attention_layers()) if ratio > 0 else heads_before
+    log.heads_remaining = heads_before
+    pruned = prune_heads(model, ratio=trial.heads.prune_ratio, calibration=calibration)
+    if pruned is not None:
+        log.heads_pruned, log.heads_remaining = pruned
+        log.passes.append(f"prune_heads: {log.heads_pruned} of {heads_before} heads by importance on the base")
     model, line = swap_attention(model, trial.attention, seq_length=seq_length)
     log.passes.append(line)
     # the rest of the trial's model config (dropout, gating, checkpointing, ...) as the trial says

@@ -1,7 +1,9 @@
-"""A trial's model: built from its config and seed, or derived from a trained base by its
-passes (``omninet.passes``), and the post-training passes that make it the model that is
-evaluated and measured (head pruning, the kept model's files, the mixed precision plan, int8
-quantization or QAT conversion).
+"""A trial's model through the passes of ``omninet.passes.PASS_ORDER`` (one list, documented
+there): ``build`` runs what comes before training (a trial from its seed: the model built with
+its kernel; a derived trial: load_base, prune_heads and attention on the base; then precision's
+placement and QAT preparation), ``post_passes`` what comes after (a trial from its seed:
+prune_heads on the trained weights; then the kept model's files and precision's mixed plan,
+int8 quantization or QAT conversion), leaving the model that is evaluated and measured.
 
     model = build(cfg, plan, res)              # placed on the device; QAT layers prepared
     ...train...
@@ -11,9 +13,11 @@ quantization or QAT conversion).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
+from omninet import passes
 from omninet.trial import loop
 from omninet.trial.config import TrialConfig, TrialResult
 
@@ -43,7 +47,10 @@ def post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, k
     as it is evaluated and measured. Returns the model (int8 and QAT conversion replace it)."""
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     if cfg.base is None:  # a derived model was pruned by its passes, on the base's weights
-        loop.prune_heads(model, task, tc, device, res)
+        pruned = passes.prune_heads(model, ratio=cfg.model_config.heads.prune_ratio,
+                                    calibration=_calibration_batches(cfg, device))
+        if pruned is not None:
+            res.heads_pruned, res.heads_remaining = pruned
     res.num_params = model.num_parameters()
     if keep_model and plan.post != "qat_int8":  # a QAT model holds fake-quant modules, not plain Linear weights
         from omninet.artifacts import model_files
@@ -68,17 +75,16 @@ def post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, k
     return model
 
 
-def _calibration_batches(cfg: TrialConfig, device) -> list[dict[str, torch.Tensor]]:
-    return [loop.to_device(b, device) for _, b in zip(range(loop.PRUNE_CALIBRATION_BATCHES),
+def _calibration_batches(cfg: TrialConfig, device) -> Iterator[dict[str, torch.Tensor]]:
+    """The train batches that score head importance (``prune_heads``), drawn only when it runs."""
+    return (loop.to_device(b, device) for _, b in zip(range(passes.PRUNE_CALIBRATION_BATCHES),
                                                       cfg.task_obj.batches("train", cfg.train.batch_size,
-                                                                           seed=cfg.train.seed + 10_000))]
+                                                                           seed=cfg.train.seed + 10_000)))
 
 
 def _derive(cfg: TrialConfig, plan: loop.Plan, res: TrialResult | None):
-    from omninet.passes import derive, load_base
-
-    base = load_base(cfg.base)
-    model, log = derive(base, cfg.model_config, calibration=_calibration_batches(cfg, torch.device("cpu")),
+    base = passes.load_base(cfg.base)
+    model, log = passes.derive(base, cfg.model_config, calibration=_calibration_batches(cfg, torch.device("cpu")),
                         seq_length=cfg.task_obj.max_length, task_name=f"task {cfg.task_obj.name!r}")
     if res is not None:
         res.derived = True
@@ -98,9 +104,7 @@ def distilling(cfg: TrialConfig, plan: loop.Plan):
     if cfg.base is None or cfg.finetune.distill <= 0:
         yield
         return
-    from omninet.passes import load_base
-
-    teacher = load_base(cfg.base, device=plan.device).eval()
+    teacher = passes.load_base(cfg.base, device=plan.device).eval()
     plan.teacher, plan.distill, plan.temperature = teacher, cfg.finetune.distill, cfg.finetune.temperature
     try:
         yield

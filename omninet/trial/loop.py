@@ -25,10 +25,9 @@ from torch import nn
 from omninet.hardware.base import INT8_PRECISIONS
 from omninet.trial.config import HardwareConfig, TrainConfig
 
-__all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step", "prune_heads",
+__all__ = ["Diverged", "Plan", "resolve_plan", "make_optimizer", "train", "evaluate", "step",
            "to_device", "training_monitor", "native_refusal", "Evaluation"]
 
-PRUNE_CALIBRATION_BATCHES = 4  # train batches that score head importance before pruning
 
 
 class Diverged(Exception):
@@ -369,17 +368,3 @@ def evaluate(model, task, tc: TrainConfig, plan: Plan, gate) -> Evaluation:
     seconds = time.perf_counter() - start
     scores = meter.scores(eval_hash=task.eval_rows_hash())  # the ordered split: every prefix of it pairs
     return Evaluation(meter.compute(), scores, stopped_by, seconds)
-
-
-def prune_heads(model, task, tc: TrainConfig, device, res) -> None:
-    """After training: removes ``heads.prune_ratio`` of all heads, least important first by
-    gradient importance (``omninet.heads.prune_model``) on a few train batches."""
-    ratio = model.config.heads.prune_ratio
-    if ratio <= 0:
-        return
-    from omninet.heads import prune_model
-
-    calibration = [to_device(b, device) for _, b in zip(range(PRUNE_CALIBRATION_BATCHES),
-                                                        task.batches("train", tc.batch_size, seed=tc.seed + 10_000))]
-    report = prune_model(model, calibration, prune_ratio=ratio)
-    res.heads_pruned, res.heads_remaining = report.heads_before - report.heads_after, report.heads_after
