@@ -37,6 +37,10 @@ from typing import Any
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+import torch
+
+from omninet.artifacts import load_trial_model
+from omninet.serve.predictor import Predictor, RequestError, one_line
 
 __all__ = ["DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_BODY_BYTES",
            "OmniNetServer", "app_builder", "build_app", "pool_actor_options", "read_body", "serve_model"]
@@ -60,8 +64,6 @@ def batch_limits(buckets: list[int], max_batch_size: int, max_batch_tokens: int 
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    from omninet.serve.predictor import one_line
-
     return JSONResponse({"error": one_line(message, "error")}, status_code=status)
 
 
@@ -69,8 +71,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or ``RequestError`` 413 as soon as it is known to exceed ``limit``
     bytes: from Content-Length before reading anything, else while reading (chunked bodies),
     so no more than ``limit`` bytes (plus one chunk) are ever held."""
-    from omninet.serve.predictor import RequestError
-
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {int(declared)} bytes; the server accepts at most {limit} "
@@ -93,11 +93,6 @@ class OmniNetServer:
                  batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None,
                  device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        import torch
-
-        from omninet.artifacts import load_trial_model
-        from omninet.serve.predictor import Predictor
-
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         if device == "auto":
@@ -137,8 +132,6 @@ class OmniNetServer:
             return _error(404, f"no route {path}; use POST /predict or GET /health")
         if request.method != "POST":
             return _error(405, "use POST /predict with a JSON body")
-        from omninet.serve.predictor import RequestError
-
         try:
             inputs = self.predictor.parse(await read_body(request, self.max_body_bytes))
         except RequestError as exc:
@@ -181,9 +174,6 @@ def build_app(model_dir: str | Path, *, num_replicas: int = 1, ray_actor_options
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {batch_wait_timeout_s!r}")
-    from omninet.artifacts import load_trial_model
-    from omninet.serve.predictor import Predictor
-
     Predictor(load_trial_model(model_dir))  # fail here, with the reason, not in a replica that retries forever
     # Enough requests in flight per replica to fill a batch in every bucket's queue.
     ongoing = max_ongoing_requests or max(64, 4 * max_batch_size)

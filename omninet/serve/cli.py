@@ -21,21 +21,23 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from omninet.artifacts import load_trial_model
+
 __all__ = ["resolve_model", "serve_main"]
 
 
 def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Path, dict[str, float] | None]:
     """RESULTS_DIR + pool (+ trial) or a model folder -> (model folder, the pool's Ray resources).
     ValueError (one line) when something is missing."""
-    from omninet.artifacts import load_trial_model
-
     path = Path(os.path.expanduser(target)).resolve()
     if not path.exists():
         raise ValueError(f"{target}: no such directory")
     if (path / "identity.json").is_file():  # a model folder itself
         load_trial_model(path)
         return path, None
-    from omninet.sweep.results import SweepResult
+    from omninet.sweep.results import SweepResult  # heavy: optuna, pyarrow (a model folder needs neither)
 
     result = SweepResult.load(path)
     if pool is None:
@@ -46,8 +48,12 @@ def resolve_model(target: str, pool: str | None, trial: int | None) -> tuple[Pat
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    from omninet.serve.app import (DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS,
-                                   DEFAULT_MAX_BODY_BYTES)
+    import ray  # heavy: ray (resolve_model runs without it)
+    from ray import serve  # heavy: ray
+
+    from omninet.serve.app import (DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE,  # heavy: ray (Ray Serve)
+                                   DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BODY_BYTES, pool_actor_options, serve_config,
+                                   serve_model)
 
     parser = argparse.ArgumentParser(prog="omninet serve", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", help="a sweep's results directory, or a trial-model folder")
@@ -73,8 +79,6 @@ def serve_main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
 
     folder, resources = resolve_model(args.results_dir, args.pool, args.trial)
-    from omninet.serve.app import pool_actor_options
-
     actor = pool_actor_options(resources or {"CPU": 1})
     if args.num_cpus is not None:
         actor["num_cpus"] = args.num_cpus
@@ -85,19 +89,10 @@ def serve_main(argv: list[str] | None = None) -> int:
                                "max_batch_tokens": args.max_batch_tokens, "max_body_bytes": args.max_body_bytes,
                                "num_threads": args.num_threads}
     if args.write_config:
-        import yaml
-
-        from omninet.serve.app import serve_config
-
         Path(args.write_config).write_text(yaml.safe_dump(serve_config(folder, host=args.host, port=args.port, **options),
                                                           sort_keys=False))
         print(f"wrote {args.write_config}; deploy with: serve deploy {args.write_config}")
         return 0
-
-    import ray
-    from ray import serve
-
-    from omninet.serve.app import serve_model
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -14,6 +14,11 @@ from typing import Any
 
 import torch
 
+from omninet.artifacts import save_trial_model, trial_identity
+from omninet.model import OmniNetModel
+from omninet.trial import TrialConfig, TrialResult, loop
+from omninet.trial.measure import MeasureGate
+
 __all__ = ["LISTOPS_SERVE_TRIAL", "quick_trained_model"]
 
 # Quickstart-sized ListOps encoder whose positions reach 512 tokens (the serving target).
@@ -31,11 +36,6 @@ def quick_trained_model(trial_config: dict[str, Any], out_dir: str | Path, *, sw
                         pool: str = "cpu", trial: int = 0) -> Path:
     """Trains, evaluates and saves; returns the model folder. ``metrics.json`` holds the eval
     metrics (``accuracy``, ``loss``, ...) of the in-memory model, before it was written."""
-    from omninet.artifacts import save_trial_model, trial_identity
-    from omninet.model import OmniNetModel
-    from omninet.trial import TrialConfig, TrialResult, loop
-    from omninet.trial.measure import MeasureGate
-
     cfg = TrialConfig.from_dict(trial_config)
     task, tc = cfg.task_obj, cfg.train
     plan = loop.resolve_plan(cfg.hardware)
