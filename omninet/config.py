@@ -223,7 +223,17 @@ class BlockSparseConfig(ConfigBase):
     ``backend``: 'auto' (compiled FlexAttention on CUDA when there is no mask, bias or
     dropout; otherwise fused SDPA over slabs of key blocks, views of k/v merged by
     log-sum-exp), 'gather' (always the slab path; the name predates it), 'flex' (also
-    FlexAttention for CPU inference; needs a C++ compiler for torch.compile)."""
+    FlexAttention for CPU inference; needs a C++ compiler for torch.compile).
+
+    ``pattern``: 'proportional' (the above: a row keeps a fixed fraction of the blocks before it,
+    so a decode step's keys grow with the context) or 'sink_window' (causal layers only: each
+    query block sees the first ``sink_blocks`` blocks and the last ``window_blocks`` blocks, its
+    own included, whatever the length; its KV cache is a ring buffer of
+    ``(sink_blocks + window_blocks) * block_size`` keys, so memory and time per generated token
+    stay flat). 'sink_window' ignores ``sparsity_factor``, ``local_blocks``, ``global_blocks``,
+    ``random_blocks`` and ``min_seq_length``: it is exactly dense up to
+    ``(sink_blocks + window_blocks) * block_size`` tokens and the pattern from there on, with no
+    cut-over."""
 
     block_size: int = 128
     sparsity_factor: float = 0.875
@@ -233,8 +243,14 @@ class BlockSparseConfig(ConfigBase):
     seed: int = 0
     min_seq_length: int = 1024  # sequences of at most this many tokens use dense SDPA (it wins on short inputs)
     backend: Literal["auto", "gather", "flex"] = "auto"
+    pattern: Literal["proportional", "sink_window"] = "proportional"
+    window_blocks: int = 8  # sink_window: the most recent blocks a query block sees (its own included)
+    sink_blocks: int = 1  # sink_window: leading blocks every query block sees (attention sinks)
 
     def validate(self) -> None:
+        _check(self.window_blocks >= 1,
+               f"BlockSparseConfig.window_blocks must be >= 1 (the query's own block counts), got {self.window_blocks}")
+        _check(self.sink_blocks >= 0, f"BlockSparseConfig.sink_blocks must be >= 0, got {self.sink_blocks}")
         _check(self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
                f"BlockSparseConfig.block_size must be a power of two >= 16, got {self.block_size}")
         _check(0.0 <= self.sparsity_factor < 1.0,
@@ -288,11 +304,11 @@ class AttentionConfig(ConfigBase):
 
 @dataclass(kw_only=True)
 class HeadsConfig(ConfigBase):
-    """Head pruning and per-input gating. ``pruned_heads`` maps layer index to the original
+    """Pruned heads and per-input gating. ``pruned_heads`` maps layer index to the original
     ids of heads physically removed (written by ``prune_heads``; survives save/load).
-    ``active_heads``: when set, a router picks that many heads per sequence."""
+    ``active_heads``: when set, a router picks that many heads per sequence. How many heads a
+    trial prunes is the trial's (``prune.heads``, a pass: ``omninet.passes``), not the model's."""
 
-    prune_ratio: float = 0.0
     active_heads: int | None = None
     gating: Literal["sequence", "token"] = "sequence"
     balance_loss_weight: float = 0.01
@@ -300,8 +316,16 @@ class HeadsConfig(ConfigBase):
     importance_decay: float = 0.99
     pruned_heads: dict[int, list[int]] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, _where: str | None = None) -> "HeadsConfig":
+        # Saved models (config.json) written while the pruning ratio was a model field carry it;
+        # the heads it removed are in pruned_heads, so it is dropped when they are read back.
+        # A trial that sets it is told where it moved (omninet.trial.config).
+        if isinstance(data, dict) and "prune_ratio" in data:
+            data = {k: v for k, v in data.items() if k != "prune_ratio"}
+        return super().from_dict(data, _where=_where)
+
     def validate(self) -> None:
-        _check(0.0 <= self.prune_ratio < 1.0, f"HeadsConfig.prune_ratio must be in [0, 1), got {self.prune_ratio}")
         _check(self.active_heads is None or self.active_heads >= 1,
                f"HeadsConfig.active_heads must be >= 1 (or null for all heads), got {self.active_heads}")
         _check(0.0 < self.importance_decay < 1.0,
@@ -392,6 +416,9 @@ class ModelConfig(ConfigBase):
                    f"HeadsConfig.pruned_heads[{layer}]: head ids must be distinct and in [0, {self.num_heads}), got {ids}")
             _check(len(ids) < self.num_heads,
                    f"HeadsConfig.pruned_heads[{layer}] removes every head; keep at least one per layer")
+        _check(self.attention.block_sparse.pattern != "sink_window" or self.arch == "decoder",
+               "BlockSparseConfig.pattern='sink_window' is a causal pattern (sinks + the last blocks before a query); "
+               f"arch={self.arch!r} has non-causal layers: use arch='decoder' or pattern='proportional'")
         self._validate_kernel()
 
     def _validate_kernel(self) -> None:

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from omninet.attention import KeyPadding, get_kernel
 from omninet import gating
+from omninet.attention.block_sparse.layout import cache_window_of
+from omninet.attention.block_sparse.ring import AtPositions, CacheWindow, RingBuffer
 from omninet.config import ModelConfig
 from omninet.positions import Alibi, LearnedPositions, RelativeBias, Rotary
 
@@ -50,7 +52,11 @@ class KVCache:
     Each layer's self-attention K/V live in a preallocated buffer (B, Hk, capacity, D) written
     in place: a step copies only its own tokens, and ``self_kv[layer]`` holds views of the
     tokens cached so far. The buffer is sized from ``capacity`` (tokens; e.g. prompt +
-    max_new_tokens) and otherwise grows by doubling, so it moves O(log N) times, not every step."""
+    max_new_tokens) and otherwise grows by doubling, so it moves O(log N) times, not every step.
+
+    A layer whose layout is ``sink_window`` keeps a ``RingBuffer`` instead (``ring``): its sink
+    keys and its window's, a fixed number of slots whatever the length, the oldest window block
+    evicted when a new block starts (``omninet.attention.block_sparse.ring``)."""
 
     def __init__(self, capacity: int | None = None):
         if capacity is not None and capacity < 1:
@@ -59,9 +65,13 @@ class KVCache:
         self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # views (B, Hk, N, D) of the buffers
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, Hk, capacity, D) each
+        self.rings: dict[int, RingBuffer] = {}  # sink_window layers: bounded, never in self_kv
         self.allocations = 0  # buffer (re)allocations so far, all layers
 
     def length(self, layer: int = 0) -> int:
+        """Positions cached for ``layer`` so far (a ring's: all it has seen, not the keys it keeps)."""
+        if layer in self.rings:
+            return self.rings[layer].length
         kv = self.self_kv.get(layer)
         return 0 if kv is None else kv[0].shape[-2]
 
@@ -100,8 +110,19 @@ class KVCache:
         self.allocations += 1
         return kb, vb
 
+    def ring(self, layer: int, window: CacheWindow) -> RingBuffer:
+        """The ring buffer of a ``sink_window`` layer (created empty on first use)."""
+        if layer in self.self_kv:
+            raise ValueError(f"KVCache: layer {layer} already holds a growing cache; a sink_window layer needs a fresh KVCache")
+        ring = self.rings.get(layer)
+        if ring is None:
+            ring = self.rings[layer] = RingBuffer(window)
+        return ring
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps only batch rows ``index`` (e.g. after dropping finished sequences)."""
+        for ring in self.rings.values():
+            ring.reorder(index)
         for store in (self._buffers, self.cross_kv):
             for layer, (k, v) in store.items():
                 store[layer] = (k.index_select(0, index), v.index_select(0, index))
@@ -114,40 +135,49 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Forgets every self-attention position from ``length`` on (the buffers stay: the next
-        append writes over them), e.g. to decode again from the same prompt."""
+        append writes over them), e.g. to decode again from the same prompt. A ring buffer crops
+        only while it still holds what ``length`` needs (``RingBuffer.crop``)."""
+        for ring in self.rings.values():
+            ring.crop(length)
         for layer, (k, v) in self.self_kv.items():
             self.self_kv[layer] = (k[..., :length, :], v[..., :length, :])
 
     def nbytes(self) -> int:
         """Bytes of the keys and values cached so far (self- and cross-attention), not counting
-        a buffer's room for later tokens (``allocated_bytes``)."""
+        a buffer's room for later tokens (``allocated_bytes``); a ring's slots written so far."""
         return sum(t.numel() * t.element_size() for store in (self.self_kv, self.cross_kv)
-                   for kv in store.values() for t in kv)
+                   for kv in store.values() for t in kv) + sum(r.nbytes() for r in self.rings.values())
 
     def allocated_bytes(self) -> int:
         """Bytes the cache holds in memory: the self-attention buffers whole, plus cross-attention."""
         kv = [t for b in self._buffers.values() for t in b]
         kv += [t for layer, b in self.self_kv.items() if layer not in self._buffers for t in b]
         kv += [t for b in self.cross_kv.values() for t in b]
-        return sum(t.numel() * t.element_size() for t in kv)
+        return sum(t.numel() * t.element_size() for t in kv) + sum(r.allocated_bytes() for r in self.rings.values())
 
 
 def kv_cache_bytes(config: ModelConfig, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
                    memory_tokens: int = 0) -> int:
     """Bytes of the keys and values a ``KVCache`` holds after ``tokens`` decoder positions:
     2 (K and V) x B x N x D x bytes x Σ_layers Hk_layer, with Hk_layer the K/V heads a layer
-    keeps after pruning (a K/V head goes only with its whole query group). Encoder-decoders
-    add the cross-attention K/V of ``memory_tokens`` encoder positions (every K/V head)."""
+    keeps after pruning (a K/V head goes only with its whole query group). A ``sink_window``
+    layer keeps min(N, (sink_blocks + window_blocks) x block_size) positions (its ring buffer),
+    the same at any length past that. Encoder-decoders add the cross-attention K/V of
+    ``memory_tokens`` encoder positions (every K/V head)."""
     if config.arch == "encoder":
         return 0
     H, Hk, D = config.num_heads, config.kv_heads, config.head_dim
     group = H // Hk
     first = config.num_layers if config.arch == "encoder_decoder" else 0
     layers = range(first, config.total_layers)
-    self_heads = sum(len({h // group for h in set(range(H)) - set(config.heads.pruned_heads.get(layer, []))})
-                     for layer in layers)  # K/V heads still read by a query head
+    spec = get_kernel(config.attention.kernel)
+    kept = 0
+    for layer in layers:
+        heads = len({h // group for h in set(range(H)) - set(config.heads.pruned_heads.get(layer, []))})  # K/V heads still read
+        window = cache_window_of(spec.make_state(config, layer, False)) if spec.make_state else None
+        kept += heads * (tokens if window is None else min(tokens, window.capacity))
     size = torch.empty((), dtype=dtype).element_size()
-    return 2 * batch * D * size * (self_heads * tokens + len(layers) * Hk * memory_tokens)
+    return 2 * batch * D * size * (kept + len(layers) * Hk * memory_tokens)
 
 
 class Attention(nn.Module):
@@ -167,6 +197,7 @@ class Attention(nn.Module):
         spec = get_kernel(config.attention.kernel).for_layer(cross)  # the kernel names its cross-attention fallback
         self.spec = spec
         self.kernel_state = spec.make_state(config, layer_idx, cross) if spec.make_state else None
+        self.cache_window = cache_window_of(self.kernel_state)  # a sink_window layer's bounded cache, else None
         self.register_buffer("head_ids", torch.arange(H), persistent=False)
         self.register_buffer("kv_ids", torch.arange(Hk), persistent=False)
         self.register_buffer("kv_index", torch.arange(H) // self.group, persistent=False)  # query head -> local K/V head
@@ -204,11 +235,18 @@ class Attention(nn.Module):
         sequence-level router only the selected heads (index (B, k)) are computed."""
         gate = self.router(x, mask) if self.router is not None else None
         index = None if gate is None else gate.index
-        q, k, v = self._project(x, memory, rotary, cache, index)
-        kernel = get_kernel("eager") if need_weights and not self.spec.forms_weights else self.spec
+        if mask is not None and cache is not None and self.cache_window is not None:
+            raise ValueError("a sink_window layer's bounded KV cache takes unpadded sequences: pass no attention_mask "
+                             "(or an all-True one) when decoding with a cache")
+        q, k, v, seen = self._project(x, memory, rotary, cache, index)
+        kernel, causal = self.spec, self.causal
+        if seen is not None:  # a ring's keys: dense attention under the layout's mask (causality included), true positions
+            kernel, mask, causal = get_kernel("sdpa"), seen.mask, False
+            bias = None if bias is None else AtPositions(bias, seen.q_pos, seen.k_pos)
+        kernel = get_kernel("eager") if need_weights and not kernel.forms_weights else kernel
         out, weights = gating.attend(
             kernel, q, k, v, index=index, head_ids=self.head_ids, total_heads=self.total_heads, mask=mask, bias=bias,
-            key_padding=key_padding, causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            key_padding=key_padding, causal=causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights, state=self.kernel_state,
         )  # out (B, H|k, N, D)
         scale = gating.head_scale(gate, head_mask, self.head_ids)
@@ -229,7 +267,8 @@ class Attention(nn.Module):
 
     def _project(self, x, memory, rotary, cache, index):
         """q (B, H|k, N, D) and k, v (B, H|k, Nk, D); only the selected heads when ``index``.
-        The cache holds the Hk K/V heads; they are repeated to their query heads after it."""
+        The cache holds the Hk K/V heads; they are repeated to their query heads after it.
+        The fourth value is the ``RingKeys`` of a ring-buffer call (k, v are then its keys), else None."""
         B, N, _ = x.shape
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.cross:
@@ -241,7 +280,7 @@ class Attention(nn.Module):
                 k, v = self.kv_proj(memory).view(B, M, 2, Hk, D).permute(2, 0, 3, 1, 4)  # (B, Hk, M, D) each
                 if cache is not None:
                     cache.cross_kv[self.layer_idx] = (k, v)
-            return q, *self._repeat_kv(k, v)
+            return q, *self._repeat_kv(k, v), None
         if index is not None and Hk == H:
             q, k, v = gating.gather_qkv(self.qkv, x, index, H, D)  # (B, k, N, D) each: only those rows run
         else:
@@ -254,16 +293,24 @@ class Attention(nn.Module):
         if rotary is not None:
             offset = cache.length(self.layer_idx) if cache is not None else 0
             q, k = rotary(q, offset), rotary(k, offset)
-        if cache is not None:
+        seen = None
+        if cache is not None and self.cache_window is not None:
+            ring = cache.ring(self.layer_idx, self.cache_window)
+            if ring.length:  # later calls read the ring (the keys their queries may see) instead of every key
+                seen = ring.attend(k, v)
+                k, v = seen.k, seen.v
+            else:  # the prompt runs through the layer's kernel on its own keys; the ring keeps what the next queries see
+                ring.write(k, v)
+        elif cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
         if Hk == H:
-            return q, k, v
+            return q, k, v, seen
         if index is not None:  # grouped K/V under a router: every head projected, the selected ones kept
             k, v = self._repeat_kv(k, v)
             sel = index[:, :, None, None]
             take = lambda t: t.gather(1, sel.expand(-1, -1, *t.shape[2:]))  # noqa: E731
-            return take(q), take(k), take(v)
-        return q, *self._repeat_kv(k, v)
+            return take(q), take(k), take(v), seen
+        return q, *self._repeat_kv(k, v), seen
 
     def _repeat_kv(self, k, v):
         """(B, Hk, Nk, D) -> (B, H, Nk, D): each query head's K/V head (a copy only with grouped K/V)."""

@@ -200,7 +200,7 @@ def test_prune_by_importance_is_global_and_keeps_one_head_per_layer():
 
 
 def test_prune_model_reports_accuracy_before_and_after():
-    model = build(arch="decoder", heads={"prune_ratio": 0.5})
+    model = build(arch="decoder")
     evals = lm_batches(n=2, seed=9)
 
     def accuracy(m):
@@ -208,7 +208,7 @@ def test_prune_model_reports_accuracy_before_and_after():
             hits = [(m(b["input_ids"]).logits.argmax(-1) == b["labels"]).float().mean() for b in evals]
         return float(torch.stack(hits).mean())
 
-    report = prune_model(model, lm_batches(), eval_fn=accuracy)
+    report = prune_model(model, lm_batches(), prune_ratio=0.5, eval_fn=accuracy)
     assert report.heads_before == 8 and report.heads_after == 4 and report.ratio == 0.5
     assert report.params_after < report.params_before
     assert report.accuracy_before == pytest.approx(accuracy(build(arch="decoder")))
@@ -243,7 +243,7 @@ def test_iterative_pruner_prunes_in_slices_inside_a_training_loop():
 def _gated_reference(attn, x, mask=None, bias=None):
     """Every head computed, unselected ones zeroed, selected ones scaled by the gate."""
     gate = attn.router(x, mask)
-    q, k, v = attn._project(x, None, None, None, None)
+    q, k, v, _ = attn._project(x, None, None, None, None)
     from omninet.heads import attend
 
     out, _ = attend(attn.spec, q, k, v, index=None, head_ids=attn.head_ids, total_heads=attn.total_heads, mask=mask,

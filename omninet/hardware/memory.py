@@ -17,6 +17,9 @@ The estimate follows what PyTorch actually holds for this model (counted by walk
   terms (what each layer saves, plus the largest one-layer backward transient) + the loss head
   (log-softmax output and its gradients, 3 (T, V) fp32 tensors).
 - autocast keeps a low-precision copy of each weight it casts (2 bytes per Linear parameter).
+- generation (``kv_tokens`` > 0, inference): the KV cache after that many decoder positions,
+  ``omninet.model.kv_cache_bytes`` in the activation dtype: it grows with the length for dense
+  layers and stops at sink + window blocks for ``sink_window`` layers (their ring buffer).
 
 Each attention kernel states its own per-layer term with its registration (``KernelSpec.memory``
 in ``omninet.attention``: dense SDPA is O(N); eager materializes scores; Linformer O(N k);
@@ -66,8 +69,11 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
 
 
 def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, precision: str = "fp32",
-                     training: bool = False, optimizer_states: int = 2, dropout_masks: bool | None = None) -> dict[str, float]:
-    """Bytes per component of the estimated peak (see the module docstring)."""
+                     training: bool = False, optimizer_states: int = 2, dropout_masks: bool | None = None,
+                     kv_tokens: int = 0) -> dict[str, float]:
+    """Bytes per component of the estimated peak (see the module docstring). ``kv_tokens``: a
+    generation's cached positions (prompt + new tokens), whose KV cache is held beside the
+    forward (``kv_cache``); 0 for a plain forward."""
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}; use ModelConfig.from_dict(d)")
     if batch_size < 1 or seq_len < 1:
@@ -76,6 +82,9 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
         raise ValueError(f"precision must be one of {', '.join(_ELEM)} (resolve 'auto' first), got {precision!r}")
     if precision in INT8_PRECISIONS and training:
         raise ValueError(f"{precision} is inference-only; estimate training in 'fp32' or 'bf16'")
+    if isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens < 0 or (kv_tokens and training):
+        raise ValueError(f"kv_tokens is the cached positions of an inference generation (an int >= 0, and 0 with "
+                         f"training=True), got {kv_tokens!r}")
     B, N, C, F = batch_size, seq_len, config.hidden_size, config.ff_dim
     T, s = B * N, _ELEM[precision]
     ff_live = 3 if config.mlp == "gated" else 2  # (T, F) tensors alive in the MLP: up and act; gated: gate, up, product
@@ -93,6 +102,10 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
         out["activations"] = max(block, C * T * 4 + head)  # blocks free their transients before the head runs
         if not config.num_classes:
             out["gemm_packing"] = config.vocab_size * C * 4  # the BLAS packs the (V, C) head weight for the (T, V) GEMM
+        if kv_tokens:
+            from omninet.model import kv_cache_bytes  # the model imports the attention registry this module uses
+
+            out["kv_cache"] = kv_cache_bytes(config, B, kv_tokens, torch.bfloat16 if s == 2 else torch.float32)
         return out
     drop = config.dropout > 0 if dropout_masks is None else dropout_masks
     per_block = (9 * C + ff_live * F) * T * s + (2 * T * C if drop else 0)
@@ -107,12 +120,15 @@ def memory_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, prec
 
 
 def estimate_memory_mb(config: ModelConfig, *, batch_size: int, seq_len: int, precision: str = "fp32",
-                       training: bool = False, optimizer_states: int = 2, dropout_masks: bool | None = None) -> float:
+                       training: bool = False, optimizer_states: int = 2, dropout_masks: bool | None = None,
+                       kv_tokens: int = 0) -> float:
     """Estimated peak memory (MiB) of one forward (``training=False``, no_grad) or one
     steady-state training step with an optimizer keeping ``optimizer_states`` fp32 tensors
-    per parameter (Adam: 2, SGD with momentum: 1)."""
+    per parameter (Adam: 2, SGD with momentum: 1); with ``kv_tokens``, plus a generation's KV
+    cache after that many positions."""
     return sum(memory_breakdown(config, batch_size=batch_size, seq_len=seq_len, precision=precision, training=training,
-                                optimizer_states=optimizer_states, dropout_masks=dropout_masks).values()) / MB
+                                optimizer_states=optimizer_states, dropout_masks=dropout_masks,
+                                kv_tokens=kv_tokens).values()) / MB
 
 
 def max_batch_size(config: ModelConfig, *, seq_len: int, capacity_mb: float, memory_threshold: float = 0.9,

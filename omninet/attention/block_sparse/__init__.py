@@ -33,6 +33,8 @@ __all__ = ["BlockSparseLayout", "block_sparse_attention", "make_block_sparse_sta
 
 def describe_block_sparse(config: ModelConfig, seq_length: int) -> str:
     b = config.attention.block_sparse
+    if b.pattern == "sink_window":
+        return f"block {b.block_size}, {b.sink_blocks} sink + {b.window_blocks} window blocks"
     return f"block {b.block_size}, sparsity {b.sparsity_factor:g}"
 
 

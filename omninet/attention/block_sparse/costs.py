@@ -27,11 +27,11 @@ def block_sparse_memory(config: ModelConfig, B: int, N: int, s: int, *, layer_id
     budget; backward: ``BACKWARD_BUDGETS``), never more than the layout's fraction of the fp32
     (B, H, N, N) scores; backward keeps the (B, H, N) log-sum-exp, as fused SDPA does. Dense
     SDPA's cost where the kernel runs dense SDPA (cross-attention, density 1.0,
-    N <= min_seq_length)."""
-    bcfg = config.attention.block_sparse
-    if cross or bcfg.sparsity_factor == 0.0 or N <= bcfg.min_seq_length:
+    N <= min_seq_length; a sink + window layout up to its sink + window blocks)."""
+    layout = make_block_sparse_state(config, layer_idx, cross)
+    if cross or layout.dense_below(N, layout.causal):
         return get_kernel("sdpa").memory(config, B, N, s, layer_idx=layer_idx, cross=cross)
-    scores = scores_bytes(config, B, N, 1 - bcfg.sparsity_factor)
+    scores = scores_bytes(config, B, N, layout.density(N))
     lse = B * config.num_heads * N * 4
     return AttentionMemory(transient=min(scores, CHUNK_BYTES), saved=lse,
                            backward=min(scores, BACKWARD_BUDGETS * CHUNK_BYTES))

@@ -1,8 +1,10 @@
 """The layout: which key blocks each query block of a layer sees (its pattern as a block mask).
 
 ``BlockSparseLayout`` is the kernel's per-layer state (``make_state``): the pattern drawn from
-``BlockSparseConfig`` (own block, global blocks, local window, random blocks, then a wider
-window), fixed per layer and seed and never redrawn per call; ``dense_mask`` and
+``BlockSparseConfig`` (``proportional``: own block, global blocks, local window, random blocks,
+then a wider window, a fixed fraction of the blocks; ``sink_window``: the sink blocks and the
+last ``window_blocks`` blocks, a fixed number, whose KV cache is bounded: ``cache_window``),
+fixed per layer and seed and never redrawn per call; ``dense_mask`` and
 ``equivalent_mask``, the masks under which the eager reference equals the kernel; and the
 caches of its plans (``plan``) and FlexAttention block masks (``block_mask``).
 """
@@ -18,6 +20,7 @@ from torch import nn
 from omninet.attention.block_sparse.flex import build_block_mask
 from omninet.attention.block_sparse.padding import _alive_queries, _is_key_padding
 from omninet.attention.block_sparse.plan import CHUNK_BYTES, _LRU, _Plan, build_plan
+from omninet.attention.block_sparse.ring import CacheWindow
 from omninet.config import BlockSparseConfig, ModelConfig
 
 
@@ -27,8 +30,12 @@ class BlockSparseLayout(nn.Module):
 
     def __init__(self, config: BlockSparseConfig, *, layer_idx: int = 0, cross: bool = False, causal: bool = False):
         super().__init__()
+        if config.pattern == "sink_window" and not (causal or cross):
+            raise ValueError("BlockSparseConfig.pattern='sink_window' needs a causal layer (a decoder's self-attention); "
+                             "use pattern='proportional' for non-causal layers")
         self.config, self.layer_idx, self.cross = config, layer_idx, cross
         self.causal = causal  # the layer's own causality: dense_mask's default
+        self.window = config.pattern == "sink_window"
         self.block_size = config.block_size
         self.chunk_bytes = CHUNK_BYTES  # slab budget (bytes of key + value rows); tests shrink it
         self._rows: dict[tuple[int, bool], tuple[tuple[int, ...] | None, ...]] = {}
@@ -37,12 +44,36 @@ class BlockSparseLayout(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if self.window:
+            return (f"block_size={c.block_size}, sink_blocks={c.sink_blocks}, window_blocks={c.window_blocks}, "
+                    f"layer={self.layer_idx}")
         return (f"block_size={c.block_size}, density={1 - c.sparsity_factor:g}, local={c.local_blocks}, "
                 f"global={c.global_blocks}, random={c.random_blocks}, layer={self.layer_idx}")
 
     # ---- layout ---------------------------------------------------------------------------
+    @property
+    def cache_window(self) -> CacheWindow | None:
+        """The bounded KV cache this layer's decoding needs (``sink_window`` self-attention), else None."""
+        c = self.config
+        if not self.window or self.cross:
+            return None
+        return CacheWindow(sink=c.sink_blocks * c.block_size, window_blocks=c.window_blocks, block_size=c.block_size)
+
+    def density(self, n: int) -> float:
+        """The fraction of the (N, N) scores this layout computes at most (the memory model's
+        factor): 1 - sparsity_factor, or the sink and window blocks' share of N keys."""
+        c = self.config
+        if self.window:
+            return min(1.0, (c.sink_blocks + c.window_blocks) * c.block_size / max(n, 1))
+        return 1.0 - c.sparsity_factor
+
     def dense_below(self, nk: int, causal: bool) -> bool:
-        """True when the whole call is dense attention (short input, or density 1.0)."""
+        """True when the whole call is dense attention (short input, or density 1.0). A
+        ``sink_window`` layout is dense exactly while every row holds all blocks before it
+        (at most sink + window blocks), so there is no cut-over: the pattern holds from the start."""
+        if self.window:
+            c = self.config
+            return nk <= (c.sink_blocks + c.window_blocks) * self.block_size
         if self.config.sparsity_factor == 0.0:
             return True
         if causal:
@@ -63,6 +94,9 @@ class BlockSparseLayout(nn.Module):
 
     def _row(self, i: int, nb: int, causal: bool) -> tuple[int, ...] | None:
         c = self.config
+        if self.window:  # causal by construction: the sinks, then the last window_blocks blocks up to i
+            sinks = range(min(c.sink_blocks, i + 1))
+            return tuple(sorted(set(sinks) | set(range(max(0, i - c.window_blocks + 1), i + 1))))
         if i < self._prefix_blocks(causal):
             return None
         span = i + 1 if causal else nb  # candidate blocks are [0, span)
@@ -155,3 +189,10 @@ def layer_is_causal(config: ModelConfig, layer_idx: int, cross: bool) -> bool:
 def make_block_sparse_state(config: ModelConfig, layer_idx: int, cross: bool) -> BlockSparseLayout:
     return BlockSparseLayout(config.attention.block_sparse, layer_idx=layer_idx, cross=cross,
                              causal=layer_is_causal(config, layer_idx, cross))
+
+
+def cache_window_of(state) -> CacheWindow | None:
+    """The bounded cache a layer's kernel state asks for: a block-sparse layout's
+    ``cache_window``, or that of the layout a composite state holds (``HybridState.sparse``)."""
+    layout = state if isinstance(state, BlockSparseLayout) else getattr(state, "sparse", None)
+    return layout.cache_window if isinstance(layout, BlockSparseLayout) else None
