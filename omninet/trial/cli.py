@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+import yaml
+
+from omninet.paths import set_path
 from omninet.trial.config import TrialConfig
 from omninet.trial.runner import run_trial
 
@@ -16,10 +19,6 @@ def trial_main(argv: list[str] | None = None) -> int:
     """``omninet trial --config X.yaml [--set model.attention.kernel=linformer ...]``: prints the
     flat result as one JSON object. Exit status: 0 ok, 1 another trial status, 2 invalid config
     (one line on stderr, nothing run)."""
-    import yaml
-
-    from omninet.paths import set_path
-
     parser = argparse.ArgumentParser(prog="omninet trial", description="Train, evaluate and measure one configuration.")
     parser.add_argument("--config", required=True, help="trial config YAML (sections task, model, train, hardware, measure)")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",

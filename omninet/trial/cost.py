@@ -20,6 +20,8 @@ width, N deployment length, B measurement batch, keys = key positions one query 
 
 from __future__ import annotations
 
+from omninet.attention.registry import get_kernel
+from omninet.hardware.memory import memory_breakdown
 from omninet.trial.config import TrialConfig
 
 __all__ = ["cost_features", "COST_TARGETS"]
@@ -30,9 +32,6 @@ COST_TARGETS = ("latency_p50_ms", "peak_memory_infer_mb", "peak_memory_train_mb"
 
 def cost_features(cfg: TrialConfig) -> dict[str, dict[str, float]]:
     """{target: {feature: value}} for each of ``COST_TARGETS`` (see the module docstring)."""
-    from omninet.attention.registry import get_kernel
-    from omninet.hardware.memory import memory_breakdown
-
     mc = cfg.model_config
     n, b = cfg.seq_length, cfg.measure_batch_size
     layers, heads, d = mc.num_layers, mc.num_heads, mc.hidden_size

@@ -10,11 +10,17 @@ memory glibc holds free for reuse + budget), so an allocation past the budget re
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import os
+import resource
 from collections.abc import Iterator
 
 import torch
+
+from omninet.hardware.guard import is_oom as allocation_failed
+from omninet.hardware.monitor import clear_data_budget, register_data_budget
 
 __all__ = ["memory_limit", "pinned", "clean_state", "malloc_free_bytes", "is_oom", "MB"]
 
@@ -36,9 +42,6 @@ def malloc_free_bytes() -> int:
     """Bytes glibc malloc holds free for reuse, after returning what it can to the kernel
     (``malloc_trim``). 0 where that is not glibc >= 2.33."""
     try:
-        import ctypes
-        import ctypes.util
-
         class _MallInfo2(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in
                         ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -85,11 +88,7 @@ def memory_limit(device: torch.device, budget_mb: float | None, notes: list[str]
     base = _vm_data_bytes() if device.type == "cpu" else None
     if base is not None:
         base -= free
-    try:
-        import resource
-    except ImportError:
-        resource = None
-    if base is None or resource is None:
+    if base is None:  # no VmData here (not Linux)
         notes.append(f"memory budget not enforced at run time on {device.type} here (estimate check only)")
         yield
         return
@@ -100,8 +99,6 @@ def memory_limit(device: torch.device, budget_mb: float | None, notes: list[str]
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-    from omninet.hardware.monitor import clear_data_budget, register_data_budget
-
     register_data_budget(base, limit)  # the memory monitor reads the budget's use, not the whole process's
     try:
         yield
@@ -132,6 +129,4 @@ def pinned(cores: list[int] | None, num_threads: int | None) -> Iterator[tuple[l
 
 
 def is_oom(exc: BaseException) -> bool:
-    from omninet.hardware.guard import is_oom as allocation_failed
-
     return allocation_failed(exc)

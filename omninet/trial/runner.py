@@ -43,9 +43,16 @@ level at once and the step is retried. ``memory_actions`` lists what was done.
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from typing import Any
 
+import psutil
+import torch
+
+from omninet.hardware import DEFAULT_MEMORY_FRACTION, resolve_device_config
+from omninet.hardware import estimate_memory_mb as hardware_estimate
 from omninet.hardware.base import INT8_PRECISIONS
 from omninet.trial import limits, loop, measure
 from omninet.trial.build import build, distilling, post_passes
@@ -53,6 +60,8 @@ from omninet.trial.config import TrialConfig, TrialResult
 from omninet.trial.context import RunContext, Stopped
 
 __all__ = ["run_trial", "estimate_memory_mb", "measures_first_exactly", "record_evaluation"]
+
+log = logging.getLogger("omninet.trial")
 
 MB = 2**20
 
@@ -62,9 +71,6 @@ def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
     """Estimated peak tensor memory (MB) of a training step at the measurement batch and
     sequence length (``omninet.hardware.estimate_memory_mb``). ValueError on a bad config."""
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
-    from omninet.hardware import estimate_memory_mb as hardware_estimate
-    from omninet.hardware import resolve_device_config
-
     precision = cfg.hardware.precision
     if precision in (*INT8_PRECISIONS, "qat_int8", "mixed"):  # these train in fp32 (mixed is planned after training)
         precision = "fp32"
@@ -76,15 +82,11 @@ def estimate_memory_mb(config: dict[str, Any] | TrialConfig) -> float:
 
 def _capacity_mb(plan: loop.Plan) -> float | None:
     if plan.device.type == "cpu":
-        import psutil
-
         return psutil.virtual_memory().available / MB
     try:
         return plan.backend.memory_stats(plan.device.index or 0).capacity / MB or None
     except Exception as exc:  # a backend without capacity figures: no capacity-based threshold
-        import logging
-
-        logging.getLogger("omninet.trial").debug("no device capacity (%s)", exc)
+        log.debug("no device capacity (%s)", exc)
         return None
 
 
@@ -116,11 +118,9 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
     res.task, res.seq_length, res.measure_batch_size = cfg.task_obj.name, cfg.seq_length, cfg.measure_batch_size
     res.measure_other_length = cfg.other_length
     if cfg.other_length:
-        import logging
-
         note = (f"measured at {cfg.seq_length} tokens but trained and evaluated at the task's {cfg.task_obj.max_length} "
                 f"(measure.allow_other_length): accuracy and cost are judged at different lengths")
-        logging.getLogger("omninet.trial").warning(note)
+        log.warning(note)
         notes.append(note)
     plan.buckets, plan.pad_id = cfg.buckets, cfg.task_obj.pad_id
     plan.calibration_ref_ms = context.calibration_ref_ms
@@ -135,8 +135,6 @@ def run_trial(config: dict[str, Any] | TrialConfig, *, memory_budget_mb: float |
         threshold = budget
         if threshold is None:
             capacity = _capacity_mb(plan)
-            from omninet.hardware import DEFAULT_MEMORY_FRACTION
-
             threshold = None if capacity is None else capacity * (cfg.hardware.memory_threshold or DEFAULT_MEMORY_FRACTION)
         if preflight and threshold is not None and res.estimated_memory_mb > threshold:
             return _finish(res, wall, notes, status="infeasible",
@@ -182,8 +180,6 @@ def _reference(context: RunContext, plan: loop.Plan) -> measure.Reference | None
         return None
 
     def make():
-        import torch
-
         ref_plan = loop.resolve_plan(ref_cfg.hardware)
         ref_plan.buckets, ref_plan.pad_id = plan.buckets, plan.pad_id
         with torch.random.fork_rng(devices=[]):
@@ -313,8 +309,6 @@ def _run(cfg: TrialConfig, plan: loop.Plan, res: TrialResult, gate, *, keep_mode
             if trains:
                 _measure_train_memory(model, opt, cfg, plan, res, gate, monitor)
             else:  # post-training only: the measured step must not move the weights that are scored and kept
-                import copy
-
                 twin = copy.deepcopy(model)
                 _measure_train_memory(twin, loop.make_optimizer(twin, tc), cfg, plan, res, gate, monitor)
                 del twin

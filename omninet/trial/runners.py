@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from omninet.trial.config import TrialResult
+from omninet.paths import with_path
+from omninet.trial.config import TrialConfig, TrialResult
 from omninet.trial.context import RunContext, Stopped
+from omninet.trial.cost import cost_features
+from omninet.trial.runner import estimate_memory_mb, run_trial
 
 __all__ = ["TrialRunner", "RunContext", "Stopped", "OmniNetRunner", "FunctionRunner", "resolve_runner"]
 
@@ -45,8 +48,6 @@ class TrialRunner:
         return config
 
     def with_values(self, base: Any, values: dict[str, Any]) -> Any:
-        from omninet.paths import with_path
-
         out = base
         for path, value in values.items():
             out = with_path(out, path, value)
@@ -117,8 +118,6 @@ class OmniNetRunner(TrialRunner):
                        "peak_memory_generate_mb") + depth_keys + generation_paired_keys
 
     def parse(self, data):
-        from omninet.trial.config import TrialConfig
-
         return data if isinstance(data, TrialConfig) else TrialConfig.from_dict(data)
 
     def to_dict(self, config) -> dict[str, Any]:
@@ -137,8 +136,6 @@ class OmniNetRunner(TrialRunner):
         return config.on_device("cpu")  # no second parse: the controller's is the trial's only one
 
     def estimate_mb(self, config) -> float | None:
-        from omninet.trial.runner import estimate_memory_mb
-
         return estimate_memory_mb(config)
 
     def max_steps(self, config) -> int | None:
@@ -173,13 +170,9 @@ class OmniNetRunner(TrialRunner):
         return out
 
     def cost_features(self, config) -> dict[str, dict[str, float]]:
-        from omninet.trial.cost import cost_features
-
         return cost_features(config)
 
     def run(self, config, *, memory_budget_mb: float | None, context: RunContext) -> dict[str, Any]:
-        from omninet.trial.runner import run_trial
-
         result = run_trial(config, memory_budget_mb=memory_budget_mb, context=context)
         out = result.to_dict()
         if result.status == "ok" and result.model_files:
@@ -215,8 +208,6 @@ def resolve_runner(obj, estimate=None) -> TrialRunner:
     """The runner a sweep's ``trial_fn`` names: a :class:`TrialRunner` as it is (a subclass is
     instantiated), ``omninet.trial:run_trial`` as :class:`OmniNetRunner`, any other callable as
     a :class:`FunctionRunner` (with ``estimate``, the sweep's ``estimate_fn``)."""
-    from omninet.trial.runner import run_trial
-
     if isinstance(obj, TrialRunner):
         return obj
     if isinstance(obj, type) and issubclass(obj, TrialRunner):
