@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from omninet.sweep.config import SweepConfig, load_config
+import yaml
+
+from omninet.model import OmniNetModel
+from omninet.passes import is_foreign
+from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
 from omninet.sweep.controller import run_sweep
 from omninet.sweep.results import SweepResult
 
@@ -38,13 +44,6 @@ def tune(config: SweepConfig | str | os.PathLike | dict[str, Any], *, results_di
 
 
 def with_base(config: Any, base: Any, results_dir: str | os.PathLike | None) -> dict[str, Any]:
-    from pathlib import Path
-
-    import yaml
-
-    from omninet.model import OmniNetModel
-    from omninet.sweep.config import SweepConfigError, resolve_results_dir
-
     if isinstance(config, SweepConfig):
         data = config.to_plain()
     elif isinstance(config, dict):
@@ -64,8 +63,6 @@ def with_base(config: Any, base: Any, results_dir: str | os.PathLike | None) -> 
     path = Path(text[3:] if hf else text).expanduser().resolve()
     if not path.exists():
         raise SweepConfigError(f"base: {str(path)!r} does not exist; give the path of your model's folder (or .gguf file)")
-    from omninet.passes import is_foreign
-
     data["base"] = {"hf" if hf or is_foreign(path) else "checkpoint": str(path)}
     task = (data.get("trial") or {}).get("task")
     if isinstance(task, dict) and task.get("name") in TEXT_TASKS and not task.get("tokenizer") and path.is_dir():
@@ -76,6 +73,4 @@ def with_base(config: Any, base: Any, results_dir: str | os.PathLike | None) -> 
 def _named(data: dict[str, Any]):
     """What ``resolve_results_dir`` reads of a config (its name and results_dir), without
     parsing the rest (which may need the base this call is about to write)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(name=data.get("name"), results_dir=data.get("results_dir"))

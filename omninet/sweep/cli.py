@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 import yaml
+
+from omninet.sweep.api import with_base
+from omninet.sweep.config import SweepConfigError
+from omninet.sweep.controller import run_sweep
+from omninet.sweep.models import export_recommended
+from omninet.sweep.results import SweepResult
 
 __all__ = ["sweep_main", "recommend_main"]
 
@@ -24,13 +31,9 @@ def sweep_main(argv: list[str] | None = None, *, prog: str = "omninet sweep") ->
                         "OmniNet folder (replaces the config's base; a text task without a tokenizer gets its own)")
     args = parser.parse_args(argv)
 
-    from omninet.sweep import SweepConfigError, run_sweep
-
     try:
         config = args.config
         if args.base is not None:
-            from omninet.sweep.api import with_base
-
             config = with_base(config, args.base, args.results_dir)
         result = run_sweep(config, results_dir=args.results_dir, address=args.address, num_cpus=args.num_cpus)
     except SweepConfigError as exc:
@@ -58,17 +61,11 @@ def recommend_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-out", default=None, help="also write it as a Hugging Face folder here (dense kernels)")
     args = parser.parse_args(argv)
 
-    from omninet.sweep import SweepResult
-
     result = SweepResult.load(args.results_dir)
     limits = dict(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb, min_accuracy=args.min_accuracy,
                   max_latency_ratio=args.max_latency_ratio, faster_than_reference=args.faster_than_reference)
     config = result.recommend(args.pool, **limits)  # ValueError: one line, exit 2 (omninet.cli)
     if args.model_out or args.hf_out:
-        import tempfile
-
-        from omninet.sweep.models import export_recommended
-
         with tempfile.TemporaryDirectory() as tmp:
             written = export_recommended(result, args.pool, args.model_out or tmp, hf_out=args.hf_out, **limits)
         print(f"# trial #{written['trial_number']}: " + ", ".join(f"{k} {v}" for k, v in written.items()

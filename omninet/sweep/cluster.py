@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omninet.attention.registry import fit_search_param
 from omninet.sweep.config import SweepConfig, SweepConfigError
 
 __all__ = ["Probed", "start_ray", "embedded_args", "probe_pools", "keep_reference", "check_cores", "space_for",
@@ -38,7 +39,7 @@ class Probed:
 def start_ray(config: SweepConfig, address: str | None, num_cpus: int | None) -> tuple[bool, bool]:
     """Joins ``address`` (or ``$RAY_ADDRESS``), else starts an embedded local Ray. Returns
     (whether this call started Ray, whether it is embedded)."""
-    import ray
+    import ray  # heavy: ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     owns = False
@@ -77,7 +78,7 @@ def probe_pools(config: SweepConfig, results_dir: Path, remote_probe, *, embedde
     """Fails fast, before anything is written, when a pool cannot run: its resources are
     missing from the cluster, or its accelerator is not physically present and the config does
     not ask to simulate it."""
-    import ray
+    import ray  # heavy: ray
 
     have = ray.cluster_resources()
     refs = {}
@@ -154,8 +155,6 @@ def space_for(config: SweepConfig, pool, info: dict[str, Any]) -> list:
     no native support for are removed (``allow_emulated: true`` keeps them), and each kernel's
     rule at the measured length is applied (Linformer: k <= N), each with one log line and a
     record in ``<results>/probe.json`` (``info['search_space_notes']``)."""
-    from omninet.attention.registry import fit_search_param
-
     caps = info.get("capabilities") or {}
     native = caps.get("native_precisions")
     refused = caps.get("refused") or {}

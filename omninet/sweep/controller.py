@@ -42,11 +42,17 @@ import yaml
 
 from omninet.sweep import cluster, learning, models, repeats, resume
 from omninet.sweep.config import SweepConfig, SweepConfigError, load_config, resolve_results_dir
+from omninet.sweep.costmodel import CostModel
+from omninet.sweep.dashboard import build_dashboard
+from omninet.sweep.isolation import DriverGate
 from omninet.sweep.lock import ControllerId, SweepLock, sweep_lock
 from omninet.sweep.record import build_row, finite
 from omninet.sweep.records import MlflowRecorder, ParquetStore, ScoreStore, tell_trial
+from omninet.sweep.results import SweepResult, write_artifacts
+from omninet.sweep.scheduler import RungBook
 from omninet.sweep.state import PoolState, Running, progress_line
 from omninet.sweep.storage import optuna_storage, with_retry
+from omninet.sweep.worker import TrialTask, execute_trial, probe
 
 __all__ = ["SweepController", "run_sweep"]
 
@@ -76,8 +82,6 @@ class SweepController:
         self._book = None  # the rung book actor (scheduler mo_successive_halving)
         self.cost_model = None
         if self.config.cost_model.enabled:
-            from omninet.sweep.costmodel import CostModel
-
             self.cost_model = CostModel(self.config.cost_model, [p.name for p in self.config.pools])
         self.identity = ControllerId()
         self.lock: SweepLock | None = None
@@ -100,24 +104,18 @@ class SweepController:
 
     # -- Ray --------------------------------------------------------------------------------
     def _start_ray(self) -> None:
-        import ray
-
-        from omninet.sweep.worker import execute_trial, probe
+        import ray  # heavy: ray
 
         self._owns_ray, embedded = cluster.start_ray(self.config, self.address, self.num_cpus)
         self._remote = ray.remote(execute_trial)
         self.probed = cluster.probe_pools(self.config, self.results_dir, ray.remote(probe), embedded=embedded)
         if self.config.scheduler.kind == "mo_successive_halving":
-            from omninet.sweep.scheduler import RungBook
-
             # owned by this driver: it goes when the controller goes, and a resumed one rebuilds it from Parquet
             self._book = ray.remote(RungBook).options(num_cpus=0, max_concurrency=1).remote(
                 learning.pool_rules(self.config))
 
     def _task(self, pool, trial_config: Any, name: Any, **how: Any):
         """The worker's :class:`~omninet.sweep.worker.TrialTask` for one run on ``pool``."""
-        from omninet.sweep.worker import TrialTask
-
         how = {"num_cpus": pool.resources.get("CPU", 1.0), "keep_model": self.config.keep_models != "none", **how}
         return TrialTask(runner=self.config.runner, config=trial_config, pool=pool.name,
                          key=f"{self.config.name}/{pool.name}/{name}", accelerator=pool.accelerator,
@@ -125,7 +123,7 @@ class SweepController:
                          calibration_ref_ms=self.probed.calibration_ms(pool.name), **how)
 
     def _train_base(self, pool, trial_config: Any, cpus: float) -> dict[str, Any]:
-        import ray
+        import ray  # heavy: ray
 
         opts = {**pool.ray_options(), "num_cpus": cpus, "max_retries": pool.max_retries, "retry_exceptions": False,
                 "name": f"base {pool.name}"}
@@ -283,7 +281,7 @@ class SweepController:
         self._finish(ps, run, repeats.duplicate_outcome(self.config, row, original))
 
     def _collect(self, ref: Any, ps: PoolState) -> tuple[Running, dict[str, Any]]:
-        import ray
+        import ray  # heavy: ray
 
         run = ps.inflight.pop(ref)
         try:
@@ -343,8 +341,6 @@ class SweepController:
     # -- main -------------------------------------------------------------------------------
     def run(self):
         """Runs the sweep to its budget and returns the :class:`SweepResult`."""
-        from omninet.sweep.results import SweepResult, write_artifacts
-
         self._start_ray()  # may raise SweepConfigError before anything is written
         try:
             self.lock = sweep_lock(self.config.name, self.optuna_url, self.results_dir, self.identity,
@@ -352,8 +348,6 @@ class SweepController:
             log.info("sweep %r: lock held by %s", self.config.name, self.identity.describe())
             self._open()
             if self.config.isolate_measurements:  # the driver's own work never overlaps a measurement on its node
-                from omninet.sweep.isolation import DriverGate
-
                 self._gate = self.mlflow.gate = DriverGate().shared
             self.mlflow.start_background()  # MLflow writes leave the per-trial path
             log.info("sweep %r: results in %s (Optuna %s, MLflow %s)", self.config.name, self.results_dir,
@@ -366,8 +360,6 @@ class SweepController:
             models.keep_models(self.config, self.results_dir, result, self.mlflow)
             artifacts = write_artifacts(result, self.results_dir / "artifacts")
             try:  # the dashboard is a view of records already safe on disk: never fail the sweep over it
-                from omninet.sweep.dashboard import build_dashboard
-
                 log.info("dashboard: %s", build_dashboard(self.results_dir, out=artifacts / "dashboard.html"))
             except Exception as exc:  # noqa: BLE001
                 log.warning("dashboard not built (%s); rebuild with `omninet dashboard %s`", exc, self.results_dir)
@@ -389,14 +381,14 @@ class SweepController:
             if self.lock is not None:
                 self.lock.release()
             if self._owns_ray:
-                import ray
+                import ray  # heavy: ray
 
                 ray.shutdown()
 
     def _loop(self) -> None:
         """Ask, dispatch, wait for the next finished trial, record it, refill; repeats start once
         a pool's main budget is done."""
-        import ray
+        import ray  # heavy: ray
 
         if self._out_of_time():
             return

@@ -155,8 +155,8 @@ class NodeCoordinator:
 
 def coordinator_for_this_node():
     """The node's coordinator actor handle, created on first use (race-safe: get_if_exists)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # heavy: ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # heavy: ray
 
     node_id = ray.get_runtime_context().get_node_id()
     actor = ray.remote(NodeCoordinator).options(
@@ -175,14 +175,14 @@ class NodeGate:
         self._next_check = 0.0
 
     def start(self, cores: int) -> list[int]:
-        import ray
+        import ray  # heavy: ray
 
         allotted = ray.get(self.actor.allot.remote(self.key, cores))
         ray.get(self.actor.enter.remote(self.key, self.pid))
         return allotted
 
     def stop(self) -> None:
-        import ray
+        import ray  # heavy: ray
 
         ray.get(self.actor.leave.remote(self.key))
 
@@ -190,7 +190,7 @@ class NodeGate:
         now = time.monotonic()
         if now < self._next_check:
             return
-        import ray
+        import ray  # heavy: ray
 
         self._next_check = now + CHECK_INTERVAL_S
         if ray.get(self.actor.writer_waiting.remote()):
@@ -198,7 +198,7 @@ class NodeGate:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[dict]:
-        import ray
+        import ray  # heavy: ray
 
         info = {"wait_s": ray.get(self.actor.begin_exclusive.remote(self.key, self.pid)), "co_running": None}
         try:
@@ -218,7 +218,7 @@ class DriverGate:
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        import ray
+        import ray  # heavy: ray
 
         key = f"driver-{self.pid}-{threading.get_ident()}"
         ray.get(self.actor.enter.remote(key, self.pid))

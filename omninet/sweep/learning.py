@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from omninet.sweep.config import SweepConfig
+from omninet.sweep.costmodel import param_features
+from omninet.sweep.scheduler import PoolRules, RungClient
 from omninet.sweep.state import Running
 
 __all__ = ["pool_rules", "rung_client", "features", "predict", "screen_reason", "learn", "write_report"]
@@ -19,8 +21,6 @@ log = logging.getLogger("omninet.sweep")
 
 def pool_rules(config: SweepConfig) -> dict[str, Any]:
     """Each pool's :class:`~omninet.sweep.scheduler.PoolRules` for the rung book."""
-    from omninet.sweep.scheduler import PoolRules
-
     spec, first = config.scheduler, config.objectives[0]
     steps = config.runner.max_steps(config.trial)
     return {p.name: PoolRules(rungs=spec.rungs(steps), reduction_factor=spec.reduction_factor,
@@ -36,8 +36,6 @@ def rung_client(book, config: SweepConfig, run: Running):
     """The trial's rung client, or None (fifo; repeats always train to the budget)."""
     if book is None or run.repeat_of is not None:
         return None
-    from omninet.sweep.scheduler import RungClient
-
     spec = config.scheduler
     return RungClient(book, run.pool, run.number, spec.rungs(config.runner.max_steps(run.trial_config)),
                       remeasure=spec.remeasure, limits=config.constraints_for(run.pool).limits())
@@ -45,8 +43,6 @@ def rung_client(book, config: SweepConfig, run: Running):
 
 def features(config: SweepConfig, params: dict[str, Any], trial_config: Any) -> dict[str, dict[str, float]]:
     """The cost model's features: the runner's (OmniNet: work and shape), else the parameters."""
-    from omninet.sweep.costmodel import param_features
-
     return config.runner.cost_features(trial_config) or param_features(params)
 
 
@@ -85,7 +81,7 @@ def learn(book, cost_model, config: SweepConfig, run: Running, row: dict[str, An
     """A finished trial teaches the rung book (its full-budget costs) and the cost model (what
     it measured; ``row['cost_split']`` records which split it joined)."""
     if book is not None and row["status"] == "ok" and run.repeat_of is None:
-        import ray
+        import ray  # heavy: ray
 
         ray.get(book.finish.remote(run.pool, run.number, {o.key: row.get(o.key) for o in config.objectives[1:]}))
     if cost_model is not None and row.get("screened_by") != "cost_model":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +96,7 @@ class LocalPostgres:
         return f"postgresql://{PG_ROLE}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        import psycopg2
+        import psycopg2  # optional: psycopg2 (the [postgres] extra)
 
         conn = psycopg2.connect(self.dsn())
         conn.autocommit = True
@@ -164,8 +165,6 @@ class LocalMlflowServer:
     def stop(self) -> None:
         if self._proc is None:
             return
-        import signal
-
         try:
             os.killpg(self._proc.pid, signal.SIGTERM)  # the server and its uvicorn/gunicorn workers
             self._proc.wait(timeout=30)

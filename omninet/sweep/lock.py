@@ -18,6 +18,7 @@ dead one, and only those are cleaned up (:meth:`SweepLock.is_live`).
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omninet.sweep.config import SweepConfigError
+from omninet.sweep.storage import postgres_connect_args, sqlalchemy_url, transient, with_retry
 
 __all__ = ["ControllerId", "SweepLock", "SweepLockedError", "SweepLockLost", "sweep_lock"]
 
@@ -88,8 +90,6 @@ class FileSweepLock(SweepLock):
         self._fd: int | None = None
 
     def acquire(self) -> "FileSweepLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -121,9 +121,7 @@ class PostgresSweepLock(SweepLock):
 
     def __init__(self, sweep: str, identity: ControllerId, url: str, *, retry_s: float = 120.0) -> None:
         super().__init__(sweep, identity)
-        import sqlalchemy
-
-        from omninet.sweep.storage import postgres_connect_args, sqlalchemy_url
+        import sqlalchemy  # heavy: sqlalchemy (PostgreSQL lock only)
 
         digest = hashlib.sha256(f"omninet.sweep:{sweep}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "big", signed=True)  # pg_try_advisory_lock(bigint)
@@ -158,8 +156,6 @@ class PostgresSweepLock(SweepLock):
         return f"PostgreSQL session {row[0]!r} from {row[1]}"
 
     def acquire(self) -> "PostgresSweepLock":
-        from omninet.sweep.storage import with_retry
-
         got = with_retry(self._try, what="taking the sweep lock", budget_s=self.retry_s)
         if not got:
             holder = self._holder()
@@ -171,8 +167,6 @@ class PostgresSweepLock(SweepLock):
     def ensure(self, *, every_s: float = 2.0) -> None:
         """A PostgreSQL restart ends the session and with it the lock: take it again (with the
         store's retry budget); if another controller got it first, stop."""
-        from omninet.sweep.storage import transient, with_retry
-
         if time.monotonic() - self._checked < every_s:
             return
         self._checked = time.monotonic()
@@ -214,7 +208,7 @@ class PostgresSweepLock(SweepLock):
 def sweep_lock(sweep: str, optuna_url: str, results_dir: Path, identity: ControllerId, *,
                retry_s: float = 120.0) -> SweepLock:
     """The lock that fits where the sweep's search state lives (not yet acquired)."""
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import make_url  # heavy: sqlalchemy
 
     url = make_url(optuna_url)
     if url.get_backend_name() == "postgresql":

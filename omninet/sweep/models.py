@@ -7,10 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from omninet.artifacts import model_subdir, prune_models, trial_identity, write_trial_model
+from omninet.interop.convert import import_checkpoint
+from omninet.interop.hf import copy_tokenizer_files
+from omninet.model import OmniNetModel
 from omninet.sweep.config import SweepConfig, SweepConfigError
 
 __all__ = ["prepare_base", "write_model", "keep_models"]
@@ -41,8 +48,6 @@ def prepare_base(config: SweepConfig, results_dir: Path, train: Callable[[Any, A
         return out
     if spec.hf is not None:
         return _convert_base(Path(os.path.expanduser(spec.hf)).resolve(), out)
-    from omninet.artifacts import write_trial_model
-
     pool = config.base_pool()
     point = dict(config.enqueue[0]) if config.enqueue else {}
     values = {**point, **{f"train.{k}": v for k, v in (spec.train or {}).items()}}
@@ -69,10 +74,6 @@ def prepare_base(config: SweepConfig, results_dir: Path, train: Callable[[Any, A
 def _convert_base(source: Path, out: Path) -> Path:
     """An HF folder or GGUF file as the sweep's OmniNet base folder, written whole or not at all
     (into a sibling folder, renamed when complete), so that resume never finds half a base."""
-    import shutil
-
-    from omninet.interop.convert import import_checkpoint
-
     started = time.time()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -86,8 +87,6 @@ def _convert_base(source: Path, out: Path) -> Path:
 def write_model(files, results_dir: Path, config: SweepConfig, pool: str, number: int, row: dict[str, Any],
                 result: dict[str, Any]) -> None:
     """An ok trial's trained model, next to the records (``models/pool=P/trial-N``)."""
-    from omninet.artifacts import model_subdir, trial_identity, write_trial_model
-
     trial_config = json.loads(row["config_json"])
     write_trial_model(files, results_dir / model_subdir(pool, number), trial_config=trial_config,
                       identity=trial_identity(sweep=config.name, pool=pool, trial=number, trial_config=trial_config),
@@ -100,8 +99,6 @@ def keep_models(config: SweepConfig, results_dir: Path, result, mlflow) -> None:
     (registered as ``<sweep>.<pool>`` with ``register_models``)."""
     if config.keep_models == "none":
         return
-    from omninet.artifacts import prune_models
-
     for pool in result.pools:
         if config.keep_models == "pareto":
             front = {int(n) for n in result.pareto_front(pool)["trial_number"]}
@@ -118,11 +115,6 @@ def export_recommended(result, pool: str, out, *, hf_out=None, **limits) -> dict
     tokenizer files), and with ``hf_out`` also as a Hugging Face folder where HF can express it
     (dense kernels, one floating dtype; a one-line ValueError names the way out otherwise).
     Returns {trial_number, out, hf_out}."""
-    import shutil
-
-    from omninet.artifacts import model_subdir
-    from omninet.interop.hf import copy_tokenizer_files
-
     row = result._recommend_row(pool, **limits)  # the row recommend() returns the config of, ranked once
     number, config = int(row["trial_number"]), json.loads(row["config_json"])
     kept = Path(result.results_dir) / model_subdir(pool, number)
@@ -136,14 +128,10 @@ def export_recommended(result, pool: str, out, *, hf_out=None, **limits) -> dict
         copy_tokenizer_files(base, dst)
     written = {"trial_number": number, "out": str(dst), "hf_out": None}
     if hf_out is not None:
-        from omninet.model import OmniNetModel
-
         precision = (config.get("hardware") or {}).get("precision") or "fp32"
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"recommend: trial #{number} runs in {precision}, which has no Hugging Face form; its "
                              f"OmniNet folder is {dst} (or export it to ONNX with export_onnx)")
-        import torch
-
         model = OmniNetModel.from_pretrained(dst)
         model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
         written["hf_out"] = str(model.save_hf(Path(hf_out).expanduser(), tokenizer_from=dst))

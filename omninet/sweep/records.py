@@ -18,14 +18,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import optuna
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from optuna.trial import TrialState
 
 from omninet.paths import flatten
+from omninet.scores import UnitScores
 from omninet.sweep import record
 from omninet.sweep.record import params_key  # noqa: F401 -- re-exported: its old home
-from omninet.sweep.config import SweepConfig
+from omninet.sweep.config import PoolConstraints, SweepConfig
 
 __all__ = ["ParquetStore", "ScoreStore", "MlflowRecorder", "flatten", "run_name", "params_key", "table_schema",
            "tell_trial"]
@@ -109,11 +112,6 @@ def tell_trial(study, trial_id: int, row: dict[str, Any], objectives, *, check: 
     values and the pool's constraints (``constraint_<name>``; a trial that never ran gets the
     worst values), PRUNED, FAIL, or for a duplicate its original's outcome. ``check``: a retry
     after the store went away; a trial it already holds as finished is not told again."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from omninet.sweep.config import PoolConstraints
-
     if check and study._storage.get_trial(trial_id).state.is_finished():
         return  # a tell whose reply was lost when the store went away: already recorded, never told twice
     trial = optuna.trial.Trial(study, trial_id)
@@ -183,8 +181,6 @@ class ScoreStore:
 
     def read(self, pool: str, number: int, kind: str = "final"):
         """The trial's ``UnitScores``, or None when it kept none."""
-        from omninet.scores import UnitScores
-
         path = self.path(pool, number, kind)
         return UnitScores.load(path) if path.is_file() else None
 
@@ -240,8 +236,8 @@ class MlflowRecorder:
 
     # -- connection -------------------------------------------------------------------------
     def _connect(self) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import ViewType
+        from mlflow import MlflowClient  # heavy: mlflow (~4 s)
+        from mlflow.entities import ViewType  # heavy: mlflow
 
         client = MlflowClient(tracking_uri=self.uri)
         exp = client.get_experiment_by_name(self.config.name)
@@ -397,8 +393,8 @@ class MlflowRecorder:
         return written
 
     def _log_child(self, pool: str, row: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
-        from mlflow.utils.validation import (
+        from mlflow.entities import Metric, Param  # heavy: mlflow
+        from mlflow.utils.validation import (  # heavy: mlflow
             MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
         )
 
@@ -439,9 +435,9 @@ class MlflowRecorder:
         that is down leaves the folders on disk, logged on a later run. Returns how many."""
         if not folders or not self._ready():
             return 0
-        from omninet.mlflow_model import log_mlflow_model, registry_name
+        from omninet.mlflow_model import log_mlflow_model, registry_name  # heavy: mlflow
 
-        from mlflow.entities import ViewType
+        from mlflow.entities import ViewType  # heavy: mlflow
 
         runs = {r.data.tags.get(self.KEY): r for r in self._search(
             self._client, self._experiment_id, f"tags.`{self.ROLE}` = 'trial'", ViewType.ACTIVE_ONLY)}

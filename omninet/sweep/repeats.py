@@ -10,6 +10,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from omninet.paths import get_path
+from omninet.scores import UnitScores, paired_difference
 from omninet.sweep import record
 from omninet.sweep.config import SweepConfig
 from omninet.sweep.records import params_key
@@ -138,8 +139,6 @@ def pair_with_reference(ps: PoolState, run: Running, row: dict[str, Any], scores
     (95% paired bootstrap interval, McNemar's p; it covers the eval draw, one training run each).
     ``scores`` and ``zero_shot`` are the trial's own, as the worker sent them; ``read_scores(pool,
     number)`` reads a recorded run's (a resumed controller's reference)."""
-    from omninet.scores import UnitScores, paired_difference
-
     if row["status"] == "ok" and reference:
         ps.reference, row["role"] = run.number, "reference"
         ps.reference_scores = UnitScores.from_bytes(scores)

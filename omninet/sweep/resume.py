@@ -125,7 +125,7 @@ def rebuild(config: SweepConfig, ps: PoolState, trials: list[FrozenTrial], rows:
 def restore_learning(config: SweepConfig, pool: str, rows: Rows, book, cost_model,
                      features: Callable[[dict[str, Any], Any], dict]) -> None:
     """A resumed controller's rung book and cost model, from the pool's Parquet rows."""
-    import ray
+    import ray  # heavy: ray
 
     records = trials = 0
     for (p, number), row in sorted(rows.items()):

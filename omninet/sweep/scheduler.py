@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from optuna.study._multi_objective import _fast_non_domination_rank
 
 __all__ = ["PoolRules", "RungBook", "RungClient", "nondominated_order", "epsilon_net", "tolerant_ranks"]
 
@@ -87,8 +88,6 @@ def nondominated_order(points: np.ndarray, tolerance: np.ndarray | None = None) 
     front (Optuna's fast non-dominated sort; :func:`tolerant_ranks` with a ``tolerance`` (n, n)
     on the first objective), within a front by :func:`epsilon_net` on values normalized to
     [0, 1] over all points."""
-    from optuna.study._multi_objective import _fast_non_domination_rank
-
     points = np.asarray(points, dtype=float)
     if len(points) == 0:
         return []
@@ -220,7 +219,7 @@ class RungClient:
     def _call(self, name: str, *args):
         method = getattr(self.book, name)
         if hasattr(method, "remote"):
-            import ray
+            import ray  # heavy: ray
 
             return ray.get(method.remote(*args))
         return method(*args)

@@ -22,7 +22,7 @@ def sqlalchemy_url(url: str) -> str:
     (the ``postgres`` extra) it is used instead, so both spellings work."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         try:
-            import psycopg  # noqa: F401
+            import psycopg  # noqa: F401  optional: psycopg (probed)
         except ImportError:
             return "postgresql+psycopg2://" + url.split("://", 1)[1]
     return url
@@ -55,7 +55,7 @@ def optuna_storage(url: str) -> optuna.storages.BaseStorage | str:
                           budget_s=60.0, is_transient=lambda exc: True)
     if not url.startswith("sqlite:"):
         return url
-    from sqlalchemy import event
+    from sqlalchemy import event  # heavy: sqlalchemy
 
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
@@ -74,7 +74,7 @@ def transient(exc: BaseException) -> bool:
     """A store that went away (connection refused or closed, server restarting, timeout), as
     opposed to a bad request: worth retrying. Optuna wraps SQLAlchemy errors in
     ``StorageInternalError``, so the whole cause chain is looked at."""
-    import sqlalchemy.exc as sa
+    import sqlalchemy.exc as sa  # heavy: sqlalchemy
 
     seen = 0
     while exc is not None and seen < 10:

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from omninet.scores import UnitScores
+from omninet.trial.measure import MeasureGate
 from omninet.trial.runners import TrialRunner
 
 __all__ = ["toy_trial", "toy_estimate"]
@@ -89,10 +93,6 @@ def _toy_scores(rows: int, accuracy: float, seed: int) -> dict[str, Any]:
     difficulty (the same for every configuration: the eval set) is below ``accuracy``, with a
     little seed noise. Two configurations then differ on exactly the rows between their
     accuracies, as paired evaluations of real models do."""
-    import numpy as np
-
-    from omninet.scores import UnitScores
-
     difficulty = np.random.default_rng(12345).random(rows)  # [R] the eval set
     jitter = np.random.default_rng(seed).normal(0.0, 0.01, rows)
     correct = difficulty + jitter < accuracy
@@ -122,8 +122,6 @@ class GateProbe(TrialRunner):
         return config
 
     def run(self, config, *, memory_budget_mb=None, context=None):
-        from omninet.trial.measure import MeasureGate
-
         probe = dict(config.get("probe") or {})
         gate = (context.gate if context is not None else None) or MeasureGate()
         work = []  # (start, end) of training steps, each between two checkpoints

@@ -14,6 +14,16 @@ import socket
 import time
 from typing import Any
 
+import psutil
+import torch
+
+from omninet.hardware import device_present as backend_device_present
+from omninet.hardware import probe_capabilities
+from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
+from omninet.trial.limits import pinned
+from omninet.trial.measure import CALIBRATION, calibration_ms
+from omninet.trial.runners import RunContext
+
 __all__ = ["device_present", "node_info", "TrialTask", "execute_trial", "probe"]
 
 log = logging.getLogger("omninet.sweep")
@@ -22,15 +32,13 @@ log = logging.getLogger("omninet.sweep")
 def device_present(accelerator: str | None) -> tuple[bool, str]:
     """Whether this node physically has the pool's accelerator: any hardware backend whose
     Ray resource it is (GPU: CUDA, ROCm or an Intel XPU; TPU; NPU)."""
-    from omninet.hardware import device_present as present
-
-    return present(accelerator)
+    return backend_device_present(accelerator)
 
 
 def node_info() -> dict[str, str]:
     info = {"node": socket.gethostname(), "node_id": ""}
     try:
-        import ray
+        import ray  # heavy: ray
 
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
@@ -46,24 +54,13 @@ def probe(accelerator: str | None, device: str = "auto", threads: int = 1) -> di
     (native precisions, int8 engine, memory, CPU model and flags), the node's cores, and the
     reference workload's time with the pool's trial threads (``calibration_ms``: the speed every
     trial of the pool scales its calibrated latency to)."""
-    import torch
-
-    from omninet.hardware import probe_capabilities
-    from omninet.trial.limits import pinned
-    from omninet.trial.measure import CALIBRATION, calibration_ms
-
     present, detail = device_present(accelerator)
     try:
         caps = probe_capabilities("cpu" if not present else device)
     except ValueError as exc:
         caps = {"error": str(exc)}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or cores
-    except ImportError:
-        physical = cores
+    physical = psutil.cpu_count(logical=False) or cores
     threads = max(1, threads)
     try:
         with pinned(None, threads):  # the trials' threads, restored after: Ray reuses this worker
@@ -106,8 +103,6 @@ def execute_trial(task: TrialTask) -> dict[str, Any]:
     memory estimate is made here, once, on the config as it runs: over the budget, the trial is
     ``infeasible`` and nothing is built. Under Ray with ``task.isolate``, the trial gets
     ``num_cpus`` cores of its own and the node's measurement gate (``omninet.sweep.isolation``)."""
-    from omninet.trial.runners import RunContext
-
     started = time.time()
     info = node_info()
     present, detail = device_present(task.accelerator)
@@ -128,8 +123,6 @@ def execute_trial(task: TrialTask) -> dict[str, Any]:
     context = RunContext(keep_model=task.keep_model, scheduler=task.scheduler, calibration_ref_ms=task.calibration_ref_ms,
                          estimated_memory_mb=estimate, reference=reference, reference_label=task.reference_label)
     if task.isolate and info["node_id"]:
-        from omninet.sweep.isolation import NodeGate, coordinator_for_this_node
-
         gate = NodeGate(coordinator_for_this_node(), task.key)
         context = dataclasses.replace(context, cores=gate.start(max(1, int(task.num_cpus))), gate=gate)
     try:
