@@ -6,11 +6,16 @@ from it; ``from omninet.x import y`` is an edge to ``omninet.x.y`` when y is a s
 a name a package ``__init__`` re-exports (``from omninet.x.impl import y`` there) resolves to
 the module that defines it, so an ``__init__`` that only re-exports is not a hub of false
 cycles. Implicit imports of parent packages are not edges.
+
+And importing the package (or the ``omninet`` command's module) loads none of the platform's
+heavy dependencies: those load with the sweep, serving or tracking code that uses them.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "omninet"
@@ -178,3 +183,16 @@ def test_lower_layers_do_not_import_higher_ones():
     package = [f"{m} ({', '.join(where)})" for m, targets in graph.items() if m.startswith("omninet.attention.")
                for t, where in targets.items() if t in ("omninet", "omninet.attention")]
     assert not package, "kernel files importing the package instead of the registry: " + ", ".join(package)
+
+
+HEAVY = ("ray", "mlflow", "optuna", "sklearn", "transformers", "plotly", "pyarrow")
+
+
+def test_importing_omninet_loads_no_heavy_dependency():
+    """A fresh interpreter: ``import omninet``, the model classes and the CLI module leave every
+    module of ``HEAVY`` unimported (a module-level import of omninet.sweep, omninet.tasks or
+    omninet.mlflow_model from below them would pull one in)."""
+    code = ("import sys\nimport omninet, omninet.cli\nfrom omninet import AdvancedTransformer, OmniNetModel\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "", f"import omninet loaded {out.stdout.strip()}"
