@@ -1,6 +1,7 @@
 # Two commands from a fresh clone (see README.md):
 #   make quickstart   installs into .venv and runs the quickstart sweep on an embedded local Ray
 #   make test         installs into .venv (with the dev extra, Chromium and PostgreSQL), lints (ruff check) and runs the test suite
+#   make test-fast    the edit-test loop: the same install and lint, then every test not marked slow (-m "not slow")
 # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 TORCH := torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test install install-dev chromium postgresql
+.PHONY: quickstart test test-fast install install-dev chromium postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +40,8 @@ quickstart: install
 test: install-dev chromium postgresql
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The tests not marked slow (each under a few seconds, with its fixtures): for the edit-test loop; CI runs `make test`.
+test-fast: install-dev chromium postgresql
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"

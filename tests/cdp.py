@@ -48,6 +48,7 @@ class Browser:
         self._id = 0
         self._buffer = b""
         self.events: list[dict[str, Any]] = []
+        self.pages: list[Page] = []  # open tabs
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Browser":
@@ -133,7 +134,8 @@ class Browser:
     def open(self, url: str) -> "Page":
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        page = Page(self, session)
+        page = Page(self, session, target)
+        self.pages.append(page)
         for domain in ("Page", "Runtime", "Log"):
             page.send(f"{domain}.enable")
         page.send("Emulation.setDeviceMetricsOverride",
@@ -143,8 +145,13 @@ class Browser:
 
 
 class Page:
-    def __init__(self, browser: Browser, session: str) -> None:
-        self.browser, self.session = browser, session
+    def __init__(self, browser: Browser, session: str, target: str) -> None:
+        self.browser, self.session, self.target = browser, session, target
+
+    def close(self) -> None:
+        """Closes the tab (the browser stays)."""
+        self.browser.send("Target.closeTarget", {"targetId": self.target})
+        self.browser.pages.remove(self)
 
     def send(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         return self.browser.send(method, params, session=self.session, **kw)

@@ -89,6 +89,7 @@ def test_benchmark_smoke_mode_writes_json(name, smokes):
     assert figures and all(math.isfinite(x) for x in figures) and any(x > 0 for x in figures)
 
 
+@pytest.mark.slow  # reads the smokes (~2-3 minutes of subprocesses, all of them on first use)
 def test_paired_latency_smoke_reports_raw_calibrated_and_paired_side_by_side(smokes):
     """Issue 33: per configuration, the spread of the raw p50, the calibrated p50 and the paired
     ratio over repeated runs, the A/A runs against 1, and what pairing costs a measurement."""
@@ -106,6 +107,7 @@ def test_paired_latency_smoke_reports_raw_calibrated_and_paired_side_by_side(smo
                                    "measure_seconds_paired_at_most_1.6x"}
 
 
+@pytest.mark.slow  # reads the smokes (~2-3 minutes of subprocesses, all of them on first use)
 def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
     doc = json.loads(smokes["attention_kernels"][1].read_text())
     assert {"rows", "ratios", "targets", "environment", "config"} <= set(doc)
@@ -119,6 +121,7 @@ def test_attention_kernels_smoke_has_every_kernel_and_mode(smokes):
         assert set(t) == {"value", "target", "met", "at_n"}
 
 
+@pytest.mark.slow  # reads the smokes (~2-3 minutes of subprocesses, all of them on first use)
 def test_attention_kernels_smoke_has_the_padding_suite(smokes):
     """Issue 25: masks none / all-True / 25% padding on half the rows, forward and
     forward+backward, ratios taken within one run, the four targets, the machine."""
@@ -143,6 +146,7 @@ def test_attention_kernels_smoke_has_the_padding_suite(smokes):
     assert doc["machine"]["cpu_model"] == _cpu_model()
 
 
+@pytest.mark.slow  # reads the smokes (~2-3 minutes of subprocesses, all of them on first use)
 def test_model_sparse_smoke_has_the_padding_section(smokes):
     doc = json.loads(smokes["model_sparse"][1].read_text())
     pad = doc["padding"]
@@ -155,6 +159,7 @@ def test_model_sparse_smoke_has_the_padding_section(smokes):
     assert doc["machine"]["cpu_model"] == _cpu_model()
 
 
+@pytest.mark.slow  # reads the smokes (~2-3 minutes of subprocesses, all of them on first use)
 def test_device_check_dry_run_covers_every_section(smokes):
     """The accelerator check stays runnable: its CPU dry run passes every section, and every
     registered kernel agrees with eager there (forward and backward, masked and not)."""

@@ -503,7 +503,7 @@ def _peak_extra_mb(state, n, *, grad, heads=4, d=32, mask=None):
 
 
 @pytest.mark.parametrize("padded", [False, True])  # no mask; 25% end padding (the staircase slabs of its windows)
-@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])  # backward: ~10-30 s
 def test_working_set_stays_bounded_as_n_grows(grad, padded):
     """Profiler memory timeline: at a fixed chunk budget and density the memory beyond the
     O(N) tensors does not grow with N (the old path gathered O(N * density * N) keys; the

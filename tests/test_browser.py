@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdp import CHROMIUM, Browser
+from cdp import CHROMIUM
+from omninet.sweep.localservers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -68,25 +68,24 @@ def sweep(tmp_path_factory) -> Path:
     return results
 
 
-def test_dashboard_renders_plots_without_console_errors(sweep, tmp_path) -> None:
+def test_dashboard_renders_plots_without_console_errors(sweep, chromium, tmp_path) -> None:
     from omninet.sweep.dashboard import build_dashboard
 
     page_path = build_dashboard(sweep, out=tmp_path / "dashboard.html")
-    with Browser(tmp_path / "chromium-profile") as browser:
-        page = browser.open(page_path.as_uri())
-        drawn = page.wait_for("""(() => {
-            const plots = [...document.querySelectorAll('.js-plotly-plot')];
-            if (!plots.length || !plots.every(p => p._fullLayout && p.querySelector('.main-svg'))) return null;
-            return {plots: plots.length,
-                    points: document.querySelectorAll('.scatterlayer .point').length,
-                    lines: document.querySelectorAll('.scatterlayer .js-line').length,
-                    bars: document.querySelectorAll('.barlayer .point').length,
-                    parcoords: document.querySelectorAll('.parcoords').length,
-                    parcoordsAxes: document.querySelectorAll('.parcoords .axis-title').length,
-                    text: document.body.innerText};
-        })()""", timeout_s=90)
-        shot = page.screenshot(tmp_path / "dashboard.png")
-        errors = page.errors()
+    page = chromium.open(page_path.as_uri())
+    drawn = page.wait_for("""(() => {
+        const plots = [...document.querySelectorAll('.js-plotly-plot')];
+        if (!plots.length || !plots.every(p => p._fullLayout && p.querySelector('.main-svg'))) return null;
+        return {plots: plots.length,
+                points: document.querySelectorAll('.scatterlayer .point').length,
+                lines: document.querySelectorAll('.scatterlayer .js-line').length,
+                bars: document.querySelectorAll('.barlayer .point').length,
+                parcoords: document.querySelectorAll('.parcoords').length,
+                parcoordsAxes: document.querySelectorAll('.parcoords .axis-title').length,
+                text: document.body.innerText};
+    })()""", timeout_s=90)
+    shot = page.screenshot(tmp_path / "dashboard.png")
+    errors = page.errors()
     print(f"\ndashboard screenshot: {shot}")
     assert errors == []
     assert drawn["plots"] == 1 + len(POOLS) + 1  # Pareto grid, parallel coordinates per pool, pools side by side
@@ -97,12 +96,6 @@ def test_dashboard_renders_plots_without_console_errors(sweep, tmp_path) -> None
     text = drawn["text"]
     assert "gpu (simulated)" in text and "Recommended configurations" in text
     assert shot.stat().st_size > 50_000  # a drawn page, not a blank one
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -144,7 +137,7 @@ def serve(command: list[str], health_url: str, log_path: Path, *, env: dict | No
 @pytest.fixture
 def mlflow_ui(sweep, tmp_path):
     """``mlflow ui`` on 127.0.0.1 serving the sweep's MLflow store."""
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     command = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{sweep / 'mlflow.db'}",
                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
     # no background job workers: they are for GenAI features and slow the start down; one
@@ -153,7 +146,7 @@ def mlflow_ui(sweep, tmp_path):
         yield url
 
 
-def test_mlflow_ui_shows_the_experiment_and_trial_runs(sweep, mlflow_ui, tmp_path) -> None:
+def test_mlflow_ui_shows_the_experiment_and_trial_runs(sweep, mlflow_ui, chromium, tmp_path) -> None:
     experiments = _post(f"{mlflow_ui}/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
     experiment = next(e for e in experiments if e["name"] == "tiny")
     runs = _post(f"{mlflow_ui}/ajax-api/2.0/mlflow/runs/search",
@@ -171,36 +164,35 @@ def test_mlflow_ui_shows_the_experiment_and_trial_runs(sweep, mlflow_ui, tmp_pat
                             {m["key"] for m in r["data"]["metrics"]} for r in measured)
 
     child_names = [r["info"]["run_name"] for r, _ in children]
-    with Browser(tmp_path / "chromium-profile") as browser:
-        page = browser.open(f"{mlflow_ui}/#/experiments/{experiment['experiment_id']}/runs")
-        parent_name = parents[0]["info"]["run_name"]
-        page.wait_for(f"document.body.innerText.includes({json.dumps(parent_name)})", timeout_s=90)
-        # child runs are nested under the sweep's parent run: expand it
-        page.evaluate(f"""(() => {{
-            const link = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === {json.dumps(parent_name)});
-            link.closest('[role=gridcell], .ag-cell-value').querySelector('button').click();
-        }})()""")
-        shown = page.wait_for(f"""(() => {{
-            const names = new Set({json.dumps(child_names)});
-            const n = [...document.querySelectorAll('a')].filter(a => names.has(a.innerText.trim())).length;
-            return n >= names.size && n;
-        }})()""", timeout_s=60)
-        shot = page.screenshot(tmp_path / "mlflow-runs.png", full_page=False)
-        text = page.evaluate("document.body.innerText")
-        # the chart view: one chart per metric, a bar per trial run
-        page.evaluate("document.querySelector('input[name=runs-view-mode][value=CHART]').click()")
-        charts = page.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length", timeout_s=60)
-        chart_text = page.evaluate("document.body.innerText")
-        chart_shot = page.screenshot(tmp_path / "mlflow-charts.png", full_page=False)
+    page = chromium.open(f"{mlflow_ui}/#/experiments/{experiment['experiment_id']}/runs")
+    parent_name = parents[0]["info"]["run_name"]
+    page.wait_for(f"document.body.innerText.includes({json.dumps(parent_name)})", timeout_s=90)
+    # child runs are nested under the sweep's parent run: expand it
+    page.evaluate(f"""(() => {{
+        const link = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === {json.dumps(parent_name)});
+        link.closest('[role=gridcell], .ag-cell-value').querySelector('button').click();
+    }})()""")
+    shown = page.wait_for(f"""(() => {{
+        const names = new Set({json.dumps(child_names)});
+        const n = [...document.querySelectorAll('a')].filter(a => names.has(a.innerText.trim())).length;
+        return n >= names.size && n;
+    }})()""", timeout_s=60)
+    shot = page.screenshot(tmp_path / "mlflow-runs.png", full_page=False)
+    text = page.evaluate("document.body.innerText")
+    # the chart view: one chart per metric, a bar per trial run
+    page.evaluate("document.querySelector('input[name=runs-view-mode][value=CHART]').click()")
+    charts = page.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length", timeout_s=60)
+    chart_text = page.evaluate("document.body.innerText")
+    chart_shot = page.screenshot(tmp_path / "mlflow-charts.png", full_page=False)
     print(f"\nMLflow UI screenshots: {shot} {chart_shot}")
     assert shown == len(child_names)
     assert "tiny" in text and f"{len(runs)} matching runs" in text
     assert charts > 0 and "accuracy" in chart_text and "Model metrics" in chart_text
 
 
-def test_optuna_dashboard_reads_the_sweep_storage(sweep, tmp_path) -> None:
+def test_optuna_dashboard_reads_the_sweep_storage(sweep, chromium, tmp_path) -> None:
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install optuna-dashboard)")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     command = [str(VENV_BIN / "optuna-dashboard"), f"sqlite:///{sweep / 'optuna.db'}",
                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
     with serve(command, f"{url}/api/studies", tmp_path / "optuna-dashboard.log"):
@@ -208,13 +200,12 @@ def test_optuna_dashboard_reads_the_sweep_storage(sweep, tmp_path) -> None:
             studies = {s["study_name"]: s for s in json.load(response)["study_summaries"]}
         assert set(studies) == {f"tiny.{pool}" for pool in POOLS}  # one study per pool
         study_id = studies["tiny.cpu"]["study_id"]
-        with Browser(tmp_path / "chromium-profile") as browser:
-            page = browser.open(f"{url}/dashboard/studies/{study_id}")
-            text = page.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length && "
-                                 "document.body.innerText.includes('Pareto Front') && document.body.innerText",
-                                 timeout_s=60)
-            shot = page.screenshot(tmp_path / "optuna-dashboard.png", full_page=False)
-            errors = page.errors()
+        page = chromium.open(f"{url}/dashboard/studies/{study_id}")
+        text = page.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length && "
+                             "document.body.innerText.includes('Pareto Front') && document.body.innerText",
+                             timeout_s=60)
+        shot = page.screenshot(tmp_path / "optuna-dashboard.png", full_page=False)
+        errors = page.errors()
     print(f"\noptuna-dashboard screenshot: {shot}")
     assert "Pareto Front" in text and "peak_memory_infer_mb" in text  # the sweep's metric names
     assert errors == []

@@ -128,7 +128,7 @@ def test_a_sweep_trial_is_parsed_exactly_once_by_the_controller():
 
 
 @pytest.mark.slow
-def test_results_written_by_the_previous_format_load_and_resume(tmp_path):
+def test_results_written_by_the_previous_format_load_and_resume(tmp_path, ray_cluster):
     results = tmp_path / "legacy"
     shutil.copytree(LEGACY, results)
     old = SweepResult.load(results)
@@ -141,8 +141,9 @@ def test_results_written_by_the_previous_format_load_and_resume(tmp_path):
     data["results_dir"] = str(results)
     path = tmp_path / "legacy.yaml"
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(path), "--num-cpus", "2"],
-                          capture_output=True, text=True, timeout=400)
+    # the driver joins the session cluster (tests/conftest.py): how Ray starts is not this test's subject
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(path),
+                           "--address", ray_cluster.address], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "resuming study" in proc.stdout
     after = SweepResult.load(results)

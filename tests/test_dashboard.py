@@ -197,6 +197,7 @@ def test_recommendations_and_shared_configs(results) -> None:
     assert sorted(zip(bad["pool"], bad["status"])) == [("cpu", "error"), ("gpu (simulated)", "infeasible")]
 
 
+@pytest.mark.slow  # ~5-13 s on 2 cores
 def test_speed_against_the_reference_with_its_interval(tmp_path) -> None:
     """Each front point's speed-up over its pool's reference with the 95% interval, called faster
     only when the interval excludes 1; the pools chart draws the ratios' intervals, and the same

@@ -18,6 +18,7 @@ from omninet.trial.runners import RunContext
 
 N = 64
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_FIXTURES = {"base_dir"}  # a trained base: its tests are slow (tests/conftest.py)
 # one stdlib package as the corpus: the same byte budget and window counts as the whole stdlib,
 # whose listing (site-packages included, then excluded) costs ~0.5 s at every task build
 CORPUS = str(Path(sysconfig.get_paths()["stdlib"]) / "asyncio")

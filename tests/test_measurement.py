@@ -170,6 +170,7 @@ def test_paired_rounds_stop_once_the_interval_is_narrow(monkeypatch):
     assert t.rounds == 15  # and at least min_calls calls of a
 
 
+@pytest.mark.slow  # a trial and its reference, timed side by side
 def test_a_trial_times_itself_against_the_reference_it_is_given(tmp_path):
     """The reference model is built in the trial (its own config, the trial's inputs) and timed
     beside it; the trial's raw figures come from its calls in those rounds. A reference that
@@ -347,11 +348,24 @@ def test_coordinator_drops_a_dead_holder():
     asyncio.run(scenario())
 
 
+def test_cores_held_by_a_dead_trial_are_allotted_again():
+    """A trial killed on a long-lived node (its driver killed, say) does not keep its cores from
+    the next sweep's trials there."""
+    from omninet.sweep.isolation import NodeCoordinator
+
+    c = NodeCoordinator()
+    c.cores = [0, 1]
+    assert c.allot("dead", 2) == [0, 1]
+    asyncio.run(c.enter("dead", 2**22 + 12345))  # no such process
+    assert c.allot("next", 2) == [0, 1] and set(c.allotted) == {"next"}
+
+
 @pytest.mark.slow
-def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path, monkeypatch):
-    """Two pools on one embedded node, their trials training concurrently: every measurement
-    interval is free of the other trials' training steps and of the controller's own record
-    writing (Parquet, Optuna, MLflow), and cores are disjoint."""
+def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path, monkeypatch, ray_cluster):
+    """Two pools on one node (the session cluster's 2-CPU head, tests/conftest.py), their trials
+    training concurrently: every measurement interval is free of the other trials' training
+    steps and of the controller's own record writing (Parquet, Optuna, MLflow), and cores are
+    disjoint."""
     from omninet.sweep import SweepResult, run_sweep
     from omninet.sweep.isolation import DriverGate
 
@@ -403,7 +417,7 @@ def test_no_measurement_overlaps_another_trials_work_on_the_node(tmp_path, monke
 
 # ---- the sampler sees every finished trial before the next ask --------------------------
 @pytest.mark.slow
-def test_each_trial_is_told_before_the_pools_next_ask(tmp_path):
+def test_each_trial_is_told_before_the_pools_next_ask(tmp_path, ray_cluster):
     import optuna
 
     from omninet.sweep import run_sweep

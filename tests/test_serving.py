@@ -20,17 +20,12 @@ import torch
 from omninet.cli import main as omninet_main
 from omninet.serve import load_trial_model
 from omninet.serve.testing import LISTOPS_SERVE_TRIAL, quick_trained_model
+from omninet.sweep.localservers import free_port
 
 pytestmark = pytest.mark.slow  # ~60-75 s on a busy 2-core machine: training, Ray and Serve start-up
 TIMEOUT = 20  # seconds, every request
 TRIAL = {**LISTOPS_SERVE_TRIAL, "train": {**LISTOPS_SERVE_TRIAL["train"], "steps": 10},
          "measure": {**LISTOPS_SERVE_TRIAL["measure"], "allow_other_length": True}}  # served at 512, trained shorter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +34,18 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(model_dir):
-    ray = pytest.importorskip("ray")
+def url(model_dir, ray_cluster):
+    """The model served by Ray Serve on the session cluster (tests/conftest.py)."""
     from ray import serve
 
     from omninet.serve.app import serve_model
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # A wide batching window so that concurrent requests really share batches.
-        yield serve_model(model_dir, host="127.0.0.1", port=_free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,
+        yield serve_model(model_dir, host="127.0.0.1", port=free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,
                           max_batch_tokens=1024, num_threads=1, ray_actor_options={"num_cpus": 1})
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

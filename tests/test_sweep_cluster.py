@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from omninet.sweep import SweepConfigError, SweepResult, run_sweep  # noqa: E402
 
@@ -28,16 +27,14 @@ TOY_FN = "omninet.sweep.testing:toy_trial"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Head: 1 CPU + {'rm': 1}. Worker 'gpu': 1 CPU + a fake GPU (no CUDA: simulated) +
-    {'slot': 1}. Head also has {'slot': 1}. Tests may add and remove nodes."""
-    c = Cluster(initialize_head=True, connect=True,
-                head_node_args={"num_cpus": 1, "resources": {"slot": 1, "rm": 1}, "include_dashboard": False})
-    c.add_node(num_cpus=1, num_gpus=1, resources={"slot": 1})
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def cluster(ray_cluster):
+    """The session cluster (tests/conftest.py: a 2-CPU head) and, for this module, a node with
+    1 CPU + {'slot': 1, 'rm': 1} and a worker 'gpu' with 1 CPU + a fake GPU (no CUDA:
+    simulated) + {'slot': 1}. Tests may add and remove nodes."""
+    ray_cluster.add_node(num_cpus=1, resources={"slot": 1, "rm": 1})
+    ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={"slot": 1})
+    ray_cluster.wait_for_nodes()
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")

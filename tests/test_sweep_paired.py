@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from omninet.sweep import SweepResult, run_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def cluster(ray_cluster):
+    """The session cluster (tests/conftest.py): one 2-CPU head."""
+    return ray_cluster
 
 
 def config(name: str, results: Path, started: Path, **overrides) -> dict:

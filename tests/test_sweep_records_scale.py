@@ -23,7 +23,6 @@ import yaml
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("psycopg2", reason="the postgres extra: pip install -e '.[postgres]'")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from omninet.sweep import SweepResult, run_sweep  # noqa: E402
 from omninet.sweep.localservers import LocalMlflowServer, LocalPostgres, postgres_bin  # noqa: E402
@@ -36,25 +35,32 @@ HOST = socket.gethostname()
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """PostgreSQL (databases ``optuna`` and ``mlflow``), an MLflow tracking server on it with a
-    file artifact destination, and a 3-node Ray cluster (1 CPU each, {'slot': 1} on the two
-    workers). The server imports for seconds: it starts while the cluster comes up."""
-    pg = LocalPostgres().start()
-    optuna_url = pg.create_database("optuna")
-    server = LocalMlflowServer(pg.create_database("mlflow"), tmp_path_factory.mktemp("mlflow") / "artifacts").launch()
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"slot": 1})
-    cluster.wait_for_nodes()
+def pg():
+    """A throwaway PostgreSQL with a database ``optuna``: (server, its URL). The lock tests need
+    only this; the sweeps also need :func:`stack`."""
+    server = LocalPostgres().start()
     try:
-        server.wait()
-        yield SimpleNamespace(pg=pg, optuna_url=optuna_url, mlflow=server, cluster=cluster)
+        yield server, server.create_database("optuna")
     finally:
-        server.stop()
-        ray.shutdown()
-        cluster.shutdown()
-        pg.close()
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def stack(pg, ray_cluster, tmp_path_factory):
+    """PostgreSQL (databases ``optuna`` and ``mlflow``), an MLflow tracking server on it with a
+    file artifact destination, and a 3-node Ray cluster: the session head (tests/conftest.py)
+    and two workers of 1 CPU + {'slot': 1}. The server imports for seconds: it starts while the
+    workers come up."""
+    server, optuna_url = pg
+    mlflow = LocalMlflowServer(server.create_database("mlflow"), tmp_path_factory.mktemp("mlflow") / "artifacts").launch()
+    try:
+        for _ in range(2):
+            ray_cluster.add_node(num_cpus=1, resources={"slot": 1})
+        ray_cluster.wait_for_nodes()
+        mlflow.wait()
+        yield SimpleNamespace(pg=server, optuna_url=optuna_url, mlflow=mlflow, cluster=ray_cluster)
+    finally:
+        mlflow.stop()
 
 
 def config(stack, name: str, results: Path, *, trials: int, concurrency: int = 1, sleep_s: float = 0.1,
@@ -268,25 +274,26 @@ def test_postgres_restarted_mid_sweep(stack, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_lock_names_holder_and_is_recovered_after_kill(stack, tmp_path, kind) -> None:
+def test_lock_names_holder_and_is_recovered_after_kill(pg, tmp_path, kind) -> None:
     """A lock left by a killed controller is recovered by the next one, with no manual step."""
+    optuna_url = pg[1]
     lock_file = tmp_path / "s.sweep.lock"
     make = (f"FileSweepLock('s', ControllerId(), {str(lock_file)!r})" if kind == "sqlite"
-            else f"PostgresSweepLock('s', ControllerId(), {stack.optuna_url!r})")
+            else f"PostgresSweepLock('s', ControllerId(), {optuna_url!r})")
     code = ("import sys, time\nfrom omninet.sweep.lock import ControllerId, FileSweepLock, PostgresSweepLock\n"
             f"lock = {make}.acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = (FileSweepLock("s", ControllerId(), lock_file) if kind == "sqlite"
-                else PostgresSweepLock("s", ControllerId(), stack.optuna_url))
+                else PostgresSweepLock("s", ControllerId(), optuna_url))
         with pytest.raises(SweepLockedError, match=rf"host {re.escape(HOST)}, pid {holder.pid}\b"):
             lock.acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     lock = (FileSweepLock("s", ControllerId(), lock_file) if kind == "sqlite"
-            else PostgresSweepLock("s", ControllerId(), stack.optuna_url))
+            else PostgresSweepLock("s", ControllerId(), optuna_url))
     deadline = time.time() + 10  # the server notices the killed client's closed socket at once
     while True:
         try:
@@ -299,6 +306,7 @@ def test_lock_names_holder_and_is_recovered_after_kill(stack, tmp_path, kind) ->
     lock.release()
 
 
+@pytest.mark.slow  # its stack: an MLflow server and two Ray workers, ~10-15 s to start
 def test_trial_asked_but_never_sampled_is_run_with_fresh_params(stack, tmp_path) -> None:
     """A controller that died (or lost a store's reply) between ``ask`` and sampling leaves a
     RUNNING trial without parameters: the next controller samples it and runs it, under the

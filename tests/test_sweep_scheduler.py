@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from omninet.sweep import SweepResult, run_sweep  # noqa: E402
 
@@ -26,11 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def cluster(ray_cluster):
+    """The session cluster (tests/conftest.py): one 2-CPU head."""
+    return ray_cluster
 
 
 def sweep_config(name: str, results: Path, **overrides) -> dict:

@@ -181,6 +181,7 @@ def test_meter_scores_every_claimed_token_with_its_se(tokenizers_dir, corpus, ki
     assert d.units == claimed and d.lo < d.diff < d.hi
 
 
+@pytest.mark.slow  # a second Python process builds the same tasks
 def test_splits_disjoint_deterministic_and_eval_hash_stable(tokenizers_dir, corpus):
     from omninet.tasks import text
 

@@ -43,6 +43,9 @@ def tiny(**sections) -> dict:
     return cfg
 
 
+SLOW_FIXTURES = {"ok_result"}  # a trial with its memory measured: its tests are slow (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
 def ok_result() -> TrialResult:
     return run_trial(tiny(measure={"memory": True}))
@@ -152,6 +155,7 @@ def test_ok_result_figures_are_consistent(ok_result):
     assert d["device"] == "cpu" and d["device_name"] and d["precision"] == "fp32"
 
 
+@pytest.mark.slow  # two trials
 def test_determinism_same_seed_same_result():
     a, b = run_trial(tiny()), run_trial(tiny())
     assert a.status == b.status == "ok"
@@ -192,6 +196,7 @@ def test_int8_trains_fp32_and_quantizes_for_inference(ok_result):
     assert res.peak_memory_infer_mb < fp32.peak_memory_infer_mb  # int8 weights
 
 
+@pytest.mark.slow  # a trial each
 @pytest.mark.parametrize("precision", ["bf16", "mixed"])
 def test_low_precision_trial(precision):
     from omninet.hardware import probe_capabilities
@@ -240,6 +245,7 @@ print(json.dumps({{"status": res.status, "error": res.error, "big": big.numel(),
 """
 
 
+@pytest.mark.slow  # a child process under a real memory limit
 def test_run_time_memory_limit_gives_a_real_oom():
     """In a process of its own: a refused allocation can land inside oneDNN's primitive creation
     (its JIT buffers count against RLIMIT_DATA), and in a long pytest process that once left

@@ -68,6 +68,7 @@ class NodeCoordinator:
         return list(self.cores)
 
     def allot(self, key: str, n: int) -> list[int]:
+        self._prune_dead()  # a trial killed on a long-lived node (its driver killed, say) frees its cores
         busy = {c for cores in self.allotted.values() for c in cores}
         free = [c for c in self.cores if c not in busy]
         if len(free) < n:  # oversubscribed (allowed by the sweep): share the least used cores
