@@ -34,6 +34,7 @@ SMOKE = {
     "device_check": (["--dry"], 6),
     "trained_base": (["--quick"], 10),
     "hf_import": (["--quick"], 14),
+    "generation_peer": (["--quick"], 20),
 }
 
 
