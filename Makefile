@@ -36,12 +36,18 @@ postgresql:
 quickstart: install
 	$(BIN)/python sweeps/run.py --config sweeps/quickstart.yaml
 
+# Two pytest workers (pytest-xdist), a test file each at a time so that a module's fixtures stay in one process; much
+# of a serial run waits (Ray and server start-ups, subprocesses, sleeping toy trials) with a core idle. PYTEST_WORKERS=0
+# runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
 # Lint first (seconds; configured in pyproject.toml): an unused import or undefined name fails before the long suite.
 test: install-dev chromium postgresql
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The tests not marked slow (each under a few seconds, with its fixtures): for the edit-test loop; CI runs `make test`.
 test-fast: install-dev chromium postgresql
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"

@@ -14,7 +14,9 @@ removed again at its end. The driver is connected while such a module runs and d
 after it, so every other test sees the process as before (``ray.is_initialized()`` false). A
 test that needs a Ray of its own says why where it starts one (``test_sweep_real``:
 ``run_sweep`` must start and shut down its own embedded Ray; subprocess drivers started with
-``--num-cpus``: the entry point's own embedded start).
+``--num-cpus``: the entry point's own embedded start). Under pytest-xdist (``make test``: two
+workers, ``--dist loadfile``) each worker has its own session cluster, and a module runs whole
+in one worker.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def ray_cluster(_ray_session_cluster):
     finally:
         for node in list(view.added):
             view.remove_node(node)
+        # the next module sees only the head: not a node Ray has yet to find dead (Serve, for
+        # one, places a proxy on every node it believes alive)
+        _ray_session_cluster.wait_for_nodes()
         ray.shutdown()  # the driver only: the session cluster stays for the next module
 
 

@@ -435,6 +435,7 @@ def test_row_batched_slabs_and_window_sums_match_eager(monkeypatch, strided, sma
         assert max(rows) == 3  # rows with the same group share calls (padding leaves row 1's first groups as they are)
 
 
+@pytest.mark.slow  # 6-17 s each on 2 cores
 @pytest.mark.parametrize("block_size,sparsity,strided", [(16, 0.5, False), (16, 0.5, True), (16, 0.75, False),
                                                          (32, 0.5, True)])  # strided: (B, N, H, D) like the model's
 def test_tiled_sliding_windows_match_eager(monkeypatch, block_size, sparsity, strided):

@@ -102,6 +102,7 @@ def test_a_bad_value_in_the_search_space_is_caught_without_parsing_every_trial()
         load_config(data)
 
 
+@pytest.mark.slow  # a real trial, run as a worker runs it (~5-12 s)
 def test_a_sweep_trial_is_parsed_exactly_once_by_the_controller():
     """The controller builds the trial's typed config once; Ray ships it pickled (no parse);
     the worker runs it as is (a simulated pool re-targets it to the CPU without parsing it
