@@ -76,7 +76,7 @@ def ray_cluster(_ray_session_cluster):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=_ray_session_cluster.address)
+        ray.init(address=_ray_session_cluster.address, log_to_driver=False)  # worker logs would reach capsys
     view = ModuleCluster(_ray_session_cluster)
     try:
         yield view
