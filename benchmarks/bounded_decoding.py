@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         summary[layout] = {
             "cache_bytes": [r["cache_nbytes"] for r in rows],
             "cache_equals_formula": all(r["cache_nbytes"] == r["formula_bytes"] for r in rows),
-            "cache_bytes_flat": len({r["cache_allocated_bytes"] for r in rows}) == 1,
+            "cache_bytes_flat": len({r["cache_nbytes"] for r in rows}) == 1,
+            "allocated_bytes": [r["cache_allocated_bytes"] for r in rows],
             "peak_rss_ratio_last_to_first": last["peak_rss_mb"] / first["peak_rss_mb"],
             "decode_ms_p50": [r["decode_ms_p50"] for r in rows],
             "decode_ratio_last_to_first": last["decode_ms_p50"] / first["decode_ms_p50"],

@@ -49,10 +49,12 @@ class Rotary(nn.Module):
 
     def _cos_sin(self, end: int, device, dtype):
         if self._cache is None or self._cache[0] < end or self._cache[1].device != device:
-            t = torch.arange(max(end, 256), device=device, dtype=torch.float32)
+            # Doubling: a decode step past the table's end must not rebuild an O(N) table per token.
+            size = max(end, 256, 2 * self._cache[0] if self._cache is not None else 0)
+            t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device))  # (N, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (N, D)
-            self._cache = (max(end, 256), emb.cos(), emb.sin())
+            self._cache = (size, emb.cos(), emb.sin())
         _, cos, sin = self._cache
         return cos.to(dtype), sin.to(dtype)
 
