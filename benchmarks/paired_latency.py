@@ -53,7 +53,7 @@ CONFIGS = {
     "reference (A/A)": {},
     "block_sparse 16 x 0.8": {"model.attention.kernel": "block_sparse", "model.attention.block_sparse.block_size": 16,
                               "model.attention.block_sparse.sparsity_factor": 0.8},
-    "half the heads pruned": {"model.heads.prune_ratio": 0.5},
+    "half the heads pruned": {"prune.heads": 0.5},
     "linformer k=64": {"model.attention.kernel": "linformer", "model.attention.linformer.k": 64},
 }
 

@@ -74,7 +74,7 @@ SPACE = {
     "model.attention.block_sparse.sparsity_factor": {"low": 0.5, "high": 0.9,
                                                      "when": {"model.attention.kernel": "block_sparse"}},
     "model.attention.linformer.k": {"low": 16, "high": 128, "log": True, "when": {"model.attention.kernel": "linformer"}},
-    "model.heads.prune_ratio": {"choices": [0.0, 0.25, 0.5]},
+    "prune.heads": {"choices": [0.0, 0.25, 0.5]},
     "hardware.precision": {"choices": ["fp32", "bf16"]},
 }
 
@@ -111,7 +111,7 @@ def sweep_config(name: str, root: Path, *, scheduler: str, budget_s: float, step
         "objectives": OBJECTIVES,
         # the dense baseline first in both sweeps: every trial's accuracy is then also a paired
         # difference to it (on the same eval rows), the signal the accuracy objective carries
-        "enqueue": [{"model.attention.kernel": "sdpa", "model.heads.prune_ratio": 0.0, "hardware.precision": "fp32"}],
+        "enqueue": [{"model.attention.kernel": "sdpa", "prune.heads": 0.0, "hardware.precision": "fp32"}],
         "storage": {"mlflow_uri": f"sqlite:///{root / name / 'mlflow.db'}"},
         "keep_models": "none", "progress_interval_s": 30.0,
     }
@@ -215,7 +215,7 @@ def headroom(runs, reference_ms: float) -> dict:
 def trial_rows(df) -> list[dict]:
     """The few columns of each trial the figures are computed from (for re-analysis)."""
     cols = ["trial_number", "status", "accuracy", "peak_memory_infer_mb", "latency_p50_ms", "latency_p50_rel", "steps",
-            "finished_at", "param.model.attention.kernel", "param.model.heads.prune_ratio", "param.hardware.precision",
+            "finished_at", "param.model.attention.kernel", "param.prune.heads", "param.hardware.precision",
             "param.model.attention.block_sparse.sparsity_factor", "param.model.attention.linformer.k"]
     keep = [c for c in cols if c in df]
     return [{k: (None if v != v else v) for k, v in row.items()} for row in df[keep].to_dict("records")]

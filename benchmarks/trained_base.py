@@ -42,18 +42,18 @@ from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIGS = {  # name -> the trial's model overrides (the quickstart's search space)
-    "block_sparse b16 s0.75": {"attention": {"kernel": "block_sparse", "block_sparse": {"block_size": 16,
-                                                                                       "sparsity_factor": 0.75}}},
-    "prune 0.25": {"heads": {"prune_ratio": 0.25}},
-    "linformer k64": {"attention": {"kernel": "linformer", "linformer": {"k": 64}}},
-    "block_sparse b64 s0.9": {"attention": {"kernel": "block_sparse", "block_sparse": {"block_size": 64,
-                                                                                      "sparsity_factor": 0.9}}},
-    "prune 0.5": {"heads": {"prune_ratio": 0.5}},
-    "linformer k128": {"attention": {"kernel": "linformer", "linformer": {"k": 128}}},
-    "block_sparse b32 s0.5 + prune 0.25": {"attention": {"kernel": "block_sparse", "block_sparse": {
-        "block_size": 32, "sparsity_factor": 0.5}}, "heads": {"prune_ratio": 0.25}},
-    "linformer k256": {"attention": {"kernel": "linformer", "linformer": {"k": 256}}},
+CONFIGS = {  # name -> the trial's overrides (the quickstart's search space)
+    "block_sparse b16 s0.75": {"model": {"attention": {"kernel": "block_sparse", "block_sparse": {
+        "block_size": 16, "sparsity_factor": 0.75}}}},
+    "prune 0.25": {"prune": {"heads": 0.25}},
+    "linformer k64": {"model": {"attention": {"kernel": "linformer", "linformer": {"k": 64}}}},
+    "block_sparse b64 s0.9": {"model": {"attention": {"kernel": "block_sparse", "block_sparse": {
+        "block_size": 64, "sparsity_factor": 0.9}}}},
+    "prune 0.5": {"prune": {"heads": 0.5}},
+    "linformer k128": {"model": {"attention": {"kernel": "linformer", "linformer": {"k": 128}}}},
+    "block_sparse b32 s0.5 + prune 0.25": {"model": {"attention": {"kernel": "block_sparse", "block_sparse": {
+        "block_size": 32, "sparsity_factor": 0.5}}}, "prune": {"heads": 0.25}},
+    "linformer k256": {"model": {"attention": {"kernel": "linformer", "linformer": {"k": 256}}}},
 }
 
 
@@ -148,18 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     task = TrialConfig.from_dict(base_cfg).task_obj
     unigram = unigram_baseline(task)
 
-    def derived_cfg(model: dict) -> dict:
-        return {**merge(trial, {"model": model}), "base": str(folder), "finetune": finetune}
+    def derived_cfg(overrides: dict) -> dict:
+        return {**merge(trial, overrides), "base": str(folder), "finetune": finetune}
 
     ref = run_trial({**derived_cfg({}), "finetune": {**finetune, "steps": 0}})  # the base as every trial sees it
     rows = []
     for name in names:
-        model = CONFIGS[name]
+        overrides = CONFIGS[name]
         t0 = time.perf_counter()
-        d = run_trial(derived_cfg(model))
+        d = run_trial(derived_cfg(overrides))
         d_wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        s = run_trial(merge(trial, {"model": model, "train": {"steps": scratch_steps}}))
+        s = run_trial(merge(trial, {**overrides, "train": {"steps": scratch_steps}}))
         s_wall = time.perf_counter() - t0
         if d.status != "ok" or s.status != "ok":
             rows.append({"config": name, "derived_status": d.status, "scratch_status": s.status,

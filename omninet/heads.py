@@ -125,6 +125,13 @@ def set_online_importance(model: OmniNetModel, enabled: bool, *, reset: bool = F
 
 
 # ---- pruning schedules ------------------------------------------------------------------
+def _check_ratio(prune_ratio) -> float:
+    """The ratio, or a one-line ValueError before any importance is computed."""
+    if not isinstance(prune_ratio, (int, float)) or isinstance(prune_ratio, bool) or not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+    return float(prune_ratio)
+
+
 def prune_by_importance(model: OmniNetModel, importance: torch.Tensor, prune_ratio: float) -> dict[int, list[int]]:
     """Prunes the globally least important heads until a fraction ``prune_ratio`` of all
     L*H original heads is gone (heads already removed count), keeping >= 1 head per layer
@@ -132,8 +139,7 @@ def prune_by_importance(model: OmniNetModel, importance: torch.Tensor, prune_rat
     {layer: [original ids]}."""
     layers = model.attention_layers()
     L, H = len(layers), model.config.num_heads
-    if not isinstance(prune_ratio, (int, float)) or isinstance(prune_ratio, bool) or not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+    _check_ratio(prune_ratio)
     if not isinstance(importance, torch.Tensor) or importance.shape != (L, H):
         shape = list(importance.shape) if isinstance(importance, torch.Tensor) else type(importance).__name__
         raise ValueError(f"importance must be a tensor of shape [num_layers={L}, num_heads={H}], got {shape}")
@@ -176,13 +182,11 @@ def _heads_left(model: OmniNetModel) -> int:
     return sum(a.num_heads for a in model.attention_layers())
 
 
-def prune_model(model: OmniNetModel, batches: Iterable[dict], *, prune_ratio: float | None = None,
+def prune_model(model: OmniNetModel, batches: Iterable[dict], *, prune_ratio: float,
                 loss_fn: Callable | None = None, eval_fn: Callable[[OmniNetModel], float] | None = None) -> PruneReport:
-    """One shot: gradient importance on ``batches``, prune to ``prune_ratio`` (default
-    ``model.config.heads.prune_ratio``), and ``eval_fn(model) -> accuracy`` before and after."""
-    ratio = model.config.heads.prune_ratio if prune_ratio is None else prune_ratio
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"prune_ratio must be a number in [0, 1), got {ratio!r}")
+    """One shot: gradient importance on ``batches``, prune to ``prune_ratio`` of all heads, and
+    ``eval_fn(model) -> accuracy`` before and after."""
+    ratio = _check_ratio(prune_ratio)
     total = len(model.attention_layers()) * model.config.num_heads
     before = dict(heads_before=_heads_left(model), params_before=model.num_parameters(),
                   accuracy_before=None if eval_fn is None else float(eval_fn(model)))

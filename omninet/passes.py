@@ -13,7 +13,7 @@ them on the base before a short fine-tune. ``omninet.trial.build`` runs them for
                      match, the task's ids must fit its vocabulary and its length must cover the
                      task (``check_base``);
 2. ``prune_heads``   head importance (Michel et al. 2019: |dL/d gate| on ``PRUNE_CALIBRATION_BATCHES``
-                     training batches), then physical pruning of ``heads.prune_ratio`` of all
+                     training batches), then physical pruning of ``prune.heads`` of all
                      heads, least important first (``prune_heads`` here, ``omninet.heads.prune_model``):
                      a derived trial's on the *base* weights, a trial from its seed after training;
 3. ``attention``     derived trials: the attention kernel swap with its parameters
@@ -188,19 +188,19 @@ def prune_heads(model: OmniNetModel, *, ratio: float, calibration: Iterable[dict
     return report.heads_before - report.heads_after, report.heads_after
 
 
-def derive(base: OmniNetModel, trial: ModelConfig, *, calibration: Iterable[dict], seq_length: int,
-           task_name: str = "the task") -> tuple[OmniNetModel, Derivation]:
+def derive(base: OmniNetModel, trial: ModelConfig, *, prune_ratio: float = 0.0, calibration: Iterable[dict],
+           seq_length: int, task_name: str = "the task") -> tuple[OmniNetModel, Derivation]:
     """Passes 1-3 of ``PASS_ORDER`` on a copy of ``base`` (already loaded): check, prune heads by
-    importance on ``calibration`` batches (training data), swap the attention kernel. Precision
-    (pass 4) is the trial's plan (``omninet.trial.build``). ``trial`` is the trial's resolved
-    ModelConfig."""
+    importance on ``calibration`` batches (training data) to ``prune_ratio`` of all heads (the
+    trial's ``prune.heads``), swap the attention kernel. Precision (pass 4) is the trial's plan
+    (``omninet.trial.build``). ``trial`` is the trial's resolved ModelConfig."""
     check_base(base.config, trial, task_length=seq_length, task_name=task_name)
     model = load_base(base)
     log = Derivation(passes=["load_base: dense base, "
                              f"{sum(a.num_heads for a in model.attention_layers())} heads, {model.num_parameters()} params"])
     heads_before = sum(a.num_heads for a in model.attention_layers())
     log.heads_remaining = heads_before
-    pruned = prune_heads(model, ratio=trial.heads.prune_ratio, calibration=calibration)
+    pruned = prune_heads(model, ratio=prune_ratio, calibration=calibration)
     if pruned is not None:
         log.heads_pruned, log.heads_remaining = pruned
         log.passes.append(f"prune_heads: {log.heads_pruned} of {heads_before} heads by importance on the base")

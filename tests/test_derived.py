@@ -44,9 +44,10 @@ def base_dir(tmp_path_factory):
     return out
 
 
-def derived(base_dir, steps: int = 0, distill: float = 0.0, **model) -> dict:
+def derived(base_dir, steps: int = 0, distill: float = 0.0, prune: float = 0.0, **model) -> dict:
     cfg = trial(**model)
     cfg["base"] = str(base_dir)
+    cfg["prune"] = {"heads": prune}
     cfg["finetune"] = {"steps": steps, "lr": 1e-3, "warmup_steps": 1, "distill": distill}
     return cfg
 
@@ -77,11 +78,11 @@ def test_a_base_that_does_not_fit_is_refused_in_one_line(base_dir, tmp_path) -> 
 
 def test_passes_run_in_the_documented_order_on_the_base_weights(base_dir) -> None:
     assert PASS_ORDER == ("load_base", "prune_heads", "attention", "precision")
-    cfg = TrialConfig.from_dict(derived(base_dir, heads={"prune_ratio": 0.5}, attention={
+    cfg = TrialConfig.from_dict(derived(base_dir, prune=0.5, attention={
         "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}}))
     base = load_base(base_dir)
     batches = list(cfg.task_obj.batches("train", 8, seed=1))[:2]
-    model, log = derive(base, cfg.model_config, calibration=batches, seq_length=N)
+    model, log = derive(base, cfg.model_config, prune_ratio=cfg.prune.heads, calibration=batches, seq_length=N)
     assert [line.split(":")[0] for line in log.passes] == ["load_base", "prune_heads", "attention"]
     assert log.heads_pruned == 4 and sum(a.num_heads for a in model.attention_layers()) == 4
     assert model.config.attention.kernel == "block_sparse"
@@ -148,12 +149,12 @@ def test_a_new_kernel_derives_through_its_own_hook_without_a_pass_edit() -> None
 
 
 def test_finetune_steps_zero_is_the_zero_shot_record(base_dir) -> None:
-    r = run_trial(derived(base_dir, steps=0, heads={"prune_ratio": 0.25}))
+    r = run_trial(derived(base_dir, steps=0, prune=0.25))
     assert r.status == "ok", r.error
     assert r.derived and r.finetune_steps == 0 and r.steps == 0
     assert r.accuracy == r.accuracy_zero_shot and r.accuracy_se == r.accuracy_zero_shot_se
     assert r.passes.startswith("load_base") and "prune_heads: 2 of 8" in r.passes and r.passes.endswith("precision: fp32")
-    tuned = run_trial(derived(base_dir, steps=10, heads={"prune_ratio": 0.25}))
+    tuned = run_trial(derived(base_dir, steps=10, prune=0.25))
     assert tuned.status == "ok" and tuned.steps == 10 and tuned.accuracy_zero_shot == r.accuracy_zero_shot
     assert tuned.eval_loss != tuned.eval_loss_zero_shot and tuned.finetune_seconds > 0  # the fine-tune moved it
     assert tuned.scores_zero_shot.eval_hash == tuned.scores.eval_hash  # both on the same eval rows
@@ -174,7 +175,7 @@ def test_distillation_changes_the_loss_and_can_be_turned_off(base_dir) -> None:
 def test_a_derived_trial_folder_reloads_to_the_same_outputs(base_dir, tmp_path) -> None:
     from omninet.model import OmniNetModel
 
-    cfg = derived(base_dir, steps=3, heads={"prune_ratio": 0.25}, attention={
+    cfg = derived(base_dir, steps=3, prune=0.25, attention={
         "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}})
     r = run_trial(cfg, context=RunContext(keep_model=True))
     assert r.status == "ok", r.error
@@ -203,7 +204,7 @@ def test_a_derived_masked_byte_model_serves_fill_mask(base_dir, tmp_path) -> Non
     from omninet.artifacts import load_trial_model
     from omninet.serve.predictor import Predictor
 
-    cfg = derived(base_dir, steps=2, heads={"prune_ratio": 0.25}, attention={
+    cfg = derived(base_dir, steps=2, prune=0.25, attention={
         "kernel": "block_sparse", "block_sparse": {"min_seq_length": 0, "block_size": 16, "sparsity_factor": 0.5}})
     r = run_trial(cfg, context=RunContext(keep_model=True))
     assert r.status == "ok", r.error

@@ -161,10 +161,10 @@ def test_run_py_process_exit_status(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("point,words", [
-    ({"model.attention.kernl": "sdpa", "model.heads.prune_ratio": 0.0},
+    ({"model.attention.kernl": "sdpa", "prune.heads": 0.0},
      "enqueue[0]: 'model.attention.kernl' is not a search-space parameter"),
-    ({"model.attention.kernel": "sdpa", "model.heads.prune_ratio": 0.7},
-     "enqueue[0].model.heads.prune_ratio: 0.7 is outside its search space (choices [0.0, 0.25, 0.5])"),
+    ({"model.attention.kernel": "sdpa", "prune.heads": 0.7},
+     "enqueue[0].prune.heads: 0.7 is outside its search space (choices [0.0, 0.25, 0.5])"),
 ], ids=["misspelled-key", "value-outside-choices"])
 def test_quickstart_enqueue_point_outside_the_space_exits_2_before_writing(point, words, tmp_path, capsys) -> None:
     """The quickstart's enqueued base point, with a misspelled key or a value outside its choices,
@@ -214,3 +214,22 @@ def test_parsing_needs_no_runner_and_reopening_a_sweep_needs_neither_runner_nor_
     assert result.pools == ["cpu", "gpu"] and result.objectives == [o.key for o in config.objectives]
     checked = load_config(copy.deepcopy(TOY))  # parse, then check: the runner resolved once
     assert checked.runner is checked.check().runner
+
+
+def test_the_old_head_pruning_key_still_sweeps_as_an_alias_of_prune_heads() -> None:
+    """A sweep written when head pruning was ``model.heads.prune_ratio`` still loads and runs its
+    values as ``prune.heads`` (the parameter keeps the name the sweep gave it: its Parquet column
+    and Optuna parameter), and an enqueued value outside its choices is still refused."""
+    from omninet.sweep.config import SweepConfigError
+
+    data = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    data["trial"]["task"]["root"] = str(Path(sysconfig.get_paths()["stdlib"]) / "asyncio")
+    old = lambda d: {("model.heads.prune_ratio" if k == "prune.heads" else k): v for k, v in d.items()}  # noqa: E731
+    data["search_space"] = old(data["search_space"])
+    data["enqueue"] = [old(p) for p in data["enqueue"]]
+    config = load_config(copy.deepcopy(data))
+    assert "model.heads.prune_ratio" in [p.path for p in config.params]
+    assert config.trial_config({"model.heads.prune_ratio": 0.25}).prune.heads == 0.25
+    data["enqueue"][0]["model.heads.prune_ratio"] = 0.7
+    with pytest.raises(SweepConfigError, match=r"enqueue\[0\].model.heads.prune_ratio: 0.7 is outside"):
+        load_config(data)

@@ -180,11 +180,30 @@ def test_language_model_task_runs():
 
 def test_head_pruning_removes_heads():
     full = run_trial(tiny(model={"num_heads": 4}))
-    pruned = run_trial(tiny(model={"num_heads": 4, "heads": {"prune_ratio": 0.5}}))
+    pruned = run_trial(tiny(model={"num_heads": 4}, prune={"heads": 0.5}))
     assert pruned.status == "ok", pruned.error
     assert (pruned.heads_pruned, pruned.heads_remaining) == (2, 2)
     assert pruned.num_params < full.num_params
     assert pruned.loss_curve == full.loss_curve  # pruning happens after training
+
+
+def test_head_pruning_is_the_trials_and_its_old_model_key_is_an_alias():
+    """``prune.heads`` is validated once, by the trial's config; the old ``model.heads.prune_ratio``
+    is a documented alias of it (not a model field: the model has none), refused in one line only
+    when both disagree; a saved model's config.json that still carries it reads back (its
+    pruning is in pruned_heads)."""
+    with pytest.raises(ValueError, match=r"^prune.heads must be in \[0, 1\)"):
+        TrialConfig.from_dict(tiny(prune={"heads": 1.0}))
+    old = TrialConfig.from_dict(tiny(model={"heads": {"prune_ratio": 0.5}}))
+    assert old.prune.heads == 0.5 and "prune_ratio" not in old.to_dict()["model"].get("heads", {})
+    base = TrialConfig.from_dict(tiny())
+    assert base.with_values({"model.heads.prune_ratio": 0.25}).prune.heads == 0.25
+    base.check_path("model.heads.prune_ratio", where="search_space")
+    with pytest.raises(ValueError, match=r"prune.heads=0.25 are the same setting .* give one$"):
+        TrialConfig.from_dict(tiny(model={"heads": {"prune_ratio": 0.5}}, prune={"heads": 0.25}))
+    saved = ModelConfig(vocab_size=40, num_heads=2, hidden_size=16).to_dict()
+    saved["heads"] = {**saved["heads"], "prune_ratio": 0.5, "pruned_heads": {"0": [1]}}
+    assert ModelConfig.from_dict(saved).heads.pruned_heads == {0: [1]}
 
 
 def test_int8_trains_fp32_and_quantizes_for_inference(ok_result):

@@ -592,7 +592,7 @@ class SweepConfig(ConfigBase):
         if self.base is None:
             return
         _check(bool(self.enqueue), "base: enqueue the base's own configuration first (e.g. enqueue: [{model.attention.kernel: "
-                                   "sdpa, model.heads.prune_ratio: 0.0}]): it is trained as the base and is each pool's "
+                                   "sdpa, prune.heads: 0.0}]): it is trained as the base and is each pool's "
                                    "reference run")
         _check(self.base.pool is None or self.base.pool in pools, f"base.pool: {self.base.pool!r} is not a pool; pools are {pools}")
         _check(self._runner.name == "omninet",

@@ -47,7 +47,7 @@ def post_passes(model, cfg: TrialConfig, plan: loop.Plan, res: TrialResult, *, k
     as it is evaluated and measured. Returns the model (int8 and QAT conversion replace it)."""
     tc, task, device = cfg.train, cfg.task_obj, plan.device
     if cfg.base is None:  # a derived model was pruned by its passes, on the base's weights
-        pruned = passes.prune_heads(model, ratio=cfg.model_config.heads.prune_ratio,
+        pruned = passes.prune_heads(model, ratio=cfg.prune.heads,
                                     calibration=_calibration_batches(cfg, device))
         if pruned is not None:
             res.heads_pruned, res.heads_remaining = pruned
@@ -84,8 +84,9 @@ def _calibration_batches(cfg: TrialConfig, device) -> Iterator[dict[str, torch.T
 
 def _derive(cfg: TrialConfig, plan: loop.Plan, res: TrialResult | None):
     base = passes.load_base(cfg.base)
-    model, log = passes.derive(base, cfg.model_config, calibration=_calibration_batches(cfg, torch.device("cpu")),
-                        seq_length=cfg.task_obj.max_length, task_name=f"task {cfg.task_obj.name!r}")
+    model, log = passes.derive(base, cfg.model_config, prune_ratio=cfg.prune.heads,
+                               calibration=_calibration_batches(cfg, torch.device("cpu")),
+                               seq_length=cfg.task_obj.max_length, task_name=f"task {cfg.task_obj.name!r}")
     if res is not None:
         res.derived = True
         precision = f"precision: {plan.precision}" + (" (fake-quantized for the fine-tune, int8 after)"

@@ -19,10 +19,10 @@ from typing import Any, ClassVar, Literal
 
 from omninet.config import ConfigBase, ModelConfig, _coerce
 from omninet.hardware.device import DeviceConfig
-from omninet.paths import check_path, config_paths, set_path
+from omninet.paths import MISSING, check_path, config_paths, get_path, set_path
 from omninet.tasks.base import TaskConfig
 
-__all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "FinetuneConfig", "HardwareConfig", "MeasureConfig",
+__all__ = ["STATUSES", "SMALL_MODEL", "TrainConfig", "FinetuneConfig", "PruneConfig", "HardwareConfig", "MeasureConfig",
            "ModelOverrides", "TrialConfig", "TrialResult", "ColumnInfo", "column", "parse_count"]
 
 # screened: measured first (untrained model at the deployment shape) and stopped before training;
@@ -100,6 +100,42 @@ class TrainConfig(ConfigBase):
         _check(self.eval_min_examples >= 2, f"train.eval_min_examples must be >= 2, got {self.eval_min_examples}")
         _check(self.eval_max_seconds is None or self.eval_max_seconds > 0,
                f"train.eval_max_seconds must be > 0 (or null), got {self.eval_max_seconds}")
+
+
+@dataclass(kw_only=True)
+class PruneConfig(ConfigBase):
+    """Head pruning, a pass of the trial (``omninet.passes``): ``heads`` is the fraction of all
+    attention heads removed, least important first by gradient importance on a few train
+    batches, on the trained weights (a derived trial: on the base's, before its fine-tune);
+    0 = off. The model records the heads removed (``model.heads.pruned_heads``)."""
+
+    heads: float = 0.0
+
+    def validate(self) -> None:
+        _check(0.0 <= self.heads < 1.0, f"prune.heads must be in [0, 1) (the fraction of all heads removed; 0 = off), "
+                                        f"got {self.heads}")
+
+
+# Documented aliases: a path users wrote before its setting moved, read as the new path (so
+# sweeps, search spaces and results recorded under the old name keep working, their Parquet
+# column and Optuna parameter keep the name the sweep used). Giving both is refused.
+ALIASES = {"model.heads.prune_ratio": "prune.heads"}  # head pruning is a pass of the trial, not a model field
+
+
+def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a trial config dict) with every alias moved to its path (a copy when one is)."""
+    for old, new in ALIASES.items():
+        value = get_path(data, old)
+        if value is MISSING:
+            continue
+        data = copy.deepcopy(data)
+        parent, key = old.rsplit(".", 1)
+        del get_path(data, parent)[key]
+        current = get_path(data, new)
+        _check(current is MISSING or current == value,
+               f"{old}={value!r} and {new}={current!r} are the same setting ({old} is the old name of {new}); give one")
+        set_path(data, new, value)
+    return data
 
 
 @dataclass(kw_only=True)
@@ -297,7 +333,8 @@ class ModelOverrides(ConfigBase):
 class TrialConfig(ConfigBase):
     """A trial: ``task``, ``model`` (a partial ModelConfig over ``SMALL_MODEL``; the task sets
     vocab_size, pad_token_id, num_classes and, unless given, arch and max_seq_length),
-    ``train``, ``hardware``, ``measure``. Parsing builds the task (cheap: data is made lazily)
+    ``train``, ``hardware``, ``measure``, ``prune`` (head pruning, a pass), and for a trial
+    derived from a trained model ``base`` and ``finetune``. Parsing builds the task (cheap: data is made lazily)
     and resolves ``model_config`` once."""
 
     task: TaskConfig
@@ -309,6 +346,7 @@ class TrialConfig(ConfigBase):
     # folder or a kept trial model. None: the trial trains from scratch (``train``).
     base: str | None = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     model_config: ModelConfig = field(init=False, repr=False, compare=False)
 
     _task_obj: ClassVar[None] = None  # the built Task, per instance (not pickled: rebuilt where it runs)
@@ -320,6 +358,7 @@ class TrialConfig(ConfigBase):
             _check(not missing, f"trial config: missing section(s) {', '.join(missing)}; a trial needs a task and a "
                                 "train budget, e.g. train: {steps: 100}")
             _check(isinstance(data["task"], dict), "task must be a mapping such as {name: listops}")
+            data = _apply_aliases(data)
         return super().from_dict(data, _where=_where)
 
     def validate(self) -> None:
@@ -390,6 +429,7 @@ class TrialConfig(ConfigBase):
         data = self.to_dict()
         sections = set()
         for path, value in values.items():
+            path = ALIASES.get(path, path)
             set_path(data, path, value)
             sections.add(path.split(".", 1)[0])
         for name in sections:
@@ -444,13 +484,13 @@ class TrialConfig(ConfigBase):
         """Every settable dotted path of this trial config (the task's fields by its name)."""
         out = [f"task.{p}" for p in config_paths(type(self.task))] + ["task.name"]
         out.append("base")
-        for name in ("model", "train", "hardware", "measure", "finetune"):
+        for name in ("model", "train", "hardware", "measure", "finetune", "prune"):
             cls = ModelOverrides if name == "model" else type(getattr(self, name))
             out += cls.paths(f"{name}.") if hasattr(cls, "paths") else config_paths(cls, f"{name}.")
         return out
 
     def check_path(self, path: str, *, where: str) -> None:
-        check_path(path, self.paths(), where=where)
+        check_path(ALIASES.get(path, path), self.paths(), where=where)
 
     def on_device(self, device: str) -> "TrialConfig":
         """The same trial on another ``hardware.device``, not parsed again: a shallow copy that
@@ -465,7 +505,7 @@ class TrialConfig(ConfigBase):
         """A new TrialConfig with ``{dotted path: value}`` set (one parse)."""
         data = self.to_dict()
         for path, value in values.items():
-            set_path(data, path, value)
+            set_path(data, ALIASES.get(path, path), value)
         return TrialConfig.from_dict(data)
 
 

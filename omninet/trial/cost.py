@@ -36,7 +36,7 @@ def cost_features(cfg: TrialConfig) -> dict[str, dict[str, float]]:
     n, b = cfg.seq_length, cfg.measure_batch_size
     layers, heads, d = mc.num_layers, mc.num_heads, mc.hidden_size
     hd, f = mc.head_dim, mc.ff_dim
-    kept = heads * layers - round(mc.heads.prune_ratio * heads * layers)  # prune_model removes heads globally
+    kept = heads * layers - round(cfg.prune.heads * heads * layers)  # prune_model removes heads globally
     hr = kept / layers
     # K/V heads left: with grouped K/V a K/V head goes only with its whole group (at least
     # kept / group of them stay, at most all); plain multi-head attention: one per query head
