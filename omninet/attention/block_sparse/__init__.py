@@ -19,23 +19,15 @@ How it computes, and where it pays on CPU: docs/kernels.md, "Block-sparse attent
 
 from __future__ import annotations
 
-from omninet.attention.block_sparse.costs import block_sparse_memory, block_sparse_work
+from omninet.attention.block_sparse.costs import block_sparse_memory, block_sparse_work, describe_block_sparse
 from omninet.attention.block_sparse.kernel import block_sparse_attention
 from omninet.attention.block_sparse.layout import BlockSparseLayout, layer_is_causal, make_block_sparse_state
 from omninet.attention.block_sparse.padding import KeyPadding, key_lengths
 from omninet.attention.block_sparse.plan import BACKWARD_BUDGETS, CHUNK_BYTES
 from omninet.attention.registry import register_kernel
-from omninet.config import ModelConfig
 
 __all__ = ["BlockSparseLayout", "block_sparse_attention", "make_block_sparse_state", "layer_is_causal", "KeyPadding",
            "key_lengths", "block_sparse_work", "block_sparse_memory", "CHUNK_BYTES", "BACKWARD_BUDGETS"]
-
-
-def describe_block_sparse(config: ModelConfig, seq_length: int) -> str:
-    b = config.attention.block_sparse
-    if b.pattern == "sink_window":
-        return f"block {b.block_size}, {b.sink_blocks} sink + {b.window_blocks} window blocks"
-    return f"block {b.block_size}, sparsity {b.sparsity_factor:g}"
 
 
 register_kernel("block_sparse", make_state=make_block_sparse_state, work=block_sparse_work,

@@ -42,13 +42,13 @@ class BlockSparseLayout(nn.Module):
         self._plans = _LRU()
         self._block_masks = _LRU()
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # the knobs; the density they give at a length is ``density(n)``
         c = self.config
         if self.window:
             return (f"block_size={c.block_size}, sink_blocks={c.sink_blocks}, window_blocks={c.window_blocks}, "
                     f"layer={self.layer_idx}")
-        return (f"block_size={c.block_size}, density={1 - c.sparsity_factor:g}, local={c.local_blocks}, "
-                f"global={c.global_blocks}, random={c.random_blocks}, layer={self.layer_idx}")
+        return (f"block_size={c.block_size}, sparsity_factor={c.sparsity_factor:g}, min_seq_length={c.min_seq_length}, "
+                f"local={c.local_blocks}, global={c.global_blocks}, random={c.random_blocks}, layer={self.layer_idx}")
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -60,9 +60,13 @@ class BlockSparseLayout(nn.Module):
         return CacheWindow(sink=c.sink_blocks * c.block_size, window_blocks=c.window_blocks, block_size=c.block_size)
 
     def density(self, n: int) -> float:
-        """The fraction of the (N, N) scores this layout computes at most (the memory model's
-        factor): 1 - sparsity_factor, or the sink and window blocks' share of N keys."""
+        """The fraction of the (N, N) scores a call with N keys computes at most, the one
+        statement of the rule (the memory estimate and a kernel swap's record read it): 1.0
+        where the kernel runs dense SDPA (cross-attention, or at or below ``dense_below``'s
+        cut-over), else 1 - sparsity_factor, or the sink and window blocks' share of N keys."""
         c = self.config
+        if self.cross or self.dense_below(n, self.causal):
+            return 1.0
         if self.window:
             return min(1.0, (c.sink_blocks + c.window_blocks) * c.block_size / max(n, 1))
         return 1.0 - c.sparsity_factor
