@@ -168,3 +168,21 @@ def test_a_generation_objective_or_limit_on_an_encoder_sweep_is_refused(tmp_path
     with pytest.raises(SweepConfigError, match="trial.measure.generation is false"):
         load_config({**dec, "constraints": {"cpu": {"max_decode_ms": 10.0}}})
     load_config({**base, "trial": trial(DECODER), "constraints": {"cpu": {"max_decode_ms": 10.0}}})  # a decoder: fine
+
+
+def test_a_sink_window_decoder_measures_generation_across_evictions():
+    """A ring buffer cannot crop back past a block it evicted: the decode loop restores the
+    prefilled cache instead, so a bounded decoder (block 16, window 2 blocks; its 20-token decode
+    window crosses a block start, which evicts a block the window's first depth needs) measures generation, and its cache
+    stays the ring's size."""
+    bounded = {"position": {"kind": "rotary"}, "attention": {"kernel": "block_sparse", "block_sparse": {
+        "pattern": "sink_window", "block_size": 16, "window_blocks": 2, "sink_blocks": 1}}}
+    task = {"name": "copy", "length": 96}
+    res = run_trial(trial(task, bounded, generation_tokens=20))
+    assert res.status == "ok", res.error
+    assert res.generation_error is None and res.decode_ms_p50 > 0
+    depth = res.seq_length - 20  # the window crosses a block start: the next block evicts one the depth needs
+    assert res.decode_context == depth and depth % 16 and depth // 16 < res.seq_length // 16
+    mc = TrialConfig.from_dict(trial(task, bounded)).model_config
+    ring = 2 * mc.num_layers * res.measure_batch_size * mc.kv_heads * (1 + 2) * 16 * mc.head_dim * 4 / 2**20
+    assert res.kv_cache_mb == pytest.approx(ring)

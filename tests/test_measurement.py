@@ -638,3 +638,12 @@ def test_recommend_cli_takes_the_ratio_limits(tmp_path, capsys):
     for flags in (["--faster-than-reference"], ["--max-latency-ratio", "0.95"]):
         assert recommend_main([str(result.results_dir), "--pool", "cpu", *flags]) == 0
         assert yaml.safe_load(capsys.readouterr().out) == {"toy": {"x": 2}}
+
+
+def test_generation_ratios_combine_as_measurements_too():
+    """prefill and decode per token, timed beside the reference, are ratios like the latency's:
+    repeats combine by their intervals and get no t-interval over training seeds."""
+    from omninet.sweep.results import RATIOS, _timing
+
+    assert {"prefill_ratio_ref", "decode_ratio_ref"} <= set(RATIOS)
+    assert all(_timing(k) for k in ("prefill_ratio_ref", "decode_ratio_ref", "decode_ms_p50", "prefill_ms_p50"))

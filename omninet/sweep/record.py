@@ -69,10 +69,10 @@ class TrialRecord:
     predicted_latency_ms: float | None = column(label="predicted latency p50", unit="ms")
     predicted_memory_infer_mb: float | None = column(label="predicted inference memory", unit="MB")
     predicted_memory_train_mb: float | None = column(label="predicted training memory", unit="MB")
+    predicted_latency_ratio_ref: float | None = column(label="predicted latency / reference")
     cost_model_source: str | None = column(tag="if_set")  # 'own' or 'seeded:<pool>'
     cost_model_mape_latency: float | None = column(metric=False)
     cost_model_mape_memory: float | None = column(metric=False)
-    predicted_latency_ratio_ref: float | None = column(label="predicted latency / reference")
     cost_split: str | None = column(tag="if_set")  # 'fit' or 'holdout': the cost model's split this trial joined
     # status 'duplicate': the trial of the pool with the same parameters and seed
     duplicate_of: int | None = column(optuna=True)

@@ -27,7 +27,8 @@ log = logging.getLogger("omninet.sweep")
 
 # Figures timed side by side with the pool's reference model (``measure.paired``): each has
 # ``<key>_lo`` and ``<key>_hi`` (its 95% interval), and the side of 1 that is faster.
-RATIOS = {"latency_ratio_ref": "below", "throughput_ratio_ref": "above"}
+RATIOS = {"latency_ratio_ref": "below", "throughput_ratio_ref": "above", "prefill_ratio_ref": "below",
+          "decode_ratio_ref": "below"}
 
 
 def speed_verdict(lo: Any, hi: Any, *, faster: str = "below") -> str | None:
@@ -46,7 +47,7 @@ def speed_verdict(lo: Any, hi: Any, *, faster: str = "below") -> str | None:
 def _timing(key: str) -> bool:
     """A timed figure: it depends on the configuration and the machine, not on the training
     seed, so repeats of a configuration are repeated measurements of it."""
-    return key.startswith(("latency_", "throughput_"))
+    return key.startswith(("latency_", "throughput_", "prefill_", "decode_")) or key in RATIOS
 
 
 def combine_measurements(values, los, his) -> tuple[float, float, float]:
