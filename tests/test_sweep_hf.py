@@ -45,7 +45,7 @@ def _sweep(results: Path) -> dict:
 
 @pytest.mark.slow  # one embedded Ray, 3 small trials and a resume: ~1-2 minutes on 2 cores
 def test_a_sweep_over_an_hf_checkpoint_converts_once_and_exports_its_winner(tiny_hf, tmp_path, monkeypatch) -> None:
-    import omninet.interop.convert as convert
+    import omninet.sweep.models as convert  # where the sweep's conversion calls it
     from omninet import OmniNetModel
     from omninet.sweep import SweepResult
     from omninet.sweep.api import tune
